@@ -1,0 +1,167 @@
+//! The state of one entity as the engine sees it: its status and one record
+//! per step of its pipeline.
+
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::Pipeline;
+use crate::UnixMicros;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntityStatus {
+    Pending,
+    Ready,
+    Failed,
+    Cancelled,
+}
+
+impl EntityStatus {
+    pub const ALL: [EntityStatus; 4] = [
+        EntityStatus::Pending,
+        EntityStatus::Ready,
+        EntityStatus::Failed,
+        EntityStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntityStatus::Pending => "pending",
+            EntityStatus::Ready => "ready",
+            EntityStatus::Failed => "failed",
+            EntityStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EntityStatus> {
+        EntityStatus::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self != EntityStatus::Pending
+    }
+
+    /// The lifecycle of DESIGN.md: pending -> ready | failed | cancelled, and
+    /// failed -> pending by an explicit retry.
+    pub fn may_become(self, next: EntityStatus) -> bool {
+        use EntityStatus::*;
+        matches!(
+            (self, next),
+            (Pending, Ready) | (Pending, Failed) | (Pending, Cancelled) | (Failed, Pending)
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Waiting for the steps it needs.
+    Blocked,
+    /// Runnable now.
+    Queued,
+    /// An attempt holds a lease.
+    Running,
+    /// Waiting out backoff before the next attempt.
+    Retrying,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+impl StepStatus {
+    pub const ALL: [StepStatus; 7] = [
+        StepStatus::Blocked,
+        StepStatus::Queued,
+        StepStatus::Running,
+        StepStatus::Retrying,
+        StepStatus::Succeeded,
+        StepStatus::Failed,
+        StepStatus::Skipped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Blocked => "blocked",
+            StepStatus::Queued => "queued",
+            StepStatus::Running => "running",
+            StepStatus::Retrying => "retrying",
+            StepStatus::Succeeded => "succeeded",
+            StepStatus::Failed => "failed",
+            StepStatus::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StepStatus> {
+        StepStatus::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepState {
+    pub status: StepStatus,
+    /// Attempts started so far (since the last operator retry).
+    pub attempts: u32,
+    /// The fencing token of the latest attempt; only a result carrying it counts.
+    pub epoch: u64,
+    /// When the scheduler must next look at this step: now for `queued`, the
+    /// end of backoff for `retrying`, the lease expiry for `running`; `None`
+    /// otherwise. One index over this column serves claims and timers alike.
+    pub due_at_us: Option<UnixMicros>,
+    pub last_error: Option<String>,
+}
+
+impl StepState {
+    fn new(status: StepStatus, now_us: UnixMicros) -> StepState {
+        StepState {
+            status,
+            attempts: 0,
+            epoch: 0,
+            due_at_us: (status == StepStatus::Queued).then_some(now_us),
+            last_error: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntityState {
+    pub status: EntityStatus,
+    /// A non-critical step failed for good.
+    pub degraded: bool,
+    pub ready_at_us: Option<UnixMicros>,
+    pub steps: Vec<StepState>,
+}
+
+impl EntityState {
+    /// A freshly submitted entity: steps without `needs` are queued, the rest blocked.
+    pub fn new(pipeline: &Pipeline, now_us: UnixMicros) -> EntityState {
+        let steps = pipeline
+            .steps()
+            .iter()
+            .map(|s| {
+                let status = if s.needs.is_empty() {
+                    StepStatus::Queued
+                } else {
+                    StepStatus::Blocked
+                };
+                StepState::new(status, now_us)
+            })
+            .collect();
+        EntityState {
+            status: EntityStatus::Pending,
+            degraded: false,
+            ready_at_us: None,
+            steps,
+        }
+    }
+
+    /// True while some step may still run: the engine has work for this entity.
+    pub fn has_live_steps(&self) -> bool {
+        self.steps.iter().any(|s| !s.status.is_terminal())
+    }
+}
