@@ -1,1 +1,254 @@
+//! Ripen's storage: the [`Store`] trait every backend implements, the records
+//! it speaks in, and the SQLite backend.
+//!
+//! A backend owns the SQL and the transactions; the decisions come from
+//! `ripen_core::apply`, which every backend calls the same way. The
+//! conformance suite in [`suite`] is the contract: every backend runs it.
+//!
+//! Architecture invariant: every write that changes an entity writes, in the
+//! same transaction, the new state, one history event per core event, and one
+//! outbox row per status change. Nothing is acknowledged before that
+//! transaction is durable.
 
+pub mod history;
+pub mod sqlite;
+pub mod suite;
+
+use std::fmt;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use ripen_core::{EntityState, EntityStatus, StepState, UnixMicros};
+use uuid::Uuid;
+
+pub use history::HistoryEvent;
+pub use sqlite::{SqliteOptions, SqliteStore};
+
+/// The tenant of every request until API keys arrive.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// The primary id of an entity: a UUIDv7, so ids sort by creation time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntityId(pub Uuid);
+
+impl EntityId {
+    pub fn new_v7() -> EntityId {
+        EntityId(Uuid::now_v7())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+
+    pub fn from_slice(b: &[u8]) -> Option<EntityId> {
+        Uuid::from_slice(b).ok().map(EntityId)
+    }
+}
+
+impl fmt::Display for EntityId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.hyphenated().fmt(f)
+    }
+}
+
+impl FromStr for EntityId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(EntityId)
+    }
+}
+
+/// A validated submission, ready to be stored.
+#[derive(Clone, Debug)]
+pub struct NewEntity {
+    pub id: EntityId,
+    pub tenant: String,
+    pub type_name: String,
+    pub version: u32,
+    /// The raw JSON payload exactly as submitted.
+    pub payload: String,
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRecord {
+    pub name: String,
+    pub critical: bool,
+    pub state: StepState,
+}
+
+/// An entity as stored, without its payload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntityRecord {
+    pub id: EntityId,
+    pub tenant: String,
+    pub type_name: String,
+    pub version: u32,
+    pub status: EntityStatus,
+    pub degraded: bool,
+    pub created_at_us: UnixMicros,
+    pub updated_at_us: UnixMicros,
+    pub ready_at_us: Option<UnixMicros>,
+    pub steps: Vec<StepRecord>,
+}
+
+impl EntityRecord {
+    /// The state the core machine works on.
+    pub fn state(&self) -> EntityState {
+        EntityState {
+            status: self.status,
+            degraded: self.degraded,
+            ready_at_us: self.ready_at_us,
+            steps: self.steps.iter().map(|s| s.state.clone()).collect(),
+        }
+    }
+}
+
+/// The consumable entity: payload and the outputs of succeeded steps.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntityData {
+    pub record: EntityRecord,
+    pub payload: String,
+    /// `(step name, raw JSON output)` of every succeeded step that returned one.
+    pub outputs: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum IntakeOutcome {
+    /// A new entity was committed durably.
+    Created(EntityRecord),
+    /// The key was used before with the same body: the entity it created.
+    Replayed(EntityRecord),
+    /// The key was used before with another body.
+    KeyReused { entity_id: EntityId },
+}
+
+/// A claimed attempt: everything an executor needs to run it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attempt {
+    pub entity_id: EntityId,
+    pub type_name: String,
+    pub version: u32,
+    pub step: usize,
+    pub step_name: String,
+    pub attempt: u32,
+    pub epoch: u64,
+    pub lease_expires_at_us: UnixMicros,
+    pub payload: String,
+    pub outputs: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimBatch {
+    pub attempts: Vec<Attempt>,
+    /// The earliest time at which some step will need the scheduler again
+    /// (a backoff ending, a lease expiring), if any.
+    pub next_due_us: Option<UnixMicros>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// `output` is the raw JSON the step returned, if any.
+    Succeeded { output: Option<String> },
+    Failed {
+        error: String,
+        retryable: bool,
+        retry_after_ms: Option<u64>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub entity_id: EntityId,
+    pub step: usize,
+    pub epoch: u64,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionResult {
+    Applied,
+    /// The epoch no longer holds (or the entity is gone): nothing changed.
+    Stale,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompleteBatch {
+    /// One result per completion, in order.
+    pub results: Vec<CompletionResult>,
+    /// Steps these completions made runnable, already claimed in the same
+    /// transaction, to be dispatched at once.
+    pub claimed: Vec<Attempt>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum CommandOutcome {
+    Applied(EntityRecord),
+    NotFound,
+    /// The entity's status does not allow the command.
+    Conflict(EntityStatus),
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ListQuery {
+    pub type_name: Option<String>,
+    pub status: Option<EntityStatus>,
+    /// At most this many items; the caller bounds it.
+    pub limit: u32,
+    /// Only entities older than this one (the cursor of the previous page).
+    pub after: Option<EntityId>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or written now; the caller may retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("no pipeline for entity type {type_name:?} version {version}")]
+    UnknownPipeline { type_name: String, version: u32 },
+    #[error("store failure: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The storage of entities, their steps, history, idempotency keys and outbox.
+///
+/// Time always comes from the caller (`now_us`), so that tests can drive it.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Commits one new entity (row, payload, step rows, idempotency key,
+    /// `created` event and outbox row) and returns only once it is durable.
+    /// Concurrent calls may share one commit.
+    async fn create(&self, entity: NewEntity, now_us: UnixMicros) -> Result<IntakeOutcome>;
+
+    /// Claims up to `limit` runnable steps (queued, or retrying with backoff
+    /// elapsed) and first turns expired leases into lost attempts.
+    async fn claim_due(&self, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch>;
+
+    /// Records attempt results; a result whose epoch no longer holds is
+    /// refused and changes nothing. Steps made runnable are claimed at once.
+    async fn complete(&self, completions: Vec<Completion>, now_us: UnixMicros) -> Result<CompleteBatch>;
+
+    /// Called once when a single-node store opens: every running attempt
+    /// belongs to a process that is gone, so it is lost now. Returns how many.
+    async fn recover(&self, now_us: UnixMicros) -> Result<u64>;
+
+    async fn cancel(&self, tenant: &str, id: EntityId, now_us: UnixMicros) -> Result<CommandOutcome>;
+    async fn retry(&self, tenant: &str, id: EntityId, now_us: UnixMicros) -> Result<CommandOutcome>;
+
+    async fn get(&self, tenant: &str, id: EntityId) -> Result<Option<EntityRecord>>;
+    async fn get_data(&self, tenant: &str, id: EntityId) -> Result<Option<EntityData>>;
+    /// Newest first.
+    async fn list(&self, tenant: &str, query: ListQuery) -> Result<Vec<EntityRecord>>;
+    /// History events with `seq > after_seq`, oldest first; `None` for an unknown entity.
+    async fn events(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Option<Vec<HistoryEvent>>>;
+    /// Succeeds when the store can serve requests.
+    async fn ping(&self) -> Result<()>;
+}

@@ -1,0 +1,104 @@
+//! History events as stored and served: the core's events with step names
+//! resolved, shared by every backend.
+
+use ripen_core::{Event, Pipeline, UnixMicros};
+use serde_json::{json, Value};
+
+/// One entry of an entity's history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryEvent {
+    /// 1 for `created`, then one more per event of this entity.
+    pub seq: u64,
+    pub at_us: UnixMicros,
+    pub kind: String,
+    pub step: Option<String>,
+    pub attempt: Option<u32>,
+    /// Kind-specific fields (status change, error, retry time...).
+    pub detail: Value,
+}
+
+impl HistoryEvent {
+    /// Whether this event is a status change, which also goes to the outbox.
+    pub fn is_status_change(&self) -> bool {
+        self.kind == "created" || self.kind == "status_changed"
+    }
+}
+
+/// The first event of every entity.
+pub fn created(at_us: UnixMicros) -> HistoryEvent {
+    HistoryEvent {
+        seq: 1,
+        at_us,
+        kind: "created".into(),
+        step: None,
+        attempt: None,
+        detail: json!({"status": "pending"}),
+    }
+}
+
+/// Turns core events into history rows numbered from `next_seq` on.
+pub fn from_core(pipeline: &Pipeline, events: &[Event], at_us: UnixMicros, next_seq: u64) -> Vec<HistoryEvent> {
+    let name = |i: usize| Some(pipeline.step(i).name.clone());
+    events
+        .iter()
+        .enumerate()
+        .map(|(k, e)| {
+            let (kind, step, attempt, detail) = match e {
+                Event::StatusChanged { from, to } => (
+                    "status_changed",
+                    None,
+                    None,
+                    json!({"from": from.as_str(), "to": to.as_str()}),
+                ),
+                Event::StepStarted {
+                    step,
+                    attempt,
+                    epoch,
+                    lease_expires_at_us,
+                } => (
+                    "step_started",
+                    name(*step),
+                    Some(*attempt),
+                    json!({"epoch": epoch, "lease_expires_at_us": lease_expires_at_us}),
+                ),
+                Event::StepSucceeded { step, attempt } => {
+                    ("step_succeeded", name(*step), Some(*attempt), json!({}))
+                }
+                Event::AttemptFailed {
+                    step,
+                    attempt,
+                    error,
+                    retryable,
+                } => (
+                    "attempt_failed",
+                    name(*step),
+                    Some(*attempt),
+                    json!({"error": error, "retryable": retryable}),
+                ),
+                Event::RetryScheduled {
+                    step,
+                    next_attempt,
+                    due_at_us,
+                } => (
+                    "retry_scheduled",
+                    name(*step),
+                    Some(*next_attempt),
+                    json!({"due_at_us": due_at_us}),
+                ),
+                Event::StepFailed { step, attempts } => {
+                    ("step_failed", name(*step), Some(*attempts), json!({}))
+                }
+                Event::StepSkipped { step } => ("step_skipped", name(*step), None, json!({})),
+                Event::StepRequeued { step } => ("step_requeued", name(*step), None, json!({})),
+            };
+            HistoryEvent {
+                seq: next_seq + k as u64,
+                at_us,
+                kind: kind.into(),
+                step,
+                attempt,
+                detail,
+            }
+        })
+        .collect()
+}
