@@ -1,1 +1,111 @@
+//! Ripen's runtime: everything around the pure core that does I/O.
+//!
+//! - [`config`] reads `ripen.toml` into validated pipelines and schemas;
+//! - [`intake`] validates submissions and hands them to the store;
+//! - [`scheduler`] claims runnable steps, runs them and records results;
+//! - [`executor`] calls HTTP steps per the step contract.
+//!
+//! Architecture invariant: the runtime never decides what a result does to an
+//! entity; it passes results to the store, which applies the core machine in
+//! the transaction that persists them. The runtime only acts on what was
+//! committed.
 
+pub mod config;
+pub mod executor;
+pub mod intake;
+pub mod scheduler;
+pub mod schema;
+pub mod time;
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use ripen_core::Catalog;
+use ripen_store::{SqliteOptions, SqliteStore, Store};
+
+pub use config::{Config, StorageUrl, TypeConfig};
+pub use intake::{Intake, SubmitError};
+pub use scheduler::Scheduler;
+
+/// A running engine: the store, intake, and the scheduler's tasks.
+pub struct Engine {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub intake: Intake,
+    pub scheduler: Scheduler,
+    /// Held for the life of the engine so that one embedded database has one owner.
+    _lock: Option<std::fs::File>,
+}
+
+impl Engine {
+    /// Opens the store, recovers the attempts a previous process left
+    /// running, and starts the scheduler.
+    pub async fn start(config: Config) -> Result<Engine> {
+        let config = Arc::new(config);
+        let mut catalog = Catalog::default();
+        for t in &config.types {
+            catalog.insert(&t.name, t.version, t.pipeline.clone());
+        }
+        let catalog = Arc::new(catalog);
+        let (store, lock): (Arc<dyn Store>, _) = match &config.storage {
+            StorageUrl::Sqlite(path) => {
+                let lock = lock_database(path)?;
+                let mut opts = SqliteOptions::new(path.clone());
+                opts.lease_grace_ms = config.engine.lease_grace_ms;
+                let store = SqliteStore::open(opts, catalog.clone())
+                    .with_context(|| format!("open the database {}", path.display()))?;
+                (Arc::new(store), Some(lock))
+            }
+        };
+        // One process owns an embedded database, so whatever it left running
+        // died with it.
+        let lost = store
+            .recover(time::now_us())
+            .await
+            .context("recover attempts left running by the previous process")?;
+        if lost > 0 {
+            tracing::info!(
+                lost,
+                "recovered attempts left running by the previous process"
+            );
+        }
+        let scheduler = Scheduler::start(store.clone(), catalog.clone(), &config.engine);
+        let intake = Intake::new(store.clone(), &config, scheduler.waker());
+        Ok(Engine {
+            config,
+            store,
+            intake,
+            scheduler,
+            _lock: lock,
+        })
+    }
+
+    /// Stops claiming new work and waits for the scheduler's tasks to end.
+    pub async fn shutdown(self) {
+        self.scheduler.shutdown().await;
+    }
+}
+
+/// Takes an exclusive lock beside the database file, so that a second server
+/// on the same file fails fast instead of stealing the first one's leases.
+fn lock_database(path: &std::path::Path) -> Result<std::fs::File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("create the directory {}", dir.display()))?;
+    }
+    let lock_path = path.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("open the lock file {}", lock_path.display()))?;
+    file.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "the database {} is in use by another ripen process (lock {})",
+            path.display(),
+            lock_path.display()
+        )
+    })?;
+    Ok(file)
+}

@@ -1,1 +1,445 @@
+//! Ripen's HTTP API (API.md): intake, entity reads, operator commands and
+//! health, with every error as RFC 9457 problem+json.
 
+mod dashboard;
+mod problem;
+mod view;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use ripen_core::EntityStatus;
+use ripen_engine::time::now_us;
+use ripen_engine::{Config, Engine, SubmitError};
+use ripen_store::{CommandOutcome, EntityId, IntakeOutcome, ListQuery, StoreError, DEFAULT_TENANT};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+pub use problem::Problem;
+
+/// The largest page of the list endpoint.
+pub const PAGE_LIMIT_MAX: u32 = 1_000;
+pub const PAGE_LIMIT_DEFAULT: u32 = 50;
+/// The most history events one answer carries.
+pub const EVENTS_MAX: u32 = 10_000;
+
+struct AppState {
+    engine: Engine,
+}
+
+type Shared = State<Arc<AppState>>;
+
+/// Starts the engine, listens, prints `listening on http://ADDR` on standard
+/// output, and serves until `shutdown` completes.
+pub async fn serve(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listen = config.listen.clone();
+    let engine = Engine::start(config).await?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{addr}")?;
+        out.flush()?;
+    }
+    tracing::info!(%addr, "serving");
+    let state = Arc::new(AppState { engine });
+    axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serve HTTP")?;
+    if let Ok(state) = Arc::try_unwrap(state) {
+        state.engine.shutdown().await;
+    }
+    Ok(())
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(dashboard::page))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/entities", get(list))
+        .route("/v1/entities/{key}", post(submit).get(get_entity))
+        .route("/v1/entities/{id}/data", get(get_data))
+        .route("/v1/entities/{id}/events", get(events))
+        .route("/v1/entities/{id}/retry", post(retry))
+        .route("/v1/entities/{id}/cancel", post(cancel))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found() -> Problem {
+    Problem::not_found("no such resource")
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        "this resource does not support that method",
+    )
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): Shared) -> Response {
+    match state.engine.store.ping().await {
+        Ok(()) => json_response(StatusCode::OK, json!({"status": "ready"})),
+        Err(e) => Problem::unavailable(format!("the store is not reachable: {e}")).into_response(),
+    }
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    json_text(status, body.to_string())
+}
+
+fn json_text(status: StatusCode, body: String) -> Response {
+    let mut r = (status, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn store_problem(e: StoreError) -> Problem {
+    match e {
+        StoreError::Unavailable(m) => Problem::unavailable(m),
+        other => {
+            tracing::error!(error = %other, "store failure");
+            Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+                "the store failed; see the server log",
+            )
+        }
+    }
+}
+
+fn path_param(p: Result<Path<String>, PathRejection>) -> Result<String, Problem> {
+    p.map(|Path(s)| s)
+        .map_err(|e| Problem::bad_request(format!("bad path: {}", e.body_text())))
+}
+
+fn entity_id(p: Result<Path<String>, PathRejection>) -> Result<EntityId, Problem> {
+    let raw = path_param(p)?;
+    raw.parse::<EntityId>()
+        .map_err(|_| Problem::not_found(format!("no entity with id {raw:?}")))
+}
+
+fn no_entity(id: EntityId) -> Problem {
+    Problem::not_found(format!("no entity with id {id}"))
+}
+
+async fn submit(
+    State(state): Shared,
+    p: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, Problem> {
+    let type_name = path_param(p)?;
+    let limit = state.engine.config.body_limit_bytes;
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload-too-large",
+            "Payload too large",
+            format!("the body exceeds the limit of {limit} bytes"),
+        )
+        .with("limit_bytes", json!(limit))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            Problem::bad_request("the Idempotency-Key header is not visible ASCII")
+        })?),
+    };
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+        while let Some(err) = source {
+            if err.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            source = err.source();
+        }
+        Problem::bad_request(format!("reading the body failed: {inner}"))
+    })?;
+    let outcome = state
+        .engine
+        .intake
+        .submit(DEFAULT_TENANT, &type_name, &bytes, key)
+        .await
+        .map_err(|e| match e {
+            SubmitError::UnknownType(t) => {
+                Problem::not_found(format!("no entity type named {t:?}"))
+            }
+            SubmitError::Malformed(m) => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-json",
+                "Malformed JSON",
+                m,
+            ),
+            SubmitError::Invalid(violations) => {
+                let errors: Vec<Value> = violations
+                    .iter()
+                    .map(|v| json!({"pointer": v.pointer, "message": v.message}))
+                    .collect();
+                Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "schema-violation",
+                    "Payload does not match the schema",
+                    format!(
+                        "{} violation(s) of the schema of type {type_name:?}",
+                        errors.len()
+                    ),
+                )
+                .with("errors", json!(errors))
+            }
+            SubmitError::BadKey => Problem::bad_request(e.to_string()),
+            SubmitError::KeyInFlight => Problem::new(
+                StatusCode::CONFLICT,
+                "request-in-flight",
+                "Request in flight",
+                "a request with this idempotency key is still being processed; try again shortly",
+            )
+            .retry_after(1),
+            SubmitError::Store(e) => store_problem(e),
+        })?;
+    let (record, replayed) = match outcome {
+        IntakeOutcome::Created(r) => (r, false),
+        IntakeOutcome::Replayed(r) => (r, true),
+        IntakeOutcome::KeyReused { entity_id } => {
+            return Err(Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+                "this idempotency key was used before with another body",
+            )
+            .with("entity_id", json!(entity_id.to_string())))
+        }
+    };
+    let mut response = json_response(StatusCode::ACCEPTED, view::entity(&record));
+    let h = response.headers_mut();
+    if let Ok(loc) = HeaderValue::from_str(&format!("/v1/entities/{}", record.id)) {
+        h.insert(header::LOCATION, loc);
+    }
+    if replayed {
+        h.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+async fn get_entity(
+    State(state): Shared,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
+    let id = entity_id(p)?;
+    match state
+        .engine
+        .store
+        .get(DEFAULT_TENANT, id)
+        .await
+        .map_err(store_problem)?
+    {
+        Some(r) => Ok(json_response(StatusCode::OK, view::entity(&r))),
+        None => Err(no_entity(id)),
+    }
+}
+
+async fn get_data(
+    State(state): Shared,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
+    let id = entity_id(p)?;
+    let Some(d) = state
+        .engine
+        .store
+        .get_data(DEFAULT_TENANT, id)
+        .await
+        .map_err(store_problem)?
+    else {
+        return Err(no_entity(id));
+    };
+    let status = d.record.status;
+    if status != EntityStatus::Ready {
+        let mut problem = Problem::new(
+            StatusCode::CONFLICT,
+            "entity-not-ready",
+            "Entity not ready",
+            format!(
+                "the entity is {}; its data is served only when it is ready",
+                status.as_str()
+            ),
+        )
+        .with("entity_status", json!(status.as_str()));
+        if status == EntityStatus::Pending {
+            problem = problem.retry_after(1);
+        }
+        return Err(problem);
+    }
+    Ok(json_text(StatusCode::OK, view::data(&d)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    #[serde(rename = "type")]
+    type_name: Option<String>,
+    status: Option<String>,
+    limit: Option<u32>,
+    after: Option<String>,
+}
+
+async fn list(
+    State(state): Shared,
+    q: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, Problem> {
+    let Query(q) = q.map_err(|e| Problem::bad_request(format!("bad query: {}", e.body_text())))?;
+    let status = match q.status.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(EntityStatus::parse(s).ok_or_else(|| {
+            Problem::bad_request(format!(
+                "status {s:?} is not one of pending, ready, failed, cancelled"
+            ))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(PAGE_LIMIT_DEFAULT);
+    if limit == 0 || limit > PAGE_LIMIT_MAX {
+        return Err(Problem::bad_request(format!(
+            "limit must be between 1 and {PAGE_LIMIT_MAX}"
+        )));
+    }
+    let after = match q.after.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(a) => Some(a.parse::<EntityId>().map_err(|_| {
+            Problem::bad_request(format!("after {a:?} is not a cursor from a previous page"))
+        })?),
+    };
+    let mut items = state
+        .engine
+        .store
+        .list(
+            DEFAULT_TENANT,
+            ListQuery {
+                type_name: q.type_name.filter(|t| !t.is_empty()),
+                status,
+                limit: limit + 1,
+                after,
+            },
+        )
+        .await
+        .map_err(store_problem)?;
+    let next = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|r| r.id.to_string())
+    } else {
+        None
+    };
+    let items: Vec<Value> = items.iter().map(view::entity).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({"items": items, "next": next}),
+    ))
+}
+
+async fn events(
+    State(state): Shared,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
+    let id = entity_id(p)?;
+    let Some(events) = state
+        .engine
+        .store
+        .events(DEFAULT_TENANT, id, 0, EVENTS_MAX)
+        .await
+        .map_err(store_problem)?
+    else {
+        return Err(no_entity(id));
+    };
+    let items: Vec<Value> = events.iter().map(view::event).collect();
+    Ok(json_response(StatusCode::OK, Value::Array(items)))
+}
+
+async fn retry(
+    State(state): Shared,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
+    let id = entity_id(p)?;
+    let outcome = state.engine.store.retry(DEFAULT_TENANT, id, now_us()).await;
+    command_answer(
+        &state,
+        id,
+        outcome,
+        "retry",
+        "only a failed entity can be retried",
+    )
+}
+
+async fn cancel(
+    State(state): Shared,
+    p: Result<Path<String>, PathRejection>,
+) -> Result<Response, Problem> {
+    let id = entity_id(p)?;
+    let outcome = state
+        .engine
+        .store
+        .cancel(DEFAULT_TENANT, id, now_us())
+        .await;
+    command_answer(
+        &state,
+        id,
+        outcome,
+        "cancel",
+        "only a pending entity can be cancelled",
+    )
+}
+
+fn command_answer(
+    state: &AppState,
+    id: EntityId,
+    outcome: Result<CommandOutcome, StoreError>,
+    verb: &str,
+    rule: &str,
+) -> Result<Response, Problem> {
+    match outcome.map_err(store_problem)? {
+        CommandOutcome::Applied(r) => {
+            state.engine.scheduler.waker().notify_one();
+            Ok(json_response(StatusCode::ACCEPTED, view::entity(&r)))
+        }
+        CommandOutcome::NotFound => Err(no_entity(id)),
+        CommandOutcome::Conflict(status) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "wrong-status",
+            "Conflict",
+            format!("cannot {verb}: the entity is {}; {rule}", status.as_str()),
+        )
+        .with("entity_status", json!(status.as_str()))),
+    }
+}

@@ -37,7 +37,12 @@ pub fn created(at_us: UnixMicros) -> HistoryEvent {
 }
 
 /// Turns core events into history rows numbered from `next_seq` on.
-pub fn from_core(pipeline: &Pipeline, events: &[Event], at_us: UnixMicros, next_seq: u64) -> Vec<HistoryEvent> {
+pub fn from_core(
+    pipeline: &Pipeline,
+    events: &[Event],
+    at_us: UnixMicros,
+    next_seq: u64,
+) -> Vec<HistoryEvent> {
     let name = |i: usize| Some(pipeline.step(i).name.clone());
     events
         .iter()

@@ -228,14 +228,24 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records attempt results; a result whose epoch no longer holds is
     /// refused and changes nothing. Steps made runnable are claimed at once.
-    async fn complete(&self, completions: Vec<Completion>, now_us: UnixMicros) -> Result<CompleteBatch>;
+    async fn complete(
+        &self,
+        completions: Vec<Completion>,
+        now_us: UnixMicros,
+    ) -> Result<CompleteBatch>;
 
     /// Called once when a single-node store opens: every running attempt
     /// belongs to a process that is gone, so it is lost now. Returns how many.
     async fn recover(&self, now_us: UnixMicros) -> Result<u64>;
 
-    async fn cancel(&self, tenant: &str, id: EntityId, now_us: UnixMicros) -> Result<CommandOutcome>;
-    async fn retry(&self, tenant: &str, id: EntityId, now_us: UnixMicros) -> Result<CommandOutcome>;
+    async fn cancel(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        now_us: UnixMicros,
+    ) -> Result<CommandOutcome>;
+    async fn retry(&self, tenant: &str, id: EntityId, now_us: UnixMicros)
+        -> Result<CommandOutcome>;
 
     async fn get(&self, tenant: &str, id: EntityId) -> Result<Option<EntityRecord>>;
     async fn get_data(&self, tenant: &str, id: EntityId) -> Result<Option<EntityData>>;

@@ -1,1 +1,1497 @@
-//! Conformance suite (in progress).
+//! The conformance suite every [`Store`] backend passes.
+//!
+//! The test bodies are plain `pub async fn`s taking an `Arc<dyn Store>`, so
+//! the same code runs against every backend; [`store_test_suite!`] turns
+//! them into `#[tokio::test]`s for one backend:
+//!
+//! ```text
+//! async fn make_store(catalog: Arc<Catalog>) -> impl Store {
+//!     let dir = tempfile::tempdir().unwrap();
+//!     let store = SqliteStore::open(SqliteOptions::new(dir.path().join("ripen.db")), catalog).unwrap();
+//!     Guarded { store, guard: dir }
+//! }
+//! ripen_store::store_test_suite!(make_store);
+//! ```
+//!
+//! `$make` receives [`catalog()`] and must return a fresh, empty store. Time
+//! is driven explicitly through `now_us`, starting at [`T0`].
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ripen_core::{
+    Catalog, EntityStatus, Executor, Pipeline, RetryPolicy, StepDef, StepStatus, UnixMicros,
+};
+use serde_json::json;
+
+use crate::{
+    Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, CompletionResult, EntityData,
+    EntityId, EntityRecord, HistoryEvent, IntakeOutcome, ListQuery, NewEntity, Outcome, Result,
+    Store, StoreError, DEFAULT_TENANT,
+};
+
+/// Generates one `#[tokio::test]` per conformance test, each on a fresh store
+/// from `$make`: an async fn or closure taking `Arc<ripen_core::Catalog>` and
+/// returning something that implements [`Store`](crate::Store).
+#[macro_export]
+macro_rules! store_test_suite {
+    ($make:expr) => {
+        $crate::store_test_suite!(@tests $make;
+            create_then_get,
+            create_with_unknown_pipeline_fails,
+            idempotent_replay_and_key_reuse,
+            idempotency_keys_are_scoped_by_type_and_tenant,
+            claim_returns_only_runnable_steps_and_respects_limit,
+            stale_completion_changes_nothing,
+            success_unblocks_dependents_and_claims_them,
+            w5_pipeline_runs_to_ready,
+            critical_permanent_failure_fails_the_entity,
+            non_critical_failure_gives_ready_and_degraded,
+            retryable_failure_waits_out_its_backoff,
+            expired_lease_is_a_lost_attempt,
+            recover_loses_every_running_attempt,
+            cancel_transitions_and_conflicts,
+            retry_requeues_failed_and_skipped_steps,
+            list_filters_newest_first_with_cursor,
+            events_are_numbered_without_gaps,
+            tenants_are_isolated,
+            get_data_returns_payload_and_outputs,
+            concurrent_creates_all_commit,
+            ping_succeeds,
+        );
+    };
+    (@tests $make:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let store = ($make)($crate::suite::catalog()).await;
+                $crate::suite::$test(::std::sync::Arc::new(store)).await;
+            }
+        )*
+    };
+}
+
+/// The start of time in every test.
+pub const T0: UnixMicros = 1_700_000_000_000_000;
+pub const SECOND_US: i64 = 1_000_000;
+/// The step timeout of every pipeline of [`catalog()`].
+pub const TIMEOUT_MS: u64 = 1_000;
+const TENANT: &str = DEFAULT_TENANT;
+const OTHER_TENANT: &str = "other";
+const BODY: &str = r#"{"name": "Zoë & Co",  "n": [1, 2.50]}"#;
+
+/// The pipelines the suite uses:
+/// - `w5`: `a`; `b`, `c` after `a`; `d` after `b`, `c`; `e` non-critical after
+///   `a`. 3 attempts, backoff 1 s to 4 s.
+/// - `single`: one step `only`, 3 attempts without backoff, so that a failed
+///   or lost attempt is due again at once (deterministic despite jitter).
+/// - `backoff`: one step `only`, 3 attempts, backoff ceiling 1 s; the tests
+///   pass `retry_after_ms` to pin the delay.
+pub fn catalog() -> Arc<Catalog> {
+    fn step(name: &str, needs: &[&str], critical: bool, retry: RetryPolicy) -> StepDef {
+        StepDef {
+            name: name.into(),
+            needs: needs.iter().map(|n| n.to_string()).collect(),
+            critical,
+            timeout_ms: TIMEOUT_MS,
+            retry,
+            executor: Executor::Http {
+                url: format!("http://127.0.0.1:9/{name}"),
+            },
+        }
+    }
+    let w5_retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff_ms: 1_000,
+        max_backoff_ms: 4_000,
+    };
+    let no_backoff = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff_ms: 0,
+        max_backoff_ms: 0,
+    };
+    let short_backoff = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff_ms: 1_000,
+        max_backoff_ms: 1_000,
+    };
+    let mut catalog = Catalog::default();
+    let w5 = Pipeline::new(vec![
+        step("a", &[], true, w5_retry),
+        step("b", &["a"], true, w5_retry),
+        step("c", &["a"], true, w5_retry),
+        step("d", &["b", "c"], true, w5_retry),
+        step("e", &["a"], false, w5_retry),
+    ])
+    .expect("w5 is a valid pipeline");
+    catalog.insert("w5", 1, w5);
+    let single = Pipeline::new(vec![step("only", &[], true, no_backoff)]).expect("valid");
+    catalog.insert("single", 1, single);
+    let backoff = Pipeline::new(vec![step("only", &[], true, short_backoff)]).expect("valid");
+    catalog.insert("backoff", 1, backoff);
+    Arc::new(catalog)
+}
+
+/// A store that keeps `guard` (a temp dir, a scratch database) alive as long
+/// as the store, for test harnesses.
+pub struct Guarded<S, G> {
+    pub store: S,
+    pub guard: G,
+}
+
+#[async_trait]
+impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
+    async fn create(&self, entity: NewEntity, now_us: UnixMicros) -> Result<IntakeOutcome> {
+        self.store.create(entity, now_us).await
+    }
+    async fn claim_due(&self, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
+        self.store.claim_due(now_us, limit).await
+    }
+    async fn complete(
+        &self,
+        completions: Vec<Completion>,
+        now_us: UnixMicros,
+    ) -> Result<CompleteBatch> {
+        self.store.complete(completions, now_us).await
+    }
+    async fn recover(&self, now_us: UnixMicros) -> Result<u64> {
+        self.store.recover(now_us).await
+    }
+    async fn cancel(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        now_us: UnixMicros,
+    ) -> Result<CommandOutcome> {
+        self.store.cancel(tenant, id, now_us).await
+    }
+    async fn retry(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        now_us: UnixMicros,
+    ) -> Result<CommandOutcome> {
+        self.store.retry(tenant, id, now_us).await
+    }
+    async fn get(&self, tenant: &str, id: EntityId) -> Result<Option<EntityRecord>> {
+        self.store.get(tenant, id).await
+    }
+    async fn get_data(&self, tenant: &str, id: EntityId) -> Result<Option<EntityData>> {
+        self.store.get_data(tenant, id).await
+    }
+    async fn list(&self, tenant: &str, query: ListQuery) -> Result<Vec<EntityRecord>> {
+        self.store.list(tenant, query).await
+    }
+    async fn events(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Option<Vec<HistoryEvent>>> {
+        self.store.events(tenant, id, after_seq, limit).await
+    }
+    async fn ping(&self) -> Result<()> {
+        self.store.ping().await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+fn new_entity(type_name: &str, payload: &str) -> NewEntity {
+    NewEntity {
+        id: EntityId::new_v7(),
+        tenant: TENANT.into(),
+        type_name: type_name.into(),
+        version: 1,
+        payload: payload.into(),
+        idempotency_key: None,
+    }
+}
+
+/// A UUIDv7 id minted at `ms` past [`T0`], so that tests fix the id order.
+fn id_at(ms: u64) -> EntityId {
+    let unix_ms = (T0 / 1_000) as u64 + ms;
+    EntityId(uuid::Builder::from_unix_timestamp_millis(unix_ms, &random_bytes()).into_uuid())
+}
+
+fn random_bytes() -> [u8; 10] {
+    let mut bytes = [0; 10];
+    fastrand::fill(&mut bytes);
+    bytes
+}
+
+async fn create(store: &dyn Store, entity: NewEntity, now_us: UnixMicros) -> EntityRecord {
+    match store.create(entity, now_us).await.expect("create") {
+        IntakeOutcome::Created(record) => record,
+        other => panic!("expected Created, got {other:?}"),
+    }
+}
+
+async fn get(store: &dyn Store, id: EntityId) -> EntityRecord {
+    store
+        .get(TENANT, id)
+        .await
+        .expect("get")
+        .unwrap_or_else(|| panic!("entity {id} not found"))
+}
+
+async fn events(store: &dyn Store, id: EntityId) -> Vec<HistoryEvent> {
+    store
+        .events(TENANT, id, 0, 10_000)
+        .await
+        .expect("events")
+        .unwrap_or_else(|| panic!("entity {id} not found"))
+}
+
+async fn claim(store: &dyn Store, now_us: UnixMicros, limit: usize) -> ClaimBatch {
+    store.claim_due(now_us, limit).await.expect("claim_due")
+}
+
+fn succeeded(output: Option<serde_json::Value>) -> Outcome {
+    Outcome::Succeeded {
+        output: output.map(|o| o.to_string()),
+    }
+}
+
+fn failed(error: &str, retryable: bool, retry_after_ms: Option<u64>) -> Outcome {
+    Outcome::Failed {
+        error: error.into(),
+        retryable,
+        retry_after_ms,
+    }
+}
+
+fn completion(attempt: &Attempt, outcome: Outcome) -> Completion {
+    Completion {
+        entity_id: attempt.entity_id,
+        step: attempt.step,
+        epoch: attempt.epoch,
+        outcome,
+    }
+}
+
+async fn complete(
+    store: &dyn Store,
+    completions: Vec<Completion>,
+    now_us: UnixMicros,
+) -> CompleteBatch {
+    store.complete(completions, now_us).await.expect("complete")
+}
+
+/// Completes one attempt and asserts that the result was applied.
+async fn finish(
+    store: &dyn Store,
+    attempt: &Attempt,
+    outcome: Outcome,
+    now_us: UnixMicros,
+) -> Vec<Attempt> {
+    let batch = complete(store, vec![completion(attempt, outcome)], now_us).await;
+    assert_eq!(
+        batch.results,
+        vec![CompletionResult::Applied],
+        "completing {attempt:?}"
+    );
+    batch.claimed
+}
+
+fn step<'a>(record: &'a EntityRecord, name: &str) -> &'a crate::StepRecord {
+    record
+        .steps
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no step {name} in {record:?}"))
+}
+
+fn statuses(record: &EntityRecord) -> Vec<(&str, StepStatus)> {
+    record
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.state.status))
+        .collect()
+}
+
+fn names(attempts: &[Attempt]) -> BTreeSet<&str> {
+    attempts.iter().map(|a| a.step_name.as_str()).collect()
+}
+
+fn by_name<'a>(attempts: &'a [Attempt], name: &str) -> &'a Attempt {
+    attempts
+        .iter()
+        .find(|a| a.step_name == name)
+        .unwrap_or_else(|| panic!("no attempt of {name} in {attempts:?}"))
+}
+
+/// Creates a `w5` entity at `T0` and claims its first step.
+async fn w5_with_a_running(store: &dyn Store) -> (EntityRecord, Attempt) {
+    let record = create(store, new_entity("w5", BODY), T0).await;
+    let batch = claim(store, T0, 10).await;
+    assert_eq!(batch.attempts.len(), 1, "{batch:?}");
+    let attempt = batch.attempts.into_iter().next().expect("one attempt");
+    assert_eq!(attempt.entity_id, record.id);
+    (record, attempt)
+}
+
+fn kinds(events: &[HistoryEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+fn status_changes(events: &[HistoryEvent]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter(|e| e.kind == "status_changed")
+        .map(|e| {
+            (
+                e.detail["from"].as_str().unwrap_or_default().to_owned(),
+                e.detail["to"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The tests
+
+pub async fn create_then_get(store: Arc<dyn Store>) {
+    let store = &*store;
+    let entity = new_entity("w5", BODY);
+    let created = create(store, entity.clone(), T0).await;
+    assert_eq!(created.id, entity.id);
+    assert_eq!(created.tenant, TENANT);
+    assert_eq!(created.type_name, "w5");
+    assert_eq!(created.version, 1);
+    assert_eq!(created.status, EntityStatus::Pending);
+    assert!(!created.degraded);
+    assert_eq!(created.created_at_us, T0);
+    assert_eq!(created.updated_at_us, T0);
+    assert_eq!(created.ready_at_us, None);
+    let shape: Vec<(&str, bool)> = created
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.critical))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            ("a", true),
+            ("b", true),
+            ("c", true),
+            ("d", true),
+            ("e", false)
+        ]
+    );
+    let a = &step(&created, "a").state;
+    assert_eq!(
+        (a.status, a.attempts, a.epoch, a.due_at_us),
+        (StepStatus::Queued, 0, 0, Some(T0))
+    );
+    for s in &created.steps[1..] {
+        assert_eq!(s.state.status, StepStatus::Blocked, "{s:?}");
+        assert_eq!(s.state.due_at_us, None);
+        assert_eq!(s.state.last_error, None);
+    }
+
+    assert_eq!(get(store, entity.id).await, created);
+    let data = store
+        .get_data(TENANT, entity.id)
+        .await
+        .expect("get_data")
+        .expect("found");
+    assert_eq!(data.record, created);
+    assert_eq!(data.payload, BODY, "the payload is stored byte for byte");
+    assert!(data.outputs.is_empty());
+
+    let history = events(store, entity.id).await;
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].seq, 1);
+    assert_eq!(history[0].kind, "created");
+    assert_eq!(history[0].at_us, T0);
+    assert!(history[0].is_status_change());
+
+    assert_eq!(
+        store.get(TENANT, EntityId::new_v7()).await.expect("get"),
+        None
+    );
+}
+
+pub async fn create_with_unknown_pipeline_fails(store: Arc<dyn Store>) {
+    let store = &*store;
+    let unknown_type = new_entity("no-such-type", BODY);
+    let err = store
+        .create(unknown_type.clone(), T0)
+        .await
+        .expect_err("unknown type");
+    assert!(matches!(err, StoreError::UnknownPipeline { .. }), "{err:?}");
+    let mut unknown_version = new_entity("w5", BODY);
+    unknown_version.version = 2;
+    let err = store
+        .create(unknown_version.clone(), T0)
+        .await
+        .expect_err("unknown version");
+    assert!(
+        matches!(&err, StoreError::UnknownPipeline { type_name, version: 2 } if type_name == "w5"),
+        "{err:?}"
+    );
+    assert_eq!(store.get(TENANT, unknown_type.id).await.expect("get"), None);
+    assert_eq!(
+        store.get(TENANT, unknown_version.id).await.expect("get"),
+        None
+    );
+}
+
+pub async fn idempotent_replay_and_key_reuse(store: Arc<dyn Store>) {
+    let store = &*store;
+    let mut first = new_entity("w5", BODY);
+    first.idempotency_key = Some("key-1".into());
+    let created = create(store, first.clone(), T0).await;
+
+    let mut again = new_entity("w5", BODY);
+    again.idempotency_key = Some("key-1".into());
+    match store
+        .create(again.clone(), T0 + SECOND_US)
+        .await
+        .expect("replay")
+    {
+        IntakeOutcome::Replayed(record) => assert_eq!(record, created),
+        other => panic!("expected Replayed, got {other:?}"),
+    }
+    assert_eq!(
+        store.get(TENANT, again.id).await.expect("get"),
+        None,
+        "a replay creates nothing"
+    );
+
+    // Equal JSON written differently is another body: the comparison is byte for byte.
+    let mut other_body = new_entity("w5", r#"{"name":"Zoë & Co","n":[1,2.50]}"#);
+    other_body.idempotency_key = Some("key-1".into());
+    assert_eq!(
+        store.create(other_body.clone(), T0).await.expect("reuse"),
+        IntakeOutcome::KeyReused {
+            entity_id: created.id
+        }
+    );
+    assert_eq!(store.get(TENANT, other_body.id).await.expect("get"), None);
+
+    // A replay after the entity moved on returns the entity as it is now.
+    let batch = claim(store, T0 + 2 * SECOND_US, 10).await;
+    assert_eq!(batch.attempts.len(), 1);
+    let now = get(store, created.id).await;
+    assert_ne!(now, created);
+    let mut later = new_entity("w5", BODY);
+    later.idempotency_key = Some("key-1".into());
+    assert_eq!(
+        store
+            .create(later, T0 + 3 * SECOND_US)
+            .await
+            .expect("replay"),
+        IntakeOutcome::Replayed(now)
+    );
+
+    // Without a key, the same body makes a new entity every time.
+    let one = create(store, new_entity("w5", BODY), T0).await;
+    let two = create(store, new_entity("w5", BODY), T0).await;
+    assert_ne!(one.id, two.id);
+}
+
+pub async fn idempotency_keys_are_scoped_by_type_and_tenant(store: Arc<dyn Store>) {
+    let store = &*store;
+    let mut w5 = new_entity("w5", BODY);
+    w5.idempotency_key = Some("shared".into());
+    let w5 = create(store, w5, T0).await;
+
+    let mut single = new_entity("single", r#"{"other": true}"#);
+    single.idempotency_key = Some("shared".into());
+    let single = create(store, single, T0).await;
+    assert_ne!(single.id, w5.id);
+
+    let mut other_tenant = new_entity("w5", r#"{"other": "tenant"}"#);
+    other_tenant.tenant = OTHER_TENANT.into();
+    other_tenant.idempotency_key = Some("shared".into());
+    let other_tenant = create(store, other_tenant, T0).await;
+    assert_ne!(other_tenant.id, w5.id);
+    assert_eq!(other_tenant.tenant, OTHER_TENANT);
+
+    // Each scope still replays its own entity.
+    let mut replay = new_entity("single", r#"{"other": true}"#);
+    replay.idempotency_key = Some("shared".into());
+    assert_eq!(
+        store.create(replay, T0).await.expect("replay"),
+        IntakeOutcome::Replayed(single)
+    );
+    let mut reuse = new_entity("w5", r#"{"other": "tenant"}"#);
+    reuse.idempotency_key = Some("shared".into());
+    assert_eq!(
+        store.create(reuse, T0).await.expect("reuse"),
+        IntakeOutcome::KeyReused { entity_id: w5.id }
+    );
+}
+
+pub async fn claim_returns_only_runnable_steps_and_respects_limit(store: Arc<dyn Store>) {
+    let store = &*store;
+    let mut ids = BTreeSet::new();
+    for _ in 0..3 {
+        ids.insert(create(store, new_entity("w5", BODY), T0).await.id);
+    }
+
+    let early = claim(store, T0 - 1, 10).await;
+    assert!(
+        early.attempts.is_empty(),
+        "nothing is due before it was queued: {early:?}"
+    );
+    assert_eq!(early.next_due_us, Some(T0));
+
+    let first = claim(store, T0, 2).await;
+    assert_eq!(first.attempts.len(), 2, "{first:?}");
+    let second = claim(store, T0, 10).await;
+    assert_eq!(second.attempts.len(), 1, "{second:?}");
+    let all: Vec<Attempt> = first.attempts.into_iter().chain(second.attempts).collect();
+    let claimed: BTreeSet<EntityId> = all.iter().map(|a| a.entity_id).collect();
+    assert_eq!(claimed, ids, "each entity's first step is claimed once");
+    for a in &all {
+        assert_eq!(
+            (a.step, a.step_name.as_str()),
+            (0, "a"),
+            "only `a` is runnable: {a:?}"
+        );
+        assert_eq!((a.attempt, a.epoch), (1, 1));
+        assert_eq!((a.type_name.as_str(), a.version), ("w5", 1));
+        assert!(
+            a.lease_expires_at_us >= T0 + TIMEOUT_MS as i64 * 1_000,
+            "{a:?}"
+        );
+        assert_eq!(a.payload, BODY);
+        assert!(a.outputs.is_empty());
+    }
+
+    let none = claim(store, T0, 10).await;
+    assert!(none.attempts.is_empty(), "{none:?}");
+    let earliest_lease = all.iter().map(|a| a.lease_expires_at_us).min();
+    assert_eq!(
+        none.next_due_us, earliest_lease,
+        "the next wake-up is the first lease expiry"
+    );
+    assert!(claim(store, T0, 0).await.attempts.is_empty());
+
+    let a = &all[0];
+    let record = get(store, a.entity_id).await;
+    assert_eq!(record.status, EntityStatus::Pending);
+    assert_eq!(record.updated_at_us, T0);
+    let s = &step(&record, "a").state;
+    assert_eq!(
+        (s.status, s.attempts, s.epoch, s.due_at_us),
+        (StepStatus::Running, 1, 1, Some(a.lease_expires_at_us))
+    );
+    let history = events(store, a.entity_id).await;
+    assert_eq!(kinds(&history), vec!["created", "step_started"]);
+    assert_eq!(history[1].step.as_deref(), Some("a"));
+    assert_eq!(history[1].attempt, Some(1));
+}
+
+pub async fn stale_completion_changes_nothing(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, attempt) = w5_with_a_running(store).await;
+    let before = get(store, record.id).await;
+    let history_before = events(store, record.id).await;
+
+    let wrong_epoch = Completion {
+        epoch: attempt.epoch + 1,
+        ..completion(&attempt, succeeded(None))
+    };
+    let not_running = Completion {
+        step: 1,
+        epoch: 0,
+        ..completion(&attempt, succeeded(None))
+    };
+    let no_such_step = Completion {
+        step: 99,
+        ..completion(&attempt, succeeded(None))
+    };
+    let unknown_entity = Completion {
+        entity_id: EntityId::new_v7(),
+        ..completion(&attempt, succeeded(None))
+    };
+    let old_epoch_failure = Completion {
+        epoch: 0,
+        ..completion(&attempt, failed("boom", false, None))
+    };
+    let batch = complete(
+        store,
+        vec![
+            wrong_epoch,
+            not_running,
+            no_such_step,
+            unknown_entity,
+            old_epoch_failure,
+        ],
+        T0 + 9 * SECOND_US,
+    )
+    .await;
+    assert_eq!(batch.results, vec![CompletionResult::Stale; 5]);
+    assert!(batch.claimed.is_empty());
+    assert_eq!(
+        get(store, record.id).await,
+        before,
+        "a stale result changes nothing"
+    );
+    assert_eq!(events(store, record.id).await, history_before);
+
+    // The live epoch applies once; the same result again is stale.
+    let right = completion(&attempt, succeeded(Some(json!({"ok": true}))));
+    let batch = complete(store, vec![right.clone(), right], T0 + SECOND_US).await;
+    assert_eq!(
+        batch.results,
+        vec![CompletionResult::Applied, CompletionResult::Stale]
+    );
+    let after = get(store, record.id).await;
+    assert_eq!(step(&after, "a").state.status, StepStatus::Succeeded);
+    assert_eq!(after.updated_at_us, T0 + SECOND_US);
+}
+
+pub async fn success_unblocks_dependents_and_claims_them(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, a) = w5_with_a_running(store).await;
+    let claimed = finish(
+        store,
+        &a,
+        succeeded(Some(json!({"kyc": "ok"}))),
+        T0 + SECOND_US,
+    )
+    .await;
+    assert_eq!(names(&claimed), BTreeSet::from(["b", "c", "e"]));
+    for attempt in &claimed {
+        assert_eq!(attempt.entity_id, record.id);
+        assert_eq!((attempt.attempt, attempt.epoch), (1, 1));
+        assert_eq!(attempt.payload, BODY);
+        assert_eq!(
+            attempt.outputs,
+            vec![("a".to_owned(), json!({"kyc": "ok"}).to_string())],
+            "an attempt sees the outputs of the steps before it"
+        );
+        assert!(attempt.lease_expires_at_us >= T0 + SECOND_US + TIMEOUT_MS as i64 * 1_000);
+    }
+    let now = get(store, record.id).await;
+    assert_eq!(
+        statuses(&now),
+        vec![
+            ("a", StepStatus::Succeeded),
+            ("b", StepStatus::Running),
+            ("c", StepStatus::Running),
+            ("d", StepStatus::Blocked),
+            ("e", StepStatus::Running),
+        ]
+    );
+    assert_eq!(now.status, EntityStatus::Pending);
+    let again = claim(store, T0 + SECOND_US, 10).await;
+    assert!(
+        again.attempts.is_empty(),
+        "claimed steps are not claimed twice: {again:?}"
+    );
+}
+
+pub async fn w5_pipeline_runs_to_ready(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, a) = w5_with_a_running(store).await;
+    let t1 = T0 + SECOND_US;
+    let claimed = finish(store, &a, succeeded(Some(json!({"step": "a"}))), t1).await;
+    let (b, c, e) = (
+        by_name(&claimed, "b"),
+        by_name(&claimed, "c"),
+        by_name(&claimed, "e"),
+    );
+
+    let t2 = t1 + SECOND_US;
+    let batch = complete(
+        store,
+        vec![
+            completion(b, succeeded(Some(json!({"step": "b"})))),
+            completion(c, succeeded(Some(json!({"step": "c"})))),
+        ],
+        t2,
+    )
+    .await;
+    assert_eq!(batch.results, vec![CompletionResult::Applied; 2]);
+    assert_eq!(
+        names(&batch.claimed),
+        BTreeSet::from(["d"]),
+        "d waits for both b and c"
+    );
+    let d = &batch.claimed[0];
+    let seen: Vec<&str> = d.outputs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(seen, vec!["a", "b", "c"]);
+
+    let t3 = t2 + SECOND_US;
+    assert!(finish(store, d, succeeded(Some(json!({"step": "d"}))), t3)
+        .await
+        .is_empty());
+    let ready = get(store, record.id).await;
+    assert_eq!(
+        ready.status,
+        EntityStatus::Ready,
+        "non-critical e does not hold readiness back"
+    );
+    assert_eq!(ready.ready_at_us, Some(t3));
+    assert!(!ready.degraded);
+    assert_eq!(step(&ready, "e").state.status, StepStatus::Running);
+
+    let t4 = t3 + SECOND_US;
+    finish(store, e, succeeded(Some(json!({"step": "e"}))), t4).await;
+    let done = get(store, record.id).await;
+    assert_eq!(done.status, EntityStatus::Ready);
+    assert_eq!(done.ready_at_us, Some(t3));
+    assert_eq!(done.updated_at_us, t4);
+    assert!(done
+        .steps
+        .iter()
+        .all(|s| s.state.status == StepStatus::Succeeded));
+    assert!(done.steps.iter().all(|s| s.state.due_at_us.is_none()));
+
+    let data = store
+        .get_data(TENANT, record.id)
+        .await
+        .expect("get_data")
+        .expect("found");
+    let outputs: Vec<(&str, serde_json::Value)> = data
+        .outputs
+        .iter()
+        .map(|(n, o)| (n.as_str(), serde_json::from_str(o).expect("json output")))
+        .collect();
+    assert_eq!(
+        outputs,
+        ["a", "b", "c", "d", "e"]
+            .map(|n| (n, json!({"step": n})))
+            .to_vec()
+    );
+    let history = events(store, record.id).await;
+    assert_eq!(
+        status_changes(&history),
+        vec![("pending".to_owned(), "ready".to_owned())]
+    );
+    assert!(claim(store, t4 + 3_600 * SECOND_US, 10)
+        .await
+        .next_due_us
+        .is_none());
+}
+
+pub async fn critical_permanent_failure_fails_the_entity(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, a) = w5_with_a_running(store).await;
+    let t1 = T0 + SECOND_US;
+    let claimed = finish(store, &a, failed("400 bad request", false, None), t1).await;
+    assert!(claimed.is_empty());
+    let now = get(store, record.id).await;
+    assert_eq!(now.status, EntityStatus::Failed);
+    assert_eq!(now.ready_at_us, None);
+    assert_eq!(now.updated_at_us, t1);
+    let a = &step(&now, "a").state;
+    assert_eq!((a.status, a.attempts), (StepStatus::Failed, 1));
+    assert_eq!(a.last_error.as_deref(), Some("400 bad request"));
+    for name in ["b", "c", "d", "e"] {
+        assert_eq!(step(&now, name).state.status, StepStatus::Skipped, "{name}");
+    }
+    assert!(now.steps.iter().all(|s| s.state.due_at_us.is_none()));
+    let later = claim(store, t1 + 3_600 * SECOND_US, 10).await;
+    assert!(later.attempts.is_empty());
+    assert_eq!(
+        later.next_due_us, None,
+        "a failed entity has nothing left to schedule"
+    );
+    let history = events(store, record.id).await;
+    assert_eq!(
+        status_changes(&history),
+        vec![("pending".to_owned(), "failed".to_owned())]
+    );
+    let failure = history
+        .iter()
+        .find(|e| e.kind == "attempt_failed")
+        .expect("attempt_failed");
+    assert_eq!(failure.step.as_deref(), Some("a"));
+    assert_eq!(failure.detail["error"], "400 bad request");
+    assert_eq!(failure.detail["retryable"], false);
+}
+
+pub async fn non_critical_failure_gives_ready_and_degraded(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, a) = w5_with_a_running(store).await;
+    let t1 = T0 + SECOND_US;
+    let claimed = finish(store, &a, succeeded(None), t1).await;
+    let e = by_name(&claimed, "e");
+    assert!(finish(store, e, failed("422 no", false, None), t1)
+        .await
+        .is_empty());
+    let now = get(store, record.id).await;
+    assert_eq!(
+        now.status,
+        EntityStatus::Pending,
+        "a non-critical failure does not fail the entity"
+    );
+    assert!(now.degraded);
+    assert_eq!(step(&now, "e").state.status, StepStatus::Failed);
+
+    let t2 = t1 + SECOND_US;
+    let batch = complete(
+        store,
+        vec![
+            completion(by_name(&claimed, "b"), succeeded(None)),
+            completion(by_name(&claimed, "c"), succeeded(None)),
+        ],
+        t2,
+    )
+    .await;
+    let d = by_name(&batch.claimed, "d");
+    finish(store, d, succeeded(None), t2).await;
+    let done = get(store, record.id).await;
+    assert_eq!(done.status, EntityStatus::Ready);
+    assert!(done.degraded);
+    assert_eq!(done.ready_at_us, Some(t2));
+    assert_eq!(step(&done, "e").state.last_error.as_deref(), Some("422 no"));
+}
+
+pub async fn retryable_failure_waits_out_its_backoff(store: Arc<dyn Store>) {
+    let store = &*store;
+    let record = create(store, new_entity("backoff", BODY), T0).await;
+    let first = claim(store, T0, 10).await.attempts;
+    assert_eq!(first.len(), 1);
+    let t1 = T0 + SECOND_US;
+    // Retry-After is a floor above the 1 s ceiling, which pins the delay at 2 s.
+    let claimed = finish(store, &first[0], failed("503 busy", true, Some(2_000)), t1).await;
+    assert!(
+        claimed.is_empty(),
+        "a retrying step is not claimed before its backoff"
+    );
+    let due = t1 + 2 * SECOND_US;
+    let now = get(store, record.id).await;
+    let s = &step(&now, "only").state;
+    assert_eq!(
+        (s.status, s.attempts, s.due_at_us),
+        (StepStatus::Retrying, 1, Some(due))
+    );
+    assert_eq!(s.last_error.as_deref(), Some("503 busy"));
+    assert_eq!(now.status, EntityStatus::Pending);
+
+    let waiting = claim(store, t1, 10).await;
+    assert!(waiting.attempts.is_empty());
+    assert_eq!(waiting.next_due_us, Some(due));
+    assert!(claim(store, due - 1, 10).await.attempts.is_empty());
+    let second = claim(store, due, 10).await.attempts;
+    assert_eq!(second.len(), 1);
+    assert_eq!((second[0].attempt, second[0].epoch), (2, 2));
+
+    // The first attempt's epoch no longer holds.
+    let stale = complete(store, vec![completion(&first[0], succeeded(None))], due).await;
+    assert_eq!(stale.results, vec![CompletionResult::Stale]);
+
+    let t2 = due + SECOND_US;
+    finish(store, &second[0], failed("503 busy", true, Some(2_000)), t2).await;
+    let third = claim(store, t2 + 2 * SECOND_US, 10).await.attempts;
+    assert_eq!((third[0].attempt, third[0].epoch), (3, 3));
+    let t3 = t2 + 3 * SECOND_US;
+    finish(
+        store,
+        &third[0],
+        failed("503 still busy", true, Some(2_000)),
+        t3,
+    )
+    .await;
+    let done = get(store, record.id).await;
+    assert_eq!(
+        done.status,
+        EntityStatus::Failed,
+        "retries are exhausted after max_attempts"
+    );
+    let s = &step(&done, "only").state;
+    assert_eq!(
+        (s.status, s.attempts, s.due_at_us),
+        (StepStatus::Failed, 3, None)
+    );
+    let history = events(store, record.id).await;
+    let scheduled: Vec<_> = history
+        .iter()
+        .filter(|e| e.kind == "retry_scheduled")
+        .collect();
+    assert_eq!(scheduled.len(), 2);
+    assert_eq!(scheduled[0].detail["due_at_us"], json!(due));
+    assert_eq!(scheduled[0].attempt, Some(2));
+}
+
+pub async fn expired_lease_is_a_lost_attempt(store: Arc<dyn Store>) {
+    let store = &*store;
+    let record = create(store, new_entity("single", BODY), T0).await;
+    let first = claim(store, T0, 10).await.attempts;
+    assert_eq!(first.len(), 1);
+    let lease = first[0].lease_expires_at_us;
+
+    let before = claim(store, lease - 1, 10).await;
+    assert!(
+        before.attempts.is_empty(),
+        "a live lease is not taken over: {before:?}"
+    );
+    assert_eq!(before.next_due_us, Some(lease));
+
+    // `single` retries without backoff, so the lost attempt is retried at once.
+    let second = claim(store, lease, 10).await.attempts;
+    assert_eq!(
+        second.len(),
+        1,
+        "the expired lease is lost and the step claimed again"
+    );
+    assert_eq!((second[0].attempt, second[0].epoch), (2, 2));
+    let now = get(store, record.id).await;
+    let s = &step(&now, "only").state;
+    assert_eq!((s.status, s.attempts, s.epoch), (StepStatus::Running, 2, 2));
+    assert!(
+        s.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("lease"),
+        "{s:?}"
+    );
+    let history = events(store, record.id).await;
+    let lost = history
+        .iter()
+        .find(|e| e.kind == "attempt_failed")
+        .expect("attempt_failed");
+    assert_eq!(lost.attempt, Some(1));
+    assert_eq!(lost.detail["retryable"], true);
+
+    let late = complete(store, vec![completion(&first[0], succeeded(None))], lease).await;
+    assert_eq!(
+        late.results,
+        vec![CompletionResult::Stale],
+        "the lost attempt's result is refused"
+    );
+
+    // Lost attempts count: the third expiry exhausts the three attempts.
+    let third = claim(store, second[0].lease_expires_at_us, 10)
+        .await
+        .attempts;
+    assert_eq!(third[0].attempt, 3);
+    let last = claim(store, third[0].lease_expires_at_us, 10).await;
+    assert!(last.attempts.is_empty());
+    let done = get(store, record.id).await;
+    assert_eq!(done.status, EntityStatus::Failed);
+    assert_eq!(step(&done, "only").state.attempts, 3);
+    assert_eq!(last.next_due_us, None);
+}
+
+pub async fn recover_loses_every_running_attempt(store: Arc<dyn Store>) {
+    let store = &*store;
+    let one = create(store, new_entity("single", BODY), T0).await;
+    let two = create(store, new_entity("single", BODY), T0).await;
+    let first = claim(store, T0, 10).await.attempts;
+    assert_eq!(first.len(), 2);
+    let waiting = create(store, new_entity("single", BODY), T0).await;
+
+    let t1 = T0 + 1;
+    assert_eq!(store.recover(t1).await.expect("recover"), 2);
+    for id in [one.id, two.id] {
+        let record = get(store, id).await;
+        let s = &step(&record, "only").state;
+        assert_eq!(
+            (s.status, s.attempts, s.due_at_us),
+            (StepStatus::Retrying, 1, Some(t1))
+        );
+        assert!(s.last_error.is_some());
+        assert_eq!(record.updated_at_us, t1);
+    }
+    assert_eq!(
+        step(&get(store, waiting.id).await, "only").state.status,
+        StepStatus::Queued
+    );
+    assert_eq!(
+        store.recover(t1).await.expect("recover"),
+        0,
+        "nothing is running any more"
+    );
+
+    let late = complete(store, vec![completion(&first[0], succeeded(None))], t1).await;
+    assert_eq!(late.results, vec![CompletionResult::Stale]);
+    let again = claim(store, t1, 10).await.attempts;
+    let mut attempts: Vec<(EntityId, u32)> =
+        again.iter().map(|a| (a.entity_id, a.attempt)).collect();
+    attempts.sort();
+    let mut want = vec![(one.id, 2), (two.id, 2), (waiting.id, 1)];
+    want.sort();
+    assert_eq!(attempts, want);
+}
+
+pub async fn cancel_transitions_and_conflicts(store: Arc<dyn Store>) {
+    let store = &*store;
+    let queued = create(store, new_entity("w5", BODY), T0).await;
+    let t1 = T0 + SECOND_US;
+    let cancelled = match store.cancel(TENANT, queued.id, t1).await.expect("cancel") {
+        CommandOutcome::Applied(record) => record,
+        other => panic!("expected Applied, got {other:?}"),
+    };
+    assert_eq!(cancelled.status, EntityStatus::Cancelled);
+    assert_eq!(cancelled.updated_at_us, t1);
+    assert!(cancelled
+        .steps
+        .iter()
+        .all(|s| s.state.status == StepStatus::Skipped));
+    assert_eq!(get(store, queued.id).await, cancelled);
+    assert_eq!(
+        store.cancel(TENANT, queued.id, t1).await.expect("cancel"),
+        CommandOutcome::Conflict(EntityStatus::Cancelled)
+    );
+    assert_eq!(
+        store.retry(TENANT, queued.id, t1).await.expect("retry"),
+        CommandOutcome::Conflict(EntityStatus::Cancelled)
+    );
+    let history = events(store, queued.id).await;
+    assert_eq!(
+        status_changes(&history),
+        vec![("pending".to_owned(), "cancelled".to_owned())]
+    );
+
+    // A running attempt of a cancelled entity is refused when it reports.
+    let (running, a) = w5_with_a_running(store).await;
+    assert!(matches!(
+        store.cancel(TENANT, running.id, t1).await.expect("cancel"),
+        CommandOutcome::Applied(_)
+    ));
+    let late = complete(store, vec![completion(&a, succeeded(None))], t1).await;
+    assert_eq!(late.results, vec![CompletionResult::Stale]);
+    let later = claim(store, t1 + 3_600 * SECOND_US, 10).await;
+    assert!(later.attempts.is_empty());
+    assert_eq!(later.next_due_us, None);
+
+    let pending = create(store, new_entity("w5", BODY), t1).await;
+    assert_eq!(
+        store.retry(TENANT, pending.id, t1).await.expect("retry"),
+        CommandOutcome::Conflict(EntityStatus::Pending)
+    );
+    assert_eq!(
+        get(store, pending.id).await,
+        pending,
+        "a refused command changes nothing"
+    );
+
+    let unknown = EntityId::new_v7();
+    assert_eq!(
+        store.cancel(TENANT, unknown, t1).await.expect("cancel"),
+        CommandOutcome::NotFound
+    );
+    assert_eq!(
+        store.retry(TENANT, unknown, t1).await.expect("retry"),
+        CommandOutcome::NotFound
+    );
+}
+
+pub async fn retry_requeues_failed_and_skipped_steps(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, a) = w5_with_a_running(store).await;
+    let t1 = T0 + SECOND_US;
+    let claimed = finish(store, &a, succeeded(Some(json!({"a": 1}))), t1).await;
+    let b = by_name(&claimed, "b");
+    let c = by_name(&claimed, "c");
+    finish(store, b, failed("400", false, None), t1).await;
+    let failed_now = get(store, record.id).await;
+    assert_eq!(failed_now.status, EntityStatus::Failed);
+    assert_eq!(step(&failed_now, "c").state.status, StepStatus::Skipped);
+    let late = complete(store, vec![completion(c, succeeded(None))], t1).await;
+    assert_eq!(
+        late.results,
+        vec![CompletionResult::Stale],
+        "skipped c's attempt is stale"
+    );
+    assert_eq!(
+        store.cancel(TENANT, record.id, t1).await.expect("cancel"),
+        CommandOutcome::Conflict(EntityStatus::Failed)
+    );
+
+    let t2 = t1 + SECOND_US;
+    let retried = match store.retry(TENANT, record.id, t2).await.expect("retry") {
+        CommandOutcome::Applied(record) => record,
+        other => panic!("expected Applied, got {other:?}"),
+    };
+    assert_eq!(retried.status, EntityStatus::Pending);
+    assert!(!retried.degraded);
+    assert_eq!(retried.updated_at_us, t2);
+    assert_eq!(
+        statuses(&retried),
+        vec![
+            ("a", StepStatus::Succeeded),
+            ("b", StepStatus::Queued),
+            ("c", StepStatus::Queued),
+            ("d", StepStatus::Blocked),
+            ("e", StepStatus::Queued),
+        ]
+    );
+    assert_eq!(step(&retried, "b").state.attempts, 0);
+    assert_eq!(step(&retried, "b").state.due_at_us, Some(t2));
+    assert_eq!(get(store, record.id).await, retried);
+
+    let again = claim(store, t2, 10).await.attempts;
+    assert_eq!(names(&again), BTreeSet::from(["b", "c", "e"]));
+    let b2 = by_name(&again, "b");
+    assert_eq!(b2.attempt, 1, "attempts restart after an operator retry");
+    assert!(b2.epoch > b.epoch, "epochs never go back");
+    assert_eq!(
+        b2.outputs,
+        vec![("a".to_owned(), json!({"a": 1}).to_string())]
+    );
+    let history = events(store, record.id).await;
+    assert_eq!(
+        status_changes(&history),
+        vec![
+            ("pending".to_owned(), "failed".to_owned()),
+            ("failed".to_owned(), "pending".to_owned())
+        ]
+    );
+    assert_eq!(
+        history.iter().filter(|e| e.kind == "step_requeued").count(),
+        4
+    );
+}
+
+pub async fn list_filters_newest_first_with_cursor(store: Arc<dyn Store>) {
+    let store = &*store;
+    // Ids minted 1..=6 ms apart: 1, 3, 4, 6 are w5; 2 and 5 are single.
+    let mut ids = Vec::new();
+    for (ms, type_name) in [
+        (1, "w5"),
+        (2, "single"),
+        (3, "w5"),
+        (4, "w5"),
+        (5, "single"),
+        (6, "w5"),
+    ] {
+        let mut entity = new_entity(type_name, BODY);
+        entity.id = id_at(ms);
+        ids.push(create(store, entity, T0).await.id);
+    }
+    let id = |n: usize| ids[n - 1];
+    assert!(matches!(
+        store.cancel(TENANT, id(3), T0).await.expect("cancel"),
+        CommandOutcome::Applied(_)
+    ));
+    let mut other = new_entity("w5", BODY);
+    other.tenant = OTHER_TENANT.into();
+    other.id = id_at(7);
+    create(store, other, T0).await;
+
+    let list = |type_name: Option<&str>,
+                status: Option<EntityStatus>,
+                limit: u32,
+                after: Option<EntityId>| {
+        let query = ListQuery {
+            type_name: type_name.map(str::to_owned),
+            status,
+            limit,
+            after,
+        };
+        async move {
+            store
+                .list(TENANT, query)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        list(None, None, 100, None).await,
+        vec![id(6), id(5), id(4), id(3), id(2), id(1)]
+    );
+    assert_eq!(
+        list(Some("w5"), None, 100, None).await,
+        vec![id(6), id(4), id(3), id(1)]
+    );
+    assert_eq!(
+        list(Some("single"), None, 100, None).await,
+        vec![id(5), id(2)]
+    );
+    assert_eq!(list(Some("nothing"), None, 100, None).await, vec![]);
+    assert_eq!(
+        list(None, Some(EntityStatus::Cancelled), 100, None).await,
+        vec![id(3)]
+    );
+    assert_eq!(
+        list(None, Some(EntityStatus::Pending), 100, None).await,
+        vec![id(6), id(5), id(4), id(2), id(1)]
+    );
+    assert_eq!(
+        list(Some("w5"), Some(EntityStatus::Pending), 100, None).await,
+        vec![id(6), id(4), id(1)]
+    );
+    assert_eq!(
+        list(None, Some(EntityStatus::Ready), 100, None).await,
+        vec![]
+    );
+
+    assert_eq!(list(None, None, 2, None).await, vec![id(6), id(5)]);
+    assert_eq!(list(None, None, 2, Some(id(5))).await, vec![id(4), id(3)]);
+    assert_eq!(list(None, None, 2, Some(id(3))).await, vec![id(2), id(1)]);
+    assert_eq!(list(None, None, 2, Some(id(1))).await, vec![]);
+    assert_eq!(
+        list(Some("w5"), None, 3, None).await,
+        vec![id(6), id(4), id(3)]
+    );
+    assert_eq!(list(Some("w5"), None, 3, Some(id(3))).await, vec![id(1)]);
+    assert_eq!(
+        list(Some("w5"), Some(EntityStatus::Pending), 1, Some(id(6))).await,
+        vec![id(4)]
+    );
+    assert_eq!(list(None, None, 0, None).await, vec![]);
+
+    let records = store
+        .list(
+            TENANT,
+            ListQuery {
+                limit: 100,
+                ..ListQuery::default()
+            },
+        )
+        .await
+        .expect("list");
+    for record in records {
+        assert_eq!(
+            get(store, record.id).await,
+            record,
+            "list returns full records"
+        );
+    }
+}
+
+pub async fn events_are_numbered_without_gaps(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, a) = w5_with_a_running(store).await;
+    let t1 = T0 + SECOND_US;
+    let claimed = finish(store, &a, succeeded(None), t1).await;
+    // b fails once; w5's first backoff ceiling is 1 s, so Retry-After 1 s pins it.
+    let b = by_name(&claimed, "b");
+    finish(store, b, failed("timeout", true, Some(1_000)), t1).await;
+    let t2 = t1 + SECOND_US;
+    let b2 = claim(store, t2, 10).await.attempts;
+    assert_eq!(names(&b2), BTreeSet::from(["b"]));
+    let batch = complete(
+        store,
+        vec![
+            completion(&b2[0], succeeded(None)),
+            completion(by_name(&claimed, "c"), succeeded(None)),
+            completion(by_name(&claimed, "e"), succeeded(None)),
+        ],
+        t2,
+    )
+    .await;
+    finish(store, by_name(&batch.claimed, "d"), succeeded(None), t2).await;
+    assert_eq!(get(store, record.id).await.status, EntityStatus::Ready);
+
+    let history = events(store, record.id).await;
+    let seqs: Vec<u64> = history.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=history.len() as u64).collect::<Vec<_>>(),
+        "numbered 1.. without gaps"
+    );
+    assert_eq!(history[0].kind, "created");
+    assert!(
+        history.windows(2).all(|w| w[0].at_us <= w[1].at_us),
+        "in time order"
+    );
+    let count = |kind: &str| history.iter().filter(|e| e.kind == kind).count();
+    assert_eq!(count("created"), 1);
+    assert_eq!(count("step_started"), 6, "a, b twice, c, d, e");
+    assert_eq!(count("step_succeeded"), 5);
+    assert_eq!(count("attempt_failed"), 1);
+    assert_eq!(count("retry_scheduled"), 1);
+    assert_eq!(count("status_changed"), 1);
+    assert_eq!(
+        history.last().map(|e| e.kind.as_str()),
+        Some("status_changed")
+    );
+    let started_b: Vec<Option<u32>> = history
+        .iter()
+        .filter(|e| e.kind == "step_started" && e.step.as_deref() == Some("b"))
+        .map(|e| e.attempt)
+        .collect();
+    assert_eq!(started_b, vec![Some(1), Some(2)]);
+    let first_start = history
+        .iter()
+        .find(|e| e.kind == "step_started")
+        .expect("started");
+    assert_eq!(first_start.detail["epoch"], json!(1));
+
+    let page = store
+        .events(TENANT, record.id, 2, 3)
+        .await
+        .expect("events")
+        .expect("found");
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    assert_eq!(page, history[2..5].to_vec());
+    let end = store
+        .events(TENANT, record.id, history.len() as u64, 10)
+        .await
+        .expect("events");
+    assert_eq!(end, Some(vec![]));
+    assert_eq!(
+        store
+            .events(TENANT, EntityId::new_v7(), 0, 10)
+            .await
+            .expect("events"),
+        None
+    );
+}
+
+pub async fn tenants_are_isolated(store: Arc<dyn Store>) {
+    let store = &*store;
+    let mine = create(store, new_entity("w5", BODY), T0).await;
+    let mut theirs = new_entity("w5", BODY);
+    theirs.tenant = OTHER_TENANT.into();
+    let theirs = create(store, theirs, T0).await;
+
+    assert_eq!(store.get(OTHER_TENANT, mine.id).await.expect("get"), None);
+    assert_eq!(
+        store
+            .get_data(OTHER_TENANT, mine.id)
+            .await
+            .expect("get_data"),
+        None
+    );
+    assert_eq!(
+        store
+            .events(OTHER_TENANT, mine.id, 0, 10)
+            .await
+            .expect("events"),
+        None
+    );
+    assert_eq!(
+        store
+            .cancel(OTHER_TENANT, mine.id, T0)
+            .await
+            .expect("cancel"),
+        CommandOutcome::NotFound
+    );
+    assert_eq!(
+        store.retry(OTHER_TENANT, mine.id, T0).await.expect("retry"),
+        CommandOutcome::NotFound
+    );
+    assert_eq!(
+        get(store, mine.id).await,
+        mine,
+        "another tenant's commands change nothing"
+    );
+
+    let all = ListQuery {
+        limit: 100,
+        ..ListQuery::default()
+    };
+    let listed: Vec<EntityId> = store
+        .list(TENANT, all.clone())
+        .await
+        .expect("list")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed, vec![mine.id]);
+    let listed: Vec<EntityId> = store
+        .list(OTHER_TENANT, all.clone())
+        .await
+        .expect("list")
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed, vec![theirs.id]);
+    assert!(store.list("nobody", all).await.expect("list").is_empty());
+    assert_eq!(store.get(TENANT, theirs.id).await.expect("get"), None);
+    assert_eq!(
+        store.get(OTHER_TENANT, theirs.id).await.expect("get"),
+        Some(theirs)
+    );
+}
+
+pub async fn get_data_returns_payload_and_outputs(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, a) = w5_with_a_running(store).await;
+    let t1 = T0 + SECOND_US;
+    let output = r#"{"id": "acct_1",  "tier": "gold"}"#;
+    let claimed = finish(
+        store,
+        &a,
+        Outcome::Succeeded {
+            output: Some(output.into()),
+        },
+        t1,
+    )
+    .await;
+    // c returns nothing, e fails: neither has an output.
+    finish(store, by_name(&claimed, "c"), succeeded(None), t1).await;
+    finish(store, by_name(&claimed, "e"), failed("no", false, None), t1).await;
+    let data = store
+        .get_data(TENANT, record.id)
+        .await
+        .expect("get_data")
+        .expect("found");
+    assert_eq!(data.payload, BODY);
+    assert_eq!(
+        data.outputs,
+        vec![("a".to_owned(), output.to_owned())],
+        "raw output, byte for byte"
+    );
+    assert_eq!(data.record, get(store, record.id).await);
+}
+
+pub async fn concurrent_creates_all_commit(store: Arc<dyn Store>) {
+    const CLIENTS: usize = 200;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CLIENTS {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut entity = new_entity(
+                if i % 2 == 0 { "w5" } else { "single" },
+                &format!("{{\"i\": {i}}}"),
+            );
+            if i % 3 == 0 {
+                entity.idempotency_key = Some(format!("key-{i}"));
+            }
+            let id = entity.id;
+            let outcome = store.create(entity, T0 + i as i64).await.expect("create");
+            assert!(
+                matches!(outcome, IntakeOutcome::Created(ref r) if r.id == id),
+                "{outcome:?}"
+            );
+            (i, id)
+        });
+    }
+    let mut created = Vec::with_capacity(CLIENTS);
+    while let Some(joined) = tasks.join_next().await {
+        created.push(joined.expect("create task"));
+    }
+    assert_eq!(created.len(), CLIENTS);
+    for (i, id) in &created {
+        let data = store
+            .get_data(TENANT, *id)
+            .await
+            .expect("get_data")
+            .expect("readable");
+        assert_eq!(data.payload, format!("{{\"i\": {i}}}"));
+        assert_eq!(data.record.created_at_us, T0 + *i as i64);
+    }
+    let listed = store
+        .list(
+            TENANT,
+            ListQuery {
+                limit: 1_000,
+                ..ListQuery::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), CLIENTS);
+    let batch = claim(&*store, T0 + SECOND_US, 1_000).await;
+    assert_eq!(
+        batch.attempts.len(),
+        CLIENTS,
+        "every entity's first step is runnable"
+    );
+}
+
+pub async fn ping_succeeds(store: Arc<dyn Store>) {
+    store.ping().await.expect("ping");
+}

@@ -66,7 +66,12 @@ impl Client {
         self.send(Method::GET, path, &[], Bytes::new()).await
     }
 
-    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Result<Reply> {
+    pub async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Reply> {
         self.send(Method::POST, path, headers, body.into()).await
     }
 
@@ -83,7 +88,10 @@ impl Client {
             req = req.header(CONTENT_TYPE, "application/json");
         }
         for (name, value) in headers {
-            req = req.header(HeaderName::from_bytes(name.as_bytes())?, HeaderValue::from_str(value)?);
+            req = req.header(
+                HeaderName::from_bytes(name.as_bytes())?,
+                HeaderValue::from_str(value)?,
+            );
         }
         let req = req.body(Full::new(body)).context("build the request")?;
         let resp = self

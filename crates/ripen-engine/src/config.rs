@@ -1,0 +1,437 @@
+//! `ripen.toml`: parsing and validation.
+//!
+//! Every error names the file, the key and the problem, and the server does
+//! not start. The reference of every key is `docs/config.md`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ripen_core::{Executor, Pipeline, RetryPolicy, StepDef};
+use serde::Deserialize;
+
+use crate::schema::Schema;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_BODY_LIMIT_BYTES: usize = 1024 * 1024;
+/// The largest body limit a configuration may set.
+pub const BODY_LIMIT_BYTES_MAX: usize = 64 * 1024 * 1024;
+pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 30_000;
+pub const DEFAULT_CONCURRENCY: usize = 512;
+pub const DEFAULT_LEASE_GRACE_MS: u64 = 5_000;
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
+pub const TYPES_MAX: usize = 256;
+
+/// A validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// The file it was read from, for messages.
+    pub path: PathBuf,
+    pub listen: String,
+    pub body_limit_bytes: usize,
+    pub storage: StorageUrl,
+    pub engine: EngineConfig,
+    pub types: Vec<TypeConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum StorageUrl {
+    Sqlite(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub concurrency: usize,
+    pub lease_grace_ms: u64,
+    pub poll_interval_ms: u64,
+}
+
+#[derive(Debug)]
+pub struct TypeConfig {
+    pub name: String,
+    pub version: u32,
+    pub schema: Option<Arc<Schema>>,
+    pub pipeline: Pipeline,
+}
+
+impl Config {
+    pub fn type_config(&self, name: &str) -> Option<&TypeConfig> {
+        self.types.iter().find(|t| t.name == name)
+    }
+
+    /// Reads and validates the file.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read the configuration: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, path, base)
+    }
+
+    /// Parses configuration text; relative paths resolve against `base`.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Config, String> {
+        let file = path.display();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message();
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("{file}:{line}: {msg}")
+                }
+                None => format!("{file}: {msg}"),
+            }
+        })?;
+        let err = |key: &str, problem: String| format!("{file}: {key}: {problem}");
+
+        let server = raw.server.unwrap_or_default();
+        let listen = server.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        if listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(err(
+                "server.listen",
+                format!("{listen:?} is not an address such as \"127.0.0.1:8080\""),
+            ));
+        }
+        let body_limit_bytes = server.body_limit_bytes.unwrap_or(DEFAULT_BODY_LIMIT_BYTES);
+        if body_limit_bytes == 0 || body_limit_bytes > BODY_LIMIT_BYTES_MAX {
+            return Err(err(
+                "server.body_limit_bytes",
+                format!("must be between 1 and {BODY_LIMIT_BYTES_MAX}"),
+            ));
+        }
+
+        let url = raw
+            .storage
+            .and_then(|s| s.url)
+            .unwrap_or_else(|| "sqlite://ripen.db".to_owned());
+        let storage = if let Some(rest) = url.strip_prefix("sqlite://") {
+            if rest.is_empty() {
+                return Err(err("storage.url", "the sqlite URL names no file".into()));
+            }
+            StorageUrl::Sqlite(base.join(rest))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Err(err(
+                "storage.url",
+                "the PostgreSQL backend is not available in this build yet; use sqlite://FILE"
+                    .into(),
+            ));
+        } else {
+            return Err(err(
+                "storage.url",
+                format!("{url:?} is not a storage URL; use sqlite://FILE"),
+            ));
+        };
+
+        let e = raw.engine.unwrap_or_default();
+        let engine = EngineConfig {
+            concurrency: e.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+            lease_grace_ms: duration_ms(e.lease_grace.as_deref(), DEFAULT_LEASE_GRACE_MS)
+                .map_err(|p| err("engine.lease_grace", p))?,
+            poll_interval_ms: duration_ms(e.poll_interval.as_deref(), DEFAULT_POLL_INTERVAL_MS)
+                .map_err(|p| err("engine.poll_interval", p))?,
+        };
+        if engine.concurrency == 0 || engine.concurrency > 65_536 {
+            return Err(err(
+                "engine.concurrency",
+                "must be between 1 and 65536".into(),
+            ));
+        }
+        if engine.poll_interval_ms == 0 {
+            return Err(err("engine.poll_interval", "must be more than zero".into()));
+        }
+
+        if raw.types.is_empty() {
+            return Err(format!(
+                "{file}: types: no entity type is defined; add a [types.NAME] table with steps"
+            ));
+        }
+        if raw.types.len() > TYPES_MAX {
+            return Err(err("types", format!("at most {TYPES_MAX} types")));
+        }
+        let mut types = Vec::new();
+        for (name, t) in raw.types {
+            let key = format!("types.{name}");
+            if !valid_type_name(&name) {
+                return Err(err(
+                    &key,
+                    "a type name is 1 to 64 characters of a-z, A-Z, 0-9, '_' and '-'".into(),
+                ));
+            }
+            if t.references.as_ref().is_some_and(|r| !r.is_empty()) {
+                return Err(err(
+                    &format!("{key}.references"),
+                    "entity references are not supported by this build yet".into(),
+                ));
+            }
+            let version = t.version.unwrap_or(1);
+            if version == 0 {
+                return Err(err(&format!("{key}.version"), "must be 1 or more".into()));
+            }
+            let schema = match &t.schema {
+                None => None,
+                Some(rel) => {
+                    let schema_path = base.join(rel);
+                    Some(Arc::new(
+                        Schema::load(&schema_path).map_err(|p| err(&format!("{key}.schema"), p))?,
+                    ))
+                }
+            };
+            let mut defs = Vec::with_capacity(t.steps.len());
+            for (i, s) in t.steps.into_iter().enumerate() {
+                let skey = format!("{key}.steps[{i}]");
+                defs.push(step_def(s).map_err(|(k, p)| err(&format!("{skey}{k}"), p))?);
+            }
+            let pipeline =
+                Pipeline::new(defs).map_err(|p| err(&format!("{key}.steps"), p.to_string()))?;
+            types.push(TypeConfig {
+                name,
+                version,
+                schema,
+                pipeline,
+            });
+        }
+        Ok(Config {
+            path: path.to_owned(),
+            listen,
+            body_limit_bytes,
+            storage,
+            engine,
+            types,
+        })
+    }
+}
+
+fn valid_type_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn step_def(s: RawStep) -> Result<StepDef, (String, String)> {
+    let executor = match (s.http, s.worker) {
+        (Some(url), None) => {
+            check_http_url(&url).map_err(|p| (".http".to_owned(), p))?;
+            Executor::Http { url }
+        }
+        (None, Some(_)) => {
+            return Err((
+                ".worker".into(),
+                "the worker executor is not supported by this build yet; use http".into(),
+            ))
+        }
+        (Some(_), Some(_)) => {
+            return Err((
+                "".into(),
+                "a step has one executor: http or worker, not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err((
+                "".into(),
+                format!("step {:?} has no executor; set http = \"http://…\"", s.name),
+            ))
+        }
+    };
+    let timeout_ms = duration_ms(s.timeout.as_deref(), DEFAULT_STEP_TIMEOUT_MS)
+        .map_err(|p| (".timeout".to_owned(), p))?;
+    let default = RetryPolicy::default();
+    let retry = match s.retry {
+        None => default,
+        Some(r) => RetryPolicy {
+            max_attempts: r.max_attempts.unwrap_or(default.max_attempts),
+            initial_backoff_ms: duration_ms(
+                r.initial_backoff.as_deref(),
+                default.initial_backoff_ms,
+            )
+            .map_err(|p| (".retry.initial_backoff".to_owned(), p))?,
+            max_backoff_ms: duration_ms(r.max_backoff.as_deref(), default.max_backoff_ms)
+                .map_err(|p| (".retry.max_backoff".to_owned(), p))?,
+        },
+    };
+    if retry.max_attempts > 1_000 {
+        return Err((".retry.max_attempts".into(), "at most 1000".into()));
+    }
+    Ok(StepDef {
+        name: s.name,
+        needs: s.needs,
+        critical: s.critical.unwrap_or(true),
+        timeout_ms,
+        retry,
+        executor,
+    })
+}
+
+fn check_http_url(url: &str) -> Result<(), String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "{url:?}: https is not supported by this build yet; use http"
+            ))
+        }
+        _ => return Err(format!("{url:?} must start with http://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{url:?} names no host"));
+    }
+    Ok(())
+}
+
+/// Parses `"250ms"`, `"5s"`, `"2m"`; at most one day.
+fn duration_ms(value: Option<&str>, default_ms: u64) -> Result<u64, String> {
+    let Some(v) = value else {
+        return Ok(default_ms);
+    };
+    let d: Duration = humantime::parse_duration(v)
+        .map_err(|e| format!("{v:?} is not a duration such as \"500ms\" or \"5s\": {e}"))?;
+    if d > Duration::from_secs(86_400) {
+        return Err(format!("{v:?} is longer than one day"));
+    }
+    Ok(d.as_millis() as u64)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: Option<RawServer>,
+    storage: Option<RawStorage>,
+    engine: Option<RawEngine>,
+    #[serde(default)]
+    types: BTreeMap<String, RawType>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    body_limit_bytes: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    url: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEngine {
+    concurrency: Option<usize>,
+    lease_grace: Option<String>,
+    poll_interval: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawType {
+    version: Option<u32>,
+    schema: Option<PathBuf>,
+    references: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    steps: Vec<RawStep>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: String,
+    #[serde(default)]
+    needs: Vec<String>,
+    critical: Option<bool>,
+    http: Option<String>,
+    worker: Option<String>,
+    timeout: Option<String>,
+    retry: Option<RawRetry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+    initial_backoff: Option<String>,
+    max_backoff: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("ripen.toml"), Path::new("/tmp"))
+    }
+
+    const STEP: &str = "[[types.t.steps]]\nname = \"a\"\nhttp = \"http://127.0.0.1:9/a\"\n";
+
+    #[test]
+    fn defaults() {
+        let c = parse(STEP).unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+        assert_eq!(c.body_limit_bytes, DEFAULT_BODY_LIMIT_BYTES);
+        assert_eq!(
+            c.storage,
+            StorageUrl::Sqlite(PathBuf::from("/tmp/ripen.db"))
+        );
+        let t = c.type_config("t").unwrap();
+        assert_eq!(t.version, 1);
+        assert_eq!(t.pipeline.step(0).timeout_ms, DEFAULT_STEP_TIMEOUT_MS);
+        assert!(t.pipeline.step(0).critical);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let cases = [
+            (
+                format!("{STEP}bogus = 1\n"),
+                "ripen.toml:4: unknown field `bogus`",
+            ),
+            (
+                format!("{STEP}needs = [\"zz\"]\n"),
+                "ripen.toml: types.t.steps: step \"a\" needs \"zz\"",
+            ),
+            (
+                format!("{STEP}{STEP}"),
+                "ripen.toml: types.t.steps: step \"a\" is defined twice",
+            ),
+            (
+                format!("{STEP}timeout = \"soon\"\n"),
+                "ripen.toml: types.t.steps[0].timeout: \"soon\" is not a duration",
+            ),
+            (
+                format!("{STEP}retry = {{ max_attempts = 0 }}\n"),
+                "retry.max_attempts must be at least 1",
+            ),
+            (
+                format!("[types.t]\nschema = \"missing.json\"\n{STEP}"),
+                "ripen.toml: types.t.schema: cannot read /tmp/missing.json",
+            ),
+            (
+                "[storage]\nurl = \"mysql://x\"\n".to_owned() + STEP,
+                "ripen.toml: storage.url:",
+            ),
+            (
+                "".to_owned(),
+                "ripen.toml: types: no entity type is defined",
+            ),
+            (
+                "[[types.t.steps]]\nname = \"a\"\nhttp = \"ftp://x\"\n".to_owned(),
+                "ripen.toml: types.t.steps[0].http: \"ftp://x\" must start with http://",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = parse(&text).unwrap_err();
+            assert!(got.contains(want), "{got:?} should contain {want:?}");
+        }
+    }
+
+    #[test]
+    fn cycles_are_refused() {
+        let text = "[[types.t.steps]]\nname = \"a\"\nneeds = [\"b\"]\nhttp = \"http://h/a\"\n\
+                    [[types.t.steps]]\nname = \"b\"\nneeds = [\"a\"]\nhttp = \"http://h/b\"\n";
+        let got = parse(text).unwrap_err();
+        assert!(got.contains("cycle"), "{got}");
+    }
+}

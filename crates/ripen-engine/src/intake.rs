@@ -1,0 +1,134 @@
+//! Synchronous intake: validate, guard the idempotency key while in flight,
+//! and commit through the store (which groups concurrent commits).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use ripen_store::{EntityId, IntakeOutcome, NewEntity, Store, StoreError};
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::schema::{self, PayloadError, Schema, Violation};
+use crate::time::now_us;
+
+/// The longest idempotency key accepted.
+pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("unknown entity type {0:?}")]
+    UnknownType(String),
+    #[error("{0}")]
+    Malformed(String),
+    #[error("the payload does not satisfy the schema of its type")]
+    Invalid(Vec<Violation>),
+    #[error("the idempotency key must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} visible ASCII characters")]
+    BadKey,
+    #[error("a request with this idempotency key is still being processed")]
+    KeyInFlight,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct TypeEntry {
+    version: u32,
+    schema: Option<Arc<Schema>>,
+}
+
+/// The intake side of the engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Intake {
+    store: Arc<dyn Store>,
+    types: Arc<HashMap<String, TypeEntry>>,
+    in_flight: Arc<Mutex<HashSet<(String, String, String)>>>,
+    wake_scheduler: Arc<Notify>,
+}
+
+/// Removes a key from the in-flight set when its request ends, however it ends.
+struct InFlight<'a> {
+    set: &'a Mutex<HashSet<(String, String, String)>>,
+    key: Option<(String, String, String)>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.set
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        }
+    }
+}
+
+impl Intake {
+    pub fn new(store: Arc<dyn Store>, config: &Config, wake_scheduler: Arc<Notify>) -> Intake {
+        let mut types = HashMap::new();
+        for t in &config.types {
+            types.insert(
+                t.name.clone(),
+                TypeEntry {
+                    version: t.version,
+                    schema: t.schema.clone(),
+                },
+            );
+        }
+        Intake {
+            store,
+            types: Arc::new(types),
+            in_flight: Arc::default(),
+            wake_scheduler,
+        }
+    }
+
+    /// Validates and durably stores one submission.
+    pub async fn submit(
+        &self,
+        tenant: &str,
+        type_name: &str,
+        body: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<IntakeOutcome, SubmitError> {
+        let entry = self
+            .types
+            .get(type_name)
+            .ok_or_else(|| SubmitError::UnknownType(type_name.to_owned()))?;
+        if let Some(key) = idempotency_key {
+            let visible = key.bytes().all(|b| (0x21..=0x7e).contains(&b));
+            if key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX || !visible {
+                return Err(SubmitError::BadKey);
+            }
+        }
+        let payload = schema::validate(body, entry.schema.as_deref()).map_err(|e| match e {
+            PayloadError::Malformed(m) => SubmitError::Malformed(m),
+            PayloadError::Invalid(v) => SubmitError::Invalid(v),
+        })?;
+        let _guard = match idempotency_key {
+            None => None,
+            Some(key) => {
+                let k = (tenant.to_owned(), type_name.to_owned(), key.to_owned());
+                let mut set = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                if !set.insert(k.clone()) {
+                    return Err(SubmitError::KeyInFlight);
+                }
+                Some(InFlight {
+                    set: &self.in_flight,
+                    key: Some(k),
+                })
+            }
+        };
+        let entity = NewEntity {
+            id: EntityId::new_v7(),
+            tenant: tenant.to_owned(),
+            type_name: type_name.to_owned(),
+            version: entry.version,
+            payload: payload.into_raw(),
+            idempotency_key: idempotency_key.map(str::to_owned),
+        };
+        let outcome = self.store.create(entity, now_us()).await?;
+        if matches!(outcome, IntakeOutcome::Created(_)) {
+            self.wake_scheduler.notify_one();
+        }
+        Ok(outcome)
+    }
+}

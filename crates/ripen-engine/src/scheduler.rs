@@ -1,0 +1,204 @@
+//! The scheduler: claims runnable steps, runs them, records their results.
+//!
+//! Three kinds of task cooperate:
+//! - the claim loop asks the store for due steps whenever it is woken (an
+//!   intake commit, a freed slot) or the earliest due time arrives (a backoff
+//!   ending, a lease expiring). That one deadline is the only timer: there is
+//!   no per-entity sleep and no polling loop beyond a slow fallback.
+//! - one task per attempt runs the executor and sends the outcome on;
+//! - the completer drains outcomes in batches, records them in one store
+//!   call, and dispatches at once the steps that this commit made runnable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ripen_core::{Catalog, Executor};
+use ripen_store::{Attempt, Completion, CompletionResult, Outcome, Store};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::EngineConfig;
+use crate::executor::HttpExecutor;
+use crate::time::now_us;
+
+/// The most steps claimed in one store call.
+const CLAIM_BATCH_MAX: usize = 512;
+/// The most results recorded in one store call.
+const COMPLETE_BATCH_MAX: usize = 1024;
+/// How long to wait before asking a failing store again.
+const STORE_RETRY_MS: u64 = 200;
+
+struct Shared {
+    store: Arc<dyn Store>,
+    catalog: Arc<Catalog>,
+    http: HttpExecutor,
+    /// Bounds the attempts in flight.
+    slots: Arc<Semaphore>,
+    wake: Arc<Notify>,
+    results: mpsc::Sender<Completion>,
+}
+
+pub struct Scheduler {
+    wake: Arc<Notify>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Scheduler {
+    pub fn start(store: Arc<dyn Store>, catalog: Arc<Catalog>, config: &EngineConfig) -> Scheduler {
+        let (results_tx, results_rx) = mpsc::channel(config.concurrency.max(COMPLETE_BATCH_MAX));
+        let wake = Arc::new(Notify::new());
+        let shared = Arc::new(Shared {
+            store,
+            catalog,
+            http: HttpExecutor::new(config.concurrency),
+            slots: Arc::new(Semaphore::new(config.concurrency)),
+            wake: wake.clone(),
+            results: results_tx,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(claim_loop(
+            shared.clone(),
+            Duration::from_millis(config.poll_interval_ms),
+            stop_rx.clone(),
+        ));
+        tasks.spawn(complete_loop(shared, results_rx, stop_rx));
+        Scheduler { wake, stop, tasks }
+    }
+
+    /// Wakes the claim loop: new work may be runnable.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        self.wake.notify_one();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let free = shared.slots.available_permits().min(CLAIM_BATCH_MAX);
+        let mut sleep_for = poll;
+        if free > 0 {
+            match shared.store.claim_due(now_us(), free).await {
+                Ok(batch) => {
+                    let full = batch.attempts.len() >= free;
+                    for attempt in batch.attempts {
+                        dispatch(&shared, attempt);
+                    }
+                    if full {
+                        continue;
+                    }
+                    if let Some(due) = batch.next_due_us {
+                        let wait_us = (due - now_us()).max(0) as u64;
+                        sleep_for = sleep_for.min(Duration::from_micros(wait_us));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming due steps failed; will try again");
+                    sleep_for = Duration::from_millis(STORE_RETRY_MS);
+                }
+            }
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(sleep_for) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Runs one claimed attempt on its own task. The attempt already holds a
+/// lease, so it runs even if it must wait for a free slot.
+fn dispatch(shared: &Arc<Shared>, attempt: Attempt) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let Ok(_slot) = shared.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let outcome = run_attempt(&shared, &attempt).await;
+        let completion = Completion {
+            entity_id: attempt.entity_id,
+            step: attempt.step,
+            epoch: attempt.epoch,
+            outcome,
+        };
+        // The slot is freed before the result is recorded, so that the claim
+        // loop can refill it while the completer batches.
+        drop(_slot);
+        shared.wake.notify_one();
+        if shared.results.send(completion).await.is_err() {
+            tracing::debug!("scheduler stopped; the result is dropped and its lease will expire");
+        }
+    });
+}
+
+async fn run_attempt(shared: &Shared, a: &Attempt) -> Outcome {
+    let Some(pipeline) = shared.catalog.get(&a.type_name, a.version) else {
+        return Outcome::Failed {
+            error: format!("no pipeline for {} version {}", a.type_name, a.version),
+            retryable: false,
+            retry_after_ms: None,
+        };
+    };
+    let spec = pipeline.step(a.step);
+    match &spec.executor {
+        Executor::Http { url } => shared.http.run(url, a, spec.timeout_ms).await,
+        Executor::Worker { queue } => Outcome::Failed {
+            error: format!("worker queue {queue:?} has no executor in this build"),
+            retryable: false,
+            retry_after_ms: None,
+        },
+    }
+}
+
+async fn complete_loop(
+    shared: Arc<Shared>,
+    mut results: mpsc::Receiver<Completion>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::with_capacity(COMPLETE_BATCH_MAX);
+    loop {
+        tokio::select! {
+            n = results.recv_many(&mut batch, COMPLETE_BATCH_MAX) => {
+                if n == 0 {
+                    return;
+                }
+            }
+            _ = stop.changed() => return,
+        }
+        loop {
+            match shared.store.complete(batch.clone(), now_us()).await {
+                Ok(done) => {
+                    let stale = done
+                        .results
+                        .iter()
+                        .filter(|r| **r == CompletionResult::Stale)
+                        .count();
+                    if stale > 0 {
+                        tracing::info!(stale, "refused results of stale attempts");
+                    }
+                    for attempt in done.claimed {
+                        dispatch(&shared, attempt);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, results = batch.len(), "recording results failed; will try again");
+                    if *stop.borrow() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(STORE_RETRY_MS)).await;
+                }
+            }
+        }
+        batch.clear();
+    }
+}
