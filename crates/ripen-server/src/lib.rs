@@ -3,6 +3,7 @@
 
 mod dashboard;
 mod problem;
+mod stream;
 mod view;
 
 use std::future::Future;
@@ -31,8 +32,10 @@ pub const PAGE_LIMIT_DEFAULT: u32 = 50;
 /// The most history events one answer carries.
 pub const EVENTS_MAX: u32 = 10_000;
 
-struct AppState {
+pub(crate) struct AppState {
     engine: Engine,
+    /// Turns true when the server begins to shut down; live streams end then.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -56,9 +59,13 @@ pub async fn serve(
         out.flush()?;
     }
     tracing::info!(%addr, "serving");
-    let state = Arc::new(AppState { engine });
+    let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let state = Arc::new(AppState { engine, stopping });
     axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
         .await
         .context("serve HTTP")?;
     if let Ok(state) = Arc::try_unwrap(state) {
@@ -372,8 +379,32 @@ async fn list(
 async fn events(
     State(state): Shared,
     p: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let id = entity_id(p)?;
+    let wants_stream = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if wants_stream {
+        // Resume after the last event the client saw, if it says so.
+        let after_seq = headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if state
+            .engine
+            .store
+            .get(DEFAULT_TENANT, id)
+            .await
+            .map_err(store_problem)?
+            .is_none()
+        {
+            return Err(no_entity(id));
+        }
+        return Ok(stream::entity_events(state, id, after_seq).into_response());
+    }
     let Some(events) = state
         .engine
         .store
