@@ -4,9 +4,9 @@
 //! "payload", "outputs"}` and the headers `Idempotency-Key: {entity_id}:{step}`
 //! and `traceparent`. A 2xx succeeds and its JSON body is the output; 408,
 //! 425, 429, 5xx, timeouts and connection errors are retried (honouring
-//! `Retry-After` in seconds); any other status fails the step for good.
+//! `Retry-After`); any other status fails the step for good.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -67,8 +67,7 @@ impl HttpExecutor {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| s.saturating_mul(1_000));
+            .and_then(|v| retry_after_ms(v, SystemTime::now()));
         let body = match Limited::new(response.into_body(), OUTPUT_BYTES_MAX)
             .collect()
             .await
@@ -107,6 +106,16 @@ impl HttpExecutor {
         };
         failed(error, is_retryable(status), retry_after_ms)
     }
+}
+
+/// `Retry-After` as delay-seconds or as an HTTP-date (RFC 9110 section 10.2.3).
+pub fn retry_after_ms(value: &str, now: SystemTime) -> Option<u64> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(seconds.saturating_mul(1_000));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).map_or(0, |d| d.as_millis() as u64))
 }
 
 fn failed(error: String, retryable: bool, retry_after_ms: Option<u64>) -> Outcome {
@@ -218,6 +227,19 @@ mod tests {
         let tp = traceparent(&a);
         assert_eq!(tp.len(), 55);
         assert!(tp.starts_with("00-0193c5b200007000800000000000000"));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(retry_after_ms("3", now), Some(3_000));
+        assert_eq!(retry_after_ms(" 0 ", now), Some(0));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(5));
+        assert_eq!(retry_after_ms(&later, now), Some(5_000));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(5));
+        assert_eq!(retry_after_ms(&earlier, now), Some(0));
+        assert_eq!(retry_after_ms("soon", now), None);
+        assert_eq!(retry_after_ms("-1", now), None);
     }
 
     #[test]

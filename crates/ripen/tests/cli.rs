@@ -125,6 +125,26 @@ async fn submit_reads_standard_input_and_reports_errors() {
     let srv = Server::start(&Config::new().with_type(merchant(&ds, Behavior::ok(json!({}))))).await;
     let base = srv.base();
 
+    // "-" reads the payload from standard input.
+    let out = run_ripen_with_stdin(
+        args(&["submit", "merchant", "-", "--server", &base]),
+        srv.dir().to_owned(),
+        CLI_TIMEOUT,
+        Some(br#"{"name": "From stdin"}"#.to_vec()),
+    )
+    .await;
+    assert!(out.success(), "ripen submit - failed:\n{out}");
+    let view =
+        printed_json(&out.stdout).unwrap_or_else(|| panic!("submit printed no JSON:\n{out}"));
+    let id = view["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id:\n{out}"))
+        .to_owned();
+    srv.wait_terminal(&id, Duration::from_secs(20)).await;
+    let data = srv.get(&format!("/v1/entities/{id}/data")).await;
+    assert_eq!(data.status, 200, "{data}");
+    assert_eq!(data.json()["payload"], json!({"name": "From stdin"}));
+
     // An unknown type is an error, with a non-zero exit.
     let file = srv.dir().join("p.json");
     std::fs::write(&file, r#"{"name": "x"}"#).unwrap();
@@ -156,6 +176,16 @@ async fn submit_reads_standard_input_and_reports_errors() {
     assert!(
         out.status.is_some() && !out.success(),
         "status of an unknown id must fail:\n{out}"
+    );
+    let out = run_ripen(
+        args(&["watch", &unknown, "--server", &base]),
+        srv.dir().to_owned(),
+        CLI_TIMEOUT,
+    )
+    .await;
+    assert!(
+        out.status.is_some() && !out.success(),
+        "watch of an unknown id must fail:\n{out}"
     );
 
     // No server at all: a clear failure, not a hang.

@@ -15,7 +15,9 @@ use serde_json::{json, Value};
 const ENTITIES: usize = 1_000;
 const CLIENTS: usize = 16;
 const MIN_KILLS: usize = 3;
-const MAX_KILLS: usize = 8;
+const MAX_KILLS: usize = 12;
+/// The pause of a client between two submissions, in milliseconds.
+const PACE_MS: std::ops::RangeInclusive<u64> = 20..=80;
 /// The whole test must end well within a minute.
 const INTAKE_DEADLINE: Duration = Duration::from_secs(35);
 const RIPEN_DEADLINE: Duration = Duration::from_secs(50);
@@ -69,6 +71,9 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
         let next = next.clone();
         clients.push(tokio::spawn(async move {
             loop {
+                // Pace the load (about 300 submissions a second in all), so
+                // that the intake spans several kills.
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(PACE_MS))).await;
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= ENTITIES {
                     return;
@@ -169,6 +174,10 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
         "two keys were given the same entity"
     );
     assert!(kills >= MIN_KILLS);
+    assert!(
+        kills_during_intake >= MIN_KILLS,
+        "only {kills_during_intake} kills hit the intake; the test did not test much"
+    );
 
     // Every acknowledged entity exists and ripens.
     let mut waiting: Vec<(usize, String)> = ledger
@@ -178,6 +187,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
         .collect();
     waiting.sort();
     let mut ready: Vec<(usize, String)> = Vec::new();
+    let mut ready_views: HashMap<String, Value> = HashMap::new();
     while !waiting.is_empty() {
         let views = fetch_all(&api, &waiting, |id| format!("/v1/entities/{id}")).await;
         let mut still = Vec::new();
@@ -186,7 +196,10 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
                 200 => {
                     let view = r.json();
                     match view["status"].as_str() {
-                        Some("ready") => ready.push((i, id)),
+                        Some("ready") => {
+                            ready_views.insert(id.clone(), view);
+                            ready.push((i, id));
+                        }
                         Some("pending") => still.push((i, id)),
                         _ => panic!("entity {id} (key {}) did not ripen: {view:#}", key_of(i)),
                     }
@@ -298,6 +311,29 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
                 "{id}: no successful call of {s}"
             );
         }
+        // Every call was its own attempt: an attempt is persisted before it
+        // runs, so a crash never makes two calls share an attempt number,
+        // and the view counts them all.
+        for s in ["a", "b", "c", "d"] {
+            let mut attempts: Vec<u64> = calls
+                .iter()
+                .filter(|c| c.path.ends_with(&format!("/{s}")))
+                .map(|c| c.attempt().unwrap_or_else(|| panic!("no attempt in {c:?}")))
+                .collect();
+            let n = attempts.len();
+            attempts.sort();
+            attempts.dedup();
+            assert_eq!(attempts.len(), n, "{id}: step {s} reused an attempt number");
+            let counted = ready_views[id]["steps"]
+                .as_array()
+                .and_then(|steps| steps.iter().find(|x| x["name"] == s))
+                .and_then(|x| x["attempts"].as_u64())
+                .unwrap_or(0);
+            assert!(
+                attempts.last().copied().unwrap_or(0) <= counted,
+                "{id}: step {s} was called with attempts {attempts:?} but the view counts {counted}"
+            );
+        }
         for (s, deps) in needs {
             let Some(start) = first_start(s) else {
                 continue;
@@ -360,4 +396,72 @@ where
         }
     }
     results.into_iter().map(|r| r.unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_cut_short_by_a_crash_is_retried_as_a_new_attempt() {
+    let ds = Downstream::start().await;
+    // The first call never answers in time: the server dies during it.
+    ds.set(
+        "/cut/only",
+        Behavior::sleep_first(1, Duration::from_secs(30), json!({"ok": true})),
+    );
+    let t = TypeDef::new(
+        "cut",
+        vec![
+            Step::http("only", ds.url("/cut/only")).timeout("1s"),
+            Step::http("after", ds.url("/cut/after")).needs(&["only"]),
+        ],
+    );
+    let mut srv = Server::start(&Config::new().with_type(t).lease_grace("500ms")).await;
+    let id = srv.submit_ok("cut", &json!({"n": 1})).await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ds.calls_to("/cut/only").is_empty() {
+        assert!(Instant::now() < deadline, "the step was never called");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let view = srv.entity(&id).await;
+    assert_eq!(step(&view, "only")["status"], "running", "{view:#}");
+    assert_eq!(step(&view, "only")["attempts"], 1, "{view:#}");
+
+    srv.kill();
+    let killed_at = Instant::now();
+    srv.restart().await;
+    let view = srv.wait_terminal(&id, Duration::from_secs(20)).await;
+    assert_eq!(view["status"], "ready", "{view:#}");
+    assert_eq!(
+        step(&view, "only")["attempts"],
+        2,
+        "the cut attempt counts: {view:#}"
+    );
+
+    let calls = ds.calls_to("/cut/only");
+    assert_eq!(calls.len(), 2, "{calls:#?}");
+    assert_eq!(calls[0].attempt(), Some(1));
+    assert_eq!(
+        calls[1].attempt(),
+        Some(2),
+        "a new attempt number after the crash"
+    );
+    let resumed = calls[1].received_at - killed_at;
+    assert!(
+        resumed < Duration::from_secs(6),
+        "the step was retried {resumed:?} after the crash; its lease was 1.5 s"
+    );
+    let after = ds.calls_to("/cut/after");
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        after[0].body.as_ref().unwrap()["outputs"]["only"],
+        json!({"ok": true})
+    );
+
+    let events = srv.events(&id).await;
+    assert_lifecycle(&events);
+    assert!(
+        events
+            .iter()
+            .any(|e| event_kind(e) == "attempt_failed" && event_step(e) == Some("only")),
+        "the attempt cut short is recorded as failed: {events:#?}"
+    );
 }

@@ -303,11 +303,48 @@ async fn configured_body_limit_gives_413() {
     let r = srv.post_bytes("/v1/entities/t", small).await;
     assert_eq!(r.status, 202, "a body under the limit is accepted: {r}");
 
+    // Exactly at the limit is accepted; one byte more is not.
+    let sized = |n: usize| {
+        let overhead = serde_json::to_vec(&json!({"pad": ""})).unwrap().len();
+        let body = serde_json::to_vec(&json!({"pad": "z".repeat(n - overhead)})).unwrap();
+        assert_eq!(body.len(), n);
+        body
+    };
+    let r = srv.post_bytes("/v1/entities/t", sized(4096)).await;
+    assert_eq!(
+        r.status, 202,
+        "a body of exactly body_limit_bytes is accepted: {r}"
+    );
+    let r = srv
+        .raw_request("POST", "/v1/entities/t", &[], sized(4097))
+        .await
+        .expect("an answer to a body one byte over the limit");
+    assert_problem(&r, 413);
+
     let big = serde_json::to_vec(&json!({"pad": "x".repeat(5000)})).unwrap();
     let r = srv
-        .raw_request("POST", "/v1/entities/t", &[], big)
+        .raw_request("POST", "/v1/entities/t", &[], big.clone())
         .await
         .expect("an answer to an oversized body");
+    assert_problem(&r, 413);
+
+    // The limit holds without a Content-Length too.
+    let mut chunked = Vec::new();
+    for piece in big.chunks(1000) {
+        chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        chunked.extend_from_slice(piece);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let r = srv
+        .raw_request(
+            "POST",
+            "/v1/entities/t",
+            &[("transfer-encoding", "chunked")],
+            chunked,
+        )
+        .await
+        .expect("an answer to an oversized chunked body");
     assert_problem(&r, 413);
 
     let health = srv.get("/healthz").await;
@@ -410,13 +447,24 @@ async fn w5_pipeline_reaches_ready_and_calls_the_downstream_by_contract() {
         );
     }
     let srv = Server::start(&Config::new().with_type(w5("w5", &ds))).await;
-    let payload = json!({"name": "acme", "nested": {"list": [1, 2, 3]}});
+    let payload = json!({
+        "name": "acme",
+        "nested": {"list": [1, 2.5, -3, null, true]},
+        "unicode": "名前 🍎 ünïcödé",
+        "escapes": "quote \" backslash \\ newline \n tab \t nul \u{0000}",
+    });
     let id = srv.submit_ok("w5", &payload).await;
 
     let view = srv.wait_settled(&id, SETTLE).await;
     assert_eq!(view["status"], "ready", "{view:#}");
     assert_eq!(view["degraded"], false, "{view:#}");
     assert!(view["ready_at"].is_string(), "ready_at: {view:#}");
+    let time = |field: &str| {
+        humantime::parse_rfc3339_weak(view[field].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("{field} is not RFC 3339 ({e}): {view:#}"))
+    };
+    assert!(time("created_at") <= time("ready_at"), "{view:#}");
+    assert!(time("ready_at") <= time("updated_at"), "{view:#}");
     for name in ["a", "b", "c", "d", "e"] {
         let s = step(&view, name);
         assert_eq!(s["status"], "succeeded", "{view:#}");
@@ -530,6 +578,11 @@ async fn w5_pipeline_reaches_ready_and_calls_the_downstream_by_contract() {
             .iter()
             .any(|e| event_kind(e) == "status_changed" && e.to_string().contains("\"ready\"")),
         "no status_changed to ready: {events:#?}"
+    );
+    assert_lifecycle(&events);
+    assert_eq!(
+        status_changes(&events).last().map(String::as_str),
+        Some("ready")
     );
 }
 
@@ -710,6 +763,36 @@ async fn a_timeout_is_a_retryable_failure() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_always_times_out_fails_after_max_attempts() {
+    let ds = Downstream::start().await;
+    ds.set(
+        "/slow/only",
+        Behavior::sleep(Duration::from_secs(5), json!({"never": true})),
+    );
+    let srv = Server::start(
+        &Config::new()
+            .with_type(single("slow", &ds).map_step("only", |s| s.timeout("200ms").attempts(3))),
+    )
+    .await;
+    let started = Instant::now();
+    let id = srv.submit_ok("slow", &json!({"n": 1})).await;
+    let view = srv.wait_terminal(&id, SETTLE).await;
+    let took = started.elapsed();
+    assert_eq!(view["status"], "failed", "{view:#}");
+    let s = step(&view, "only");
+    assert_eq!(s["attempts"], 3, "{view:#}");
+    assert!(
+        s["last_error"].to_string().to_lowercase().contains("time"),
+        "last_error should say it timed out: {view:#}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "3 attempts of 200ms took {took:?}: the timeout was not enforced"
+    );
+    assert_eq!(ds.calls_to("/slow/only").len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured() {
     let ds = Downstream::start().await;
     ds.set("/ra/x", Behavior::retry_after(503, 1, 1, json!({"x": 1})));
@@ -738,6 +821,32 @@ async fn retry_after_is_honoured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_as_an_http_date_is_honoured() {
+    // RFC 9110: Retry-After is delay-seconds or an HTTP-date.
+    let ds = Downstream::start().await;
+    let until = std::time::SystemTime::now() + Duration::from_secs(3);
+    ds.set(
+        "/rd/only",
+        Behavior::script(
+            vec![Reply::error(503).header("retry-after", &http_date(until))],
+            Reply::ok(&json!({"ok": 1})),
+        ),
+    );
+    let srv = Server::start(&Config::new().with_type(single("rd", &ds))).await;
+    let id = srv.submit_ok("rd", &json!({"n": 1})).await;
+    let view = srv.wait_terminal(&id, SETTLE).await;
+    assert_eq!(view["status"], "ready", "{view:#}");
+    let calls = ds.calls_to("/rd/only");
+    assert_eq!(calls.len(), 2);
+    let wait = calls[1].received_at - calls[0].replied_at.unwrap();
+    assert!(
+        wait >= Duration::from_millis(1000),
+        "retried {wait:?} after `Retry-After: {}` (about 2-3 s ahead; backoff is 10-50ms)",
+        http_date(until)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_critical_failure_makes_the_entity_degraded() {
     let ds = Downstream::start().await;
     ds.set("/w5/e", Behavior::always(400));
@@ -757,17 +866,98 @@ async fn a_non_critical_failure_makes_the_entity_degraded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_non_json_2xx_answer_is_handled() {
-    // A 2xx succeeds; its JSON body, if any, is the output. A non-JSON body
-    // must not wedge the pipeline: the entity settles either way.
+async fn a_2xx_without_a_json_body_succeeds() {
+    // "A 2xx succeeds; its JSON body (if any) is the step's output."
     let ds = Downstream::start().await;
-    ds.set("/t/only", Behavior::non_json(200, "OK, not JSON"));
-    let srv = Server::start(&Config::new().with_type(single("t", &ds))).await;
-    let id = srv.submit_ok("t", &json!({"n": 1})).await;
+    ds.set("/nj/text", Behavior::non_json(200, "OK, not JSON"));
+    ds.set("/nj/empty", Behavior::script(vec![], Reply::text(204, "")));
+    ds.set("/nj/json", Behavior::ok(json!({"later": true})));
+    let t = TypeDef::new(
+        "nj",
+        vec![
+            Step::http("text", ds.url("/nj/text")),
+            Step::http("empty", ds.url("/nj/empty")),
+            Step::http("json", ds.url("/nj/json")).needs(&["text", "empty"]),
+        ],
+    );
+    let srv = Server::start(&Config::new().with_type(t)).await;
+    let id = srv.submit_ok("nj", &json!({"n": 1})).await;
     let view = srv.wait_terminal(&id, SETTLE).await;
+    assert_eq!(view["status"], "ready", "{view:#}");
+    for s in ["text", "empty", "json"] {
+        assert_eq!(step(&view, s)["status"], "succeeded", "{view:#}");
+        assert_eq!(step(&view, s)["attempts"], 1, "{view:#}");
+    }
+    // Later steps and the consumable entity still get valid JSON.
+    let json_call = &ds.calls_to("/nj/json")[0];
+    assert!(json_call.body.is_some(), "not JSON: {:?}", json_call.raw);
+    let data = srv.get(&format!("/v1/entities/{id}/data")).await;
+    assert_eq!(data.status, 200, "{data}");
+    assert_eq!(data.json()["outputs"]["json"], json!({"later": true}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_classified_retryable_or_not_by_status() {
+    // 408, 425, 429, 5xx and connection errors are retried; other 4xx fail
+    // the step at once. Each case is a non-critical step of its own, so one
+    // entity shows them all.
+    let ds = Downstream::start().await;
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let retried = [408u16, 425, 429, 500, 502, 503, 504];
+    let fatal = [400u16, 401, 403, 404, 409, 410, 422];
+    let mut steps = vec![Step::http("anchor", ds.url("/codes/anchor"))];
+    for code in retried {
+        let name = format!("r{code}");
+        ds.set(
+            &format!("/codes/{name}"),
+            Behavior::fail_first(code, 1, json!({"code": code})),
+        );
+        steps.push(Step::http(&name, ds.url(&format!("/codes/{name}"))).non_critical());
+    }
+    for code in fatal {
+        let name = format!("f{code}");
+        ds.set(&format!("/codes/{name}"), Behavior::always(code));
+        steps.push(Step::http(&name, ds.url(&format!("/codes/{name}"))).non_critical());
+    }
+    steps.push(
+        Step::http("refused", format!("http://127.0.0.1:{closed_port}/refused"))
+            .non_critical()
+            .attempts(2),
+    );
+    let srv = Server::start(&Config::new().with_type(TypeDef::new("codes", steps))).await;
+    let id = srv.submit_ok("codes", &json!({"n": 1})).await;
+
+    let view = srv.wait_settled(&id, SETTLE).await;
+    assert_eq!(view["status"], "ready", "{view:#}");
+    assert_eq!(view["degraded"], true, "{view:#}");
+    let mut wrong = Vec::new();
+    for code in retried {
+        let s = step(&view, &format!("r{code}"));
+        if s["status"] != "succeeded" || s["attempts"] != 2 {
+            wrong.push(format!(
+                "{code}: expected retried once then succeeded, got {s}"
+            ));
+        }
+    }
+    for code in fatal {
+        let s = step(&view, &format!("f{code}"));
+        if s["status"] != "failed" || s["attempts"] != 1 {
+            wrong.push(format!("{code}: expected failed after 1 attempt, got {s}"));
+        }
+    }
+    let s = step(&view, "refused");
+    if s["status"] != "failed" || s["attempts"] != 2 {
+        wrong.push(format!(
+            "connection refused: expected 2 attempts then failed, got {s}"
+        ));
+    }
     assert!(
-        view["status"] == "ready" || view["status"] == "failed",
-        "{view:#}"
+        wrong.is_empty(),
+        "misclassified answers:\n{}",
+        wrong.join("\n")
     );
 }
 
@@ -899,8 +1089,37 @@ async fn list_filters_and_paginates_newest_first() {
         Vec::<String>::new()
     );
 
+    // A cursor is stable while new entities arrive: paging by 2 and
+    // submitting between pages still visits each older entity once.
+    let mut seen = Vec::new();
+    let mut url = "/v1/entities?type=la&limit=2".to_owned();
+    for round in 0..20 {
+        let page = srv.get(&url).await;
+        assert_eq!(page.status, 200, "{page}");
+        let page = page.json();
+        for item in page["items"].as_array().unwrap() {
+            seen.push(item["id"].as_str().unwrap().to_owned());
+        }
+        srv.submit_ok("la", &json!({"round": round})).await;
+        match page["next"].as_str() {
+            Some(cursor) => {
+                url = format!(
+                    "/v1/entities?type=la&limit=2&after={}",
+                    encode_query(cursor)
+                )
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, newest_first(&la), "paging while submitting");
+
     // Bad parameters.
-    for q in ["status=bogus", "limit=abc", "limit=-1"] {
+    for q in [
+        "status=bogus",
+        "limit=abc",
+        "limit=-1",
+        "after=not-a-cursor",
+    ] {
         let r = srv.get(&format!("/v1/entities?{q}")).await;
         assert_problem(&r, 400);
     }
@@ -987,6 +1206,14 @@ async fn cancel_a_pending_entity() {
     let r = srv.get(&format!("/v1/entities/{id}/data")).await;
     let p = assert_problem(&r, 409);
     assert_eq!(p["entity_status"], "cancelled", "{r}");
+    let events = srv.events(&id).await;
+    assert_events_well_formed(&events);
+    assert_lifecycle(&events);
+    assert_eq!(
+        status_changes(&events).last().map(String::as_str),
+        Some("cancelled"),
+        "{events:#?}"
+    );
 
     // A cancelled entity stays cancelled, and its blocked steps never run.
     tokio::time::sleep(Duration::from_millis(3500)).await;
@@ -1049,6 +1276,17 @@ async fn retry_a_failed_entity_reruns_only_what_failed() {
         json!({"b": "second time"})
     );
 
+    let events = srv.events(&id).await;
+    assert_events_well_formed(&events);
+    assert_lifecycle(&events);
+    let changes = status_changes(&events);
+    let changes: Vec<&str> = changes
+        .iter()
+        .map(String::as_str)
+        .skip_while(|s| *s == "pending")
+        .collect();
+    assert_eq!(changes, vec!["failed", "pending", "ready"], "{events:#?}");
+
     let r = srv.post_empty(&format!("/v1/entities/{id}/retry")).await;
     assert_problem(&r, 409);
     let r = srv.post_empty(&format!("/v1/entities/{id}/cancel")).await;
@@ -1100,6 +1338,14 @@ async fn health_readiness_and_unknown_routes() {
         .request(Method::POST, "/v1/nope", &[], Some(b"{}".to_vec()))
         .await;
     assert_problem(&r, 404);
+    // A known path with a method it does not support.
+    let id = uuid::Uuid::now_v7();
+    let r = srv
+        .request(Method::DELETE, &format!("/v1/entities/{id}"), &[], None)
+        .await;
+    assert_problem_in(&r, &[404, 405]);
+    let r = srv.request(Method::PUT, "/v1/entities/t", &[], None).await;
+    assert_problem_in(&r, &[404, 405]);
 }
 
 // ---------------------------------------------------------------------------

@@ -563,10 +563,15 @@ impl Api {
             let stream = TcpStream::connect(&addr).await?;
             stream.set_nodelay(true)?;
             let (mut rd, mut wr) = stream.into_split();
-            let mut head = format!(
-                "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\nconnection: close\r\n",
-                body.len()
-            );
+            let mut head =
+                format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+            // With `transfer-encoding` the caller has framed the body itself.
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"))
+            {
+                head.push_str(&format!("content-length: {}\r\n", body.len()));
+            }
             if !headers
                 .iter()
                 .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
@@ -743,6 +748,78 @@ pub fn event_step(e: &Value) -> Option<&str> {
 
 pub fn event_kind(e: &Value) -> &str {
     e["kind"].as_str().unwrap_or("")
+}
+
+/// The new status of a `status_changed` event, wherever the server put it.
+pub fn event_to(e: &Value) -> Option<&str> {
+    for holder in [e, &e["data"], &e["detail"], &e["details"], &e["payload"]] {
+        for field in ["to", "status", "new_status"] {
+            if let Some(s) = holder[field].as_str() {
+                return Some(s);
+            }
+        }
+    }
+    None
+}
+
+/// The statuses an entity moved to, in history order.
+pub fn status_changes(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| event_kind(e) == "status_changed")
+        .map(|e| {
+            event_to(e)
+                .unwrap_or_else(|| panic!("status_changed without a new status: {e}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Asserts that the history's status changes follow the lifecycle:
+/// pending -> ready | failed | cancelled, failed -> pending (retry).
+pub fn assert_lifecycle(events: &[Value]) {
+    let mut current = "pending".to_owned();
+    for (i, to) in status_changes(events).into_iter().enumerate() {
+        if i == 0 && to == "pending" {
+            // A history may record the initial status as a change too.
+            continue;
+        }
+        let allowed = matches!(
+            (current.as_str(), to.as_str()),
+            ("pending", "ready")
+                | ("pending", "failed")
+                | ("pending", "cancelled")
+                | ("failed", "pending")
+        );
+        assert!(
+            allowed,
+            "status moved {current} -> {to}, outside the lifecycle: {events:#?}"
+        );
+        current = to;
+    }
+}
+
+/// An IMF-fixdate (RFC 9110), such as `Sun, 06 Nov 1994 08:49:37 GMT`.
+pub fn http_date(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (h, m, sec) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let month_name = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(month - 1) as usize];
+    format!("{weekday}, {day:02} {month_name} {year} {h:02}:{m:02}:{sec:02} GMT")
 }
 
 /// Percent-encodes a query value.
@@ -969,21 +1046,47 @@ impl fmt::Display for CmdOutput {
 /// Runs `ripen ARGS` in `dir` with a timeout (then kills it), off the async
 /// runtime.
 pub async fn run_ripen(args: Vec<String>, dir: PathBuf, timeout: Duration) -> CmdOutput {
-    tokio::task::spawn_blocking(move || run_ripen_blocking(&args, &dir, timeout))
+    run_ripen_with_stdin(args, dir, timeout, None).await
+}
+
+/// Like [`run_ripen`], writing `stdin` to the command's standard input.
+pub async fn run_ripen_with_stdin(
+    args: Vec<String>,
+    dir: PathBuf,
+    timeout: Duration,
+    stdin: Option<Vec<u8>>,
+) -> CmdOutput {
+    tokio::task::spawn_blocking(move || run_ripen_blocking(&args, &dir, timeout, stdin))
         .await
         .expect("join the command runner")
 }
 
-fn run_ripen_blocking(args: &[String], dir: &Path, timeout: Duration) -> CmdOutput {
+fn run_ripen_blocking(
+    args: &[String],
+    dir: &Path,
+    timeout: Duration,
+    stdin: Option<Vec<u8>>,
+) -> CmdOutput {
     let mut child = Command::new(RIPEN)
         .args(args)
         .current_dir(dir)
         .env_remove("RIPEN_SERVER")
-        .stdin(Stdio::null())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn ripen");
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&input);
+            // Dropping the pipe closes it: the command sees the end of input.
+        });
+    }
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let out_reader = std::thread::spawn(move || {
