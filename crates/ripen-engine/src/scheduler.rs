@@ -131,9 +131,9 @@ fn dispatch(shared: &Arc<Shared>, attempt: Attempt) {
             outcome,
         };
         // The slot is freed before the result is recorded, so that the claim
-        // loop can refill it while the completer batches.
+        // loop can refill it while the completer batches; the completer wakes
+        // the loop once the result is committed.
         drop(_slot);
-        shared.wake.notify_one();
         if shared.results.send(completion).await.is_err() {
             tracing::debug!("scheduler stopped; the result is dropped and its lease will expire");
         }
@@ -188,6 +188,9 @@ async fn complete_loop(
                     for attempt in done.claimed {
                         dispatch(&shared, attempt);
                     }
+                    // These results freed slots and may have scheduled retries
+                    // earlier than the claim loop's current deadline.
+                    shared.wake.notify_one();
                     break;
                 }
                 Err(e) => {

@@ -42,6 +42,9 @@ const UNLOADED_PROBE_ENTITIES: usize = 20;
 const UNLOADED_PROBE_POLL_INTERVAL: Duration = Duration::from_millis(1);
 /// How long one probe entity may take to settle.
 const UNLOADED_PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The unit of the CPU times in /proc/PID/stat (`USER_HZ`), 100 on every
+/// Linux architecture in use.
+const CLOCK_TICKS_PER_S: f64 = 100.0;
 /// The server's default body limit; larger payloads need a configured one.
 const DEFAULT_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 
@@ -119,6 +122,9 @@ struct RunResult {
     half_rate: Option<HalfRate>,
     pipeline: Option<PipelineFigures>,
     peak_rss_bytes: Option<u64>,
+    /// CPU cores busy during the full-rate intake: the server's and the bench's
+    /// own (its clients and the fake downstream), where /proc has them.
+    intake_cpu: Option<(f64, f64)>,
     downstream_calls: u64,
     errors: Errors,
 }
@@ -164,6 +170,12 @@ impl RunResult {
                 let _ = write!(line, "; unloaded p50 {}", ms(unloaded));
             }
             line.push(')');
+        }
+        if let Some((server, bench)) = self.intake_cpu {
+            let _ = write!(
+                line,
+                " | intake CPU: server {server:.2}, bench {bench:.2} cores"
+            );
         }
         match self.peak_rss_bytes {
             Some(bytes) => {
@@ -240,6 +252,7 @@ async fn run_once(args: &BenchArgs, pad: &Arc<String>) -> Result<RunResult> {
     let mut errors = Errors::default();
     let nonce = fastrand::u64(..);
 
+    let cpu_before = (server.cpu_ticks(), cpu_ticks("self"));
     let intake = submit_phase(
         &client,
         SubmitPlan {
@@ -252,6 +265,14 @@ async fn run_once(args: &BenchArgs, pad: &Arc<String>) -> Result<RunResult> {
         args.payload_bytes,
     )
     .await;
+    let intake_cpu = match (cpu_before, (server.cpu_ticks(), cpu_ticks("self"))) {
+        ((Some(server0), Some(bench0)), (Some(server1), Some(bench1))) => {
+            let wall_s = intake.wall.as_secs_f64().max(1e-6);
+            let cores = |ticks: u64| ticks as f64 / CLOCK_TICKS_PER_S / wall_s;
+            Some((cores(server1 - server0), cores(bench1 - bench0)))
+        }
+        _ => None,
+    };
     let accepted = intake.accepted;
     let intake_acks_per_s = accepted as f64 / intake.wall.as_secs_f64();
     let mut intake_latencies = intake.latencies;
@@ -309,6 +330,7 @@ async fn run_once(args: &BenchArgs, pad: &Arc<String>) -> Result<RunResult> {
         half_rate,
         pipeline,
         peak_rss_bytes,
+        intake_cpu,
         downstream_calls: downstream_stats.requests(),
         errors,
     })
@@ -877,6 +899,20 @@ pub fn percent_encode(value: &str) -> String {
     out
 }
 
+/// The CPU time (user and system, all threads) a process has used so far, in
+/// clock ticks, where /proc has it; `pid` may be "self".
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces; the fields after it
+    // start with the third, the state, so utime and stime (the 14th and 15th)
+    // are at 11 and 12.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 pub fn parse_time(value: &str) -> Result<SystemTime> {
     humantime::parse_rfc3339(value)
         .with_context(|| format!("{value:?} is not an RFC 3339 UTC time"))
@@ -1075,6 +1111,11 @@ impl ServerProcess {
         }
     }
 
+    /// The CPU time the server has used so far, in clock ticks.
+    fn cpu_ticks(&self) -> Option<u64> {
+        cpu_ticks(&self.child.id().to_string())
+    }
+
     /// The server's peak resident set size (VmHWM), where /proc has it.
     pub fn peak_rss_bytes(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
@@ -1171,6 +1212,13 @@ mod tests {
             "name = \"e\"\nhttp = \"http://127.0.0.1:9000/e\"\nneeds = [\"a\"]\ncritical = false"
         ));
         assert!(!config.contains("body_limit_bytes"));
+    }
+
+    #[test]
+    fn cpu_ticks_reads_this_process() {
+        if Path::new("/proc/self/stat").exists() {
+            assert!(cpu_ticks("self").is_some());
+        }
     }
 
     #[test]

@@ -58,10 +58,6 @@ impl Client {
         }
     }
 
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
     pub async fn get(&self, path: &str) -> Result<Reply> {
         self.send(Method::GET, path, &[], Bytes::new()).await
     }

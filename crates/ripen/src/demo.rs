@@ -90,7 +90,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     server.stop();
 
     if interrupted {
-        println!();
+        println!("\nstopped by Ctrl-C");
     }
     println!(
         "\n{} submitted, {} settled: {} ready ({} degraded), {} failed, {} cancelled; {} still pending when stopped",

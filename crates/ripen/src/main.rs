@@ -158,6 +158,9 @@ async fn cli_submit(
     let reply = client
         .post(&format!("/v1/entities/{type_name}"), &headers, body)
         .await?;
+    if reply.header("idempotent-replayed") == Some("true") {
+        eprintln!("this key was used before: the answer is the entity it created");
+    }
     print_reply(&reply)
 }
 
