@@ -42,6 +42,9 @@ pub enum StorageUrl {
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// Whether this node runs steps. A node that does not still accepts
+    /// intake and serves reads; its entities wait for a node that does.
+    pub execute: bool,
     pub concurrency: usize,
     pub lease_grace_ms: u64,
     pub poll_interval_ms: u64,
@@ -320,6 +323,7 @@ struct RawStorage {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawEngine {
+    execute: Option<bool>,
     concurrency: Option<usize>,
     lease_grace: Option<String>,
     poll_interval: Option<String>,

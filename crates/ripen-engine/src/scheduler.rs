@@ -58,6 +58,10 @@ impl Scheduler {
         });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        if !config.execute {
+            tracing::info!("engine.execute is off: this node runs no steps");
+            return Scheduler { wake, stop, tasks };
+        }
         tasks.spawn(claim_loop(
             shared.clone(),
             Duration::from_millis(config.poll_interval_ms),

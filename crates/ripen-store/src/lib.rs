@@ -261,4 +261,21 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<Vec<HistoryEvent>>>;
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> Result<()>;
+
+    /// The store's clock. Leases expire by it, so a backend shared by many
+    /// nodes answers with the database's clock; an embedded one with the
+    /// local clock. The runtime reads it now and then and keeps the offset.
+    async fn clock_us(&self) -> Result<UnixMicros>;
+
+    /// Whether the store is shared by several nodes. A single-node store
+    /// lets its owner `recover` attempts at start; a shared one never does,
+    /// since another node may hold those leases.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Asks the store to wake this node's scheduler whenever another node
+    /// commits work that may be runnable. The default does nothing: with one
+    /// node, the node wakes itself.
+    fn notify_on_work(&self, _waker: std::sync::Arc<tokio::sync::Notify>) {}
 }

@@ -444,6 +444,13 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn clock_us(&self) -> Result<UnixMicros> {
+        Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0))
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {

@@ -195,6 +195,15 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     async fn ping(&self) -> Result<()> {
         self.store.ping().await
     }
+    async fn clock_us(&self) -> Result<UnixMicros> {
+        self.store.clock_us().await
+    }
+    fn is_shared(&self) -> bool {
+        self.store.is_shared()
+    }
+    fn notify_on_work(&self, waker: Arc<tokio::sync::Notify>) {
+        self.store.notify_on_work(waker)
+    }
 }
 
 // ---------------------------------------------------------------------------
