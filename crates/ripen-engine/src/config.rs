@@ -126,6 +126,7 @@ impl Config {
 
         let e = raw.engine.unwrap_or_default();
         let engine = EngineConfig {
+            execute: e.execute.unwrap_or(true),
             concurrency: e.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
             lease_grace_ms: duration_ms(e.lease_grace.as_deref(), DEFAULT_LEASE_GRACE_MS)
                 .map_err(|p| err("engine.lease_grace", p))?,
