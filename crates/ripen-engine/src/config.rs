@@ -38,6 +38,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StorageUrl {
     Sqlite(PathBuf),
+    /// A PostgreSQL connection URL, shared by any number of nodes.
+    Postgres(String),
 }
 
 #[derive(Debug, Clone)]
@@ -112,15 +114,13 @@ impl Config {
             }
             StorageUrl::Sqlite(base.join(rest))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Err(err(
-                "storage.url",
-                "the PostgreSQL backend is not available in this build yet; use sqlite://FILE"
-                    .into(),
-            ));
+            StorageUrl::Postgres(url)
         } else {
             return Err(err(
                 "storage.url",
-                format!("{url:?} is not a storage URL; use sqlite://FILE"),
+                format!(
+                    "{url:?} is not a storage URL; use sqlite://FILE or postgres://USER@HOST:PORT/DB"
+                ),
             ));
         };
 

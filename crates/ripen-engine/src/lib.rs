@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ripen_core::Catalog;
-use ripen_store::{SqliteOptions, SqliteStore, Store};
+use ripen_store::{PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError};
 
 pub use config::{Config, StorageUrl, TypeConfig};
 pub use intake::{Intake, SubmitError};
@@ -56,20 +56,36 @@ impl Engine {
                     .with_context(|| format!("open the database {}", path.display()))?;
                 (Arc::new(store), Some(lock))
             }
+            StorageUrl::Postgres(url) => {
+                let store = connect_postgres(url, &config, catalog.clone()).await?;
+                (Arc::new(store), None)
+            }
         };
-        // One process owns an embedded database, so whatever it left running
-        // died with it.
-        let lost = store
-            .recover(time::now_us())
+        time::measure_store_clock(store.as_ref())
             .await
-            .context("recover attempts left running by the previous process")?;
-        if lost > 0 {
-            tracing::info!(
-                lost,
-                "recovered attempts left running by the previous process"
-            );
+            .context("read the store's clock")?;
+        if store.is_shared() {
+            // Other nodes may hold the leases of running attempts: they are
+            // reclaimed only when they expire, by the database clock.
+            tokio::spawn(time::track_store_clock(store.clone()));
+        } else {
+            // One process owns an embedded database, so whatever it left
+            // running died with it.
+            let lost = store
+                .recover(time::now_us())
+                .await
+                .context("recover attempts left running by the previous process")?;
+            if lost > 0 {
+                tracing::info!(
+                    lost,
+                    "recovered attempts left running by the previous process"
+                );
+            }
         }
         let scheduler = Scheduler::start(store.clone(), catalog.clone(), &config.engine);
+        if store.is_shared() && config.engine.execute {
+            store.notify_on_work(scheduler.waker());
+        }
         let intake = Intake::new(store.clone(), &config, scheduler.waker());
         Ok(Engine {
             config,
@@ -83,6 +99,30 @@ impl Engine {
     /// Stops claiming new work and waits for the scheduler's tasks to end.
     pub async fn shutdown(self) {
         self.scheduler.shutdown().await;
+    }
+}
+
+/// How long a starting node waits for PostgreSQL to answer.
+const POSTGRES_CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Connects to PostgreSQL, waiting a while for it if it is still starting.
+async fn connect_postgres(
+    url: &str,
+    config: &Config,
+    catalog: Arc<Catalog>,
+) -> Result<PostgresStore> {
+    let deadline = tokio::time::Instant::now() + POSTGRES_CONNECT_PATIENCE;
+    loop {
+        let mut opts = PostgresOptions::new(url);
+        opts.lease_grace_ms = config.engine.lease_grace_ms;
+        match PostgresStore::connect(opts, catalog.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(StoreError::Unavailable(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "PostgreSQL is not reachable yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!(e).context("connect to PostgreSQL")),
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! transaction is durable.
 
 pub mod history;
+pub mod postgres;
 pub mod sqlite;
 pub mod suite;
 
@@ -22,6 +23,7 @@ use ripen_core::{EntityState, EntityStatus, StepState, UnixMicros};
 use uuid::Uuid;
 
 pub use history::HistoryEvent;
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// The tenant of every request until API keys arrive.

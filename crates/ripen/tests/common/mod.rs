@@ -199,6 +199,17 @@ impl Default for Config {
     }
 }
 
+/// The storage of a test server: a SQLite file in its directory, or, with
+/// `RIPEN_TEST_STORAGE=postgres`, a fresh database on this test binary's
+/// private PostgreSQL cluster.
+pub fn storage_url(dir: &Path) -> String {
+    match std::env::var("RIPEN_TEST_STORAGE").as_deref() {
+        Ok("postgres") => ripen_testkit::PgCluster::shared().create_database(),
+        Ok("sqlite") | Err(_) => format!("sqlite://{}", dir.join("ripen.db").display()),
+        Ok(other) => panic!("RIPEN_TEST_STORAGE={other:?}: use sqlite or postgres"),
+    }
+}
+
 impl Config {
     pub fn new() -> Config {
         Config {
@@ -231,10 +242,9 @@ impl Config {
         if let Some(limit) = self.body_limit_bytes {
             out.push_str(&format!("body_limit_bytes = {limit}\n"));
         }
-        let db = dir.join("ripen.db");
         out.push_str(&format!(
             "\n[storage]\nurl = {}\n",
-            toml_str(&format!("sqlite://{}", db.display()))
+            toml_str(&storage_url(dir))
         ));
         if self.poll_interval.is_some() || self.lease_grace.is_some() {
             out.push_str("\n[engine]\n");

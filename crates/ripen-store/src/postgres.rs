@@ -1,0 +1,2311 @@
+//! The PostgreSQL backend: one database shared by any number of Ripen nodes.
+//!
+//! Same tables, same decisions and the same observable behaviour as the SQLite
+//! backend (the conformance suite is the contract); what differs is how
+//! several nodes share the data safely:
+//!
+//! - **Entity row locks.** Every transaction that changes an entity first
+//!   locks its `entities` row (`FOR UPDATE`), then reads its steps in a new
+//!   statement, so every decision is made on the latest committed state.
+//!   `complete`, `recover` and the operator commands lock in id order, so
+//!   they cannot deadlock one another; claims lock with `SKIP LOCKED`, so
+//!   they never wait and many nodes claim different entities at once.
+//! - **Idempotency across nodes.** The key row is inserted first with
+//!   `ON CONFLICT DO NOTHING`: of two nodes submitting one key, one inserts
+//!   it (the other waits for that commit) and only the winner writes an
+//!   entity; the loser reads the winner's entity and compares the payloads.
+//! - **Group commit.** Concurrent `create` calls are queued to a batching
+//!   task that commits up to [`PostgresOptions::batch_max`] of them in one
+//!   transaction with multi-row (`UNNEST`) statements; a few batches commit
+//!   in parallel. `complete` already takes batches and writes them the same way.
+//! - **Wake-ups.** Every transaction that may make steps runnable for other
+//!   nodes runs `pg_notify('ripen_work', '')`; [`Store::notify_on_work`]
+//!   listens on a connection of its own and reconnects with backoff.
+//! - **Connection loss.** A small pool drops broken connections and
+//!   reconnects on the next use; connection errors are
+//!   [`StoreError::Unavailable`], so a restarted database is used again
+//!   without restarting the process.
+//!
+//! Every connection runs with `synchronous_commit = on`: nothing is
+//! acknowledged before its commit is flushed to disk.
+//!
+//! Architecture invariant: every write to an entity's rows happens in a
+//! transaction that holds that entity's row lock (a new entity's rows are
+//! invisible until they commit), and writes its state, its history events
+//! and its outbox rows together.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::try_join_all;
+use futures_util::StreamExt;
+use ripen_core::{
+    apply, Catalog, Ctx, EntityState, EntityStatus, Event, Executor, Input, LostReason, Pipeline,
+    Refusal, StepState, StepStatus, UnixMicros,
+};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
+
+use crate::history::{self, HistoryEvent};
+use crate::{
+    Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, CompletionResult, EntityData,
+    EntityId, EntityRecord, IntakeOutcome, ListQuery, NewEntity, Outcome, Result, StepRecord,
+    Store, StoreError,
+};
+
+/// The schema this build writes, kept in `ripen_schema`.
+const SCHEMA_VERSION: i32 = 1;
+/// The advisory lock that serializes schema migrations of nodes starting at once.
+const MIGRATION_LOCK: i64 = 0x7269_7065_6e5f_6d31; // "ripen_m1"
+/// The channel of work notifications.
+const WORK_CHANNEL: &str = "ripen_work";
+/// The queue of steps run by the HTTP executor, the only one `claim_due` serves.
+const HTTP_QUEUE: &str = "http";
+/// Creates waiting for the batching task; senders wait beyond this.
+const CREATE_QUEUE_MAX: usize = 4_096;
+/// Create batches committing at once, at most.
+const CREATE_BATCHES_IN_FLIGHT_MAX: usize = 4;
+/// How many due step rows a claim looks at per step it may claim, so that
+/// claimers skipping each other's locked entities still find work.
+const CLAIM_SCAN_FACTOR: usize = 4;
+/// The most due step rows one claim looks at.
+const CLAIM_SCAN_MAX: usize = 10_000;
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// How long `ping` waits for an answer.
+const PING_TIMEOUT_MS: u64 = 2_000;
+/// TCP keepalive: idle time before the first probe, then the probe interval.
+const KEEPALIVE_IDLE_S: u64 = 30;
+const KEEPALIVE_INTERVAL_S: u64 = 10;
+/// Backoff of the notification listener between reconnection attempts.
+const LISTEN_BACKOFF_MIN_MS: u64 = 100;
+const LISTEN_BACKOFF_MAX_MS: u64 = 5_000;
+/// Session settings of every connection. `synchronous_commit = on` makes a
+/// commit return only once it is flushed to disk; the timeouts bound how long
+/// a stuck statement or an abandoned transaction can hold locks.
+const SESSION_SETUP: &str = "SET synchronous_commit = on;
+SET statement_timeout = '30s';
+SET idle_in_transaction_session_timeout = '60s';
+SET application_name = 'ripen'";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS entities (
+    id bytea NOT NULL PRIMARY KEY,
+    tenant text NOT NULL,
+    type text NOT NULL,
+    version bigint NOT NULL,
+    status text NOT NULL,
+    degraded boolean NOT NULL,
+    created_at bigint NOT NULL,
+    updated_at bigint NOT NULL,
+    ready_at bigint,
+    next_seq bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entities_by_tenant ON entities (tenant, id);
+CREATE INDEX IF NOT EXISTS entities_by_type ON entities (tenant, type, id);
+CREATE INDEX IF NOT EXISTS entities_by_status ON entities (tenant, status, id);
+CREATE TABLE IF NOT EXISTS payloads (
+    entity_id bytea NOT NULL PRIMARY KEY,
+    body bytea NOT NULL
+);
+CREATE TABLE IF NOT EXISTS steps (
+    entity_id bytea NOT NULL,
+    idx integer NOT NULL,
+    name text NOT NULL,
+    critical boolean NOT NULL,
+    queue text NOT NULL,
+    status text NOT NULL,
+    attempts bigint NOT NULL,
+    epoch bigint NOT NULL,
+    due_at bigint,
+    last_error text,
+    output bytea,
+    PRIMARY KEY (entity_id, idx)
+);
+CREATE INDEX IF NOT EXISTS steps_due ON steps (queue, due_at) WHERE due_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant text NOT NULL,
+    type text NOT NULL,
+    key text NOT NULL,
+    entity_id bytea NOT NULL,
+    created_at bigint NOT NULL,
+    PRIMARY KEY (tenant, type, key)
+);
+CREATE TABLE IF NOT EXISTS events (
+    entity_id bytea NOT NULL,
+    seq bigint NOT NULL,
+    at bigint NOT NULL,
+    kind text NOT NULL,
+    step text,
+    attempt bigint,
+    detail text NOT NULL,
+    PRIMARY KEY (entity_id, seq)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    entity_id bytea NOT NULL,
+    seq bigint NOT NULL,
+    at bigint NOT NULL,
+    kind text NOT NULL,
+    body text NOT NULL
+);
+";
+
+/// The columns of an entity row followed by those of one of its steps, as
+/// every entity-reading query returns them; `output` is read where needed.
+const ENTITY_STEP_COLUMNS: &str = "e.id, e.tenant, e.type, e.version, e.status, e.degraded,
+    e.created_at, e.updated_at, e.ready_at, e.next_seq,
+    s.idx, s.name, s.critical, s.status, s.attempts, s.epoch, s.due_at, s.last_error";
+
+/// How to connect a [`PostgresStore`].
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    /// `postgres://user@host:port/database` (libpq URL or key=value form).
+    pub url: String,
+    /// The most connections this store opens (besides the listener's).
+    pub pool_size: usize,
+    /// The most creates committed by one transaction.
+    pub batch_max: usize,
+    /// How long a lease outlives the step's timeout.
+    pub lease_grace_ms: u64,
+}
+
+impl PostgresOptions {
+    pub fn new(url: impl Into<String>) -> PostgresOptions {
+        PostgresOptions {
+            url: url.into(),
+            pool_size: 16,
+            batch_max: 512,
+            lease_grace_ms: 5_000,
+        }
+    }
+}
+
+/// The shared store: one PostgreSQL database. See the module documentation.
+pub struct PostgresStore {
+    shared: Arc<Shared>,
+    creates: mpsc::Sender<CreateJob>,
+    /// Notification listeners started by `notify_on_work`; aborted on drop.
+    listeners: Mutex<Vec<JoinHandle<()>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("hosts", &self.shared.pool.config.get_hosts())
+            .field("database", &self.shared.pool.config.get_dbname())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the store's tasks share.
+struct Shared {
+    pool: Arc<Pool>,
+    catalog: Arc<Catalog>,
+    lease_grace_ms: u64,
+    stale_completions: AtomicU64,
+}
+
+impl PostgresStore {
+    /// Connects, migrates the schema (safe when several nodes start at once)
+    /// and starts the create-batching task on the current runtime.
+    pub async fn connect(
+        opts: PostgresOptions,
+        catalog: Arc<Catalog>,
+    ) -> Result<PostgresStore, StoreError> {
+        let mut config: Config = opts
+            .url
+            .parse()
+            .map_err(|e| StoreError::Internal(format!("parse the postgres url: {e}")))?;
+        config
+            .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(KEEPALIVE_IDLE_S))
+            .keepalives_interval(Duration::from_secs(KEEPALIVE_INTERVAL_S));
+        let pool_size = opts.pool_size.max(1);
+        let pool = Arc::new(Pool {
+            config,
+            idle: Mutex::new(Vec::with_capacity(pool_size)),
+            permits: Arc::new(Semaphore::new(pool_size)),
+        });
+        {
+            let conn = pool.get().await?;
+            migrate(&conn).await?;
+            let fsync = conn
+                .client()
+                .query_one("SHOW fsync", &[])
+                .await
+                .map_err(|e| conn.fail(e))?;
+            if fsync.try_get::<_, String>(0).ok().as_deref() == Some("off") {
+                tracing::error!(
+                    "the postgres server runs with fsync=off: acknowledged entities may be lost in a crash"
+                );
+            }
+        }
+        let shared = Arc::new(Shared {
+            pool,
+            catalog,
+            lease_grace_ms: opts.lease_grace_ms,
+            stale_completions: AtomicU64::new(0),
+        });
+        let (creates, queue) = mpsc::channel(CREATE_QUEUE_MAX);
+        let in_flight = (pool_size / 2).clamp(1, CREATE_BATCHES_IN_FLIGHT_MAX);
+        tokio::spawn(run_create_batcher(
+            shared.clone(),
+            queue,
+            opts.batch_max.max(1),
+            in_flight,
+        ));
+        Ok(PostgresStore {
+            shared,
+            creates,
+            listeners: Mutex::new(Vec::new()),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Completions refused since the store was connected because their
+    /// lease epoch no longer held (or the entity was gone).
+    pub fn stale_completions(&self) -> u64 {
+        self.shared.stale_completions.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // The batching task ends by itself once `creates` is gone.
+        for listener in self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            listener.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create(&self, entity: NewEntity, now_us: UnixMicros) -> Result<IntakeOutcome> {
+        let pipeline = self
+            .shared
+            .catalog
+            .get(&entity.type_name, entity.version)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownPipeline {
+                type_name: entity.type_name.clone(),
+                version: entity.version,
+            })?;
+        let (reply, answer) = oneshot::channel();
+        let job = CreateJob {
+            entity,
+            pipeline,
+            now_us,
+            reply,
+        };
+        self.creates.send(job).await.map_err(|_| {
+            StoreError::Unavailable("the postgres create batcher has stopped".into())
+        })?;
+        answer.await.map_err(|_| {
+            StoreError::Unavailable("the postgres create batcher stopped before answering".into())
+        })?
+    }
+
+    async fn claim_due(&self, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = self.shared.claim_due(&conn, now_us, limit).await;
+        conn.finish(result).await
+    }
+
+    async fn complete(
+        &self,
+        completions: Vec<Completion>,
+        now_us: UnixMicros,
+    ) -> Result<CompleteBatch> {
+        if completions.is_empty() {
+            return Ok(CompleteBatch {
+                results: Vec::new(),
+                claimed: Vec::new(),
+            });
+        }
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = self.shared.complete(&conn, completions, now_us).await;
+        conn.finish(result).await
+    }
+
+    async fn recover(&self, now_us: UnixMicros) -> Result<u64> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = self.shared.recover(&conn, now_us).await;
+        conn.finish(result).await
+    }
+
+    async fn cancel(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        now_us: UnixMicros,
+    ) -> Result<CommandOutcome> {
+        self.command(tenant, id, Input::Cancel, now_us).await
+    }
+
+    async fn retry(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        now_us: UnixMicros,
+    ) -> Result<CommandOutcome> {
+        self.command(tenant, id, Input::Retry, now_us).await
+    }
+
+    async fn get(&self, tenant: &str, id: EntityId) -> Result<Option<EntityRecord>> {
+        let conn = self.shared.pool.get().await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {ENTITY_STEP_COLUMNS} FROM entities e JOIN steps s ON s.entity_id = e.id
+                     WHERE e.id = $1 AND e.tenant = $2 ORDER BY s.idx"
+                ),
+                &[&id.as_bytes().as_slice(), &tenant],
+            )
+            .await?;
+        Ok(decode_entities(&rows, false)?
+            .into_iter()
+            .next()
+            .map(|e| e.record))
+    }
+
+    async fn get_data(&self, tenant: &str, id: EntityId) -> Result<Option<EntityData>> {
+        let conn = self.shared.pool.get().await?;
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {ENTITY_STEP_COLUMNS}, s.output, p.body
+                     FROM entities e JOIN steps s ON s.entity_id = e.id
+                     LEFT JOIN payloads p ON p.entity_id = e.id
+                     WHERE e.id = $1 AND e.tenant = $2 ORDER BY s.idx"
+                ),
+                &[&id.as_bytes().as_slice(), &tenant],
+            )
+            .await?;
+        let Some(first) = rows.first() else {
+            return Ok(None);
+        };
+        let payload: Option<Vec<u8>> = first.try_get(19).map_err(decode_error)?;
+        let payload = text_of(
+            payload.ok_or_else(|| {
+                StoreError::Internal(format!("the payload of entity {id} is missing"))
+            })?,
+            "payloads.body",
+        )?;
+        let Some(stored) = decode_entities(&rows, true)?.into_iter().next() else {
+            return Ok(None);
+        };
+        let outputs = stored.outputs_of_succeeded();
+        Ok(Some(EntityData {
+            record: stored.record,
+            payload,
+            outputs,
+        }))
+    }
+
+    async fn list(&self, tenant: &str, query: ListQuery) -> Result<Vec<EntityRecord>> {
+        if query.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut filter = String::from("tenant = $1");
+        let mut args: Vec<Box<dyn ToSql + Send + Sync>> = vec![Box::new(tenant.to_owned())];
+        if let Some(type_name) = query.type_name {
+            args.push(Box::new(type_name));
+            filter.push_str(&format!(" AND type = ${}", args.len()));
+        }
+        if let Some(status) = query.status {
+            args.push(Box::new(status.as_str()));
+            filter.push_str(&format!(" AND status = ${}", args.len()));
+        }
+        if let Some(after) = query.after {
+            args.push(Box::new(after.as_bytes().to_vec()));
+            filter.push_str(&format!(" AND id < ${}", args.len()));
+        }
+        args.push(Box::new(i64::from(query.limit)));
+        let sql = format!(
+            "WITH e AS (
+                SELECT id, tenant, type, version, status, degraded, created_at, updated_at,
+                       ready_at, next_seq
+                FROM entities WHERE {filter} ORDER BY id DESC LIMIT ${})
+             SELECT {ENTITY_STEP_COLUMNS} FROM e JOIN steps s ON s.entity_id = e.id
+             ORDER BY e.id DESC, s.idx",
+            args.len()
+        );
+        let params: Vec<&(dyn ToSql + Sync)> =
+            args.iter().map(|a| &**a as &(dyn ToSql + Sync)).collect();
+        let conn = self.shared.pool.get().await?;
+        let rows = conn.query(&sql, &params).await?;
+        Ok(decode_entities(&rows, false)?
+            .into_iter()
+            .map(|e| e.record)
+            .collect())
+    }
+
+    async fn events(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Option<Vec<HistoryEvent>>> {
+        let conn = self.shared.pool.get().await?;
+        let owner = conn
+            .query_opt(
+                "SELECT 1 FROM entities WHERE id = $1 AND tenant = $2",
+                &[&id.as_bytes().as_slice(), &tenant],
+            )
+            .await?;
+        if owner.is_none() {
+            return Ok(None);
+        }
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let rows = conn
+            .query(
+                "SELECT seq, at, kind, step, attempt, detail FROM events
+                 WHERE entity_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &[&id.as_bytes().as_slice(), &after, &i64::from(limit)],
+            )
+            .await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            let detail: String = row.try_get(5).map_err(decode_error)?;
+            events.push(HistoryEvent {
+                seq: to_u64(row.try_get(0).map_err(decode_error)?, "events.seq")?,
+                at_us: row.try_get(1).map_err(decode_error)?,
+                kind: row.try_get(2).map_err(decode_error)?,
+                step: row.try_get(3).map_err(decode_error)?,
+                attempt: row
+                    .try_get::<_, Option<i64>>(4)
+                    .map_err(decode_error)?
+                    .map(|a| to_u32(a, "events.attempt"))
+                    .transpose()?,
+                detail: serde_json::from_str(&detail).map_err(|e| {
+                    StoreError::Internal(format!("parse the detail of an event of {id}: {e}"))
+                })?,
+            });
+        }
+        Ok(Some(events))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let ping = async {
+            let conn = self.shared.pool.get().await?;
+            conn.query_opt("SELECT 1", &[]).await.map(|_| ())
+        };
+        tokio::time::timeout(Duration::from_millis(PING_TIMEOUT_MS), ping)
+            .await
+            .map_err(|_| StoreError::Unavailable("postgres did not answer a ping in time".into()))?
+    }
+
+    async fn clock_us(&self) -> Result<UnixMicros> {
+        let conn = self.shared.pool.get().await?;
+        let row = conn
+            .query_opt(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+                &[],
+            )
+            .await?
+            .ok_or_else(|| StoreError::Internal("the database clock returned no row".into()))?;
+        row.try_get(0).map_err(decode_error)
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn notify_on_work(&self, waker: Arc<tokio::sync::Notify>) {
+        let config = self.shared.pool.config.clone();
+        let listener = self.runtime.spawn(listen_for_work(config, waker));
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(listener);
+    }
+}
+
+impl PostgresStore {
+    async fn command(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        input: Input,
+        now_us: UnixMicros,
+    ) -> Result<CommandOutcome> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = self.shared.command(&conn, tenant, id, input, now_us).await;
+        conn.finish(result).await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Connections
+
+/// A bounded set of connections. A connection that failed at the connection
+/// level is dropped, and so are the idle ones (they most likely broke the
+/// same way); the next caller opens a new one.
+struct Pool {
+    config: Config,
+    idle: Mutex<Vec<Conn>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Pool {
+    async fn get(self: &Arc<Self>) -> Result<PooledConn> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Unavailable("the postgres pool is closed".into()))?;
+        loop {
+            let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match idle {
+                Some(conn) if conn.client.is_closed() => continue,
+                Some(conn) => {
+                    return Ok(PooledConn {
+                        conn: Some(conn),
+                        pool: self.clone(),
+                        _permit: permit,
+                    })
+                }
+                None => break,
+            }
+        }
+        let conn = Conn::open(&self.config).await?;
+        Ok(PooledConn {
+            conn: Some(conn),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+/// One connection with its prepared statements.
+struct Conn {
+    client: Client,
+    statements: Mutex<HashMap<String, Statement>>,
+    /// Set when an error left the connection unusable.
+    broken: AtomicBool,
+    /// Set between `BEGIN` and the end of the transaction: a connection
+    /// dropped in that state (its caller was cancelled) is closed, which
+    /// rolls the transaction back, instead of going back to the pool.
+    in_tx: AtomicBool,
+}
+
+impl Conn {
+    async fn open(config: &Config) -> Result<Conn> {
+        let connecting = config.connect(NoTls);
+        let (client, connection) =
+            tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connecting)
+                .await
+                .map_err(|_| StoreError::Unavailable("connect to postgres: timed out".into()))?
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("connect to postgres: {}", describe(&e)))
+                })?;
+        // The connection task ends when the client is dropped or the server
+        // goes away; the client then reports itself closed.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %describe(&e), "postgres connection ended");
+            }
+        });
+        client.batch_execute(SESSION_SETUP).await.map_err(|e| {
+            StoreError::Unavailable(format!("set up a postgres session: {}", describe(&e)))
+        })?;
+        Ok(Conn {
+            client,
+            statements: Mutex::new(HashMap::new()),
+            broken: AtomicBool::new(false),
+            in_tx: AtomicBool::new(false),
+        })
+    }
+
+    fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Maps a driver error and remembers whether the connection survived it.
+    fn fail(&self, e: tokio_postgres::Error) -> StoreError {
+        let (error, broken) = classify(&e);
+        if broken {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        error
+    }
+
+    /// The prepared statement for `sql`, prepared on first use.
+    async fn statement(&self, sql: &str) -> Result<Statement> {
+        let cached = self
+            .statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(sql)
+            .cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = self.client.prepare(sql).await.map_err(|e| self.fail(e))?;
+        self.statements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let statement = self.statement(sql).await?;
+        self.client
+            .query(&statement, params)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    async fn query_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+        let statement = self.statement(sql).await?;
+        self.client
+            .query_opt(&statement, params)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    async fn simple(&self, sql: &str) -> Result<()> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| self.fail(e))
+    }
+
+    async fn begin(&self) -> Result<()> {
+        self.in_tx.store(true, Ordering::Relaxed);
+        self.simple("BEGIN").await
+    }
+
+    /// Commits when `result` is `Ok`, rolls back otherwise, and returns
+    /// `result` (or the commit's error).
+    async fn finish<T>(&self, result: Result<T>) -> Result<T> {
+        match result {
+            Ok(value) => {
+                self.simple("COMMIT").await?;
+                self.in_tx.store(false, Ordering::Relaxed);
+                Ok(value)
+            }
+            Err(e) => {
+                if self.simple("ROLLBACK").await.is_ok() {
+                    self.in_tx.store(false, Ordering::Relaxed);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn reusable(&self) -> bool {
+        !self.broken.load(Ordering::Relaxed)
+            && !self.in_tx.load(Ordering::Relaxed)
+            && !self.client.is_closed()
+    }
+}
+
+/// A connection checked out of the pool; it goes back when dropped.
+struct PooledConn {
+    conn: Option<Conn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for PooledConn {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("a pooled connection is present until dropped")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.reusable() {
+            idle.push(conn);
+        } else if conn.broken.load(Ordering::Relaxed) {
+            idle.clear();
+        }
+    }
+}
+
+/// Maps a driver error to a store error, and tells whether the connection
+/// is unusable afterwards.
+fn classify(e: &tokio_postgres::Error) -> (StoreError, bool) {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        let message = format!("postgres: {} (SQLSTATE {code})", db.message());
+        let (transient, broken) = classify_sqlstate(code);
+        let error = if transient {
+            StoreError::Unavailable(message)
+        } else {
+            StoreError::Internal(message)
+        };
+        return (error, broken);
+    }
+    // Everything else is about the connection itself (closed, I/O, a
+    // protocol error): the connection is not trusted any more.
+    (
+        StoreError::Unavailable(format!("postgres: {}", describe(e))),
+        true,
+    )
+}
+
+/// Whether a SQLSTATE is worth retrying later, and whether the connection
+/// is gone with it. 08: connection exception; 57: operator intervention
+/// (shutdown, cancel, statement timeout); 53: insufficient resources; 40:
+/// transaction rollback (deadlock, serialization); 58: system error; 55P03:
+/// lock not available.
+fn classify_sqlstate(code: &str) -> (bool, bool) {
+    let class = code.get(..2).unwrap_or_default();
+    let transient = matches!(class, "08" | "57" | "53" | "40" | "58") || code == "55P03";
+    let broken = class == "08" || matches!(code, "57P01" | "57P02" | "57P03");
+    (transient, broken)
+}
+
+/// The error with its cause, which the driver keeps apart.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(source) => format!("{e}: {source}"),
+        None => e.to_string(),
+    }
+}
+
+fn decode_error(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Internal(format!("decode a postgres row: {}", describe(&e)))
+}
+
+async fn migrate(conn: &Conn) -> Result<()> {
+    conn.begin().await?;
+    let result = async {
+        conn.simple(&format!(
+            "SELECT pg_advisory_xact_lock({MIGRATION_LOCK});
+             CREATE TABLE IF NOT EXISTS ripen_schema (
+                 singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+                 version integer NOT NULL
+             )"
+        ))
+        .await?;
+        let found = conn
+            .client()
+            .query_opt("SELECT version FROM ripen_schema", &[])
+            .await
+            .map_err(|e| conn.fail(e))?;
+        if let Some(row) = found {
+            let version: i32 = row.try_get(0).map_err(decode_error)?;
+            if version > SCHEMA_VERSION {
+                return Err(StoreError::Internal(format!(
+                    "the database has schema version {version}, newer than the {SCHEMA_VERSION} this build knows"
+                )));
+            }
+        }
+        conn.simple(SCHEMA).await?;
+        conn.simple(&format!(
+            "INSERT INTO ripen_schema (singleton, version) VALUES (true, {SCHEMA_VERSION})
+             ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version"
+        ))
+        .await
+    }
+    .await;
+    conn.finish(result).await
+}
+
+// ---------------------------------------------------------------------------
+// Row decoding
+
+fn to_u32(v: i64, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| StoreError::Internal(format!("{what} out of range: {v}")))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| StoreError::Internal(format!("{what} out of range: {v}")))
+}
+
+fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| StoreError::Internal(format!("{what} out of range: {v}")))
+}
+
+fn entity_id(bytes: &[u8]) -> Result<EntityId> {
+    EntityId::from_slice(bytes).ok_or_else(|| {
+        StoreError::Internal(format!("malformed entity id of {} bytes", bytes.len()))
+    })
+}
+
+fn text_of(bytes: Vec<u8>, what: &str) -> Result<String> {
+    String::from_utf8(bytes).map_err(|_| StoreError::Internal(format!("{what} is not UTF-8")))
+}
+
+/// PostgreSQL text cannot hold NUL characters; error texts from downstreams might.
+fn pg_text(s: &str) -> String {
+    s.replace('\0', "\u{fffd}")
+}
+
+/// An entity as read, with the columns the record does not carry.
+struct StoredEntity {
+    record: EntityRecord,
+    next_seq: u64,
+    /// The `output` column of each step, when it was read.
+    outputs: Vec<Option<String>>,
+}
+
+impl StoredEntity {
+    /// `(step name, raw JSON)` of the succeeded steps that returned an output.
+    fn outputs_of_succeeded(&self) -> Vec<(String, String)> {
+        self.record
+            .steps
+            .iter()
+            .zip(&self.outputs)
+            .filter(|(s, _)| s.state.status == StepStatus::Succeeded)
+            .filter_map(|(s, o)| o.as_ref().map(|o| (s.name.clone(), o.clone())))
+            .collect()
+    }
+}
+
+/// Decodes rows of [`ENTITY_STEP_COLUMNS`] (then `s.output` when
+/// `with_output`), ordered by entity and then step index.
+fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<StoredEntity>> {
+    let mut entities: Vec<StoredEntity> = Vec::new();
+    for row in rows {
+        let id = entity_id(row.try_get::<_, &[u8]>(0).map_err(decode_error)?)?;
+        if entities.last().map(|e| e.record.id) != Some(id) {
+            let status: &str = row.try_get(4).map_err(decode_error)?;
+            entities.push(StoredEntity {
+                record: EntityRecord {
+                    id,
+                    tenant: row.try_get(1).map_err(decode_error)?,
+                    type_name: row.try_get(2).map_err(decode_error)?,
+                    version: to_u32(row.try_get(3).map_err(decode_error)?, "entities.version")?,
+                    status: EntityStatus::parse(status).ok_or_else(|| {
+                        StoreError::Internal(format!("unknown entity status {status:?}"))
+                    })?,
+                    degraded: row.try_get(5).map_err(decode_error)?,
+                    created_at_us: row.try_get(6).map_err(decode_error)?,
+                    updated_at_us: row.try_get(7).map_err(decode_error)?,
+                    ready_at_us: row.try_get(8).map_err(decode_error)?,
+                    steps: Vec::new(),
+                },
+                next_seq: to_u64(row.try_get(9).map_err(decode_error)?, "entities.next_seq")?,
+                outputs: Vec::new(),
+            });
+        }
+        let entity = entities.last_mut().expect("pushed above");
+        let idx: i32 = row.try_get(10).map_err(decode_error)?;
+        if usize::try_from(idx).ok() != Some(entity.record.steps.len()) {
+            return Err(StoreError::Internal(format!(
+                "entity {id}: step rows are not numbered 0..n (found {idx} at {})",
+                entity.record.steps.len()
+            )));
+        }
+        let status: &str = row.try_get(13).map_err(decode_error)?;
+        entity.record.steps.push(StepRecord {
+            name: row.try_get(11).map_err(decode_error)?,
+            critical: row.try_get(12).map_err(decode_error)?,
+            state: StepState {
+                status: StepStatus::parse(status).ok_or_else(|| {
+                    StoreError::Internal(format!("unknown step status {status:?}"))
+                })?,
+                attempts: to_u32(row.try_get(14).map_err(decode_error)?, "steps.attempts")?,
+                epoch: to_u64(row.try_get(15).map_err(decode_error)?, "steps.epoch")?,
+                due_at_us: row.try_get(16).map_err(decode_error)?,
+                last_error: row.try_get(17).map_err(decode_error)?,
+            },
+        });
+        let output = if with_output {
+            row.try_get::<_, Option<Vec<u8>>>(18)
+                .map_err(decode_error)?
+                .map(|o| text_of(o, "steps.output"))
+                .transpose()?
+        } else {
+            None
+        };
+        entity.outputs.push(output);
+    }
+    Ok(entities)
+}
+
+fn queue_of(executor: &Executor) -> String {
+    match executor {
+        Executor::Http { .. } => HTTP_QUEUE.to_owned(),
+        Executor::Worker { queue } => format!("worker:{queue}"),
+    }
+}
+
+fn is_http(pipeline: &Pipeline, step: usize) -> bool {
+    matches!(pipeline.step(step).executor, Executor::Http { .. })
+}
+
+fn id_params(ids: &[EntityId]) -> Vec<&[u8]> {
+    ids.iter().map(|id| id.as_bytes().as_slice()).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Loading, deciding and writing back
+
+/// One entity loaded under its row lock: the state the core works on, and
+/// what is needed to write its changes back.
+struct Loaded {
+    /// The entity as last written.
+    record: EntityRecord,
+    next_seq: u64,
+    pipeline: Arc<Pipeline>,
+    /// The working state; differs from `record` until `flush`.
+    state: EntityState,
+    /// Core events not yet written.
+    events: Vec<Event>,
+    /// Outputs of steps that succeeded since the last flush.
+    new_outputs: Vec<(usize, Option<String>)>,
+    /// The `output` column of each step as written.
+    outputs: Vec<Option<String>>,
+    /// Steps claimed since the last `take_attempts`.
+    claimed: Vec<usize>,
+}
+
+impl Loaded {
+    fn apply(&mut self, input: Input, ctx: Ctx) -> Result<(), Refusal> {
+        let claim = match input {
+            Input::Claim { step } => Some(step),
+            _ => None,
+        };
+        let events = apply(&self.pipeline, &mut self.state, input, ctx)?;
+        self.events.extend(events);
+        if let Some(step) = claim {
+            self.claimed.push(step);
+        }
+        Ok(())
+    }
+
+    /// `(step name, raw JSON)` of the succeeded steps that returned an
+    /// output, as written by `flush`.
+    fn succeeded_outputs(&self) -> Vec<(String, String)> {
+        self.state
+            .steps
+            .iter()
+            .zip(&self.outputs)
+            .enumerate()
+            .filter(|(_, (s, _))| s.status == StepStatus::Succeeded)
+            .filter_map(|(i, (_, o))| {
+                o.as_ref()
+                    .map(|o| (self.pipeline.step(i).name.clone(), o.clone()))
+            })
+            .collect()
+    }
+}
+
+/// Rows to write, gathered across entities so that each table takes one
+/// multi-row statement per transaction.
+#[derive(Default)]
+struct Writes {
+    step_entity: Vec<Vec<u8>>,
+    step_idx: Vec<i32>,
+    step_status: Vec<&'static str>,
+    step_attempts: Vec<i64>,
+    step_epoch: Vec<i64>,
+    step_due_at: Vec<Option<i64>>,
+    step_error: Vec<Option<String>>,
+    step_set_output: Vec<bool>,
+    step_output: Vec<Option<Vec<u8>>>,
+
+    entity_id: Vec<Vec<u8>>,
+    entity_status: Vec<&'static str>,
+    entity_degraded: Vec<bool>,
+    entity_ready_at: Vec<Option<i64>>,
+    entity_updated_at: Vec<i64>,
+    entity_next_seq: Vec<i64>,
+
+    event_entity: Vec<Vec<u8>>,
+    event_seq: Vec<i64>,
+    event_at: Vec<i64>,
+    event_kind: Vec<String>,
+    event_step: Vec<Option<String>>,
+    event_attempt: Vec<Option<i64>>,
+    event_detail: Vec<String>,
+
+    outbox_entity: Vec<Vec<u8>>,
+    outbox_seq: Vec<i64>,
+    outbox_at: Vec<i64>,
+    outbox_kind: Vec<String>,
+    outbox_body: Vec<String>,
+
+    /// Some step became runnable now or later: other nodes should look.
+    wake_others: bool,
+}
+
+type WriteFuture<'a> = Pin<Box<dyn Future<Output = Result<u64>> + Send + 'a>>;
+
+impl Writes {
+    /// Queues what changed in `loaded` since it was read or last flushed:
+    /// the changed step rows, the entity row, the history and the outbox.
+    fn flush(&mut self, loaded: &mut Loaded, now_us: UnixMicros) -> Result<()> {
+        if loaded.events.is_empty() {
+            return Ok(());
+        }
+        let id = loaded.record.id;
+        for (i, (stored, now)) in loaded
+            .record
+            .steps
+            .iter()
+            .zip(&loaded.state.steps)
+            .enumerate()
+        {
+            let output = loaded.new_outputs.iter().find(|(step, _)| *step == i);
+            if stored.state == *now && output.is_none() {
+                continue;
+            }
+            if stored.state.status != now.status
+                && matches!(now.status, StepStatus::Queued | StepStatus::Retrying)
+            {
+                self.wake_others = true;
+            }
+            // A step succeeds at most once per attempt series and keeps its
+            // output afterwards, so the column is written only with a result.
+            self.step_entity.push(id.as_bytes().to_vec());
+            self.step_idx.push(i as i32);
+            self.step_status.push(now.status.as_str());
+            self.step_attempts.push(i64::from(now.attempts));
+            self.step_epoch.push(to_i64(now.epoch, "epoch")?);
+            self.step_due_at.push(now.due_at_us);
+            self.step_error.push(now.last_error.as_deref().map(pg_text));
+            self.step_set_output.push(output.is_some());
+            self.step_output.push(
+                output
+                    .and_then(|(_, o)| o.as_ref())
+                    .map(|o| o.as_bytes().to_vec()),
+            );
+        }
+        for (step, output) in loaded.new_outputs.drain(..) {
+            loaded.outputs[step] = output;
+        }
+        let history = history::from_core(&loaded.pipeline, &loaded.events, now_us, loaded.next_seq);
+        let next_seq = loaded.next_seq + history.len() as u64;
+        self.entity_id.push(id.as_bytes().to_vec());
+        self.entity_status.push(loaded.state.status.as_str());
+        self.entity_degraded.push(loaded.state.degraded);
+        self.entity_ready_at.push(loaded.state.ready_at_us);
+        self.entity_updated_at.push(now_us);
+        self.entity_next_seq.push(to_i64(next_seq, "next_seq")?);
+
+        let record = &mut loaded.record;
+        record.status = loaded.state.status;
+        record.degraded = loaded.state.degraded;
+        record.ready_at_us = loaded.state.ready_at_us;
+        record.updated_at_us = now_us;
+        for (stored, now) in record.steps.iter_mut().zip(&loaded.state.steps) {
+            stored.state.clone_from(now);
+        }
+        loaded.next_seq = next_seq;
+        loaded.events.clear();
+        self.history(&loaded.record, &history)
+    }
+
+    /// Queues history rows and, for status changes, outbox rows.
+    fn history(&mut self, record: &EntityRecord, history: &[HistoryEvent]) -> Result<()> {
+        let id = record.id;
+        for e in history {
+            self.event_entity.push(id.as_bytes().to_vec());
+            self.event_seq.push(to_i64(e.seq, "seq")?);
+            self.event_at.push(e.at_us);
+            self.event_kind.push(e.kind.clone());
+            self.event_step.push(e.step.clone());
+            self.event_attempt.push(e.attempt.map(i64::from));
+            self.event_detail.push(pg_text(&e.detail.to_string()));
+            if e.is_status_change() {
+                let body = json!({
+                    "entity_id": id.to_string(),
+                    "tenant": record.tenant,
+                    "type": record.type_name,
+                    "version": record.version,
+                    "seq": e.seq,
+                    "at_us": e.at_us,
+                    "kind": e.kind,
+                    "detail": e.detail,
+                });
+                self.outbox_entity.push(id.as_bytes().to_vec());
+                self.outbox_seq.push(to_i64(e.seq, "seq")?);
+                self.outbox_at.push(e.at_us);
+                self.outbox_kind.push(e.kind.clone());
+                self.outbox_body.push(pg_text(&body.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the queued writes, pipelined on one connection, and the wake-up
+    /// notification when `notify` (or some step became runnable).
+    async fn execute(&self, conn: &Conn, notify: bool) -> Result<()> {
+        let mut writes: Vec<WriteFuture<'_>> = Vec::new();
+        // Prepare first: a statement prepared on first use would otherwise
+        // cost a round trip inside the pipeline.
+        if !self.step_entity.is_empty() {
+            let statement = conn
+                .statement(
+                    "UPDATE steps AS s SET status = u.status, attempts = u.attempts,
+                            epoch = u.epoch, due_at = u.due_at, last_error = u.last_error,
+                            output = CASE WHEN u.set_output THEN u.output ELSE s.output END
+                     FROM UNNEST($1::bytea[], $2::int4[], $3::text[], $4::int8[], $5::int8[],
+                                 $6::int8[], $7::text[], $8::bool[], $9::bytea[])
+                          AS u(entity_id, idx, status, attempts, epoch, due_at, last_error,
+                               set_output, output)
+                     WHERE s.entity_id = u.entity_id AND s.idx = u.idx",
+                )
+                .await?;
+            writes.push(Box::pin(async move {
+                conn.client()
+                    .execute(
+                        &statement,
+                        &[
+                            &self.step_entity,
+                            &self.step_idx,
+                            &self.step_status,
+                            &self.step_attempts,
+                            &self.step_epoch,
+                            &self.step_due_at,
+                            &self.step_error,
+                            &self.step_set_output,
+                            &self.step_output,
+                        ],
+                    )
+                    .await
+                    .map_err(|e| conn.fail(e))
+            }));
+        }
+        if !self.entity_id.is_empty() {
+            let statement = conn
+                .statement(
+                    "UPDATE entities AS e SET status = u.status, degraded = u.degraded,
+                            ready_at = u.ready_at, updated_at = u.updated_at,
+                            next_seq = u.next_seq
+                     FROM UNNEST($1::bytea[], $2::text[], $3::bool[], $4::int8[], $5::int8[],
+                                 $6::int8[])
+                          AS u(id, status, degraded, ready_at, updated_at, next_seq)
+                     WHERE e.id = u.id",
+                )
+                .await?;
+            writes.push(Box::pin(async move {
+                conn.client()
+                    .execute(
+                        &statement,
+                        &[
+                            &self.entity_id,
+                            &self.entity_status,
+                            &self.entity_degraded,
+                            &self.entity_ready_at,
+                            &self.entity_updated_at,
+                            &self.entity_next_seq,
+                        ],
+                    )
+                    .await
+                    .map_err(|e| conn.fail(e))
+            }));
+        }
+        if !self.event_entity.is_empty() {
+            let statement = conn
+                .statement(
+                    "INSERT INTO events (entity_id, seq, at, kind, step, attempt, detail)
+                     SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int8[], $4::text[],
+                                          $5::text[], $6::int8[], $7::text[])",
+                )
+                .await?;
+            writes.push(Box::pin(async move {
+                conn.client()
+                    .execute(
+                        &statement,
+                        &[
+                            &self.event_entity,
+                            &self.event_seq,
+                            &self.event_at,
+                            &self.event_kind,
+                            &self.event_step,
+                            &self.event_attempt,
+                            &self.event_detail,
+                        ],
+                    )
+                    .await
+                    .map_err(|e| conn.fail(e))
+            }));
+        }
+        if !self.outbox_entity.is_empty() {
+            let statement = conn
+                .statement(
+                    "INSERT INTO outbox (entity_id, seq, at, kind, body)
+                     SELECT * FROM UNNEST($1::bytea[], $2::int8[], $3::int8[], $4::text[],
+                                          $5::text[])",
+                )
+                .await?;
+            writes.push(Box::pin(async move {
+                conn.client()
+                    .execute(
+                        &statement,
+                        &[
+                            &self.outbox_entity,
+                            &self.outbox_seq,
+                            &self.outbox_at,
+                            &self.outbox_kind,
+                            &self.outbox_body,
+                        ],
+                    )
+                    .await
+                    .map_err(|e| conn.fail(e))
+            }));
+        }
+        if notify || self.wake_others {
+            let statement = conn.statement("SELECT pg_notify($1, '')").await?;
+            writes.push(Box::pin(async move {
+                conn.client()
+                    .execute(&statement, &[&WORK_CHANNEL])
+                    .await
+                    .map_err(|e| conn.fail(e))
+            }));
+        }
+        try_join_all(writes).await.map(|_| ())
+    }
+}
+
+impl Shared {
+    fn ctx(&self, now_us: UnixMicros) -> Ctx {
+        Ctx {
+            now_us,
+            jitter: fastrand::f64(),
+            lease_grace_ms: self.lease_grace_ms,
+        }
+    }
+
+    fn loaded(&self, stored: StoredEntity) -> Result<Loaded> {
+        let record = stored.record;
+        let pipeline = self
+            .catalog
+            .get(&record.type_name, record.version)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownPipeline {
+                type_name: record.type_name.clone(),
+                version: record.version,
+            })?;
+        let matches = pipeline.len() == record.steps.len()
+            && pipeline
+                .steps()
+                .iter()
+                .zip(&record.steps)
+                .all(|(spec, s)| spec.name == s.name);
+        if !matches {
+            return Err(StoreError::Internal(format!(
+                "entity {}: its step rows do not match pipeline {} version {}",
+                record.id, record.type_name, record.version
+            )));
+        }
+        Ok(Loaded {
+            state: record.state(),
+            record,
+            next_seq: stored.next_seq,
+            pipeline,
+            events: Vec::new(),
+            new_outputs: Vec::new(),
+            outputs: stored.outputs,
+            claimed: Vec::new(),
+        })
+    }
+
+    /// Reads entities with their steps and outputs, in id order. Callers
+    /// hold the entities' row locks, taken by an earlier statement, so this
+    /// statement's snapshot shows their latest committed state. (The id
+    /// condition on both tables lets the planner use both primary keys.)
+    async fn read_entities(&self, conn: &Conn, ids: &[EntityId]) -> Result<Vec<StoredEntity>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {ENTITY_STEP_COLUMNS}, s.output
+                     FROM entities e JOIN steps s ON s.entity_id = e.id
+                     WHERE e.id = ANY($1) AND s.entity_id = ANY($1)
+                     ORDER BY e.id, s.idx"
+                ),
+                &[&id_params(ids)],
+            )
+            .await?;
+        decode_entities(&rows, true)
+    }
+
+    /// Locks the rows of `ids` (which must be sorted) in id order, waiting
+    /// for other writers, and returns the ids that exist.
+    async fn lock_entities(&self, conn: &Conn, ids: &[EntityId]) -> Result<Vec<EntityId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = conn
+            .query(
+                "SELECT id FROM entities WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                &[&id_params(ids)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| entity_id(r.try_get::<_, &[u8]>(0).map_err(decode_error)?))
+            .collect()
+    }
+
+    async fn payloads(&self, conn: &Conn, ids: &[EntityId]) -> Result<HashMap<EntityId, String>> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = conn
+            .query(
+                "SELECT entity_id, body FROM payloads WHERE entity_id = ANY($1)",
+                &[&id_params(ids)],
+            )
+            .await?;
+        let mut payloads = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let id = entity_id(row.try_get::<_, &[u8]>(0).map_err(decode_error)?)?;
+            let body = text_of(row.try_get(1).map_err(decode_error)?, "payloads.body")?;
+            payloads.insert(id, body);
+        }
+        Ok(payloads)
+    }
+
+    /// The attempts claimed in `entities` since the last call; call after
+    /// `flush` so that the outputs are the written ones.
+    async fn take_attempts(&self, conn: &Conn, entities: &mut [Loaded]) -> Result<Vec<Attempt>> {
+        let ids: Vec<EntityId> = entities
+            .iter()
+            .filter(|e| !e.claimed.is_empty())
+            .map(|e| e.record.id)
+            .collect();
+        let payloads = self.payloads(conn, &ids).await?;
+        let mut attempts = Vec::new();
+        for loaded in entities.iter_mut().filter(|e| !e.claimed.is_empty()) {
+            let id = loaded.record.id;
+            let payload = payloads.get(&id).ok_or_else(|| {
+                StoreError::Internal(format!("the payload of entity {id} is missing"))
+            })?;
+            let outputs = loaded.succeeded_outputs();
+            for step in std::mem::take(&mut loaded.claimed) {
+                let s = &loaded.state.steps[step];
+                let lease_expires_at_us = s.due_at_us.ok_or_else(|| {
+                    StoreError::Internal(format!("entity {id}: a claimed step has no lease expiry"))
+                })?;
+                attempts.push(Attempt {
+                    entity_id: id,
+                    type_name: loaded.record.type_name.clone(),
+                    version: loaded.record.version,
+                    step,
+                    step_name: loaded.record.steps[step].name.clone(),
+                    attempt: s.attempts,
+                    epoch: s.epoch,
+                    lease_expires_at_us,
+                    payload: payload.clone(),
+                    outputs: outputs.clone(),
+                });
+            }
+        }
+        Ok(attempts)
+    }
+
+    async fn claim_due(&self, conn: &Conn, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
+        let mut attempts = Vec::new();
+        if limit > 0 {
+            // Lock the entities of the earliest due steps, skipping those
+            // another node holds; then decide on their fresh state.
+            let scan = limit
+                .saturating_mul(CLAIM_SCAN_FACTOR)
+                .min(CLAIM_SCAN_MAX)
+                .max(limit);
+            let rows = conn
+                .query(
+                    "SELECT e.id FROM entities e
+                     JOIN (SELECT entity_id, min(due_at) AS due
+                           FROM (SELECT entity_id, due_at FROM steps
+                                 WHERE queue = $1 AND due_at IS NOT NULL AND due_at <= $2
+                                 ORDER BY due_at LIMIT $3) AS due_steps
+                           GROUP BY entity_id) AS d ON d.entity_id = e.id
+                     ORDER BY d.due, e.id LIMIT $4
+                     FOR UPDATE OF e SKIP LOCKED",
+                    &[
+                        &HTTP_QUEUE,
+                        &now_us,
+                        &i64::try_from(scan).unwrap_or(i64::MAX),
+                        &i64::try_from(limit).unwrap_or(i64::MAX),
+                    ],
+                )
+                .await?;
+            let mut ids = rows
+                .iter()
+                .map(|r| entity_id(r.try_get::<_, &[u8]>(0).map_err(decode_error)?))
+                .collect::<Result<Vec<_>>>()?;
+            ids.sort();
+            let mut entities = Vec::with_capacity(ids.len());
+            for stored in self.read_entities(conn, &ids).await? {
+                let id = stored.record.id;
+                match self.loaded(stored) {
+                    Ok(loaded) => entities.push(loaded),
+                    Err(e @ StoreError::UnknownPipeline { .. }) => {
+                        tracing::warn!(entity = %id, error = %e, "cannot schedule the steps of an entity");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            // The earliest due steps first, `limit` of them at most.
+            let mut due: Vec<(i64, usize, usize)> = Vec::new();
+            for (k, loaded) in entities.iter().enumerate() {
+                for (i, s) in loaded.state.steps.iter().enumerate() {
+                    if let Some(at) = s.due_at_us.filter(|&at| at <= now_us) {
+                        if is_http(&loaded.pipeline, i) {
+                            due.push((at, k, i));
+                        }
+                    }
+                }
+            }
+            due.sort_unstable();
+            due.truncate(limit);
+            due.sort_unstable_by_key(|&(_, k, i)| (k, i));
+            for (_, k, step) in due {
+                let loaded = &mut entities[k];
+                let s = &loaded.state.steps[step];
+                if s.status == StepStatus::Running {
+                    let lost = Input::Lost {
+                        step,
+                        epoch: s.epoch,
+                        reason: LostReason::LeaseExpired,
+                    };
+                    let _ = loaded.apply(lost, self.ctx(now_us));
+                }
+                // Refusals are expected (the step is waiting out a backoff
+                // after losing its lease); the step stays for a later pass.
+                if loaded
+                    .apply(Input::Claim { step }, self.ctx(now_us))
+                    .is_err()
+                {
+                    let s = &loaded.state.steps[step];
+                    if s.due_at_us.is_some_and(|due| due <= now_us) {
+                        tracing::warn!(entity = %loaded.record.id, step, status = s.status.as_str(), "a due step cannot be claimed");
+                    }
+                }
+            }
+            let mut writes = Writes::default();
+            for loaded in &mut entities {
+                writes.flush(loaded, now_us)?;
+            }
+            writes.execute(conn, false).await?;
+            attempts = self.take_attempts(conn, &mut entities).await?;
+        }
+        let next_due_us = conn
+            .query_opt(
+                "SELECT due_at FROM steps WHERE queue = $1 AND due_at IS NOT NULL
+                 ORDER BY due_at LIMIT 1",
+                &[&HTTP_QUEUE],
+            )
+            .await?
+            .map(|r| r.try_get(0))
+            .transpose()
+            .map_err(decode_error)?;
+        Ok(ClaimBatch {
+            attempts,
+            next_due_us,
+        })
+    }
+
+    async fn complete(
+        &self,
+        conn: &Conn,
+        completions: Vec<Completion>,
+        now_us: UnixMicros,
+    ) -> Result<CompleteBatch> {
+        let mut ids: Vec<EntityId> = completions.iter().map(|c| c.entity_id).collect();
+        ids.sort();
+        ids.dedup();
+        let locked = self.lock_entities(conn, &ids).await?;
+        let mut entities = Vec::with_capacity(locked.len());
+        for stored in self.read_entities(conn, &locked).await? {
+            entities.push(self.loaded(stored)?);
+        }
+        let slots: HashMap<EntityId, usize> = entities
+            .iter()
+            .enumerate()
+            .map(|(k, e)| (e.record.id, k))
+            .collect();
+        let mut results = Vec::with_capacity(completions.len());
+        for c in completions {
+            let applied = match slots.get(&c.entity_id) {
+                None => false,
+                Some(&k) => {
+                    let entity = &mut entities[k];
+                    let (input, output) = match c.outcome {
+                        Outcome::Succeeded { output } => (
+                            Input::Succeeded {
+                                step: c.step,
+                                epoch: c.epoch,
+                            },
+                            Some(output),
+                        ),
+                        Outcome::Failed {
+                            error,
+                            retryable,
+                            retry_after_ms,
+                        } => (
+                            Input::Failed {
+                                step: c.step,
+                                epoch: c.epoch,
+                                error,
+                                retryable,
+                                retry_after_ms,
+                            },
+                            None,
+                        ),
+                    };
+                    // Stale and NoSuchStep alike: the result does not belong to a live attempt.
+                    let applied = entity.apply(input, self.ctx(now_us)).is_ok();
+                    if let (true, Some(output)) = (applied, output) {
+                        entity.new_outputs.push((c.step, output));
+                    }
+                    applied
+                }
+            };
+            if applied {
+                results.push(CompletionResult::Applied);
+            } else {
+                let stale = self.stale_completions.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::info!(
+                    entity = %c.entity_id,
+                    step = c.step,
+                    epoch = c.epoch,
+                    stale_completions = stale,
+                    "refused a stale completion"
+                );
+                results.push(CompletionResult::Stale);
+            }
+        }
+        let mut writes = Writes::default();
+        for entity in &mut entities {
+            if entity.events.is_empty() {
+                continue;
+            }
+            for step in 0..entity.state.steps.len() {
+                if entity.state.steps[step].status == StepStatus::Queued
+                    && is_http(&entity.pipeline, step)
+                {
+                    let _ = entity.apply(Input::Claim { step }, self.ctx(now_us));
+                }
+            }
+            writes.flush(entity, now_us)?;
+        }
+        writes.execute(conn, false).await?;
+        let claimed = self.take_attempts(conn, &mut entities).await?;
+        Ok(CompleteBatch { results, claimed })
+    }
+
+    async fn recover(&self, conn: &Conn, now_us: UnixMicros) -> Result<u64> {
+        let rows = conn
+            .query(
+                "SELECT DISTINCT entity_id FROM steps
+                 WHERE due_at IS NOT NULL AND status = 'running' ORDER BY entity_id",
+                &[],
+            )
+            .await?;
+        let ids = rows
+            .iter()
+            .map(|r| entity_id(r.try_get::<_, &[u8]>(0).map_err(decode_error)?))
+            .collect::<Result<Vec<_>>>()?;
+        let locked = self.lock_entities(conn, &ids).await?;
+        let mut lost = 0;
+        let mut writes = Writes::default();
+        for stored in self.read_entities(conn, &locked).await? {
+            let mut loaded = self.loaded(stored)?;
+            for step in 0..loaded.state.steps.len() {
+                let s = &loaded.state.steps[step];
+                if s.status != StepStatus::Running {
+                    continue;
+                }
+                let input = Input::Lost {
+                    step,
+                    epoch: s.epoch,
+                    reason: LostReason::NodeRestarted,
+                };
+                if loaded.apply(input, self.ctx(now_us)).is_ok() {
+                    lost += 1;
+                }
+            }
+            writes.flush(&mut loaded, now_us)?;
+        }
+        writes.execute(conn, false).await?;
+        Ok(lost)
+    }
+
+    async fn command(
+        &self,
+        conn: &Conn,
+        tenant: &str,
+        id: EntityId,
+        input: Input,
+        now_us: UnixMicros,
+    ) -> Result<CommandOutcome> {
+        let found = conn
+            .query_opt(
+                "SELECT id FROM entities WHERE id = $1 AND tenant = $2 FOR UPDATE",
+                &[&id.as_bytes().as_slice(), &tenant],
+            )
+            .await?;
+        if found.is_none() {
+            return Ok(CommandOutcome::NotFound);
+        }
+        let Some(stored) = self.read_entities(conn, &[id]).await?.into_iter().next() else {
+            return Ok(CommandOutcome::NotFound);
+        };
+        let mut loaded = self.loaded(stored)?;
+        match loaded.apply(input, self.ctx(now_us)) {
+            Ok(()) => {
+                let mut writes = Writes::default();
+                writes.flush(&mut loaded, now_us)?;
+                writes.execute(conn, true).await?;
+                Ok(CommandOutcome::Applied(loaded.record))
+            }
+            Err(Refusal::WrongStatus(status)) => Ok(CommandOutcome::Conflict(status)),
+            Err(refusal) => Err(StoreError::Internal(format!(
+                "entity {id}: unexpected refusal of an operator command: {refusal}"
+            ))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Creates: batched into shared transactions
+
+struct CreateJob {
+    entity: NewEntity,
+    pipeline: Arc<Pipeline>,
+    now_us: UnixMicros,
+    reply: oneshot::Sender<Result<IntakeOutcome>>,
+}
+
+/// Takes queued creates in batches of up to `batch_max` and commits each
+/// batch in one transaction, `in_flight` batches at a time. A batch is cut
+/// when a commit slot frees up, so the busier the store, the larger the
+/// batches (group commit).
+async fn run_create_batcher(
+    shared: Arc<Shared>,
+    mut queue: mpsc::Receiver<CreateJob>,
+    batch_max: usize,
+    in_flight: usize,
+) {
+    let slots = Arc::new(Semaphore::new(in_flight));
+    let mut running = JoinSet::new();
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < batch_max {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let shared = shared.clone();
+        running.spawn(async move {
+            let _slot = slot;
+            shared.commit_creates(batch).await;
+        });
+        while let Some(done) = running.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a postgres create batch task failed");
+            }
+        }
+    }
+    while running.join_next().await.is_some() {}
+    tracing::debug!("postgres create batcher stopped: the store is gone");
+}
+
+fn copy_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Internal(m) => StoreError::Internal(m.clone()),
+        StoreError::UnknownPipeline { type_name, version } => StoreError::UnknownPipeline {
+            type_name: type_name.clone(),
+            version: *version,
+        },
+    }
+}
+
+impl Shared {
+    /// Commits a batch of creates and answers every caller. When the batch
+    /// fails for a reason other than the connection, each create is tried
+    /// again in a transaction of its own, so that one bad create fails alone.
+    async fn commit_creates(&self, batch: Vec<CreateJob>) {
+        let conn = match self.pool.get().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                for job in batch {
+                    let _ = job.reply.send(Err(copy_error(&e)));
+                }
+                return;
+            }
+        };
+        let jobs: Vec<&CreateJob> = batch.iter().collect();
+        let outcome = self.create_in_tx(&conn, &jobs).await;
+        let results = match outcome {
+            Ok(results) => results,
+            Err(e @ StoreError::Internal(_)) if batch.len() > 1 => {
+                tracing::warn!(error = %e, creates = batch.len(), "a postgres create batch failed; committing its creates one by one");
+                let mut results = Vec::with_capacity(batch.len());
+                for job in &batch {
+                    let result = self.create_in_tx(&conn, &[job]).await;
+                    results.push(result.and_then(|mut r| {
+                        r.pop()
+                            .unwrap_or_else(|| Err(StoreError::Internal("no result".into())))
+                    }));
+                }
+                results
+            }
+            Err(e) => {
+                if !matches!(e, StoreError::Unavailable(_)) {
+                    tracing::warn!(error = %e, creates = batch.len(), "a postgres create batch failed");
+                }
+                batch.iter().map(|_| Err(copy_error(&e))).collect()
+            }
+        };
+        drop(conn);
+        for (job, result) in batch.into_iter().zip(results) {
+            // The caller may have gone away; the write stands regardless.
+            let _ = job.reply.send(result);
+        }
+    }
+
+    async fn create_in_tx(
+        &self,
+        conn: &Conn,
+        jobs: &[&CreateJob],
+    ) -> Result<Vec<Result<IntakeOutcome>>> {
+        conn.begin().await?;
+        let result = self.create_batch(conn, jobs).await;
+        conn.finish(result).await
+    }
+
+    async fn create_batch(
+        &self,
+        conn: &Conn,
+        jobs: &[&CreateJob],
+    ) -> Result<Vec<Result<IntakeOutcome>>> {
+        // Idempotency keys first, in key order so that two nodes inserting
+        // overlapping keys wait for each other instead of deadlocking. Of
+        // several creates with one key, the earliest queued one may create.
+        let mut keyed: Vec<usize> = (0..jobs.len())
+            .filter(|&j| jobs[j].entity.idempotency_key.is_some())
+            .collect();
+        let scope = |j: usize| {
+            let e = &jobs[j].entity;
+            (&e.tenant, &e.type_name, e.idempotency_key.as_deref(), j)
+        };
+        keyed.sort_by(|&a, &b| scope(a).cmp(&scope(b)));
+        keyed.dedup_by(|later, first| {
+            let (a, b) = (scope(*first), scope(*later));
+            (a.0, a.1, a.2) == (b.0, b.1, b.2)
+        });
+        let mut creators: Vec<usize> = (0..jobs.len())
+            .filter(|&j| jobs[j].entity.idempotency_key.is_none())
+            .collect();
+        if !keyed.is_empty() {
+            let (mut tenants, mut types, mut keys, mut ids, mut ats) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for &j in &keyed {
+                let e = &jobs[j].entity;
+                tenants.push(e.tenant.as_str());
+                types.push(e.type_name.as_str());
+                keys.push(e.idempotency_key.as_deref().unwrap_or_default());
+                ids.push(e.id.as_bytes().as_slice());
+                ats.push(jobs[j].now_us);
+            }
+            let rows = conn
+                .query(
+                    "INSERT INTO idempotency (tenant, type, key, entity_id, created_at)
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[],
+                                          $5::int8[])
+                     ON CONFLICT (tenant, type, key) DO NOTHING
+                     RETURNING entity_id",
+                    &[&tenants, &types, &keys, &ids, &ats],
+                )
+                .await?;
+            let won: HashSet<Vec<u8>> = rows
+                .iter()
+                .map(|r| r.try_get::<_, Vec<u8>>(0))
+                .collect::<Result<_, _>>()
+                .map_err(decode_error)?;
+            creators.extend(
+                keyed
+                    .iter()
+                    .filter(|&&j| won.contains(jobs[j].entity.id.as_bytes().as_slice())),
+            );
+        }
+        creators.sort_unstable();
+
+        let mut results: Vec<Option<Result<IntakeOutcome>>> =
+            (0..jobs.len()).map(|_| None).collect();
+        let mut inserts = Inserts::default();
+        let mut writes = Writes::default();
+        for &j in &creators {
+            let job = jobs[j];
+            let record = inserts.add(job)?;
+            writes.history(&record, &[history::created(job.now_us)])?;
+            results[j] = Some(Ok(IntakeOutcome::Created(record)));
+        }
+        if !creators.is_empty() {
+            inserts.execute(conn).await?;
+            writes.execute(conn, true).await?;
+        }
+
+        // The others found their key taken, by an earlier commit or by a
+        // create of this batch: replay its entity or report the reuse.
+        let losers: Vec<usize> = (0..jobs.len()).filter(|&j| results[j].is_none()).collect();
+        if !losers.is_empty() {
+            let (mut tenants, mut types, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+            for &j in &losers {
+                let e = &jobs[j].entity;
+                tenants.push(e.tenant.as_str());
+                types.push(e.type_name.as_str());
+                keys.push(e.idempotency_key.as_deref().unwrap_or_default());
+            }
+            let rows = conn
+                .query(
+                    "SELECT k.ord, i.entity_id
+                     FROM UNNEST($1::text[], $2::text[], $3::text[])
+                          WITH ORDINALITY AS k(tenant, type, key, ord)
+                     JOIN idempotency i
+                       ON i.tenant = k.tenant AND i.type = k.type AND i.key = k.key",
+                    &[&tenants, &types, &keys],
+                )
+                .await?;
+            let mut owner: HashMap<usize, EntityId> = HashMap::new();
+            for row in &rows {
+                let ord: i64 = row.try_get(0).map_err(decode_error)?;
+                let id = entity_id(row.try_get::<_, &[u8]>(1).map_err(decode_error)?)?;
+                if let Some(&j) = usize::try_from(ord - 1).ok().and_then(|k| losers.get(k)) {
+                    owner.insert(j, id);
+                }
+            }
+            let mut ids: Vec<EntityId> = owner.values().copied().collect();
+            ids.sort();
+            ids.dedup();
+            let existing: HashMap<EntityId, StoredEntity> = self
+                .read_entities(conn, &ids)
+                .await?
+                .into_iter()
+                .map(|e| (e.record.id, e))
+                .collect();
+            let payloads = self.payloads(conn, &ids).await?;
+            for &j in &losers {
+                let entity = &jobs[j].entity;
+                let outcome = match owner.get(&j) {
+                    None => Err(StoreError::Internal(format!(
+                        "idempotency key {:?} conflicted but cannot be found",
+                        entity.idempotency_key
+                    ))),
+                    Some(id) => match (existing.get(id), payloads.get(id)) {
+                        (Some(stored), Some(payload)) => Ok(if *payload == entity.payload {
+                            IntakeOutcome::Replayed(stored.record.clone())
+                        } else {
+                            IntakeOutcome::KeyReused { entity_id: *id }
+                        }),
+                        _ => Err(StoreError::Internal(format!(
+                            "idempotency key points at missing entity {id}"
+                        ))),
+                    },
+                };
+                results[j] = Some(outcome);
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(StoreError::Internal("create left unanswered".into())))
+            })
+            .collect())
+    }
+}
+
+/// The rows of new entities, gathered for multi-row inserts.
+#[derive(Default)]
+struct Inserts {
+    payload_entity: Vec<Vec<u8>>,
+    payload_body: Vec<Vec<u8>>,
+
+    entity_id: Vec<Vec<u8>>,
+    entity_tenant: Vec<String>,
+    entity_type: Vec<String>,
+    entity_version: Vec<i64>,
+    entity_status: Vec<&'static str>,
+    entity_degraded: Vec<bool>,
+    entity_at: Vec<i64>,
+    entity_ready_at: Vec<Option<i64>>,
+    entity_next_seq: Vec<i64>,
+
+    step_entity: Vec<Vec<u8>>,
+    step_idx: Vec<i32>,
+    step_name: Vec<String>,
+    step_critical: Vec<bool>,
+    step_queue: Vec<String>,
+    step_status: Vec<&'static str>,
+    step_attempts: Vec<i64>,
+    step_epoch: Vec<i64>,
+    step_due_at: Vec<Option<i64>>,
+    step_error: Vec<Option<String>>,
+}
+
+impl Inserts {
+    /// Queues the rows of one new entity and returns its record.
+    fn add(&mut self, job: &CreateJob) -> Result<EntityRecord> {
+        let entity = &job.entity;
+        let pipeline = &job.pipeline;
+        let now_us = job.now_us;
+        let state = EntityState::new(pipeline, now_us);
+        let id = entity.id.as_bytes().to_vec();
+        self.payload_entity.push(id.clone());
+        self.payload_body.push(entity.payload.as_bytes().to_vec());
+        self.entity_id.push(id.clone());
+        self.entity_tenant.push(entity.tenant.clone());
+        self.entity_type.push(entity.type_name.clone());
+        self.entity_version.push(i64::from(entity.version));
+        self.entity_status.push(state.status.as_str());
+        self.entity_degraded.push(state.degraded);
+        self.entity_at.push(now_us);
+        self.entity_ready_at.push(state.ready_at_us);
+        self.entity_next_seq
+            .push(to_i64(history::created(now_us).seq + 1, "next_seq")?);
+        for (i, (spec, s)) in pipeline.steps().iter().zip(&state.steps).enumerate() {
+            self.step_entity.push(id.clone());
+            self.step_idx.push(i as i32);
+            self.step_name.push(spec.name.clone());
+            self.step_critical.push(spec.critical);
+            self.step_queue.push(queue_of(&spec.executor));
+            self.step_status.push(s.status.as_str());
+            self.step_attempts.push(i64::from(s.attempts));
+            self.step_epoch.push(to_i64(s.epoch, "epoch")?);
+            self.step_due_at.push(s.due_at_us);
+            self.step_error.push(s.last_error.clone());
+        }
+        Ok(EntityRecord {
+            id: entity.id,
+            tenant: entity.tenant.clone(),
+            type_name: entity.type_name.clone(),
+            version: entity.version,
+            status: state.status,
+            degraded: state.degraded,
+            created_at_us: now_us,
+            updated_at_us: now_us,
+            ready_at_us: state.ready_at_us,
+            steps: pipeline
+                .steps()
+                .iter()
+                .zip(state.steps)
+                .map(|(spec, state)| StepRecord {
+                    name: spec.name.clone(),
+                    critical: spec.critical,
+                    state,
+                })
+                .collect(),
+        })
+    }
+
+    async fn execute(&self, conn: &Conn) -> Result<()> {
+        let payloads = conn
+            .statement(
+                "INSERT INTO payloads (entity_id, body)
+                 SELECT * FROM UNNEST($1::bytea[], $2::bytea[])",
+            )
+            .await?;
+        let entities = conn
+            .statement(
+                "INSERT INTO entities (id, tenant, type, version, status, degraded, created_at,
+                                       updated_at, ready_at, next_seq)
+                 SELECT u.id, u.tenant, u.type, u.version, u.status, u.degraded, u.at, u.at,
+                        u.ready_at, u.next_seq
+                 FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::int8[], $5::text[],
+                             $6::bool[], $7::int8[], $8::int8[], $9::int8[])
+                      AS u(id, tenant, type, version, status, degraded, at, ready_at, next_seq)",
+            )
+            .await?;
+        let steps = conn
+            .statement(
+                "INSERT INTO steps (entity_id, idx, name, critical, queue, status, attempts,
+                                    epoch, due_at, last_error)
+                 SELECT * FROM UNNEST($1::bytea[], $2::int4[], $3::text[], $4::bool[],
+                                      $5::text[], $6::text[], $7::int8[], $8::int8[],
+                                      $9::int8[], $10::text[])",
+            )
+            .await?;
+        let client = conn.client();
+        let fail = |e| conn.fail(e);
+        tokio::try_join!(
+            async {
+                client
+                    .execute(&payloads, &[&self.payload_entity, &self.payload_body])
+                    .await
+                    .map_err(fail)
+            },
+            async {
+                client
+                    .execute(
+                        &entities,
+                        &[
+                            &self.entity_id,
+                            &self.entity_tenant,
+                            &self.entity_type,
+                            &self.entity_version,
+                            &self.entity_status,
+                            &self.entity_degraded,
+                            &self.entity_at,
+                            &self.entity_ready_at,
+                            &self.entity_next_seq,
+                        ],
+                    )
+                    .await
+                    .map_err(fail)
+            },
+            async {
+                client
+                    .execute(
+                        &steps,
+                        &[
+                            &self.step_entity,
+                            &self.step_idx,
+                            &self.step_name,
+                            &self.step_critical,
+                            &self.step_queue,
+                            &self.step_status,
+                            &self.step_attempts,
+                            &self.step_epoch,
+                            &self.step_due_at,
+                            &self.step_error,
+                        ],
+                    )
+                    .await
+                    .map_err(fail)
+            },
+        )?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Wake-ups from other nodes
+
+/// Listens for work notifications on a connection of its own and wakes
+/// `waker` for each. Reconnects with backoff when the connection drops, and
+/// wakes once after every (re)connection, since notifications sent while it
+/// was not listening are lost.
+async fn listen_for_work(config: Config, waker: Arc<tokio::sync::Notify>) {
+    let mut backoff_ms = LISTEN_BACKOFF_MIN_MS;
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let mut messages =
+                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                // LISTEN needs the connection driven while it runs.
+                let listen_sql = format!("LISTEN {WORK_CHANNEL}");
+                let listening = {
+                    let listen = client.batch_execute(&listen_sql);
+                    tokio::pin!(listen);
+                    loop {
+                        tokio::select! {
+                            done = &mut listen => break done.is_ok(),
+                            message = messages.next() => match message {
+                                Some(Ok(AsyncMessage::Notification(_))) => waker.notify_one(),
+                                Some(Ok(_)) => {}
+                                _ => break false,
+                            },
+                        }
+                    }
+                };
+                if listening {
+                    backoff_ms = LISTEN_BACKOFF_MIN_MS;
+                    tracing::debug!("listening for work notifications");
+                    waker.notify_one();
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(AsyncMessage::Notification(_)) => waker.notify_one(),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %describe(&e), "the work notification connection failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+                drop(client);
+            }
+            Err(e) => {
+                tracing::debug!(error = %describe(&e), "connect to postgres to listen for work");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+        backoff_ms = (backoff_ms * 2).min(LISTEN_BACKOFF_MAX_MS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::{catalog, T0};
+    use ripen_testkit::PgCluster;
+
+    async fn store() -> (PostgresStore, String) {
+        let url = PgCluster::shared().create_database();
+        let store = PostgresStore::connect(PostgresOptions::new(&url), catalog())
+            .await
+            .expect("connect");
+        (store, url)
+    }
+
+    fn entity() -> NewEntity {
+        NewEntity {
+            id: EntityId::new_v7(),
+            tenant: crate::DEFAULT_TENANT.into(),
+            type_name: "single".into(),
+            version: 1,
+            payload: "{}".into(),
+            idempotency_key: None,
+        }
+    }
+
+    fn idle(store: &PostgresStore) -> usize {
+        store.shared.pool.idle.lock().unwrap().len()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_connection_commits_synchronously() {
+        let url = PgCluster::shared().create_database();
+        let db = url.rsplit('/').next().expect("database name").to_owned();
+        let (client, connection) = tokio_postgres::connect(&url, NoTls)
+            .await
+            .expect("connect raw");
+        let driver = tokio::spawn(connection);
+        // A database default can weaken durability; the store overrides it.
+        client
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{db}\" SET synchronous_commit = off"
+            ))
+            .await
+            .expect("weaken the database default");
+        drop(client);
+        let _ = driver.await;
+        let store = PostgresStore::connect(PostgresOptions::new(&url), catalog())
+            .await
+            .expect("connect");
+        let conn = store.shared.pool.get().await.expect("connection");
+        let row = conn
+            .query_opt("SHOW synchronous_commit", &[])
+            .await
+            .expect("show")
+            .expect("a row");
+        assert_eq!(row.get::<_, String>(0), "on");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_left_inside_a_transaction_is_not_reused() {
+        let (store, _url) = store().await;
+        let before = idle(&store);
+        assert!(before >= 1, "the migration's connection is kept");
+        {
+            let conn = store.shared.pool.get().await.expect("connection");
+            conn.begin().await.expect("begin");
+            // Dropped here, as when a caller is cancelled mid-transaction.
+        }
+        assert_eq!(idle(&store), before - 1, "the connection was closed");
+        {
+            let conn = store.shared.pool.get().await.expect("connection");
+            conn.begin().await.expect("begin");
+            conn.finish(Ok(())).await.expect("commit");
+        }
+        assert_eq!(idle(&store), before, "a finished connection goes back");
+        store
+            .create(entity(), T0)
+            .await
+            .expect("the store still works");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_create_in_a_batch_fails_alone() {
+        let (store, _url) = store().await;
+        let existing = entity();
+        let duplicate_id = existing.id;
+        store.create(existing, T0).await.expect("create");
+        let pipeline = catalog().get("single", 1).cloned().expect("pipeline");
+        let mut answers = Vec::new();
+        let mut batch = Vec::new();
+        for id in [EntityId::new_v7(), duplicate_id, EntityId::new_v7()] {
+            let (reply, answer) = oneshot::channel();
+            answers.push(answer);
+            batch.push(CreateJob {
+                entity: NewEntity { id, ..entity() },
+                pipeline: pipeline.clone(),
+                now_us: T0,
+                reply,
+            });
+        }
+        store.shared.commit_creates(batch).await;
+        let mut outcomes = Vec::new();
+        for answer in answers {
+            outcomes.push(answer.await.expect("answered"));
+        }
+        assert!(
+            matches!(outcomes[0], Ok(IntakeOutcome::Created(_))),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(outcomes[1], Err(StoreError::Internal(_))),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(outcomes[2], Ok(IntakeOutcome::Created(_))),
+            "{outcomes:?}"
+        );
+        let listed = store
+            .list(
+                crate::DEFAULT_TENANT,
+                ListQuery {
+                    limit: 10,
+                    ..ListQuery::default()
+                },
+            )
+            .await
+            .expect("list");
+        assert_eq!(listed.len(), 3);
+    }
+
+    #[test]
+    fn driver_errors_map_to_unavailable_or_internal() {
+        // Shutdowns and broken links are retried on a new connection;
+        // deadlocks and timeouts are retried on the same one; the rest is a bug.
+        let cases = [
+            ("57P01", true, true),
+            ("08006", true, true),
+            ("40P01", true, false),
+            ("57014", true, false),
+            ("23505", false, false),
+            ("42P01", false, false),
+        ];
+        for (code, transient, broken) in cases {
+            assert_eq!(classify_sqlstate(code), (transient, broken), "{code}");
+        }
+    }
+}
