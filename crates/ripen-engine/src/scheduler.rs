@@ -25,6 +25,8 @@ use crate::time::now_us;
 const CLAIM_BATCH_MAX: usize = 512;
 /// The most results recorded in one store call.
 const COMPLETE_BATCH_MAX: usize = 1024;
+/// The most store calls recording results at once.
+const COMPLETE_IN_FLIGHT_MAX: usize = 4;
 /// How long to wait before asking a failing store again.
 const STORE_RETRY_MS: u64 = 200;
 
@@ -168,44 +170,57 @@ async fn complete_loop(
     mut results: mpsc::Receiver<Completion>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut batch = Vec::with_capacity(COMPLETE_BATCH_MAX);
+    // Several batches may be recorded at once: a shared store runs them on
+    // separate connections, an embedded one folds them into one group commit.
+    let mut recording = JoinSet::new();
     loop {
+        let mut batch = Vec::with_capacity(COMPLETE_BATCH_MAX);
         tokio::select! {
             n = results.recv_many(&mut batch, COMPLETE_BATCH_MAX) => {
                 if n == 0 {
-                    return;
-                }
-            }
-            _ = stop.changed() => return,
-        }
-        loop {
-            match shared.store.complete(batch.clone(), now_us()).await {
-                Ok(done) => {
-                    let stale = done
-                        .results
-                        .iter()
-                        .filter(|r| **r == CompletionResult::Stale)
-                        .count();
-                    if stale > 0 {
-                        tracing::info!(stale, "refused results of stale attempts");
-                    }
-                    for attempt in done.claimed {
-                        dispatch(&shared, attempt);
-                    }
-                    // These results freed slots and may have scheduled retries
-                    // earlier than the claim loop's current deadline.
-                    shared.wake.notify_one();
                     break;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, results = batch.len(), "recording results failed; will try again");
-                    if *stop.borrow() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(STORE_RETRY_MS)).await;
+            }
+            _ = stop.changed() => break,
+        }
+        while recording.len() >= COMPLETE_IN_FLIGHT_MAX {
+            recording.join_next().await;
+        }
+        recording.spawn(record(shared.clone(), batch, stop.clone()));
+    }
+    while recording.join_next().await.is_some() {}
+}
+
+/// Records one batch of results, trying again while the store is down: the
+/// attempts' leases would expire meanwhile, so a result recorded late is
+/// refused as stale rather than lost.
+async fn record(shared: Arc<Shared>, batch: Vec<Completion>, stop: watch::Receiver<bool>) {
+    loop {
+        match shared.store.complete(batch.clone(), now_us()).await {
+            Ok(done) => {
+                let stale = done
+                    .results
+                    .iter()
+                    .filter(|r| **r == CompletionResult::Stale)
+                    .count();
+                if stale > 0 {
+                    tracing::info!(stale, "refused results of stale attempts");
                 }
+                for attempt in done.claimed {
+                    dispatch(&shared, attempt);
+                }
+                // These results freed slots and may have scheduled retries
+                // earlier than the claim loop's current deadline.
+                shared.wake.notify_one();
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, results = batch.len(), "recording results failed; will try again");
+                if *stop.borrow() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(STORE_RETRY_MS)).await;
             }
         }
-        batch.clear();
     }
 }
