@@ -91,9 +91,12 @@ const LISTEN_BACKOFF_MAX_MS: u64 = 5_000;
 /// Session settings of every connection. `synchronous_commit = on` makes a
 /// commit return only once it is flushed to disk; the timeouts bound how long
 /// a stuck statement or an abandoned transaction can hold locks.
+/// Bounds of the server-side limit on a session idle inside a transaction.
+const IDLE_IN_TX_MIN_MS: u64 = 200;
+const IDLE_IN_TX_MAX_MS: u64 = 60_000;
+
 const SESSION_SETUP: &str = "SET synchronous_commit = on;
 SET statement_timeout = '30s';
-SET idle_in_transaction_session_timeout = '60s';
 SET application_name = 'ripen'";
 
 const SCHEMA: &str = "
@@ -226,7 +229,17 @@ impl PostgresStore {
             .url
             .parse()
             .map_err(|e| StoreError::Internal(format!("parse the postgres url: {e}")))?;
+        // A node that stalls inside a transaction (stopped, partitioned) holds
+        // row locks that other nodes' SKIP LOCKED claims step around. The
+        // server ends such a session within the lease grace, so those locks
+        // go no later than the stalled node's leases would.
+        let idle_in_tx_ms = opts
+            .lease_grace_ms
+            .clamp(IDLE_IN_TX_MIN_MS, IDLE_IN_TX_MAX_MS);
         config
+            .options(&format!(
+                "-c idle_in_transaction_session_timeout={idle_in_tx_ms}"
+            ))
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(KEEPALIVE_IDLE_S))

@@ -191,6 +191,8 @@ pub struct Config {
     pub body_limit_bytes: Option<u64>,
     pub poll_interval: Option<String>,
     pub lease_grace: Option<String>,
+    /// `[engine] execute`; `None` leaves the server's default (true).
+    pub execute: Option<bool>,
 }
 
 impl Default for Config {
@@ -217,6 +219,7 @@ impl Config {
             body_limit_bytes: None,
             poll_interval: Some("100ms".to_owned()),
             lease_grace: Some("1s".to_owned()),
+            execute: None,
         }
     }
 
@@ -235,19 +238,36 @@ impl Config {
         self
     }
 
+    pub fn poll_interval(mut self, interval: &str) -> Config {
+        self.poll_interval = Some(interval.to_owned());
+        self
+    }
+
+    /// `[engine] execute`: `false` makes an intake-only node.
+    pub fn execute(mut self, execute: bool) -> Config {
+        self.execute = Some(execute);
+        self
+    }
+
     /// Writes the schema files into `dir` and returns the TOML text.
     pub fn render(&self, dir: &Path) -> Result<String> {
+        self.render_on(dir, &storage_url(dir))
+    }
+
+    /// Like [`Config::render`], on the given storage URL (for instance a
+    /// PostgreSQL database shared by several servers).
+    pub fn render_on(&self, dir: &Path, storage_url: &str) -> Result<String> {
         let mut out = String::new();
         out.push_str("[server]\nlisten = \"127.0.0.1:0\"\n");
         if let Some(limit) = self.body_limit_bytes {
             out.push_str(&format!("body_limit_bytes = {limit}\n"));
         }
-        out.push_str(&format!(
-            "\n[storage]\nurl = {}\n",
-            toml_str(&storage_url(dir))
-        ));
-        if self.poll_interval.is_some() || self.lease_grace.is_some() {
+        out.push_str(&format!("\n[storage]\nurl = {}\n", toml_str(storage_url)));
+        if self.poll_interval.is_some() || self.lease_grace.is_some() || self.execute.is_some() {
             out.push_str("\n[engine]\n");
+            if let Some(execute) = self.execute {
+                out.push_str(&format!("execute = {execute}\n"));
+            }
             if let Some(p) = &self.poll_interval {
                 out.push_str(&format!("poll_interval = {}\n", toml_str(p)));
             }
@@ -869,12 +889,22 @@ impl Deref for Server {
 
 impl Server {
     pub async fn start(cfg: &Config) -> Server {
+        Server::start_with(|dir| cfg.render(dir)).await
+    }
+
+    /// Starts a server on the given storage URL, such as a PostgreSQL
+    /// database that other servers of the test share.
+    pub async fn start_on(cfg: &Config, storage_url: &str) -> Server {
+        Server::start_with(|dir| cfg.render_on(dir, storage_url)).await
+    }
+
+    async fn start_with(render: impl FnOnce(&Path) -> Result<String>) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("ripen-e2e-")
             .tempdir()
             .expect("create a temporary directory");
         let config_path = dir.path().join("ripen.toml");
-        let toml = cfg.render(dir.path()).expect("render the configuration");
+        let toml = render(dir.path()).expect("render the configuration");
         std::fs::write(&config_path, toml).expect("write ripen.toml");
         let log_path = dir.path().join("server.log");
         let mut server = Server {
@@ -933,6 +963,43 @@ impl Server {
 
     pub fn log_tail(&self, lines: usize) -> String {
         tail_of_file(&self.log_path, lines)
+    }
+
+    /// The whole server log (standard error of every start).
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The process id of the running server, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Freezes the server process (SIGSTOP): it keeps its sockets and its
+    /// leases but does nothing until [`Server::sigcont`].
+    pub fn sigstop(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a process frozen by [`Server::sigstop`] run again (SIGCONT).
+    pub fn sigcont(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = self.pid().expect("the server is not running");
+        let pid = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+        // SAFETY: kill(2) has no memory-safety preconditions. `pid` is our
+        // own child, reaped only by `kill` (which drops it) or `exited`.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     async fn spawn(&mut self) -> Result<()> {
