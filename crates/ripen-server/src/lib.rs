@@ -10,7 +10,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -160,10 +159,13 @@ fn no_entity(id: EntityId) -> Problem {
 async fn submit(
     State(state): Shared,
     p: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Result<Response, Problem> {
     let type_name = path_param(p)?;
+    // The request is taken whole so that its headers are read in place
+    // rather than copied.
+    let (parts, body) = request.into_parts();
+    let headers = &parts.headers;
     let limit = state.engine.config.body_limit_bytes;
     let too_large = || {
         Problem::new(
@@ -252,7 +254,7 @@ async fn submit(
             .with("entity_id", json!(entity_id.to_string())))
         }
     };
-    let mut response = json_response(StatusCode::ACCEPTED, view::entity(&record));
+    let mut response = json_text(StatusCode::ACCEPTED, view::entity_json(&record));
     let h = response.headers_mut();
     if let Ok(loc) = HeaderValue::from_str(&format!("/v1/entities/{}", record.id)) {
         h.insert(header::LOCATION, loc);
@@ -275,7 +277,7 @@ async fn get_entity(
         .await
         .map_err(store_problem)?
     {
-        Some(r) => Ok(json_response(StatusCode::OK, view::entity(&r))),
+        Some(r) => Ok(json_text(StatusCode::OK, view::entity_json(&r))),
         None => Err(no_entity(id)),
     }
 }
@@ -369,11 +371,19 @@ async fn list(
     } else {
         None
     };
-    let items: Vec<Value> = items.iter().map(view::entity).collect();
-    Ok(json_response(
-        StatusCode::OK,
-        json!({"items": items, "next": next}),
-    ))
+    // {"items": [...], "next": ...}, keys in serde_json's order.
+    let mut body = String::with_capacity(64 + 700 * items.len());
+    body.push_str("{\"items\":[");
+    for (i, r) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        view::write_entity(&mut body, r);
+    }
+    body.push_str("],\"next\":");
+    body.push_str(&Value::from(next).to_string());
+    body.push('}');
+    Ok(json_text(StatusCode::OK, body))
 }
 
 async fn events(
@@ -462,7 +472,7 @@ fn command_answer(
     match outcome.map_err(store_problem)? {
         CommandOutcome::Applied(r) => {
             state.engine.scheduler.waker().notify_one();
-            Ok(json_response(StatusCode::ACCEPTED, view::entity(&r)))
+            Ok(json_text(StatusCode::ACCEPTED, view::entity_json(&r)))
         }
         CommandOutcome::NotFound => Err(no_entity(id)),
         CommandOutcome::Conflict(status) => Err(Problem::new(

@@ -237,7 +237,7 @@ impl PostgresStore {
             .lease_grace_ms
             .clamp(IDLE_IN_TX_MIN_MS, IDLE_IN_TX_MAX_MS);
         config
-            .options(&format!(
+            .options(format!(
                 "-c idle_in_transaction_session_timeout={idle_in_tx_ms}"
             ))
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
