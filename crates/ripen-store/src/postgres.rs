@@ -1077,6 +1077,10 @@ impl Writes {
         if loaded.events.is_empty() {
             return Ok(());
         }
+        // Callers read the clock before they queue or wait for locks, so a
+        // later change may carry an earlier time: an entity's history never
+        // goes back in time.
+        let now_us = now_us.max(loaded.record.updated_at_us);
         let id = loaded.record.id;
         for (i, (stored, now)) in loaded
             .record
