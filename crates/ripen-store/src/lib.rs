@@ -214,6 +214,34 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// The pipeline a stored entity was pinned to, checked against its step rows.
+/// Every backend loads entities through this before applying the core.
+pub(crate) fn pipeline_for(
+    catalog: &ripen_core::Catalog,
+    record: &EntityRecord,
+) -> Result<std::sync::Arc<ripen_core::Pipeline>> {
+    let pipeline = catalog
+        .get(&record.type_name, record.version)
+        .cloned()
+        .ok_or_else(|| StoreError::UnknownPipeline {
+            type_name: record.type_name.clone(),
+            version: record.version,
+        })?;
+    let matches = pipeline.len() == record.steps.len()
+        && pipeline
+            .steps()
+            .iter()
+            .zip(&record.steps)
+            .all(|(spec, s)| spec.name == s.name);
+    if !matches {
+        return Err(StoreError::Internal(format!(
+            "entity {}: its step rows do not match pipeline {} version {}",
+            record.id, record.type_name, record.version
+        )));
+    }
+    Ok(pipeline)
+}
+
 /// The storage of entities, their steps, history, idempotency keys and outbox.
 ///
 /// Time always comes from the caller (`now_us`), so that tests can drive it.

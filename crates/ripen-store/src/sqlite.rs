@@ -1706,26 +1706,7 @@ impl Writer {
     }
 
     fn loaded(&self, record: EntityRecord, extra: RowExtra) -> Result<Loaded> {
-        let pipeline = self
-            .catalog
-            .get(&record.type_name, record.version)
-            .cloned()
-            .ok_or_else(|| StoreError::UnknownPipeline {
-                type_name: record.type_name.clone(),
-                version: record.version,
-            })?;
-        let matches = pipeline.len() == record.steps.len()
-            && pipeline
-                .steps()
-                .iter()
-                .zip(&record.steps)
-                .all(|(spec, s)| spec.name == s.name);
-        if !matches {
-            return Err(StoreError::Internal(format!(
-                "entity {}: its step rows do not match pipeline {} version {}",
-                record.id, record.type_name, record.version
-            )));
-        }
+        let pipeline = crate::pipeline_for(&self.catalog, &record)?;
         Ok(Loaded {
             state: record.state(),
             record,
