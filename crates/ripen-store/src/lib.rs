@@ -214,6 +214,39 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// The attempts of the steps just claimed on one entity, ready to dispatch.
+/// Shared by every backend, so that all of them hand executors the same thing.
+pub(crate) fn claimed_attempts(
+    record: &EntityRecord,
+    state: &EntityState,
+    claimed: impl IntoIterator<Item = usize>,
+    payload: &str,
+    outputs: &[(String, String)],
+) -> Result<Vec<Attempt>> {
+    let id = record.id;
+    claimed
+        .into_iter()
+        .map(|step| {
+            let s = &state.steps[step];
+            let lease_expires_at_us = s.due_at_us.ok_or_else(|| {
+                StoreError::Internal(format!("entity {id}: a claimed step has no lease expiry"))
+            })?;
+            Ok(Attempt {
+                entity_id: id,
+                type_name: record.type_name.clone(),
+                version: record.version,
+                step,
+                step_name: record.steps[step].name.clone(),
+                attempt: s.attempts,
+                epoch: s.epoch,
+                lease_expires_at_us,
+                payload: payload.to_owned(),
+                outputs: outputs.to_vec(),
+            })
+        })
+        .collect()
+}
+
 /// The pipeline a stored entity was pinned to, checked against its step rows.
 /// Every backend loads entities through this before applying the core.
 pub(crate) fn pipeline_for(

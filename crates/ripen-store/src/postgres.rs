@@ -1400,24 +1400,13 @@ impl Shared {
                 StoreError::Internal(format!("the payload of entity {id} is missing"))
             })?;
             let outputs = loaded.succeeded_outputs();
-            for step in std::mem::take(&mut loaded.claimed) {
-                let s = &loaded.state.steps[step];
-                let lease_expires_at_us = s.due_at_us.ok_or_else(|| {
-                    StoreError::Internal(format!("entity {id}: a claimed step has no lease expiry"))
-                })?;
-                attempts.push(Attempt {
-                    entity_id: id,
-                    type_name: loaded.record.type_name.clone(),
-                    version: loaded.record.version,
-                    step,
-                    step_name: loaded.record.steps[step].name.clone(),
-                    attempt: s.attempts,
-                    epoch: s.epoch,
-                    lease_expires_at_us,
-                    payload: payload.clone(),
-                    outputs: outputs.clone(),
-                });
-            }
+            attempts.extend(crate::claimed_attempts(
+                &loaded.record,
+                &loaded.state,
+                std::mem::take(&mut loaded.claimed),
+                payload,
+                &outputs,
+            )?);
         }
         Ok(attempts)
     }

@@ -58,6 +58,20 @@ use crate::{
     Store, StoreError,
 };
 
+/// The columns of one history row, in the order batched inserts bind them.
+const EVENT_COLUMNS: &[&str] = &[
+    "entity_id",
+    "seq",
+    "at",
+    "kind",
+    "step",
+    "attempt",
+    "detail",
+];
+
+/// The columns of one outbox row, in the order batched inserts bind them.
+const OUTBOX_COLUMNS: &[&str] = &["entity_id", "seq", "at", "kind", "body"];
+
 /// The schema this build writes, kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 2;
 /// Write commands waiting for the writer thread; senders wait beyond this.
@@ -1401,22 +1415,14 @@ impl Writer {
                 &self.conn,
                 &mut self.sql_cache,
                 "events",
-                &[
-                    "entity_id",
-                    "seq",
-                    "at",
-                    "kind",
-                    "step",
-                    "attempt",
-                    "detail",
-                ],
+                EVENT_COLUMNS,
                 &events,
             )?;
             insert_many(
                 &self.conn,
                 &mut self.sql_cache,
                 "outbox",
-                &["entity_id", "seq", "at", "kind", "body"],
+                OUTBOX_COLUMNS,
                 &outbox,
             )?;
             drop((payloads, entities, steps, idempotency, events, outbox));
@@ -1833,15 +1839,7 @@ impl Writer {
             &self.conn,
             &mut self.sql_cache,
             "events",
-            &[
-                "entity_id",
-                "seq",
-                "at",
-                "kind",
-                "step",
-                "attempt",
-                "detail",
-            ],
+            EVENT_COLUMNS,
             &events,
         )?;
         let mut outbox = Vec::with_capacity(pending.outbox.len() * 5);
@@ -1859,7 +1857,7 @@ impl Writer {
             &self.conn,
             &mut self.sql_cache,
             "outbox",
-            &["entity_id", "seq", "at", "kind", "body"],
+            OUTBOX_COLUMNS,
             &outbox,
         )
     }
@@ -1873,26 +1871,8 @@ impl Writer {
         let id = loaded.record.id;
         let payload = read_payload(&self.conn, loaded.extra.payload_id)?;
         let outputs = read_outputs(&self.conn, id)?;
-        let mut attempts = Vec::with_capacity(loaded.claimed.len());
-        for step in loaded.claimed.drain(..) {
-            let s = &loaded.state.steps[step];
-            let lease_expires_at_us = s.due_at_us.ok_or_else(|| {
-                StoreError::Internal(format!("entity {id}: a claimed step has no lease expiry"))
-            })?;
-            attempts.push(Attempt {
-                entity_id: id,
-                type_name: loaded.record.type_name.clone(),
-                version: loaded.record.version,
-                step,
-                step_name: loaded.record.steps[step].name.clone(),
-                attempt: s.attempts,
-                epoch: s.epoch,
-                lease_expires_at_us,
-                payload: payload.clone(),
-                outputs: outputs.clone(),
-            });
-        }
-        Ok(attempts)
+        let claimed = std::mem::take(&mut loaded.claimed);
+        crate::claimed_attempts(&loaded.record, &loaded.state, claimed, &payload, &outputs)
     }
 }
 

@@ -338,14 +338,7 @@ async fn million(
     if args.runs_w5() {
         for run in 1..=args.runs {
             let server = node.start(true).await?;
-            let bench = Bench {
-                args,
-                pad: pad.clone(),
-                server,
-                others: Vec::new(),
-                downstream: None,
-                _dir: None,
-            };
+            let bench = Bench::on(args, pad, server);
             let r = bench
                 .w5_row(errors)
                 .await
@@ -357,14 +350,7 @@ async fn million(
     if args.runs_intake() {
         for run in 1..=args.runs {
             let server = node.start(false).await?;
-            let bench = Bench {
-                args,
-                pad: pad.clone(),
-                server,
-                others: Vec::new(),
-                downstream: None,
-                _dir: None,
-            };
+            let bench = Bench::on(args, pad, server);
             let r = bench
                 .intake_row(errors)
                 .await
@@ -531,6 +517,18 @@ impl<'a> Bench<'a> {
                 Some(dir)
             },
         })
+    }
+
+    /// A bench on a server whose store outlives it (the `--million` rows).
+    fn on(args: &'a BenchArgs, pad: &Arc<String>, server: ServerProcess) -> Bench<'a> {
+        Bench {
+            args,
+            pad: pad.clone(),
+            server,
+            others: Vec::new(),
+            downstream: None,
+            _dir: None,
+        }
     }
 
     fn key_prefix(&self, phase: &str) -> Option<String> {
