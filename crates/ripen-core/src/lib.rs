@@ -11,8 +11,10 @@ pub mod pipeline;
 pub mod retry;
 pub mod state;
 
-pub use machine::{apply, Ctx, Event, Input, LostReason, Refusal};
-pub use pipeline::{Catalog, Executor, Pipeline, PipelineError, RetryPolicy, StepDef, StepSpec};
+pub use machine::{apply, Action, Ctx, Event, Input, LostReason, Refusal, Transition};
+pub use pipeline::{
+    Catalog, Executor, Pipeline, PipelineError, RetryPolicy, StepDef, StepSpec, HTTP_QUEUE,
+};
 pub use state::{EntityState, EntityStatus, StepState, StepStatus};
 
 /// A point in time as microseconds since the Unix epoch.

@@ -1,9 +1,9 @@
-//! The entity state machine: `(state, input, ctx) -> (state', events)`.
+//! The entity state machine: `(state, input, ctx) -> (state', events, actions)`.
 //!
 //! Architecture invariant: this module does no I/O and reads no clock. The
 //! time and the jitter sample come in through [`Ctx`]; the caller persists the
 //! new state together with the returned events in one transaction, and only
-//! then acts on it.
+//! then performs the returned actions.
 
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +65,43 @@ pub enum Input {
     Retry,
 }
 
+/// What the caller must do once the transition is durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// The step became runnable now: hand it to whoever consumes its queue
+    /// ([`Pipeline::queue`]).
+    Dispatch { step: usize },
+    /// Look at the step again at `at_us`: its backoff ends or its lease runs
+    /// out then.
+    WakeAt { step: usize, at_us: UnixMicros },
+    /// Tell subscribers about `events[event]`: the entity's status changed,
+    /// or it became degraded.
+    Notify { event: usize },
+}
+
+/// What one accepted input did: the history events, in order, and the
+/// actions they call for.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Transition {
+    pub events: Vec<Event>,
+    pub actions: Vec<Action>,
+}
+
+impl Transition {
+    fn event(&mut self, event: Event) {
+        if matches!(event, Event::StatusChanged { .. } | Event::Degraded { .. }) {
+            self.actions.push(Action::Notify {
+                event: self.events.len(),
+            });
+        }
+        self.events.push(event);
+    }
+
+    fn act(&mut self, action: Action) {
+        self.actions.push(action);
+    }
+}
+
 /// A history event: what changed, in the order it changed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -88,6 +125,8 @@ pub enum Event {
         attempt: u32,
         error: String,
         retryable: bool,
+        /// Set when the attempt ended without a result, and why.
+        lost: Option<LostReason>,
     },
     RetryScheduled {
         step: usize,
@@ -102,6 +141,11 @@ pub enum Event {
         step: usize,
     },
     StepRequeued {
+        step: usize,
+    },
+    /// A non-critical step failed for good: the entity carries
+    /// `degraded: true` from now on (until an operator retry).
+    Degraded {
         step: usize,
     },
 }
@@ -133,19 +177,19 @@ fn cut(mut s: String) -> String {
 }
 
 /// Applies one input to an entity. On `Ok` the state has moved and the
-/// events say how; on `Err` nothing changed.
+/// transition says how and what to do next; on `Err` nothing changed.
 pub fn apply(
     pipeline: &Pipeline,
     state: &mut EntityState,
     input: Input,
     ctx: Ctx,
-) -> Result<Vec<Event>, Refusal> {
+) -> Result<Transition, Refusal> {
     debug_assert_eq!(pipeline.len(), state.steps.len());
-    let mut events = Vec::new();
+    let mut t = Transition::default();
     match input {
         Input::Claim { step } => {
             let spec = pipeline.steps().get(step).ok_or(Refusal::NoSuchStep)?;
-            let s = &mut state.steps[step];
+            let s = &state.steps[step];
             let runnable = match s.status {
                 StepStatus::Queued => true,
                 StepStatus::Retrying => s.due_at_us.is_some_and(|due| due <= ctx.now_us),
@@ -155,30 +199,30 @@ pub fn apply(
                 return Err(Refusal::NotRunnable);
             }
             let lease_ms = spec.timeout_ms.saturating_add(ctx.lease_grace_ms);
-            let lease_expires_at_us = ctx
-                .now_us
-                .saturating_add(i64::try_from(lease_ms.saturating_mul(1_000)).unwrap_or(i64::MAX));
-            s.status = StepStatus::Running;
+            let lease_expires_at_us = after_ms(ctx.now_us, lease_ms);
+            set_step(state, step, StepStatus::Running, Some(lease_expires_at_us));
+            let s = &mut state.steps[step];
             s.attempts += 1;
             s.epoch += 1;
-            s.due_at_us = Some(lease_expires_at_us);
-            events.push(Event::StepStarted {
+            let (attempt, epoch) = (s.attempts, s.epoch);
+            t.event(Event::StepStarted {
                 step,
-                attempt: s.attempts,
-                epoch: s.epoch,
+                attempt,
+                epoch,
                 lease_expires_at_us,
+            });
+            t.act(Action::WakeAt {
+                step,
+                at_us: lease_expires_at_us,
             });
         }
         Input::Succeeded { step, epoch } => {
             check_live_attempt(state, step, epoch)?;
+            set_step(state, step, StepStatus::Succeeded, None);
             let s = &mut state.steps[step];
-            s.status = StepStatus::Succeeded;
-            s.due_at_us = None;
             s.last_error = None;
-            events.push(Event::StepSucceeded {
-                step,
-                attempt: s.attempts,
-            });
+            let attempt = s.attempts;
+            t.event(Event::StepSucceeded { step, attempt });
             for &d in pipeline.dependents(step) {
                 let unblocked = state.steps[d].status == StepStatus::Blocked
                     && pipeline
@@ -187,11 +231,11 @@ pub fn apply(
                         .iter()
                         .all(|&n| state.steps[n].status == StepStatus::Succeeded);
                 if unblocked {
-                    state.steps[d].status = StepStatus::Queued;
-                    state.steps[d].due_at_us = Some(ctx.now_us);
+                    set_step(state, d, StepStatus::Queued, Some(ctx.now_us));
+                    t.act(Action::Dispatch { step: d });
                 }
             }
-            settle(pipeline, state, ctx, &mut events);
+            settle(pipeline, state, ctx, &mut t);
         }
         Input::Failed {
             step,
@@ -201,16 +245,13 @@ pub fn apply(
             retry_after_ms,
         } => {
             check_live_attempt(state, step, epoch)?;
-            fail_attempt(
-                pipeline,
-                state,
-                step,
-                cut(error),
+            let failure = Failure {
+                error: cut(error),
                 retryable,
                 retry_after_ms,
-                ctx,
-                &mut events,
-            );
+                lost: None,
+            };
+            fail_attempt(pipeline, state, step, failure, ctx, &mut t);
         }
         Input::Lost {
             step,
@@ -230,29 +271,26 @@ pub fn apply(
             };
             // The attempt may have had its effect downstream: it counts, and is
             // retried like a timeout.
-            fail_attempt(
-                pipeline,
-                state,
-                step,
-                error.to_owned(),
-                true,
-                None,
-                ctx,
-                &mut events,
-            );
+            let failure = Failure {
+                error: error.to_owned(),
+                retryable: true,
+                retry_after_ms: None,
+                lost: Some(reason),
+            };
+            fail_attempt(pipeline, state, step, failure, ctx, &mut t);
         }
         Input::Cancel => {
             if state.status != EntityStatus::Pending {
                 return Err(Refusal::WrongStatus(state.status));
             }
-            change_status(state, EntityStatus::Cancelled, &mut events);
-            skip_all_live(state, &mut events);
+            change_status(state, EntityStatus::Cancelled, &mut t);
+            skip_all_live(state, &mut t);
         }
         Input::Retry => {
             if state.status != EntityStatus::Failed {
                 return Err(Refusal::WrongStatus(state.status));
             }
-            change_status(state, EntityStatus::Pending, &mut events);
+            change_status(state, EntityStatus::Pending, &mut t);
             state.degraded = false;
             for (i, spec) in pipeline.steps().iter().enumerate() {
                 let s = &state.steps[i];
@@ -263,23 +301,40 @@ pub fn apply(
                     .needs
                     .iter()
                     .all(|&n| state.steps[n].status == StepStatus::Succeeded);
-                let s = &mut state.steps[i];
-                s.attempts = 0;
+                state.steps[i].attempts = 0;
                 if ready {
-                    s.status = StepStatus::Queued;
-                    s.due_at_us = Some(ctx.now_us);
+                    set_step(state, i, StepStatus::Queued, Some(ctx.now_us));
                 } else {
-                    s.status = StepStatus::Blocked;
-                    s.due_at_us = None;
+                    set_step(state, i, StepStatus::Blocked, None);
                 }
-                events.push(Event::StepRequeued { step: i });
+                t.event(Event::StepRequeued { step: i });
+                if ready {
+                    t.act(Action::Dispatch { step: i });
+                }
             }
             // A failed entity keeps no live steps, so everything re-queued
             // above is either runnable or waits on something re-queued too.
-            settle(pipeline, state, ctx, &mut events);
+            settle(pipeline, state, ctx, &mut t);
         }
     }
-    Ok(events)
+    Ok(t)
+}
+
+/// `now_us` plus `ms` milliseconds, saturating.
+fn after_ms(now_us: UnixMicros, ms: u64) -> UnixMicros {
+    now_us.saturating_add(i64::try_from(ms.saturating_mul(1_000)).unwrap_or(i64::MAX))
+}
+
+/// Moves a step along its lifecycle and sets its one timer.
+fn set_step(state: &mut EntityState, step: usize, to: StepStatus, due_at_us: Option<UnixMicros>) {
+    let s = &mut state.steps[step];
+    assert!(
+        s.status.may_become(to),
+        "illegal step transition {:?} -> {to:?}",
+        s.status
+    );
+    s.status = to;
+    s.due_at_us = due_at_us;
 }
 
 fn check_live_attempt(state: &EntityState, step: usize, epoch: u64) -> Result<(), Refusal> {
@@ -290,91 +345,89 @@ fn check_live_attempt(state: &EntityState, step: usize, epoch: u64) -> Result<()
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How an attempt ended without success.
+struct Failure {
+    error: String,
+    retryable: bool,
+    retry_after_ms: Option<u64>,
+    lost: Option<LostReason>,
+}
+
 fn fail_attempt(
     pipeline: &Pipeline,
     state: &mut EntityState,
     step: usize,
-    error: String,
-    retryable: bool,
-    retry_after_ms: Option<u64>,
+    failure: Failure,
     ctx: Ctx,
-    events: &mut Vec<Event>,
+    t: &mut Transition,
 ) {
     let spec = pipeline.step(step);
-    let s = &mut state.steps[step];
-    events.push(Event::AttemptFailed {
+    let attempts = state.steps[step].attempts;
+    t.event(Event::AttemptFailed {
         step,
-        attempt: s.attempts,
-        error: error.clone(),
-        retryable,
+        attempt: attempts,
+        error: failure.error.clone(),
+        retryable: failure.retryable,
+        lost: failure.lost,
     });
-    s.last_error = Some(error);
-    if retryable && s.attempts < spec.retry.max_attempts {
-        let delay_ms = backoff_ms(&spec.retry, s.attempts, ctx.jitter, retry_after_ms);
-        let due_at_us = ctx
-            .now_us
-            .saturating_add(i64::try_from(delay_ms.saturating_mul(1_000)).unwrap_or(i64::MAX));
-        s.status = StepStatus::Retrying;
-        s.due_at_us = Some(due_at_us);
-        events.push(Event::RetryScheduled {
+    state.steps[step].last_error = Some(failure.error);
+    if failure.retryable && attempts < spec.retry.max_attempts {
+        let delay_ms = backoff_ms(&spec.retry, attempts, ctx.jitter, failure.retry_after_ms);
+        let due_at_us = after_ms(ctx.now_us, delay_ms);
+        set_step(state, step, StepStatus::Retrying, Some(due_at_us));
+        t.event(Event::RetryScheduled {
             step,
-            next_attempt: s.attempts + 1,
+            next_attempt: attempts + 1,
             due_at_us,
+        });
+        t.act(Action::WakeAt {
+            step,
+            at_us: due_at_us,
         });
         return;
     }
-    s.status = StepStatus::Failed;
-    s.due_at_us = None;
-    events.push(Event::StepFailed {
-        step,
-        attempts: s.attempts,
-    });
+    set_step(state, step, StepStatus::Failed, None);
+    t.event(Event::StepFailed { step, attempts });
     if spec.critical {
         if state.status == EntityStatus::Pending {
-            change_status(state, EntityStatus::Failed, events);
+            change_status(state, EntityStatus::Failed, t);
         }
-        skip_all_live(state, events);
+        skip_all_live(state, t);
     } else {
-        state.degraded = true;
-        skip_dependents(pipeline, state, step, events);
+        if !state.degraded {
+            state.degraded = true;
+            t.event(Event::Degraded { step });
+        }
+        skip_dependents(pipeline, state, step, t);
     }
 }
 
 /// Skips every step that transitively needs `step`.
-fn skip_dependents(
-    pipeline: &Pipeline,
-    state: &mut EntityState,
-    step: usize,
-    events: &mut Vec<Event>,
-) {
+fn skip_dependents(pipeline: &Pipeline, state: &mut EntityState, step: usize, t: &mut Transition) {
     let mut stack = pipeline.dependents(step).to_vec();
     while let Some(d) = stack.pop() {
-        let s = &mut state.steps[d];
-        if s.status.is_terminal() {
+        if state.steps[d].status.is_terminal() {
             continue;
         }
-        s.status = StepStatus::Skipped;
-        s.due_at_us = None;
-        events.push(Event::StepSkipped { step: d });
+        set_step(state, d, StepStatus::Skipped, None);
+        t.event(Event::StepSkipped { step: d });
         stack.extend_from_slice(pipeline.dependents(d));
     }
 }
 
 /// Skips every step that has not finished. A running attempt's result will
 /// then be refused as stale.
-fn skip_all_live(state: &mut EntityState, events: &mut Vec<Event>) {
-    for (i, s) in state.steps.iter_mut().enumerate() {
-        if !s.status.is_terminal() {
-            s.status = StepStatus::Skipped;
-            s.due_at_us = None;
-            events.push(Event::StepSkipped { step: i });
+fn skip_all_live(state: &mut EntityState, t: &mut Transition) {
+    for i in 0..state.steps.len() {
+        if !state.steps[i].status.is_terminal() {
+            set_step(state, i, StepStatus::Skipped, None);
+            t.event(Event::StepSkipped { step: i });
         }
     }
 }
 
 /// Marks a pending entity ready once every critical step has succeeded.
-fn settle(pipeline: &Pipeline, state: &mut EntityState, ctx: Ctx, events: &mut Vec<Event>) {
+fn settle(pipeline: &Pipeline, state: &mut EntityState, ctx: Ctx, t: &mut Transition) {
     if state.status != EntityStatus::Pending {
         return;
     }
@@ -385,13 +438,13 @@ fn settle(pipeline: &Pipeline, state: &mut EntityState, ctx: Ctx, events: &mut V
         .all(|(spec, s)| !spec.critical || s.status == StepStatus::Succeeded);
     if all_critical_done {
         state.ready_at_us = Some(ctx.now_us);
-        change_status(state, EntityStatus::Ready, events);
+        change_status(state, EntityStatus::Ready, t);
     }
 }
 
-fn change_status(state: &mut EntityState, to: EntityStatus, events: &mut Vec<Event>) {
+fn change_status(state: &mut EntityState, to: EntityStatus, t: &mut Transition) {
     let from = state.status;
     assert!(from.may_become(to), "illegal transition {from:?} -> {to:?}");
     state.status = to;
-    events.push(Event::StatusChanged { from, to });
+    t.event(Event::StatusChanged { from, to });
 }

@@ -20,6 +20,20 @@ pub enum Executor {
     Worker { queue: String },
 }
 
+/// The queue of the steps this node runs itself over HTTP.
+pub const HTTP_QUEUE: &str = "http";
+
+impl Executor {
+    /// The queue a runnable step of this executor waits in: whoever consumes
+    /// that queue (this node's scheduler, a remote worker) claims it.
+    pub fn queue(&self) -> String {
+        match self {
+            Executor::Http { .. } => HTTP_QUEUE.to_owned(),
+            Executor::Worker { queue } => format!("worker:{queue}"),
+        }
+    }
+}
+
 /// When and how often a failed attempt is tried again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryPolicy {
@@ -101,6 +115,8 @@ pub struct Pipeline {
     steps: Vec<StepSpec>,
     /// For each step, the steps that need it.
     dependents: Vec<Vec<usize>>,
+    /// For each step, the queue it waits in when runnable.
+    queues: Vec<String>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -198,7 +214,12 @@ impl Pipeline {
                 .collect();
             return Err(PipelineError::Cycle(stuck));
         }
-        Ok(Pipeline { steps, dependents })
+        let queues = steps.iter().map(|s| s.executor.queue()).collect();
+        Ok(Pipeline {
+            steps,
+            dependents,
+            queues,
+        })
     }
 
     pub fn steps(&self) -> &[StepSpec] {
@@ -220,6 +241,11 @@ impl Pipeline {
     /// The steps that list step `i` in their `needs`.
     pub fn dependents(&self, i: usize) -> &[usize] {
         &self.dependents[i]
+    }
+
+    /// The queue step `i` waits in when it is runnable.
+    pub fn queue(&self, i: usize) -> &str {
+        &self.queues[i]
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {

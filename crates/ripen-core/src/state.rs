@@ -100,6 +100,26 @@ impl StepStatus {
             StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped
         )
     }
+
+    /// The step lifecycle: blocked -> queued when its needs succeeded;
+    /// queued or retrying -> running by a claim; running -> succeeded,
+    /// retrying or failed by a result (or a lost lease); any live status ->
+    /// skipped when the step can no longer run; failed or skipped -> queued
+    /// or blocked by an operator retry. A succeeded step never changes.
+    pub fn may_become(self, next: StepStatus) -> bool {
+        use StepStatus::*;
+        matches!(
+            (self, next),
+            (Blocked, Queued)
+                | (Queued, Running)
+                | (Retrying, Running)
+                | (Running, Succeeded)
+                | (Running, Retrying)
+                | (Running, Failed)
+                | (Blocked | Queued | Running | Retrying, Skipped)
+                | (Failed | Skipped, Queued | Blocked)
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

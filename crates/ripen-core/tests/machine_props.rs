@@ -27,8 +27,8 @@ use proptest::test_runner::{Config, TestCaseError};
 use ripen_core::machine::ERROR_LEN_MAX;
 use ripen_core::retry::{backoff_ms, RETRY_AFTER_MAX_MS};
 use ripen_core::{
-    apply, Ctx, EntityState, EntityStatus, Event, Executor, Input, LostReason, Pipeline, Refusal,
-    RetryPolicy, StepDef, StepStatus, UnixMicros,
+    apply, Action, Ctx, EntityState, EntityStatus, Event, Executor, Input, LostReason, Pipeline,
+    Refusal, RetryPolicy, StepDef, StepStatus, Transition, UnixMicros,
 };
 
 type TestResult<T = ()> = Result<T, TestCaseError>;
@@ -648,7 +648,7 @@ fn check_transition(
     after: &EntityState,
     input: &Input,
     ctx: Ctx,
-    result: &Result<Vec<Event>, Refusal>,
+    result: &Result<Transition, Refusal>,
 ) -> TestResult {
     // 5. A completion from a stale attempt is refused as stale (guarantee 6).
     if let Input::Succeeded { step, epoch }
@@ -661,14 +661,16 @@ fn check_transition(
             }
         }
     }
-    let events = match result {
+    let transition = match result {
         Err(_) => {
             // 1. A refusal changes nothing at all.
             prop_assert_eq!(before, after, "a refused input changed the state");
             return Ok(());
         }
-        Ok(events) => events,
+        Ok(t) => t,
     };
+    check_actions(p, before, after, transition)?;
+    let events = &transition.events;
     prop_assert!(!events.is_empty(), "an accepted input says what it did");
 
     // 2. The status moves only along the lifecycle, and only by the right input.
@@ -782,15 +784,22 @@ fn check_transition(
                 attempt,
                 error,
                 retryable,
+                lost,
             } => {
                 let from_input = match input {
                     Input::Failed {
                         step: s, retryable, ..
-                    } if s == step => Some(*retryable),
-                    Input::Lost { step: s, .. } if s == step => Some(true),
+                    } if s == step => Some((*retryable, None)),
+                    Input::Lost {
+                        step: s, reason, ..
+                    } if s == step => Some((true, Some(*reason))),
                     _ => None,
                 };
-                prop_assert_eq!(from_input, Some(*retryable), "AttemptFailed from its input");
+                prop_assert_eq!(
+                    from_input,
+                    Some((*retryable, *lost)),
+                    "AttemptFailed from its input, with the reason of a lost attempt"
+                );
                 let s = &mut sim.steps[*step];
                 prop_assert_eq!(s.status, StepStatus::Running);
                 prop_assert_eq!(*attempt, s.attempts, "AttemptFailed.attempt");
@@ -855,9 +864,21 @@ fn check_transition(
                 }
                 s.status = StepStatus::Failed;
                 s.due_at_us = None;
-                if !p.step(*step).critical {
-                    sim.degraded = true;
-                }
+                let becomes_degraded = !p.step(*step).critical && !sim.degraded;
+                prop_assert_eq!(
+                    matches!(events.get(k + 1), Some(Event::Degraded { step: s }) if s == step),
+                    becomes_degraded,
+                    "Degraded follows the failure that degrades the entity, and only that one"
+                );
+            }
+            Event::Degraded { step } => {
+                prop_assert!(
+                    matches!(prev, Some(Event::StepFailed { step: s, .. }) if s == step),
+                    "Degraded after the non-critical step failed for good"
+                );
+                prop_assert!(!p.step(*step).critical, "only a non-critical step degrades");
+                prop_assert!(!sim.degraded, "Degraded only when the flag turns on");
+                sim.degraded = true;
             }
             Event::StepSkipped { step } => {
                 let s = &mut sim.steps[*step];
@@ -887,6 +908,65 @@ fn check_transition(
         }
     }
     prop_assert_eq!(&sim, after, "the events account for every change");
+    Ok(())
+}
+
+/// The actions of a transition follow from the change: a step that became
+/// queued is dispatched once, each timer set is announced with its time, and
+/// subscribers hear of every status change and of the entity degrading.
+fn check_actions(
+    p: &Pipeline,
+    before: &EntityState,
+    after: &EntityState,
+    t: &Transition,
+) -> TestResult {
+    let mut dispatched: Vec<usize> = Vec::new();
+    let mut woken: Vec<(usize, UnixMicros)> = Vec::new();
+    let mut notified: Vec<usize> = Vec::new();
+    for a in &t.actions {
+        match *a {
+            Action::Dispatch { step } => dispatched.push(step),
+            Action::WakeAt { step, at_us } => woken.push((step, at_us)),
+            Action::Notify { event } => notified.push(event),
+        }
+    }
+    let mut newly_queued: Vec<usize> = (0..p.len())
+        .filter(|&i| {
+            after.steps[i].status == StepStatus::Queued
+                && (before.steps[i].status != StepStatus::Queued)
+        })
+        .collect();
+    dispatched.sort_unstable();
+    newly_queued.sort_unstable();
+    prop_assert_eq!(
+        dispatched,
+        newly_queued,
+        "Dispatch exactly the newly queued steps"
+    );
+    let mut timers: Vec<(usize, UnixMicros)> = (0..p.len())
+        .filter(|&i| {
+            matches!(
+                after.steps[i].status,
+                StepStatus::Running | StepStatus::Retrying
+            ) && after.steps[i] != before.steps[i]
+        })
+        .map(|i| (i, after.steps[i].due_at_us.unwrap_or(i64::MIN)))
+        .collect();
+    woken.sort_unstable();
+    timers.sort_unstable();
+    prop_assert_eq!(woken, timers, "WakeAt for every lease and backoff set");
+    let notable: Vec<usize> = t
+        .events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e, Event::StatusChanged { .. } | Event::Degraded { .. }))
+        .map(|(k, _)| k)
+        .collect();
+    prop_assert_eq!(
+        notified,
+        notable,
+        "Notify each status change and degradation"
+    );
     Ok(())
 }
 
@@ -927,20 +1007,26 @@ impl<'a> Harness<'a> {
         self.log
             .push(format!("t+{}us {input:?} jitter={jitter}", self.now - T0));
         let want = model_apply(self.p, &before, &input, ctx);
-        let got = apply(self.p, &mut self.state, input.clone(), ctx);
-        let checked = check_transition(self.p, &before, &self.state, &input, ctx, &got)
+        let transition = apply(self.p, &mut self.state, input.clone(), ctx);
+        let checked = check_transition(self.p, &before, &self.state, &input, ctx, &transition)
             .and_then(|()| check_state(self.p, &self.state))
-            .and_then(|()| match (&want, &got) {
+            .and_then(|()| match (&want, &transition) {
                 (Err(w), Err(g)) => {
                     prop_assert_eq!(w, g, "the refusal");
                     Ok(())
                 }
                 (Ok(w), Ok(_)) => check_model(w, &self.state),
                 _ => {
-                    prop_assert!(false, "model says {:?}, machine says {:?}", want, got);
+                    prop_assert!(
+                        false,
+                        "model says {:?}, machine says {:?}",
+                        want,
+                        transition
+                    );
                     Ok(())
                 }
             });
+        let got = transition.map(|t| t.events);
         if let Err(e) = checked {
             return Err(TestCaseError::fail(format!(
                 "{e}\n  input: {input:?}\n  before: {before:?}\n  after: {:?}\n  result: {got:?}\n  \
