@@ -93,7 +93,11 @@ async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiv
         let free = shared.slots.available_permits().min(CLAIM_BATCH_MAX);
         let mut sleep_for = poll;
         if free > 0 {
-            match shared.store.claim_due(now_us(), free).await {
+            match shared
+                .store
+                .claim_due(ripen_core::HTTP_QUEUE, now_us(), free)
+                .await
+            {
                 Ok(batch) => {
                     let full = batch.attempts.len() >= free;
                     for attempt in batch.attempts {
@@ -196,7 +200,11 @@ async fn complete_loop(
 /// refused as stale rather than lost.
 async fn record(shared: Arc<Shared>, batch: Vec<Completion>, stop: watch::Receiver<bool>) {
     loop {
-        match shared.store.complete(batch.clone(), now_us()).await {
+        match shared
+            .store
+            .complete(batch.clone(), Some(ripen_core::HTTP_QUEUE), now_us())
+            .await
+        {
             Ok(done) => {
                 let stale = done
                     .results

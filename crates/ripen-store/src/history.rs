@@ -18,9 +18,13 @@ pub struct HistoryEvent {
 }
 
 impl HistoryEvent {
-    /// Whether this event is a status change, which also goes to the outbox.
-    pub fn is_status_change(&self) -> bool {
-        self.kind == "created" || self.kind == "status_changed"
+    /// Whether this event is a status change or a degradation, which also
+    /// go to the outbox.
+    pub fn is_notable(&self) -> bool {
+        matches!(
+            self.kind.as_str(),
+            "created" | "status_changed" | "degraded"
+        )
     }
 }
 
@@ -74,11 +78,17 @@ pub fn from_core(
                     attempt,
                     error,
                     retryable,
+                    lost,
                 } => (
                     "attempt_failed",
                     name(*step),
                     Some(*attempt),
-                    json!({"error": error, "retryable": retryable}),
+                    match lost {
+                        None => json!({"error": error, "retryable": retryable}),
+                        Some(reason) => {
+                            json!({"error": error, "retryable": retryable, "lost": reason})
+                        }
+                    },
                 ),
                 Event::RetryScheduled {
                     step,
@@ -95,6 +105,12 @@ pub fn from_core(
                 }
                 Event::StepSkipped { step } => ("step_skipped", name(*step), None, json!({})),
                 Event::StepRequeued { step } => ("step_requeued", name(*step), None, json!({})),
+                Event::Degraded { step } => (
+                    "degraded",
+                    None,
+                    None,
+                    json!({"degraded": true, "step": pipeline.step(*step).name}),
+                ),
             };
             HistoryEvent {
                 seq: next_seq + k as u64,

@@ -1,9 +1,10 @@
 //! Ripen's storage: the [`Store`] trait every backend implements, the records
 //! it speaks in, and the SQLite backend.
 //!
-//! A backend owns the SQL and the transactions; the decisions come from
-//! `ripen_core::apply`, which every backend calls the same way. The
-//! conformance suite in [`suite`] is the contract: every backend runs it.
+//! A backend owns the SQL and the transactions; every decision is made in
+//! [`working`], the one backend-agnostic working set that applies
+//! `ripen_core::apply` and turns its result into rows. The conformance suite
+//! in [`suite`] is the contract: every backend runs it.
 //!
 //! Architecture invariant: every write that changes an entity writes, in the
 //! same transaction, the new state, one history event per core event, and one
@@ -14,6 +15,7 @@ pub mod history;
 pub mod postgres;
 pub mod sqlite;
 pub mod suite;
+pub mod working;
 
 use std::fmt;
 use std::str::FromStr;
@@ -214,67 +216,6 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// The attempts of the steps just claimed on one entity, ready to dispatch.
-/// Shared by every backend, so that all of them hand executors the same thing.
-pub(crate) fn claimed_attempts(
-    record: &EntityRecord,
-    state: &EntityState,
-    claimed: impl IntoIterator<Item = usize>,
-    payload: &str,
-    outputs: &[(String, String)],
-) -> Result<Vec<Attempt>> {
-    let id = record.id;
-    claimed
-        .into_iter()
-        .map(|step| {
-            let s = &state.steps[step];
-            let lease_expires_at_us = s.due_at_us.ok_or_else(|| {
-                StoreError::Internal(format!("entity {id}: a claimed step has no lease expiry"))
-            })?;
-            Ok(Attempt {
-                entity_id: id,
-                type_name: record.type_name.clone(),
-                version: record.version,
-                step,
-                step_name: record.steps[step].name.clone(),
-                attempt: s.attempts,
-                epoch: s.epoch,
-                lease_expires_at_us,
-                payload: payload.to_owned(),
-                outputs: outputs.to_vec(),
-            })
-        })
-        .collect()
-}
-
-/// The pipeline a stored entity was pinned to, checked against its step rows.
-/// Every backend loads entities through this before applying the core.
-pub(crate) fn pipeline_for(
-    catalog: &ripen_core::Catalog,
-    record: &EntityRecord,
-) -> Result<std::sync::Arc<ripen_core::Pipeline>> {
-    let pipeline = catalog
-        .get(&record.type_name, record.version)
-        .cloned()
-        .ok_or_else(|| StoreError::UnknownPipeline {
-            type_name: record.type_name.clone(),
-            version: record.version,
-        })?;
-    let matches = pipeline.len() == record.steps.len()
-        && pipeline
-            .steps()
-            .iter()
-            .zip(&record.steps)
-            .all(|(spec, s)| spec.name == s.name);
-    if !matches {
-        return Err(StoreError::Internal(format!(
-            "entity {}: its step rows do not match pipeline {} version {}",
-            record.id, record.type_name, record.version
-        )));
-    }
-    Ok(pipeline)
-}
-
 /// The storage of entities, their steps, history, idempotency keys and outbox.
 ///
 /// Time always comes from the caller (`now_us`), so that tests can drive it.
@@ -285,15 +226,18 @@ pub trait Store: Send + Sync + 'static {
     /// Concurrent calls may share one commit.
     async fn create(&self, entity: NewEntity, now_us: UnixMicros) -> Result<IntakeOutcome>;
 
-    /// Claims up to `limit` runnable steps (queued, or retrying with backoff
-    /// elapsed) and first turns expired leases into lost attempts.
-    async fn claim_due(&self, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch>;
+    /// Claims up to `limit` runnable steps of `queue` (queued, or retrying
+    /// with backoff elapsed) and first turns expired leases into lost
+    /// attempts. `next_due_us` is the earliest due time left in that queue.
+    async fn claim_due(&self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch>;
 
     /// Records attempt results; a result whose epoch no longer holds is
-    /// refused and changes nothing. Steps made runnable are claimed at once.
+    /// refused and changes nothing. The steps of `claim_queue` these results
+    /// made runnable are claimed in the same transaction.
     async fn complete(
         &self,
         completions: Vec<Completion>,
+        claim_queue: Option<&str>,
         now_us: UnixMicros,
     ) -> Result<CompleteBatch>;
 
@@ -329,6 +273,9 @@ pub trait Store: Send + Sync + 'static {
     /// nodes answers with the database's clock; an embedded one with the
     /// local clock. The runtime reads it now and then and keeps the offset.
     async fn clock_us(&self) -> Result<UnixMicros>;
+
+    /// Completions refused as stale since the store opened.
+    fn stale_completions(&self) -> u64;
 
     /// Whether the store is shared by several nodes. A single-node store
     /// lets its owner `recover` attempts at start; a shared one never does,

@@ -37,28 +37,24 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
 use futures_util::StreamExt;
-use ripen_core::{
-    apply, Catalog, Ctx, EntityState, EntityStatus, Event, Executor, Input, LostReason, Pipeline,
-    Refusal, StepState, StepStatus, UnixMicros,
-};
-use serde_json::json;
+use ripen_core::{Catalog, EntityStatus, Input, Pipeline, StepState, StepStatus, UnixMicros};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
 
-use crate::history::{self, HistoryEvent};
+use crate::history::HistoryEvent;
+use crate::working::{self, CtxSource, Jitter, NewRows, Rows, Stored, Tally, Working};
 use crate::{
-    Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, CompletionResult, EntityData,
-    EntityId, EntityRecord, IntakeOutcome, ListQuery, NewEntity, Outcome, Result, StepRecord,
-    Store, StoreError,
+    Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
+    EntityRecord, IntakeOutcome, ListQuery, NewEntity, Result, StepRecord, Store, StoreError,
 };
 
 /// The schema this build writes, kept in `ripen_schema`.
@@ -67,8 +63,6 @@ const SCHEMA_VERSION: i32 = 1;
 const MIGRATION_LOCK: i64 = 0x7269_7065_6e5f_6d31; // "ripen_m1"
 /// The channel of work notifications.
 const WORK_CHANNEL: &str = "ripen_work";
-/// The queue of steps run by the HTTP executor, the only one `claim_due` serves.
-const HTTP_QUEUE: &str = "http";
 /// Creates waiting for the batching task; senders wait beyond this.
 const CREATE_QUEUE_MAX: usize = 4_096;
 /// Create batches committing at once, at most.
@@ -169,7 +163,7 @@ const ENTITY_STEP_COLUMNS: &str = "e.id, e.tenant, e.type, e.version, e.status, 
     s.idx, s.name, s.critical, s.status, s.attempts, s.epoch, s.due_at, s.last_error";
 
 /// How to connect a [`PostgresStore`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PostgresOptions {
     /// `postgres://user@host:port/database` (libpq URL or key=value form).
     pub url: String,
@@ -179,6 +173,18 @@ pub struct PostgresOptions {
     pub batch_max: usize,
     /// How long a lease outlives the step's timeout.
     pub lease_grace_ms: u64,
+    /// Where backoff jitter comes from.
+    pub jitter: Jitter,
+}
+
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("pool_size", &self.pool_size)
+            .field("batch_max", &self.batch_max)
+            .field("lease_grace_ms", &self.lease_grace_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PostgresOptions {
@@ -188,6 +194,7 @@ impl PostgresOptions {
             pool_size: 16,
             batch_max: 512,
             lease_grace_ms: 5_000,
+            jitter: working::random_jitter(),
         }
     }
 }
@@ -214,8 +221,8 @@ impl std::fmt::Debug for PostgresStore {
 struct Shared {
     pool: Arc<Pool>,
     catalog: Arc<Catalog>,
-    lease_grace_ms: u64,
-    stale_completions: AtomicU64,
+    ctxs: CtxSource,
+    tally: Tally,
 }
 
 impl PostgresStore {
@@ -267,8 +274,8 @@ impl PostgresStore {
         let shared = Arc::new(Shared {
             pool,
             catalog,
-            lease_grace_ms: opts.lease_grace_ms,
-            stale_completions: AtomicU64::new(0),
+            ctxs: CtxSource::new(opts.lease_grace_ms, opts.jitter.clone()),
+            tally: Tally::default(),
         });
         let (creates, queue) = mpsc::channel(CREATE_QUEUE_MAX);
         let in_flight = (pool_size / 2).clamp(1, CREATE_BATCHES_IN_FLIGHT_MAX);
@@ -284,12 +291,6 @@ impl PostgresStore {
             listeners: Mutex::new(Vec::new()),
             runtime: tokio::runtime::Handle::current(),
         })
-    }
-
-    /// Completions refused since the store was connected because their
-    /// lease epoch no longer held (or the entity was gone).
-    pub fn stale_completions(&self) -> u64 {
-        self.shared.stale_completions.load(Ordering::Relaxed)
     }
 }
 
@@ -334,16 +335,17 @@ impl Store for PostgresStore {
         })?
     }
 
-    async fn claim_due(&self, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
+    async fn claim_due(&self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
         let conn = self.shared.pool.get().await?;
         conn.begin().await?;
-        let result = self.shared.claim_due(&conn, now_us, limit).await;
+        let result = self.shared.claim_due(&conn, queue, now_us, limit).await;
         conn.finish(result).await
     }
 
     async fn complete(
         &self,
         completions: Vec<Completion>,
+        claim_queue: Option<&str>,
         now_us: UnixMicros,
     ) -> Result<CompleteBatch> {
         if completions.is_empty() {
@@ -354,7 +356,10 @@ impl Store for PostgresStore {
         }
         let conn = self.shared.pool.get().await?;
         conn.begin().await?;
-        let result = self.shared.complete(&conn, completions, now_us).await;
+        let result = self
+            .shared
+            .complete(&conn, &completions, claim_queue, now_us)
+            .await;
         conn.finish(result).await
     }
 
@@ -426,7 +431,7 @@ impl Store for PostgresStore {
         let Some(stored) = decode_entities(&rows, true)?.into_iter().next() else {
             return Ok(None);
         };
-        let outputs = stored.outputs_of_succeeded();
+        let outputs = stored.succeeded_outputs();
         Ok(Some(EntityData {
             record: stored.record,
             payload,
@@ -538,6 +543,10 @@ impl Store for PostgresStore {
             .await?
             .ok_or_else(|| StoreError::Internal("the database clock returned no row".into()))?;
         row.try_get(0).map_err(decode_error)
+    }
+
+    fn stale_completions(&self) -> u64 {
+        self.shared.tally.stale_completions()
     }
 
     fn is_shared(&self) -> bool {
@@ -878,36 +887,15 @@ fn pg_text(s: &str) -> String {
     s.replace('\0', "\u{fffd}")
 }
 
-/// An entity as read, with the columns the record does not carry.
-struct StoredEntity {
-    record: EntityRecord,
-    next_seq: u64,
-    /// The `output` column of each step, when it was read.
-    outputs: Vec<Option<String>>,
-}
-
-impl StoredEntity {
-    /// `(step name, raw JSON)` of the succeeded steps that returned an output.
-    fn outputs_of_succeeded(&self) -> Vec<(String, String)> {
-        self.record
-            .steps
-            .iter()
-            .zip(&self.outputs)
-            .filter(|(s, _)| s.state.status == StepStatus::Succeeded)
-            .filter_map(|(s, o)| o.as_ref().map(|o| (s.name.clone(), o.clone())))
-            .collect()
-    }
-}
-
 /// Decodes rows of [`ENTITY_STEP_COLUMNS`] (then `s.output` when
 /// `with_output`), ordered by entity and then step index.
-fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<StoredEntity>> {
-    let mut entities: Vec<StoredEntity> = Vec::new();
+fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<Stored>> {
+    let mut entities: Vec<Stored> = Vec::new();
     for row in rows {
         let id = entity_id(row.try_get::<_, &[u8]>(0).map_err(decode_error)?)?;
         if entities.last().map(|e| e.record.id) != Some(id) {
             let status: &str = row.try_get(4).map_err(decode_error)?;
-            entities.push(StoredEntity {
+            entities.push(Stored {
                 record: EntityRecord {
                     id,
                     tenant: row.try_get(1).map_err(decode_error)?,
@@ -924,6 +912,7 @@ fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<StoredEntity>>
                 },
                 next_seq: to_u64(row.try_get(9).map_err(decode_error)?, "entities.next_seq")?,
                 outputs: Vec::new(),
+                extra: (),
             });
         }
         let entity = entities.last_mut().expect("pushed above");
@@ -961,73 +950,12 @@ fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<StoredEntity>>
     Ok(entities)
 }
 
-fn queue_of(executor: &Executor) -> String {
-    match executor {
-        Executor::Http { .. } => HTTP_QUEUE.to_owned(),
-        Executor::Worker { queue } => format!("worker:{queue}"),
-    }
-}
-
-fn is_http(pipeline: &Pipeline, step: usize) -> bool {
-    matches!(pipeline.step(step).executor, Executor::Http { .. })
-}
-
 fn id_params(ids: &[EntityId]) -> Vec<&[u8]> {
     ids.iter().map(|id| id.as_bytes().as_slice()).collect()
 }
 
 // ---------------------------------------------------------------------------
 // Loading, deciding and writing back
-
-/// One entity loaded under its row lock: the state the core works on, and
-/// what is needed to write its changes back.
-struct Loaded {
-    /// The entity as last written.
-    record: EntityRecord,
-    next_seq: u64,
-    pipeline: Arc<Pipeline>,
-    /// The working state; differs from `record` until `flush`.
-    state: EntityState,
-    /// Core events not yet written.
-    events: Vec<Event>,
-    /// Outputs of steps that succeeded since the last flush.
-    new_outputs: Vec<(usize, Option<String>)>,
-    /// The `output` column of each step as written.
-    outputs: Vec<Option<String>>,
-    /// Steps claimed since the last `take_attempts`.
-    claimed: Vec<usize>,
-}
-
-impl Loaded {
-    fn apply(&mut self, input: Input, ctx: Ctx) -> Result<(), Refusal> {
-        let claim = match input {
-            Input::Claim { step } => Some(step),
-            _ => None,
-        };
-        let events = apply(&self.pipeline, &mut self.state, input, ctx)?;
-        self.events.extend(events);
-        if let Some(step) = claim {
-            self.claimed.push(step);
-        }
-        Ok(())
-    }
-
-    /// `(step name, raw JSON)` of the succeeded steps that returned an
-    /// output, as written by `flush`.
-    fn succeeded_outputs(&self) -> Vec<(String, String)> {
-        self.state
-            .steps
-            .iter()
-            .zip(&self.outputs)
-            .enumerate()
-            .filter(|(_, (s, _))| s.status == StepStatus::Succeeded)
-            .filter_map(|(i, (_, o))| {
-                o.as_ref()
-                    .map(|o| (self.pipeline.step(i).name.clone(), o.clone()))
-            })
-            .collect()
-    }
-}
 
 /// Rows to write, gathered across entities so that each table takes one
 /// multi-row statement per transaction.
@@ -1071,103 +999,70 @@ struct Writes {
 type WriteFuture<'a> = Pin<Box<dyn Future<Output = Result<u64>> + Send + 'a>>;
 
 impl Writes {
-    /// Queues what changed in `loaded` since it was read or last flushed:
-    /// the changed step rows, the entity row, the history and the outbox.
-    fn flush(&mut self, loaded: &mut Loaded, now_us: UnixMicros) -> Result<()> {
-        if loaded.events.is_empty() {
-            return Ok(());
-        }
-        // Callers read the clock before they queue or wait for locks, so a
-        // later change may carry an earlier time: an entity's history never
-        // goes back in time.
-        let now_us = now_us.max(loaded.record.updated_at_us);
-        let id = loaded.record.id;
-        for (i, (stored, now)) in loaded
-            .record
-            .steps
-            .iter()
-            .zip(&loaded.state.steps)
-            .enumerate()
-        {
-            let output = loaded.new_outputs.iter().find(|(step, _)| *step == i);
-            if stored.state == *now && output.is_none() {
-                continue;
-            }
-            if stored.state.status != now.status
-                && matches!(now.status, StepStatus::Queued | StepStatus::Retrying)
-            {
-                self.wake_others = true;
-            }
-            // A step succeeds at most once per attempt series and keeps its
-            // output afterwards, so the column is written only with a result.
-            self.step_entity.push(id.as_bytes().to_vec());
-            self.step_idx.push(i as i32);
-            self.step_status.push(now.status.as_str());
-            self.step_attempts.push(i64::from(now.attempts));
-            self.step_epoch.push(to_i64(now.epoch, "epoch")?);
-            self.step_due_at.push(now.due_at_us);
-            self.step_error.push(now.last_error.as_deref().map(pg_text));
-            self.step_set_output.push(output.is_some());
-            self.step_output.push(
-                output
-                    .and_then(|(_, o)| o.as_ref())
+    /// Binds the rows of a batch of changes, one array per column.
+    fn from_rows(rows: &Rows) -> Result<Writes> {
+        let mut w = Writes {
+            wake_others: rows.wake_others,
+            ..Writes::default()
+        };
+        for r in &rows.steps {
+            let now = &r.state;
+            w.step_entity.push(r.entity_id.as_bytes().to_vec());
+            w.step_idx.push(r.idx as i32);
+            w.step_status.push(now.status.as_str());
+            w.step_attempts.push(i64::from(now.attempts));
+            w.step_epoch.push(to_i64(now.epoch, "epoch")?);
+            w.step_due_at.push(now.due_at_us);
+            w.step_error.push(now.last_error.as_deref().map(pg_text));
+            w.step_set_output.push(r.output.is_some());
+            w.step_output.push(
+                r.output
+                    .as_ref()
+                    .and_then(|o| o.as_ref())
                     .map(|o| o.as_bytes().to_vec()),
             );
         }
-        for (step, output) in loaded.new_outputs.drain(..) {
-            loaded.outputs[step] = output;
+        for e in &rows.entities {
+            w.entity_id.push(e.id.as_bytes().to_vec());
+            w.entity_status.push(e.status.as_str());
+            w.entity_degraded.push(e.degraded);
+            w.entity_ready_at.push(e.ready_at_us);
+            w.entity_updated_at.push(e.updated_at_us);
+            w.entity_next_seq.push(to_i64(e.next_seq, "next_seq")?);
         }
-        let history = history::from_core(&loaded.pipeline, &loaded.events, now_us, loaded.next_seq);
-        let next_seq = loaded.next_seq + history.len() as u64;
-        self.entity_id.push(id.as_bytes().to_vec());
-        self.entity_status.push(loaded.state.status.as_str());
-        self.entity_degraded.push(loaded.state.degraded);
-        self.entity_ready_at.push(loaded.state.ready_at_us);
-        self.entity_updated_at.push(now_us);
-        self.entity_next_seq.push(to_i64(next_seq, "next_seq")?);
-
-        let record = &mut loaded.record;
-        record.status = loaded.state.status;
-        record.degraded = loaded.state.degraded;
-        record.ready_at_us = loaded.state.ready_at_us;
-        record.updated_at_us = now_us;
-        for (stored, now) in record.steps.iter_mut().zip(&loaded.state.steps) {
-            stored.state.clone_from(now);
+        for e in &rows.events {
+            w.event(e.entity_id, &e.event, &e.detail)?;
         }
-        loaded.next_seq = next_seq;
-        loaded.events.clear();
-        self.history(&loaded.record, &history)
+        for o in &rows.outbox {
+            w.outbox(o.entity_id, o.seq, o.at_us, &o.kind, &o.body)?;
+        }
+        Ok(w)
     }
 
-    /// Queues history rows and, for status changes, outbox rows.
-    fn history(&mut self, record: &EntityRecord, history: &[HistoryEvent]) -> Result<()> {
-        let id = record.id;
-        for e in history {
-            self.event_entity.push(id.as_bytes().to_vec());
-            self.event_seq.push(to_i64(e.seq, "seq")?);
-            self.event_at.push(e.at_us);
-            self.event_kind.push(e.kind.clone());
-            self.event_step.push(e.step.clone());
-            self.event_attempt.push(e.attempt.map(i64::from));
-            self.event_detail.push(pg_text(&e.detail.to_string()));
-            if e.is_status_change() {
-                let body = json!({
-                    "entity_id": id.to_string(),
-                    "tenant": record.tenant,
-                    "type": record.type_name,
-                    "version": record.version,
-                    "seq": e.seq,
-                    "at_us": e.at_us,
-                    "kind": e.kind,
-                    "detail": e.detail,
-                });
-                self.outbox_entity.push(id.as_bytes().to_vec());
-                self.outbox_seq.push(to_i64(e.seq, "seq")?);
-                self.outbox_at.push(e.at_us);
-                self.outbox_kind.push(e.kind.clone());
-                self.outbox_body.push(pg_text(&body.to_string()));
-            }
-        }
+    fn event(&mut self, id: EntityId, e: &HistoryEvent, detail: &str) -> Result<()> {
+        self.event_entity.push(id.as_bytes().to_vec());
+        self.event_seq.push(to_i64(e.seq, "seq")?);
+        self.event_at.push(e.at_us);
+        self.event_kind.push(e.kind.clone());
+        self.event_step.push(e.step.clone());
+        self.event_attempt.push(e.attempt.map(i64::from));
+        self.event_detail.push(pg_text(detail));
+        Ok(())
+    }
+
+    fn outbox(
+        &mut self,
+        id: EntityId,
+        seq: u64,
+        at_us: UnixMicros,
+        kind: &str,
+        body: &str,
+    ) -> Result<()> {
+        self.outbox_entity.push(id.as_bytes().to_vec());
+        self.outbox_seq.push(to_i64(seq, "seq")?);
+        self.outbox_at.push(at_us);
+        self.outbox_kind.push(kind.to_owned());
+        self.outbox_body.push(pg_text(body));
         Ok(())
     }
 
@@ -1303,34 +1198,15 @@ impl Writes {
 }
 
 impl Shared {
-    fn ctx(&self, now_us: UnixMicros) -> Ctx {
-        Ctx {
-            now_us,
-            jitter: fastrand::f64(),
-            lease_grace_ms: self.lease_grace_ms,
-        }
-    }
-
-    fn loaded(&self, stored: StoredEntity) -> Result<Loaded> {
-        let record = stored.record;
-        let pipeline = crate::pipeline_for(&self.catalog, &record)?;
-        Ok(Loaded {
-            state: record.state(),
-            record,
-            next_seq: stored.next_seq,
-            pipeline,
-            events: Vec::new(),
-            new_outputs: Vec::new(),
-            outputs: stored.outputs,
-            claimed: Vec::new(),
-        })
+    fn working(&self, stored: Stored) -> Result<Working> {
+        Working::new(&self.catalog, stored)
     }
 
     /// Reads entities with their steps and outputs, in id order. Callers
     /// hold the entities' row locks, taken by an earlier statement, so this
     /// statement's snapshot shows their latest committed state. (The id
     /// condition on both tables lets the planner use both primary keys.)
-    async fn read_entities(&self, conn: &Conn, ids: &[EntityId]) -> Result<Vec<StoredEntity>> {
+    async fn read_entities(&self, conn: &Conn, ids: &[EntityId]) -> Result<Vec<Stored>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -1384,34 +1260,47 @@ impl Shared {
         Ok(payloads)
     }
 
-    /// The attempts claimed in `entities` since the last call; call after
-    /// `flush` so that the outputs are the written ones.
-    async fn take_attempts(&self, conn: &Conn, entities: &mut [Loaded]) -> Result<Vec<Attempt>> {
+    /// Writes what changed in `entities` (and wakes other nodes when
+    /// `notify` or when some step became runnable), then returns the
+    /// attempts they claimed.
+    async fn save(
+        &self,
+        conn: &Conn,
+        entities: &mut [Working],
+        now_us: UnixMicros,
+        notify: bool,
+    ) -> Result<Vec<Attempt>> {
+        let mut rows = Rows::default();
+        for w in entities.iter_mut() {
+            w.flush(now_us, &mut rows);
+        }
+        if !rows.is_empty() || notify {
+            Writes::from_rows(&rows)?.execute(conn, notify).await?;
+        }
         let ids: Vec<EntityId> = entities
             .iter()
-            .filter(|e| !e.claimed.is_empty())
-            .map(|e| e.record.id)
+            .filter(|w| w.has_claims())
+            .map(|w| w.id())
             .collect();
         let payloads = self.payloads(conn, &ids).await?;
         let mut attempts = Vec::new();
-        for loaded in entities.iter_mut().filter(|e| !e.claimed.is_empty()) {
-            let id = loaded.record.id;
+        for w in entities.iter_mut().filter(|w| w.has_claims()) {
+            let id = w.id();
             let payload = payloads.get(&id).ok_or_else(|| {
                 StoreError::Internal(format!("the payload of entity {id} is missing"))
             })?;
-            let outputs = loaded.succeeded_outputs();
-            attempts.extend(crate::claimed_attempts(
-                &loaded.record,
-                &loaded.state,
-                std::mem::take(&mut loaded.claimed),
-                payload,
-                &outputs,
-            )?);
+            attempts.extend(w.take_attempts(payload)?);
         }
         Ok(attempts)
     }
 
-    async fn claim_due(&self, conn: &Conn, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
+    async fn claim_due(
+        &self,
+        conn: &Conn,
+        queue: &str,
+        now_us: UnixMicros,
+        limit: usize,
+    ) -> Result<ClaimBatch> {
         let mut attempts = Vec::new();
         if limit > 0 {
             // Lock the entities of the earliest due steps, skipping those
@@ -1431,7 +1320,7 @@ impl Shared {
                      ORDER BY d.due, e.id LIMIT $4
                      FOR UPDATE OF e SKIP LOCKED",
                     &[
-                        &HTTP_QUEUE,
+                        &queue,
                         &now_us,
                         &i64::try_from(scan).unwrap_or(i64::MAX),
                         &i64::try_from(limit).unwrap_or(i64::MAX),
@@ -1446,63 +1335,22 @@ impl Shared {
             let mut entities = Vec::with_capacity(ids.len());
             for stored in self.read_entities(conn, &ids).await? {
                 let id = stored.record.id;
-                match self.loaded(stored) {
-                    Ok(loaded) => entities.push(loaded),
+                match self.working(stored) {
+                    Ok(w) => entities.push(w),
                     Err(e @ StoreError::UnknownPipeline { .. }) => {
                         tracing::warn!(entity = %id, error = %e, "cannot schedule the steps of an entity");
                     }
                     Err(e) => return Err(e),
                 }
             }
-            // The earliest due steps first, `limit` of them at most.
-            let mut due: Vec<(i64, usize, usize)> = Vec::new();
-            for (k, loaded) in entities.iter().enumerate() {
-                for (i, s) in loaded.state.steps.iter().enumerate() {
-                    if let Some(at) = s.due_at_us.filter(|&at| at <= now_us) {
-                        if is_http(&loaded.pipeline, i) {
-                            due.push((at, k, i));
-                        }
-                    }
-                }
-            }
-            due.sort_unstable();
-            due.truncate(limit);
-            due.sort_unstable_by_key(|&(_, k, i)| (k, i));
-            for (_, k, step) in due {
-                let loaded = &mut entities[k];
-                let s = &loaded.state.steps[step];
-                if s.status == StepStatus::Running {
-                    let lost = Input::Lost {
-                        step,
-                        epoch: s.epoch,
-                        reason: LostReason::LeaseExpired,
-                    };
-                    let _ = loaded.apply(lost, self.ctx(now_us));
-                }
-                // Refusals are expected (the step is waiting out a backoff
-                // after losing its lease); the step stays for a later pass.
-                if loaded
-                    .apply(Input::Claim { step }, self.ctx(now_us))
-                    .is_err()
-                {
-                    let s = &loaded.state.steps[step];
-                    if s.due_at_us.is_some_and(|due| due <= now_us) {
-                        tracing::warn!(entity = %loaded.record.id, step, status = s.status.as_str(), "a due step cannot be claimed");
-                    }
-                }
-            }
-            let mut writes = Writes::default();
-            for loaded in &mut entities {
-                writes.flush(loaded, now_us)?;
-            }
-            writes.execute(conn, false).await?;
-            attempts = self.take_attempts(conn, &mut entities).await?;
+            working::claim_due(&mut entities, queue, limit, &self.ctxs, now_us);
+            attempts = self.save(conn, &mut entities, now_us, false).await?;
         }
         let next_due_us = conn
             .query_opt(
                 "SELECT due_at FROM steps WHERE queue = $1 AND due_at IS NOT NULL
                  ORDER BY due_at LIMIT 1",
-                &[&HTTP_QUEUE],
+                &[&queue],
             )
             .await?
             .map(|r| r.try_get(0))
@@ -1517,7 +1365,8 @@ impl Shared {
     async fn complete(
         &self,
         conn: &Conn,
-        completions: Vec<Completion>,
+        completions: &[Completion],
+        claim_queue: Option<&str>,
         now_us: UnixMicros,
     ) -> Result<CompleteBatch> {
         let mut ids: Vec<EntityId> = completions.iter().map(|c| c.entity_id).collect();
@@ -1526,80 +1375,17 @@ impl Shared {
         let locked = self.lock_entities(conn, &ids).await?;
         let mut entities = Vec::with_capacity(locked.len());
         for stored in self.read_entities(conn, &locked).await? {
-            entities.push(self.loaded(stored)?);
+            entities.push(self.working(stored)?);
         }
-        let slots: HashMap<EntityId, usize> = entities
-            .iter()
-            .enumerate()
-            .map(|(k, e)| (e.record.id, k))
-            .collect();
-        let mut results = Vec::with_capacity(completions.len());
-        for c in completions {
-            let applied = match slots.get(&c.entity_id) {
-                None => false,
-                Some(&k) => {
-                    let entity = &mut entities[k];
-                    let (input, output) = match c.outcome {
-                        Outcome::Succeeded { output } => (
-                            Input::Succeeded {
-                                step: c.step,
-                                epoch: c.epoch,
-                            },
-                            Some(output),
-                        ),
-                        Outcome::Failed {
-                            error,
-                            retryable,
-                            retry_after_ms,
-                        } => (
-                            Input::Failed {
-                                step: c.step,
-                                epoch: c.epoch,
-                                error,
-                                retryable,
-                                retry_after_ms,
-                            },
-                            None,
-                        ),
-                    };
-                    // Stale and NoSuchStep alike: the result does not belong to a live attempt.
-                    let applied = entity.apply(input, self.ctx(now_us)).is_ok();
-                    if let (true, Some(output)) = (applied, output) {
-                        entity.new_outputs.push((c.step, output));
-                    }
-                    applied
-                }
-            };
-            if applied {
-                results.push(CompletionResult::Applied);
-            } else {
-                let stale = self.stale_completions.fetch_add(1, Ordering::Relaxed) + 1;
-                tracing::info!(
-                    entity = %c.entity_id,
-                    step = c.step,
-                    epoch = c.epoch,
-                    stale_completions = stale,
-                    "refused a stale completion"
-                );
-                results.push(CompletionResult::Stale);
-            }
-        }
-        let mut writes = Writes::default();
-        for entity in &mut entities {
-            if entity.events.is_empty() {
-                continue;
-            }
-            for step in 0..entity.state.steps.len() {
-                if entity.state.steps[step].status == StepStatus::Queued
-                    && is_http(&entity.pipeline, step)
-                {
-                    let _ = entity.apply(Input::Claim { step }, self.ctx(now_us));
-                }
-            }
-            writes.flush(entity, now_us)?;
-        }
-        writes.execute(conn, false).await?;
-        let claimed = self.take_attempts(conn, &mut entities).await?;
+        let results = working::complete(
+            &mut entities,
+            completions,
+            claim_queue,
+            &self.ctxs,
+            &self.tally,
+            now_us,
+        );
+        let claimed = self.save(conn, &mut entities, now_us, false).await?;
         Ok(CompleteBatch { results, claimed })
     }
 
@@ -1617,26 +1403,13 @@ impl Shared {
             .collect::<Result<Vec<_>>>()?;
         let locked = self.lock_entities(conn, &ids).await?;
         let mut lost = 0;
-        let mut writes = Writes::default();
+        let mut entities = Vec::with_capacity(locked.len());
         for stored in self.read_entities(conn, &locked).await? {
-            let mut loaded = self.loaded(stored)?;
-            for step in 0..loaded.state.steps.len() {
-                let s = &loaded.state.steps[step];
-                if s.status != StepStatus::Running {
-                    continue;
-                }
-                let input = Input::Lost {
-                    step,
-                    epoch: s.epoch,
-                    reason: LostReason::NodeRestarted,
-                };
-                if loaded.apply(input, self.ctx(now_us)).is_ok() {
-                    lost += 1;
-                }
-            }
-            writes.flush(&mut loaded, now_us)?;
+            let mut w = self.working(stored)?;
+            lost += w.recover(&self.ctxs, now_us);
+            entities.push(w);
         }
-        writes.execute(conn, false).await?;
+        self.save(conn, &mut entities, now_us, false).await?;
         Ok(lost)
     }
 
@@ -1660,19 +1433,12 @@ impl Shared {
         let Some(stored) = self.read_entities(conn, &[id]).await?.into_iter().next() else {
             return Ok(CommandOutcome::NotFound);
         };
-        let mut loaded = self.loaded(stored)?;
-        match loaded.apply(input, self.ctx(now_us)) {
-            Ok(()) => {
-                let mut writes = Writes::default();
-                writes.flush(&mut loaded, now_us)?;
-                writes.execute(conn, true).await?;
-                Ok(CommandOutcome::Applied(loaded.record))
-            }
-            Err(Refusal::WrongStatus(status)) => Ok(CommandOutcome::Conflict(status)),
-            Err(refusal) => Err(StoreError::Internal(format!(
-                "entity {id}: unexpected refusal of an operator command: {refusal}"
-            ))),
-        }
+        let mut w = self.working(stored)?;
+        let refused = w.command(input, &self.ctxs, now_us)?;
+        let notify = refused.is_none();
+        self.save(conn, std::slice::from_mut(&mut w), now_us, notify)
+            .await?;
+        Ok(working::command_outcome(w, refused))
     }
 }
 
@@ -1796,19 +1562,18 @@ impl Shared {
     ) -> Result<Vec<Result<IntakeOutcome>>> {
         // Idempotency keys first, in key order so that two nodes inserting
         // overlapping keys wait for each other instead of deadlocking. Of
-        // several creates with one key, the earliest queued one may create.
+        // several creates with one key, the earliest queued one may create;
+        // the others find its key taken below.
+        let entities: Vec<&NewEntity> = jobs.iter().map(|job| &job.entity).collect();
+        let repeats = working::repeated_keys(&entities);
         let mut keyed: Vec<usize> = (0..jobs.len())
-            .filter(|&j| jobs[j].entity.idempotency_key.is_some())
+            .filter(|&j| jobs[j].entity.idempotency_key.is_some() && repeats[j].is_none())
             .collect();
         let scope = |j: usize| {
             let e = &jobs[j].entity;
-            (&e.tenant, &e.type_name, e.idempotency_key.as_deref(), j)
+            (&e.tenant, &e.type_name, e.idempotency_key.as_deref())
         };
         keyed.sort_by(|&a, &b| scope(a).cmp(&scope(b)));
-        keyed.dedup_by(|later, first| {
-            let (a, b) = (scope(*first), scope(*later));
-            (a.0, a.1, a.2) == (b.0, b.1, b.2)
-        });
         let mut creators: Vec<usize> = (0..jobs.len())
             .filter(|&j| jobs[j].entity.idempotency_key.is_none())
             .collect();
@@ -1852,9 +1617,18 @@ impl Shared {
         let mut writes = Writes::default();
         for &j in &creators {
             let job = jobs[j];
-            let record = inserts.add(job)?;
-            writes.history(&record, &[history::created(job.now_us)])?;
-            results[j] = Some(Ok(IntakeOutcome::Created(record)));
+            let rows = NewRows::new(&job.pipeline, &job.entity, job.now_us);
+            inserts.add(&job.entity, &rows)?;
+            let (id, created) = (job.entity.id, &rows.created);
+            writes.event(id, created, &rows.detail)?;
+            writes.outbox(
+                id,
+                created.seq,
+                created.at_us,
+                &created.kind,
+                &rows.outbox_body,
+            )?;
+            results[j] = Some(Ok(IntakeOutcome::Created(rows.record)));
         }
         if !creators.is_empty() {
             inserts.execute(conn).await?;
@@ -1893,7 +1667,7 @@ impl Shared {
             let mut ids: Vec<EntityId> = owner.values().copied().collect();
             ids.sort();
             ids.dedup();
-            let existing: HashMap<EntityId, StoredEntity> = self
+            let existing: HashMap<EntityId, Stored> = self
                 .read_entities(conn, &ids)
                 .await?
                 .into_iter()
@@ -1908,11 +1682,9 @@ impl Shared {
                         entity.idempotency_key
                     ))),
                     Some(id) => match (existing.get(id), payloads.get(id)) {
-                        (Some(stored), Some(payload)) => Ok(if *payload == entity.payload {
-                            IntakeOutcome::Replayed(stored.record.clone())
-                        } else {
-                            IntakeOutcome::KeyReused { entity_id: *id }
-                        }),
+                        (Some(stored), Some(payload)) => {
+                            Ok(working::replay(&stored.record, payload, entity))
+                        }
                         _ => Err(StoreError::Internal(format!(
                             "idempotency key points at missing entity {id}"
                         ))),
@@ -1959,12 +1731,9 @@ struct Inserts {
 }
 
 impl Inserts {
-    /// Queues the rows of one new entity and returns its record.
-    fn add(&mut self, job: &CreateJob) -> Result<EntityRecord> {
-        let entity = &job.entity;
-        let pipeline = &job.pipeline;
-        let now_us = job.now_us;
-        let state = EntityState::new(pipeline, now_us);
+    /// Queues the rows of one new entity.
+    fn add(&mut self, entity: &NewEntity, rows: &NewRows) -> Result<()> {
+        let r = &rows.record;
         let id = entity.id.as_bytes().to_vec();
         self.payload_entity.push(id.clone());
         self.payload_body.push(entity.payload.as_bytes().to_vec());
@@ -1972,45 +1741,25 @@ impl Inserts {
         self.entity_tenant.push(entity.tenant.clone());
         self.entity_type.push(entity.type_name.clone());
         self.entity_version.push(i64::from(entity.version));
-        self.entity_status.push(state.status.as_str());
-        self.entity_degraded.push(state.degraded);
-        self.entity_at.push(now_us);
-        self.entity_ready_at.push(state.ready_at_us);
+        self.entity_status.push(r.status.as_str());
+        self.entity_degraded.push(r.degraded);
+        self.entity_at.push(r.created_at_us);
+        self.entity_ready_at.push(r.ready_at_us);
         self.entity_next_seq
-            .push(to_i64(history::created(now_us).seq + 1, "next_seq")?);
-        for (i, (spec, s)) in pipeline.steps().iter().zip(&state.steps).enumerate() {
+            .push(to_i64(rows.next_seq, "next_seq")?);
+        for (i, (s, queue)) in r.steps.iter().zip(&rows.queues).enumerate() {
             self.step_entity.push(id.clone());
             self.step_idx.push(i as i32);
-            self.step_name.push(spec.name.clone());
-            self.step_critical.push(spec.critical);
-            self.step_queue.push(queue_of(&spec.executor));
-            self.step_status.push(s.status.as_str());
-            self.step_attempts.push(i64::from(s.attempts));
-            self.step_epoch.push(to_i64(s.epoch, "epoch")?);
-            self.step_due_at.push(s.due_at_us);
-            self.step_error.push(s.last_error.clone());
+            self.step_name.push(s.name.clone());
+            self.step_critical.push(s.critical);
+            self.step_queue.push(queue.clone());
+            self.step_status.push(s.state.status.as_str());
+            self.step_attempts.push(i64::from(s.state.attempts));
+            self.step_epoch.push(to_i64(s.state.epoch, "epoch")?);
+            self.step_due_at.push(s.state.due_at_us);
+            self.step_error.push(s.state.last_error.clone());
         }
-        Ok(EntityRecord {
-            id: entity.id,
-            tenant: entity.tenant.clone(),
-            type_name: entity.type_name.clone(),
-            version: entity.version,
-            status: state.status,
-            degraded: state.degraded,
-            created_at_us: now_us,
-            updated_at_us: now_us,
-            ready_at_us: state.ready_at_us,
-            steps: pipeline
-                .steps()
-                .iter()
-                .zip(state.steps)
-                .map(|(spec, state)| StepRecord {
-                    name: spec.name.clone(),
-                    critical: spec.critical,
-                    state,
-                })
-                .collect(),
-        })
+        Ok(())
     }
 
     async fn execute(&self, conn: &Conn) -> Result<()> {

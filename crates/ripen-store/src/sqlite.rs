@@ -34,8 +34,7 @@
 //! that changes an entity writes its state, its history events and its
 //! outbox rows in the same transaction.
 
-use std::collections::HashMap;
-use std::fmt::Write as _;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
@@ -43,19 +42,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ripen_core::{
-    apply, Catalog, Ctx, EntityState, EntityStatus, Event, Executor, Input, LostReason, Pipeline,
-    Refusal, StepState, StepStatus, UnixMicros,
-};
+#[cfg(test)]
+use ripen_core::Pipeline;
+use ripen_core::{Catalog, EntityStatus, Input, StepState, StepStatus, UnixMicros};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{params, params_from_iter, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::history::{self, HistoryEvent};
+use crate::history::HistoryEvent;
+use crate::working::{self, CtxSource, Jitter, NewRows, Rows, Stored, Tally, Working};
 use crate::{
-    Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, CompletionResult, EntityData,
-    EntityId, EntityRecord, IntakeOutcome, ListQuery, NewEntity, Outcome, Result, StepRecord,
-    Store, StoreError,
+    Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
+    EntityRecord, IntakeOutcome, ListQuery, NewEntity, Result, StepRecord, Store, StoreError,
 };
 
 /// The columns of one history row, in the order batched inserts bind them.
@@ -71,6 +69,35 @@ const EVENT_COLUMNS: &[&str] = &[
 
 /// The columns of one outbox row, in the order batched inserts bind them.
 const OUTBOX_COLUMNS: &[&str] = &["entity_id", "seq", "at", "kind", "body"];
+
+/// The columns of a new entity row, in the order batched inserts bind them.
+const ENTITY_COLUMNS: &[&str] = &[
+    "id",
+    "tenant",
+    "type",
+    "version",
+    "status",
+    "degraded",
+    "created_at",
+    "updated_at",
+    "ready_at",
+    "next_seq",
+    "payload_id",
+];
+
+/// The columns of a new step row, in the order batched inserts bind them.
+const STEP_COLUMNS: &[&str] = &[
+    "entity_id",
+    "idx",
+    "name",
+    "critical",
+    "queue",
+    "status",
+    "attempts",
+    "epoch",
+    "due_at",
+    "last_error",
+];
 
 /// The schema this build writes, kept in `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 2;
@@ -107,8 +134,6 @@ const WAL_AUTOCHECKPOINT_FRAMES: i64 = 2 * WAL_RESTART_FRAMES;
 /// size it reaches before a restart, so that its blocks are reused rather
 /// than freed and allocated again.
 const JOURNAL_SIZE_LIMIT_BYTES: i64 = 160 * 1_024 * 1_024;
-/// The queue of steps run by the HTTP executor, the only one `claim_due` serves.
-const HTTP_QUEUE: &str = "http";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS payloads (
@@ -174,7 +199,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 ";
 
 /// How to open a [`SqliteStore`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SqliteOptions {
     /// The database file; created if missing.
     pub path: PathBuf,
@@ -184,6 +209,19 @@ pub struct SqliteOptions {
     pub batch_max: usize,
     /// How long a lease outlives the step's timeout.
     pub lease_grace_ms: u64,
+    /// Where backoff jitter comes from.
+    pub jitter: Jitter,
+}
+
+impl std::fmt::Debug for SqliteOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteOptions")
+            .field("path", &self.path)
+            .field("read_connections", &self.read_connections)
+            .field("batch_max", &self.batch_max)
+            .field("lease_grace_ms", &self.lease_grace_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SqliteOptions {
@@ -193,6 +231,7 @@ impl SqliteOptions {
             read_connections: 4,
             batch_max: 1_024,
             lease_grace_ms: 5_000,
+            jitter: working::random_jitter(),
         }
     }
 }
@@ -202,6 +241,7 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Box<dyn Job>>,
     readers: Arc<Readers>,
     catalog: Arc<Catalog>,
+    tally: Arc<Tally>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -236,11 +276,13 @@ impl SqliteStore {
             runtime.spawn(relay_answers(batches));
             relay
         });
+        let tally = Arc::new(Tally::default());
         let writer = Writer {
             relay,
             conn,
             catalog: catalog.clone(),
-            lease_grace_ms: opts.lease_grace_ms,
+            ctxs: CtxSource::new(opts.lease_grace_ms, opts.jitter.clone()),
+            tally: tally.clone(),
             checkpointer: Some(checkpointer),
             sql_cache: HashMap::new(),
         };
@@ -253,6 +295,7 @@ impl SqliteStore {
             writer: tx,
             readers,
             catalog,
+            tally,
         })
     }
 
@@ -322,7 +365,7 @@ impl Store for SqliteStore {
             })?;
         // Everything that does not need the database is prepared here, on
         // the caller's task, so that the one writer thread only binds values.
-        let prepared = Prepared::new(&pipeline, &entity, now_us);
+        let prepared = NewRows::new(&pipeline, &entity, now_us);
         let (reply, answer) = oneshot::channel();
         let job = Box::new(CreateRequest {
             entity,
@@ -339,13 +382,16 @@ impl Store for SqliteStore {
         })?
     }
 
-    async fn claim_due(&self, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
-        self.write(move |w| w.claim_due(now_us, limit)).await
+    async fn claim_due(&self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
+        let queue = queue.to_owned();
+        self.write(move |w| w.claim_due(&queue, now_us, limit))
+            .await
     }
 
     async fn complete(
         &self,
         completions: Vec<Completion>,
+        claim_queue: Option<&str>,
         now_us: UnixMicros,
     ) -> Result<CompleteBatch> {
         if completions.is_empty() {
@@ -354,7 +400,9 @@ impl Store for SqliteStore {
                 claimed: Vec::new(),
             });
         }
-        self.write(move |w| w.complete(&completions, now_us)).await
+        let claim_queue = claim_queue.map(str::to_owned);
+        self.write(move |w| w.complete(&completions, claim_queue.as_deref(), now_us))
+            .await
     }
 
     async fn recover(&self, now_us: UnixMicros) -> Result<u64> {
@@ -387,9 +435,9 @@ impl Store for SqliteStore {
         let tenant = tenant.to_owned();
         self.read(move |conn| {
             let tx = conn.unchecked_transaction()?;
-            let found = read_entity(&tx, id)?.filter(|(record, _)| record.tenant == tenant);
+            let found = read_entity(&tx, id)?.filter(|s| s.record.tenant == tenant);
             tx.commit()?;
-            Ok(found.map(|(record, _)| record))
+            Ok(found.map(|s| s.record))
         })
         .await
     }
@@ -398,16 +446,14 @@ impl Store for SqliteStore {
         let tenant = tenant.to_owned();
         self.read(move |conn| {
             let tx = conn.unchecked_transaction()?;
-            let Some((record, extra)) =
-                read_entity(&tx, id)?.filter(|(record, _)| record.tenant == tenant)
-            else {
+            let Some(stored) = read_entity(&tx, id)?.filter(|s| s.record.tenant == tenant) else {
                 return Ok(None);
             };
-            let payload = read_payload(&tx, extra.payload_id)?;
-            let outputs = read_outputs(&tx, id)?;
+            let payload = read_payload(&tx, stored.extra)?;
             tx.commit()?;
+            let outputs = stored.succeeded_outputs();
             Ok(Some(EntityData {
-                record,
+                record: stored.record,
                 payload,
                 outputs,
             }))
@@ -459,8 +505,8 @@ impl Store for SqliteStore {
             let mut records = Vec::with_capacity(ids.len());
             for id in ids {
                 // The row was seen in this snapshot, so it is still there.
-                if let Some((record, _)) = read_entity(&tx, id)? {
-                    records.push(record);
+                if let Some(stored) = read_entity(&tx, id)? {
+                    records.push(stored.record);
                 }
             }
             tx.commit()?;
@@ -529,6 +575,10 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    fn stale_completions(&self) -> u64 {
+        self.tally.stale_completions()
     }
 
     async fn clock_us(&self) -> Result<UnixMicros> {
@@ -780,14 +830,9 @@ fn step_status(s: &str) -> Result<StepStatus> {
     StepStatus::parse(s).ok_or_else(|| StoreError::Internal(format!("unknown step status {s:?}")))
 }
 
-/// The columns of an entity row that the record does not carry.
-#[derive(Clone, Copy, Debug)]
-struct RowExtra {
-    next_seq: u64,
-    payload_id: i64,
-}
-
-fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<(EntityRecord, RowExtra)>> {
+/// Reads one entity with its steps and their outputs; `extra` is the id of
+/// its payload row.
+fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
     let row = conn
         .prepare_cached(
             "SELECT tenant, type, version, status, degraded, created_at, updated_at, ready_at,
@@ -825,9 +870,10 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<(EntityRecord, 
         return Ok(None);
     };
     let mut steps = Vec::new();
+    let mut outputs = Vec::new();
     {
         let mut stmt = conn.prepare_cached(
-            "SELECT idx, name, critical, status, attempts, epoch, due_at, last_error
+            "SELECT idx, name, critical, status, attempts, epoch, due_at, last_error, output
              FROM steps WHERE entity_id = ?1 ORDER BY idx",
         )?;
         let mut rows = stmt.query([id.as_bytes()])?;
@@ -850,6 +896,7 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<(EntityRecord, 
                     last_error: r.get(7)?,
                 },
             });
+            outputs.push(r.get::<_, Option<String>>(8)?);
         }
     }
     let record = EntityRecord {
@@ -864,11 +911,12 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<(EntityRecord, 
         ready_at_us: ready,
         steps,
     };
-    let extra = RowExtra {
+    Ok(Some(Stored {
+        record,
         next_seq: to_u64(next_seq, "entities.next_seq")?,
-        payload_id,
-    };
-    Ok(Some((record, extra)))
+        outputs,
+        extra: payload_id,
+    }))
 }
 
 fn read_payload(conn: &Connection, payload_id: i64) -> Result<String> {
@@ -876,23 +924,6 @@ fn read_payload(conn: &Connection, payload_id: i64) -> Result<String> {
         .query_row([payload_id], |r| r.get(0))
         .optional()?
         .ok_or_else(|| StoreError::Internal(format!("payload {payload_id} is missing")))
-}
-
-/// `(step name, raw JSON)` of the succeeded steps that returned an output, in pipeline order.
-fn read_outputs(conn: &Connection, id: EntityId) -> Result<Vec<(String, String)>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT name, output FROM steps
-         WHERE entity_id = ?1 AND status = 'succeeded' AND output IS NOT NULL ORDER BY idx",
-    )?;
-    let rows = stmt.query_map([id.as_bytes()], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-}
-
-fn queue_of(executor: &Executor) -> std::borrow::Cow<'static, str> {
-    match executor {
-        Executor::Http { .. } => HTTP_QUEUE.into(),
-        Executor::Worker { queue } => format!("worker:{queue}").into(),
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -918,7 +949,7 @@ trait Job: Send {
 /// A queued `Store::create`.
 struct CreateRequest {
     entity: NewEntity,
-    prepared: Prepared,
+    prepared: NewRows,
     result: Option<Result<Created>>,
     reply: oneshot::Sender<Result<IntakeOutcome>>,
 }
@@ -1058,7 +1089,8 @@ struct Writer {
     relay: Option<mpsc::UnboundedSender<Answered>>,
     conn: Connection,
     catalog: Arc<Catalog>,
-    lease_grace_ms: u64,
+    ctxs: CtxSource,
+    tally: Arc<Tally>,
     /// Wakes the checkpointer after a commit; `None` in unit tests.
     checkpointer: Option<Checkpointer>,
     /// The text of the multi-row inserts, by table and row count.
@@ -1231,14 +1263,6 @@ impl Writer {
         Ok(())
     }
 
-    fn ctx(&self, now_us: UnixMicros) -> Ctx {
-        Ctx {
-            now_us,
-            jitter: fastrand::f64(),
-            lease_grace_ms: self.lease_grace_ms,
-        }
-    }
-
     #[cfg(test)]
     fn create(
         &mut self,
@@ -1246,7 +1270,7 @@ impl Writer {
         entity: &NewEntity,
         now_us: UnixMicros,
     ) -> Result<IntakeOutcome> {
-        let prepared = Prepared::new(pipeline, entity, now_us);
+        let prepared = NewRows::new(pipeline, entity, now_us);
         let outcome = self
             .create_many(&[CreateItem {
                 entity,
@@ -1266,24 +1290,19 @@ impl Writer {
     fn create_many(&mut self, items: &[CreateItem<'_>]) -> Result<Vec<Created>> {
         let mut outcomes: Vec<Option<Created>> = Vec::with_capacity(items.len());
         outcomes.resize_with(items.len(), || None);
-        // Items that create a new entity, and items whose key an earlier
-        // item of this batch took.
+        let entities: Vec<&NewEntity> = items.iter().map(|item| item.entity).collect();
+        let repeats = working::repeated_keys(&entities);
+        // Items that create a new entity; the others found their key taken.
         let mut fresh: Vec<usize> = Vec::with_capacity(items.len());
-        let mut repeats: Vec<(usize, usize)> = Vec::new();
-        let mut keys: HashMap<(&str, &str, &str), usize> = HashMap::new();
-        for (i, item) in items.iter().enumerate() {
-            let e = item.entity;
+        for (i, e) in entities.iter().enumerate() {
+            if repeats[i].is_some() {
+                continue;
+            }
             if let Some(key) = e.idempotency_key.as_deref() {
-                let scoped = (e.tenant.as_str(), e.type_name.as_str(), key);
-                if let Some(&first) = keys.get(&scoped) {
-                    repeats.push((i, first));
-                    continue;
-                }
                 if let Some(outcome) = self.existing_key(e, key)? {
                     outcomes[i] = Some(Created::Existing(outcome));
                     continue;
                 }
-                keys.insert(scoped, i);
             }
             fresh.push(i);
         }
@@ -1316,7 +1335,7 @@ impl Writer {
                     int(r.created_at_us),
                     int(r.updated_at_us),
                     opt_int(r.ready_at_us),
-                    int(to_i64(p.created.seq + 1, "next_seq")?),
+                    int(to_i64(p.next_seq, "next_seq")?),
                     int(payload_id),
                 ]);
                 for (idx, (s, queue)) in r.steps.iter().zip(&p.queues).enumerate() {
@@ -1360,85 +1379,56 @@ impl Writer {
                     text(&p.outbox_body),
                 ]);
             }
+            let cache = &mut self.sql_cache;
+            insert_many(&self.conn, cache, "payloads", &["id", "body"], &payloads)?;
+            insert_many(&self.conn, cache, "entities", ENTITY_COLUMNS, &entities)?;
+            insert_many(&self.conn, cache, "steps", STEP_COLUMNS, &steps)?;
             insert_many(
                 &self.conn,
-                &mut self.sql_cache,
-                "payloads",
-                &["id", "body"],
-                &payloads,
-            )?;
-            insert_many(
-                &self.conn,
-                &mut self.sql_cache,
-                "entities",
-                &[
-                    "id",
-                    "tenant",
-                    "type",
-                    "version",
-                    "status",
-                    "degraded",
-                    "created_at",
-                    "updated_at",
-                    "ready_at",
-                    "next_seq",
-                    "payload_id",
-                ],
-                &entities,
-            )?;
-            insert_many(
-                &self.conn,
-                &mut self.sql_cache,
-                "steps",
-                &[
-                    "entity_id",
-                    "idx",
-                    "name",
-                    "critical",
-                    "queue",
-                    "status",
-                    "attempts",
-                    "epoch",
-                    "due_at",
-                    "last_error",
-                ],
-                &steps,
-            )?;
-            insert_many(
-                &self.conn,
-                &mut self.sql_cache,
+                cache,
                 "idempotency",
                 &["tenant", "type", "key", "entity_id", "created_at"],
                 &idempotency,
             )?;
-            insert_many(
-                &self.conn,
-                &mut self.sql_cache,
-                "events",
-                EVENT_COLUMNS,
-                &events,
-            )?;
-            insert_many(
-                &self.conn,
-                &mut self.sql_cache,
-                "outbox",
-                OUTBOX_COLUMNS,
-                &outbox,
-            )?;
+            insert_many(&self.conn, cache, "events", EVENT_COLUMNS, &events)?;
+            insert_many(&self.conn, cache, "outbox", OUTBOX_COLUMNS, &outbox)?;
             drop((payloads, entities, steps, idempotency, events, outbox));
             for &i in &fresh {
                 outcomes[i] = Some(Created::New);
             }
         }
 
-        for (i, first) in repeats {
-            // The first holder of the key is new in this batch.
-            let outcome = if items[first].entity.payload == items[i].entity.payload {
-                IntakeOutcome::Replayed(items[first].prepared.record.clone())
-            } else {
-                IntakeOutcome::KeyReused {
-                    entity_id: items[first].entity.id,
+        for (i, first) in repeats.into_iter().enumerate() {
+            let Some(first) = first else {
+                continue;
+            };
+            // The first holder of the key is new in this batch, or was
+            // answered from the table; either way its outcome stands.
+            let outcome = match &outcomes[first] {
+                Some(Created::New) => working::replay(
+                    &items[first].prepared.record,
+                    &items[first].entity.payload,
+                    items[i].entity,
+                ),
+                Some(Created::Existing(IntakeOutcome::Replayed(record))) => {
+                    let payload = &items[first].entity.payload;
+                    working::replay(record, payload, items[i].entity)
                 }
+                Some(Created::Existing(_)) | None => match self.existing_key(
+                    items[i].entity,
+                    items[i]
+                        .entity
+                        .idempotency_key
+                        .as_deref()
+                        .unwrap_or_default(),
+                )? {
+                    Some(outcome) => outcome,
+                    None => {
+                        return Err(StoreError::Internal(
+                            "a repeated idempotency key has no holder".into(),
+                        ))
+                    }
+                },
             };
             outcomes[i] = Some(Created::Existing(outcome));
         }
@@ -1461,88 +1451,54 @@ impl Writer {
             return Ok(None);
         };
         let id = entity_id(&bytes)?;
-        let (record, extra) = read_entity(&self.conn, id)?.ok_or_else(|| {
+        let stored = read_entity(&self.conn, id)?.ok_or_else(|| {
             StoreError::Internal(format!("idempotency key points at missing entity {id}"))
         })?;
-        let payload = read_payload(&self.conn, extra.payload_id)?;
-        Ok(Some(if payload == entity.payload {
-            IntakeOutcome::Replayed(record)
-        } else {
-            IntakeOutcome::KeyReused { entity_id: id }
-        }))
+        let payload = read_payload(&self.conn, stored.extra)?;
+        Ok(Some(working::replay(&stored.record, &payload, entity)))
     }
 
-    fn claim_due(&mut self, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
-        let due = {
+    fn claim_due(&mut self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
+        let ids = {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT entity_id, idx FROM steps
+                "SELECT entity_id FROM steps
                  WHERE queue = ?1 AND due_at IS NOT NULL AND due_at <= ?2
                  ORDER BY due_at LIMIT ?3",
             )?;
             let mut rows = stmt.query(params![
-                HTTP_QUEUE,
+                queue,
                 now_us,
                 i64::try_from(limit).unwrap_or(i64::MAX)
             ])?;
-            let mut due = Vec::new();
+            let mut ids = Vec::new();
             while let Some(r) = rows.next()? {
-                due.push((entity_id(&r.get::<_, Vec<u8>>(0)?)?, r.get::<_, i64>(1)?));
+                let id = entity_id(&r.get::<_, Vec<u8>>(0)?)?;
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
             }
-            due
+            ids
         };
-        let mut attempts = Vec::new();
-        let mut pending = PendingHistory::default();
-        for (id, steps) in group_by_entity(due) {
-            let mut loaded = match self.load(id) {
-                Ok(Some(loaded)) => loaded,
-                Ok(None) => continue,
+        let mut entities = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.load(id) {
+                Ok(Some(w)) => entities.push(w),
+                Ok(None) => {}
                 Err(e @ StoreError::UnknownPipeline { .. }) => {
                     tracing::warn!(entity = %id, error = %e, "cannot schedule the steps of an entity");
-                    continue;
                 }
                 Err(e) => return Err(e),
-            };
-            for step in steps {
-                let Some(s) = usize::try_from(step)
-                    .ok()
-                    .and_then(|i| loaded.state.steps.get(i))
-                else {
-                    continue;
-                };
-                let step = step as usize;
-                if s.status == StepStatus::Running {
-                    let lost = Input::Lost {
-                        step,
-                        epoch: s.epoch,
-                        reason: LostReason::LeaseExpired,
-                    };
-                    let _ = loaded.apply(lost, self.ctx(now_us));
-                }
-                // Refusals are expected (the step is waiting out a backoff
-                // after losing its lease); the step stays for a later pass.
-                if loaded
-                    .apply(Input::Claim { step }, self.ctx(now_us))
-                    .is_err()
-                {
-                    let s = &loaded.state.steps[step];
-                    if s.due_at_us.is_some_and(|due| due <= now_us) {
-                        // Consistent data never gets here; if it does, the
-                        // step would hold back the queue, so say so.
-                        tracing::warn!(entity = %id, step, status = s.status.as_str(), "a due step cannot be claimed");
-                    }
-                }
             }
-            self.flush(&mut loaded, now_us, &mut pending)?;
-            attempts.extend(self.take_attempts(&mut loaded)?);
         }
-        self.write_history(pending)?;
+        working::claim_due(&mut entities, queue, limit, &self.ctxs, now_us);
+        let attempts = self.save(&mut entities, now_us)?;
         let next_due_us = self
             .conn
             .prepare_cached(
                 "SELECT due_at FROM steps WHERE queue = ?1 AND due_at IS NOT NULL
                  ORDER BY due_at LIMIT 1",
             )?
-            .query_row([HTTP_QUEUE], |r| r.get(0))
+            .query_row([queue], |r| r.get(0))
             .optional()?;
         Ok(ClaimBatch {
             attempts,
@@ -1553,126 +1509,55 @@ impl Writer {
     fn complete(
         &mut self,
         completions: &[Completion],
+        claim_queue: Option<&str>,
         now_us: UnixMicros,
     ) -> Result<CompleteBatch> {
-        let mut loaded: Vec<Loaded> = Vec::new();
-        let mut slots: HashMap<EntityId, Option<usize>> = HashMap::new();
-        let mut results = Vec::with_capacity(completions.len());
+        let mut entities: Vec<Working<i64>> = Vec::new();
+        let mut seen: HashSet<EntityId> = HashSet::new();
         for c in completions {
-            let slot = match slots.get(&c.entity_id) {
-                Some(&slot) => slot,
-                None => {
-                    let slot = match self.load(c.entity_id)? {
-                        Some(l) => {
-                            loaded.push(l);
-                            Some(loaded.len() - 1)
-                        }
-                        None => None,
-                    };
-                    slots.insert(c.entity_id, slot);
-                    slot
-                }
-            };
-            let Some(slot) = slot else {
-                results.push(CompletionResult::Stale);
-                continue;
-            };
-            let ctx = self.ctx(now_us);
-            let entity = &mut loaded[slot];
-            let (input, output) = match &c.outcome {
-                Outcome::Succeeded { output } => (
-                    Input::Succeeded {
-                        step: c.step,
-                        epoch: c.epoch,
-                    },
-                    Some(output.clone()),
-                ),
-                Outcome::Failed {
-                    error,
-                    retryable,
-                    retry_after_ms,
-                } => (
-                    Input::Failed {
-                        step: c.step,
-                        epoch: c.epoch,
-                        error: error.clone(),
-                        retryable: *retryable,
-                        retry_after_ms: *retry_after_ms,
-                    },
-                    None,
-                ),
-            };
-            match entity.apply(input, ctx) {
-                Ok(()) => {
-                    if let Some(output) = output {
-                        entity.outputs.push((c.step, output));
-                    }
-                    results.push(CompletionResult::Applied);
-                }
-                // Stale and NoSuchStep alike: the result does not belong to a live attempt.
-                Err(_) => results.push(CompletionResult::Stale),
-            }
-        }
-        let mut claimed = Vec::new();
-        let mut pending = PendingHistory::default();
-        for mut entity in loaded {
-            if entity.events.is_empty() {
+            if !seen.insert(c.entity_id) {
                 continue;
             }
-            for step in 0..entity.state.steps.len() {
-                let runnable = entity.state.steps[step].status == StepStatus::Queued
-                    && queue_of(&entity.pipeline.step(step).executor) == HTTP_QUEUE;
-                if runnable {
-                    let _ = entity.apply(Input::Claim { step }, self.ctx(now_us));
-                }
+            if let Some(w) = self.load(c.entity_id)? {
+                entities.push(w);
             }
-            self.flush(&mut entity, now_us, &mut pending)?;
-            claimed.extend(self.take_attempts(&mut entity)?);
         }
-        self.write_history(pending)?;
+        let results = working::complete(
+            &mut entities,
+            completions,
+            claim_queue,
+            &self.ctxs,
+            &self.tally,
+            now_us,
+        );
+        let claimed = self.save(&mut entities, now_us)?;
         Ok(CompleteBatch { results, claimed })
     }
 
     fn recover(&mut self, now_us: UnixMicros) -> Result<u64> {
         // Every running step has a lease expiry in due_at, so the partial
         // index holds them all; scanning it avoids reading settled steps.
-        let running = {
+        let ids = {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT entity_id, idx FROM steps INDEXED BY steps_due
+                "SELECT DISTINCT entity_id FROM steps INDEXED BY steps_due
                  WHERE due_at IS NOT NULL AND status = 'running'",
             )?;
             let mut rows = stmt.query([])?;
-            let mut running = Vec::new();
+            let mut ids = Vec::new();
             while let Some(r) = rows.next()? {
-                running.push((entity_id(&r.get::<_, Vec<u8>>(0)?)?, r.get::<_, i64>(1)?));
+                ids.push(entity_id(&r.get::<_, Vec<u8>>(0)?)?);
             }
-            running
+            ids
         };
         let mut lost = 0;
-        let mut pending = PendingHistory::default();
-        for (id, steps) in group_by_entity(running) {
-            let Some(mut loaded) = self.load(id)? else {
-                continue;
-            };
-            for step in steps {
-                let Some(s) = usize::try_from(step)
-                    .ok()
-                    .and_then(|i| loaded.state.steps.get(i))
-                else {
-                    continue;
-                };
-                let input = Input::Lost {
-                    step: step as usize,
-                    epoch: s.epoch,
-                    reason: LostReason::NodeRestarted,
-                };
-                if loaded.apply(input, self.ctx(now_us)).is_ok() {
-                    lost += 1;
-                }
+        let mut entities = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(mut w) = self.load(id)? {
+                lost += w.recover(&self.ctxs, now_us);
+                entities.push(w);
             }
-            self.flush(&mut loaded, now_us, &mut pending)?;
         }
-        self.write_history(pending)?;
+        self.save(&mut entities, now_us)?;
         Ok(lost)
     }
 
@@ -1683,76 +1568,47 @@ impl Writer {
         input: Input,
         now_us: UnixMicros,
     ) -> Result<CommandOutcome> {
-        let Some((record, extra)) = read_entity(&self.conn, id)? else {
+        let Some(stored) = read_entity(&self.conn, id)? else {
             return Ok(CommandOutcome::NotFound);
         };
-        if record.tenant != tenant {
+        if stored.record.tenant != tenant {
             return Ok(CommandOutcome::NotFound);
         }
-        let mut loaded = self.loaded(record, extra)?;
-        match loaded.apply(input, self.ctx(now_us)) {
-            Ok(()) => {
-                let mut pending = PendingHistory::default();
-                self.flush(&mut loaded, now_us, &mut pending)?;
-                self.write_history(pending)?;
-                Ok(CommandOutcome::Applied(loaded.record))
-            }
-            Err(Refusal::WrongStatus(status)) => Ok(CommandOutcome::Conflict(status)),
-            Err(refusal) => Err(StoreError::Internal(format!(
-                "entity {id}: unexpected refusal of an operator command: {refusal}"
-            ))),
-        }
+        let mut w = Working::new(&self.catalog, stored)?;
+        let refused = w.command(input, &self.ctxs, now_us)?;
+        self.save(std::slice::from_mut(&mut w), now_us)?;
+        Ok(working::command_outcome(w, refused))
     }
 
-    fn load(&self, id: EntityId) -> Result<Option<Loaded>> {
+    fn load(&self, id: EntityId) -> Result<Option<Working<i64>>> {
         match read_entity(&self.conn, id)? {
-            Some((record, extra)) => self.loaded(record, extra).map(Some),
+            Some(stored) => Working::new(&self.catalog, stored).map(Some),
             None => Ok(None),
         }
     }
 
-    fn loaded(&self, record: EntityRecord, extra: RowExtra) -> Result<Loaded> {
-        let pipeline = crate::pipeline_for(&self.catalog, &record)?;
-        Ok(Loaded {
-            state: record.state(),
-            record,
-            extra,
-            pipeline,
-            events: Vec::new(),
-            outputs: Vec::new(),
-            claimed: Vec::new(),
-        })
+    /// Writes what changed in `entities` and returns the attempts they claimed.
+    fn save(&mut self, entities: &mut [Working<i64>], now_us: UnixMicros) -> Result<Vec<Attempt>> {
+        let mut rows = Rows::default();
+        for w in entities.iter_mut() {
+            w.flush(now_us, &mut rows);
+        }
+        self.write_rows(&rows)?;
+        let mut attempts = Vec::new();
+        for w in entities.iter_mut().filter(|w| w.has_claims()) {
+            let payload = read_payload(&self.conn, w.extra)?;
+            attempts.extend(w.take_attempts(&payload)?);
+        }
+        Ok(attempts)
     }
 
-    /// Writes what changed in `loaded` since it was read or last flushed:
-    /// the changed step rows, the entity row, the history and the outbox.
-    fn flush(
-        &mut self,
-        loaded: &mut Loaded,
-        now_us: UnixMicros,
-        pending: &mut PendingHistory,
-    ) -> Result<()> {
-        if loaded.events.is_empty() {
-            return Ok(());
-        }
-        // Callers read the clock before they queue or wait for locks, so a
-        // later change may carry an earlier time: an entity's history never
-        // goes back in time.
-        let now_us = now_us.max(loaded.record.updated_at_us);
-        let id = loaded.record.id;
-        for (i, (stored, now)) in loaded
-            .record
-            .steps
-            .iter()
-            .zip(&loaded.state.steps)
-            .enumerate()
-        {
-            let output = loaded.outputs.iter().find(|(step, _)| *step == i);
-            if stored.state == *now && output.is_none() {
-                continue;
-            }
+    /// Binds the rows of a batch of changes: one update per changed step and
+    /// entity, and multi-row inserts for the history and the outbox.
+    fn write_rows(&mut self, rows: &Rows) -> Result<()> {
+        for s in &rows.steps {
             // A step succeeds at most once per attempt series and keeps its
             // output afterwards, so the column is written only with a result.
+            let now = &s.state;
             self.conn
                 .prepare_cached(
                     "UPDATE steps SET status = ?3, attempts = ?4, epoch = ?5, due_at = ?6,
@@ -1761,201 +1617,67 @@ impl Writer {
                      WHERE entity_id = ?1 AND idx = ?2",
                 )?
                 .execute(params![
-                    id.as_bytes(),
-                    i as i64,
+                    s.entity_id.as_bytes(),
+                    s.idx as i64,
                     now.status.as_str(),
                     now.attempts,
                     to_i64(now.epoch, "epoch")?,
                     now.due_at_us,
                     now.last_error,
-                    output.is_some(),
-                    output.and_then(|(_, o)| o.as_deref()),
+                    s.output.is_some(),
+                    s.output.as_ref().and_then(|o| o.as_deref()),
                 ])?;
         }
-        let history = history::from_core(
-            &loaded.pipeline,
-            &loaded.events,
-            now_us,
-            loaded.extra.next_seq,
-        );
-        let next_seq = loaded.extra.next_seq + history.len() as u64;
-        self.conn
-            .prepare_cached(
-                "UPDATE entities SET status = ?2, degraded = ?3, ready_at = ?4, updated_at = ?5,
-                                     next_seq = ?6
-                 WHERE id = ?1",
-            )?
-            .execute(params![
-                id.as_bytes(),
-                loaded.state.status.as_str(),
-                loaded.state.degraded,
-                loaded.state.ready_at_us,
-                now_us,
-                to_i64(next_seq, "next_seq")?,
-            ])?;
-
-        let record = &mut loaded.record;
-        record.status = loaded.state.status;
-        record.degraded = loaded.state.degraded;
-        record.ready_at_us = loaded.state.ready_at_us;
-        record.updated_at_us = now_us;
-        for (stored, now) in record.steps.iter_mut().zip(&loaded.state.steps) {
-            stored.state.clone_from(now);
+        for e in &rows.entities {
+            self.conn
+                .prepare_cached(
+                    "UPDATE entities SET status = ?2, degraded = ?3, ready_at = ?4,
+                                         updated_at = ?5, next_seq = ?6
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    e.id.as_bytes(),
+                    e.status.as_str(),
+                    e.degraded,
+                    e.ready_at_us,
+                    e.updated_at_us,
+                    to_i64(e.next_seq, "next_seq")?,
+                ])?;
         }
-        loaded.extra.next_seq = next_seq;
-        loaded.events.clear();
-        loaded.outputs.clear();
-        for e in history {
-            // Each detail is encoded once, for the history row and the outbox body.
-            let detail = e.detail.to_string();
-            if e.is_status_change() {
-                let body = outbox_body(&loaded.record, &e, &detail);
-                pending.outbox.push((pending.events.len(), body));
-            }
-            pending.events.push((id, e, detail));
-        }
-        Ok(())
-    }
-
-    /// Writes the history and outbox rows gathered by `flush`, many per
-    /// statement.
-    fn write_history(&mut self, pending: PendingHistory) -> Result<()> {
-        if pending.events.is_empty() {
-            return Ok(());
-        }
-        let mut events = Vec::with_capacity(pending.events.len() * 7);
-        for (id, e, detail) in &pending.events {
+        let mut events = Vec::with_capacity(rows.events.len() * 7);
+        for r in &rows.events {
+            let e = &r.event;
             events.extend([
-                blob(id.as_bytes()),
+                blob(r.entity_id.as_bytes()),
                 int(to_i64(e.seq, "seq")?),
                 int(e.at_us),
                 text(&e.kind),
                 opt_text(e.step.as_deref()),
                 opt_int(e.attempt.map(i64::from)),
-                text(detail),
+                text(&r.detail),
             ]);
         }
-        insert_many(
-            &self.conn,
-            &mut self.sql_cache,
-            "events",
-            EVENT_COLUMNS,
-            &events,
-        )?;
-        let mut outbox = Vec::with_capacity(pending.outbox.len() * 5);
-        for (i, body) in &pending.outbox {
-            let (id, e, _) = &pending.events[*i];
+        let cache = &mut self.sql_cache;
+        insert_many(&self.conn, cache, "events", EVENT_COLUMNS, &events)?;
+        let mut outbox = Vec::with_capacity(rows.outbox.len() * 5);
+        for o in &rows.outbox {
             outbox.extend([
-                blob(id.as_bytes()),
-                int(to_i64(e.seq, "seq")?),
-                int(e.at_us),
-                text(&e.kind),
-                text(body),
+                blob(o.entity_id.as_bytes()),
+                int(to_i64(o.seq, "seq")?),
+                int(o.at_us),
+                text(&o.kind),
+                text(&o.body),
             ]);
         }
-        insert_many(
-            &self.conn,
-            &mut self.sql_cache,
-            "outbox",
-            OUTBOX_COLUMNS,
-            &outbox,
-        )
+        insert_many(&self.conn, cache, "outbox", OUTBOX_COLUMNS, &outbox)
     }
-
-    /// The attempts claimed in `loaded` since the last call; call after `flush`
-    /// so that the outputs read back are the committed ones.
-    fn take_attempts(&mut self, loaded: &mut Loaded) -> Result<Vec<Attempt>> {
-        if loaded.claimed.is_empty() {
-            return Ok(Vec::new());
-        }
-        let id = loaded.record.id;
-        let payload = read_payload(&self.conn, loaded.extra.payload_id)?;
-        let outputs = read_outputs(&self.conn, id)?;
-        let claimed = std::mem::take(&mut loaded.claimed);
-        crate::claimed_attempts(&loaded.record, &loaded.state, claimed, &payload, &outputs)
-    }
-}
-
-/// The JSON body of an outbox row, written out directly: the same object as
-/// `{"entity_id", "tenant", "type", "version", "seq", "at_us", "kind",
-/// "detail"}` serialised by serde_json (keys sorted), without building it.
-fn outbox_body(record: &EntityRecord, e: &HistoryEvent, detail: &str) -> String {
-    let mut body = String::with_capacity(160 + detail.len());
-    let _ = write!(
-        body,
-        "{{\"at_us\":{},\"detail\":{detail},\"entity_id\":\"{}\",\"kind\":{},\"seq\":{},\"tenant\":{},\"type\":{},\"version\":{}}}",
-        e.at_us,
-        record.id,
-        json_string(&e.kind),
-        e.seq,
-        json_string(&record.tenant),
-        json_string(&record.type_name),
-        record.version,
-    );
-    body
 }
 
 /// One entity to create, as the writer's batch holds it.
 struct CreateItem<'a> {
     entity: &'a NewEntity,
-    prepared: &'a Prepared,
+    prepared: &'a NewRows,
 }
-
-/// What a new entity's rows hold beyond the submission, built before it
-/// reaches the writer: its record (every step in its initial state), its
-/// `created` event and the JSON of its history and outbox rows.
-struct Prepared {
-    record: EntityRecord,
-    created: HistoryEvent,
-    /// `created.detail` as JSON.
-    detail: String,
-    outbox_body: String,
-    /// The queue of each step.
-    queues: Vec<std::borrow::Cow<'static, str>>,
-}
-
-impl Prepared {
-    fn new(pipeline: &Pipeline, e: &NewEntity, now_us: UnixMicros) -> Prepared {
-        let state = EntityState::new(pipeline, now_us);
-        let record = EntityRecord {
-            id: e.id,
-            tenant: e.tenant.clone(),
-            type_name: e.type_name.clone(),
-            version: e.version,
-            status: state.status,
-            degraded: state.degraded,
-            created_at_us: now_us,
-            updated_at_us: now_us,
-            ready_at_us: state.ready_at_us,
-            steps: pipeline
-                .steps()
-                .iter()
-                .zip(state.steps)
-                .map(|(spec, state)| StepRecord {
-                    name: spec.name.clone(),
-                    critical: spec.critical,
-                    state,
-                })
-                .collect(),
-        };
-        let created = history::created(now_us);
-        let detail = created.detail.to_string();
-        let outbox_body = outbox_body(&record, &created, &detail);
-        let queues = pipeline
-            .steps()
-            .iter()
-            .map(|spec| queue_of(&spec.executor))
-            .collect();
-        Prepared {
-            record,
-            created,
-            detail,
-            outbox_body,
-            queues,
-        }
-    }
-}
-
 fn int(v: i64) -> ToSqlOutput<'static> {
     ToSqlOutput::Owned(SqlValue::Integer(v))
 }
@@ -2015,68 +1737,6 @@ fn insert_many(
     Ok(())
 }
 
-fn json_string(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
-}
-
-/// History and outbox rows gathered over one command by `Writer::flush`,
-/// written together at its end by `Writer::write_history`.
-#[derive(Default)]
-struct PendingHistory {
-    /// Each event with its entity and its detail as JSON.
-    events: Vec<(EntityId, HistoryEvent, String)>,
-    /// The outbox body of each status change, by its index in `events`.
-    outbox: Vec<(usize, String)>,
-}
-
-/// Groups `(entity, step)` pairs by entity, in the order entities first appear.
-fn group_by_entity(pairs: Vec<(EntityId, i64)>) -> Vec<(EntityId, Vec<i64>)> {
-    let mut groups: Vec<(EntityId, Vec<i64>)> = Vec::new();
-    let mut index: HashMap<EntityId, usize> = HashMap::new();
-    for (id, step) in pairs {
-        match index.get(&id) {
-            Some(&i) => groups[i].1.push(step),
-            None => {
-                index.insert(id, groups.len());
-                groups.push((id, vec![step]));
-            }
-        }
-    }
-    groups
-}
-
-/// One entity loaded by the writer: the state the core works on, and what is
-/// needed to write its changes back.
-struct Loaded {
-    /// The entity as last written.
-    record: EntityRecord,
-    extra: RowExtra,
-    pipeline: Arc<Pipeline>,
-    /// The working state; differs from `record` until `flush`.
-    state: EntityState,
-    /// Core events not yet written.
-    events: Vec<Event>,
-    /// Outputs of steps that succeeded since the last flush.
-    outputs: Vec<(usize, Option<String>)>,
-    /// Steps claimed since the last `take_attempts`.
-    claimed: Vec<usize>,
-}
-
-impl Loaded {
-    fn apply(&mut self, input: Input, ctx: Ctx) -> Result<(), Refusal> {
-        let claim = match input {
-            Input::Claim { step } => Some(step),
-            _ => None,
-        };
-        let events = apply(&self.pipeline, &mut self.state, input, ctx)?;
-        self.events.extend(events);
-        if let Some(step) = claim {
-            self.claimed.push(step);
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2111,7 +1771,8 @@ mod tests {
             relay: None,
             conn: open_writer(&path).expect("open"),
             catalog: catalog(),
-            lease_grace_ms: 0,
+            ctxs: CtxSource::new(0, working::random_jitter()),
+            tally: Arc::new(Tally::default()),
             checkpointer: None,
             sql_cache: HashMap::new(),
         };
@@ -2227,7 +1888,10 @@ mod tests {
         let id = e.id;
         store.create(e, T0).await.expect("create");
         store.create(entity(), T0).await.expect("create");
-        store.claim_due(T0, 10).await.expect("claim");
+        store
+            .claim_due(ripen_core::HTTP_QUEUE, T0, 10)
+            .await
+            .expect("claim");
         store
             .cancel(crate::DEFAULT_TENANT, id, T0 + 1)
             .await
@@ -2283,7 +1947,8 @@ mod tests {
             relay: None,
             conn: open_writer(&path).expect("open"),
             catalog: catalog(),
-            lease_grace_ms: 0,
+            ctxs: CtxSource::new(0, working::random_jitter()),
+            tally: Arc::new(Tally::default()),
             checkpointer: None,
             sql_cache: HashMap::new(),
         };
@@ -2304,9 +1969,9 @@ mod tests {
             type_name: "w5".into(),
             ..entity()
         });
-        let prepared: Vec<Prepared> = entities
+        let prepared: Vec<NewRows> = entities
             .iter()
-            .map(|e| Prepared::new(&pipeline, e, T0))
+            .map(|e| NewRows::new(&pipeline, e, T0))
             .collect();
         let items: Vec<CreateItem<'_>> = entities
             .iter()
@@ -2331,12 +1996,12 @@ mod tests {
         // What the batch wrote reads back exactly as prepared.
         let conn = open_reader(&path).expect("reader");
         for i in [0, 63, 64, 99, 102] {
-            let (record, extra) = read_entity(&conn, entities[i].id)
+            let stored = read_entity(&conn, entities[i].id)
                 .expect("read")
                 .expect("found");
-            assert_eq!(record, prepared[i].record);
+            assert_eq!(stored.record, prepared[i].record);
             assert_eq!(
-                read_payload(&conn, extra.payload_id).expect("payload"),
+                read_payload(&conn, stored.extra).expect("payload"),
                 entities[i].payload
             );
         }

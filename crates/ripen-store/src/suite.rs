@@ -22,6 +22,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use ripen_core::{
     Catalog, EntityStatus, Executor, Pipeline, RetryPolicy, StepDef, StepStatus, UnixMicros,
+    HTTP_QUEUE,
 };
 use serde_json::json;
 
@@ -145,15 +146,16 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     async fn create(&self, entity: NewEntity, now_us: UnixMicros) -> Result<IntakeOutcome> {
         self.store.create(entity, now_us).await
     }
-    async fn claim_due(&self, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
-        self.store.claim_due(now_us, limit).await
+    async fn claim_due(&self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
+        self.store.claim_due(queue, now_us, limit).await
     }
     async fn complete(
         &self,
         completions: Vec<Completion>,
+        claim_queue: Option<&str>,
         now_us: UnixMicros,
     ) -> Result<CompleteBatch> {
-        self.store.complete(completions, now_us).await
+        self.store.complete(completions, claim_queue, now_us).await
     }
     async fn recover(&self, now_us: UnixMicros) -> Result<u64> {
         self.store.recover(now_us).await
@@ -197,6 +199,9 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     }
     async fn clock_us(&self) -> Result<UnixMicros> {
         self.store.clock_us().await
+    }
+    fn stale_completions(&self) -> u64 {
+        self.store.stale_completions()
     }
     fn is_shared(&self) -> bool {
         self.store.is_shared()
@@ -256,7 +261,10 @@ async fn events(store: &dyn Store, id: EntityId) -> Vec<HistoryEvent> {
 }
 
 async fn claim(store: &dyn Store, now_us: UnixMicros, limit: usize) -> ClaimBatch {
-    store.claim_due(now_us, limit).await.expect("claim_due")
+    store
+        .claim_due(HTTP_QUEUE, now_us, limit)
+        .await
+        .expect("claim_due")
 }
 
 fn succeeded(output: Option<serde_json::Value>) -> Outcome {
@@ -287,7 +295,10 @@ async fn complete(
     completions: Vec<Completion>,
     now_us: UnixMicros,
 ) -> CompleteBatch {
-    store.complete(completions, now_us).await.expect("complete")
+    store
+        .complete(completions, Some(HTTP_QUEUE), now_us)
+        .await
+        .expect("complete")
 }
 
 /// Completes one attempt and asserts that the result was applied.
@@ -417,7 +428,7 @@ pub async fn create_then_get(store: Arc<dyn Store>) {
     assert_eq!(history[0].seq, 1);
     assert_eq!(history[0].kind, "created");
     assert_eq!(history[0].at_us, T0);
-    assert!(history[0].is_status_change());
+    assert!(history[0].is_notable());
 
     assert_eq!(
         store.get(TENANT, EntityId::new_v7()).await.expect("get"),

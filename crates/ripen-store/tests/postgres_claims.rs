@@ -109,7 +109,10 @@ async fn concurrent_claimers_claim_each_step_exactly_once() {
                 assert!(started.elapsed() < DEADLINE, "the claimers did not finish");
                 // Time stands still at T0, so no lease ever expires: a step
                 // claimed twice would be two live leases at once.
-                let batch = store.claim_due(T0, CLAIM_LIMIT).await.expect("claim_due");
+                let batch = store
+                    .claim_due(ripen_core::HTTP_QUEUE, T0, CLAIM_LIMIT)
+                    .await
+                    .expect("claim_due");
                 if batch.attempts.is_empty() {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     continue;
@@ -129,7 +132,7 @@ async fn concurrent_claimers_claim_each_step_exactly_once() {
                         outcome: success(),
                     };
                     let done = store
-                        .complete(vec![completion], T0)
+                        .complete(vec![completion], Some(ripen_core::HTTP_QUEUE), T0)
                         .await
                         .expect("complete");
                     assert_eq!(done.results, vec![CompletionResult::Applied], "{attempt:?}");
@@ -178,7 +181,10 @@ async fn concurrent_claimers_claim_each_step_exactly_once() {
     for store in &stores {
         assert_eq!(store.stale_completions(), 0);
     }
-    let left = creator.claim_due(T0, 100).await.expect("claim_due");
+    let left = creator
+        .claim_due(ripen_core::HTTP_QUEUE, T0, 100)
+        .await
+        .expect("claim_due");
     assert!(left.attempts.is_empty());
     assert_eq!(left.next_due_us, None);
     eprintln!(
@@ -297,7 +303,7 @@ async fn the_store_works_again_after_the_database_restarts() {
         Err(StoreError::Unavailable(_))
     ));
     assert!(matches!(
-        store.claim_due(T0, 10).await,
+        store.claim_due(ripen_core::HTTP_QUEUE, T0, 10).await,
         Err(StoreError::Unavailable(_))
     ));
     assert!(matches!(
@@ -316,7 +322,10 @@ async fn the_store_works_again_after_the_database_restarts() {
         .await
         .expect("create");
     assert!(matches!(replay, IntakeOutcome::Replayed(r) if r.id == before.id));
-    let claimed = store.claim_due(T0, 10).await.expect("claim_due");
+    let claimed = store
+        .claim_due(ripen_core::HTTP_QUEUE, T0, 10)
+        .await
+        .expect("claim_due");
     assert_eq!(claimed.attempts.len(), 2, "{claimed:?}");
 }
 
@@ -395,7 +404,7 @@ async fn nodes_wake_each_other() {
     assert!(woken().await, "a create on another node wakes this one");
 
     let attempt = other
-        .claim_due(T0, 10)
+        .claim_due(ripen_core::HTTP_QUEUE, T0, 10)
         .await
         .expect("claim_due")
         .attempts
@@ -411,7 +420,10 @@ async fn nodes_wake_each_other() {
             retry_after_ms: None,
         },
     };
-    other.complete(vec![failure], T0).await.expect("complete");
+    other
+        .complete(vec![failure], Some(ripen_core::HTTP_QUEUE), T0)
+        .await
+        .expect("complete");
     assert!(matches!(
         other
             .retry(DEFAULT_TENANT, record.id, T0)
@@ -464,7 +476,7 @@ async fn stale_completions_are_counted() {
         .await
         .expect("create");
     let attempt = store
-        .claim_due(T0, 10)
+        .claim_due(ripen_core::HTTP_QUEUE, T0, 10)
         .await
         .expect("claim_due")
         .attempts
@@ -477,7 +489,11 @@ async fn stale_completions_are_counted() {
         outcome: success(),
     };
     let batch = store
-        .complete(vec![completion.clone(), completion], T0)
+        .complete(
+            vec![completion.clone(), completion],
+            Some(ripen_core::HTTP_QUEUE),
+            T0,
+        )
         .await
         .expect("complete");
     assert_eq!(

@@ -39,7 +39,10 @@ async fn data_survives_reopening_the_file() {
     else {
         panic!("expected Created");
     };
-    let claimed = store.claim_due(T0, 10).await.expect("claim");
+    let claimed = store
+        .claim_due(ripen_core::HTTP_QUEUE, T0, 10)
+        .await
+        .expect("claim");
     assert_eq!(claimed.attempts.len(), 1);
     let cancelled_id = {
         let other = NewEntity {

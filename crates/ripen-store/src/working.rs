@@ -1,0 +1,768 @@
+//! The per-entity working set: every decision a store makes, once, for every
+//! backend.
+//!
+//! A backend reads entities (under whatever lock it needs), hands them here
+//! as [`Stored`], and gets back the rows to write. In between, this module
+//! applies the core machine: what to claim next, when a lease counts as lost,
+//! how a result becomes a core [`Input`], which running attempts a restart
+//! lost, what an operator command does, how a state diff becomes history and
+//! outbox rows, and how idempotency keys repeated within one batch resolve.
+//! The backend keeps only its SQL, its transactions and the binding of the
+//! rows this module produces.
+//!
+//! Architecture invariant: nothing here does I/O. Time comes in as `now_us`
+//! and jitter through [`CtxSource`], so every decision is unit-tested without
+//! a database.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ripen_core::{
+    apply, Action, Catalog, Ctx, EntityState, EntityStatus, Event, Input, LostReason, Pipeline,
+    Refusal, StepState, StepStatus, UnixMicros,
+};
+
+use crate::history::{self, HistoryEvent};
+use crate::{
+    Attempt, CommandOutcome, Completion, CompletionResult, EntityId, EntityRecord, IntakeOutcome,
+    NewEntity, Outcome, Result, StepRecord, StoreError,
+};
+
+/// A source of jitter samples in `[0, 1)` for backoff.
+pub type Jitter = Arc<dyn Fn() -> f64 + Send + Sync>;
+
+/// The jitter every store uses unless told otherwise: a uniform draw.
+pub fn random_jitter() -> Jitter {
+    Arc::new(fastrand::f64)
+}
+
+/// Builds the [`Ctx`] of every input a store applies.
+#[derive(Clone)]
+pub struct CtxSource {
+    pub lease_grace_ms: u64,
+    pub jitter: Jitter,
+}
+
+impl std::fmt::Debug for CtxSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CtxSource")
+            .field("lease_grace_ms", &self.lease_grace_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CtxSource {
+    pub fn new(lease_grace_ms: u64, jitter: Jitter) -> CtxSource {
+        CtxSource {
+            lease_grace_ms,
+            jitter,
+        }
+    }
+
+    pub fn ctx(&self, now_us: UnixMicros) -> Ctx {
+        Ctx {
+            now_us,
+            jitter: (self.jitter)(),
+            lease_grace_ms: self.lease_grace_ms,
+        }
+    }
+}
+
+/// Counters every backend keeps the same way.
+#[derive(Debug, Default)]
+pub struct Tally {
+    stale_completions: AtomicU64,
+}
+
+impl Tally {
+    pub fn stale_completions(&self) -> u64 {
+        self.stale_completions.load(Ordering::Relaxed)
+    }
+
+    fn stale(&self, entity: EntityId, step: usize, epoch: u64) {
+        let stale = self.stale_completions.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(
+            entity = %entity,
+            step,
+            epoch,
+            stale_completions = stale,
+            "refused a stale completion"
+        );
+    }
+}
+
+/// The pipeline a stored entity was pinned to, checked against its steps.
+pub fn pipeline_for(catalog: &Catalog, record: &EntityRecord) -> Result<Arc<Pipeline>> {
+    let pipeline = catalog
+        .get(&record.type_name, record.version)
+        .cloned()
+        .ok_or_else(|| StoreError::UnknownPipeline {
+            type_name: record.type_name.clone(),
+            version: record.version,
+        })?;
+    let matches = pipeline.len() == record.steps.len()
+        && pipeline
+            .steps()
+            .iter()
+            .zip(&record.steps)
+            .all(|(spec, s)| spec.name == s.name);
+    if !matches {
+        return Err(StoreError::Internal(format!(
+            "entity {}: its step rows do not match pipeline {} version {}",
+            record.id, record.type_name, record.version
+        )));
+    }
+    Ok(pipeline)
+}
+
+// ---------------------------------------------------------------------------
+// Rows
+
+/// An entity as a backend read it. `extra` is whatever the backend needs to
+/// write it back (a payload row id, say).
+#[derive(Clone, Debug)]
+pub struct Stored<X = ()> {
+    pub record: EntityRecord,
+    /// The seq of the next history event.
+    pub next_seq: u64,
+    /// The stored output of each step, in step order.
+    pub outputs: Vec<Option<String>>,
+    pub extra: X,
+}
+
+impl<X> Stored<X> {
+    /// `(step name, raw JSON)` of the succeeded steps that returned an
+    /// output, in step order: what consumers and later steps see.
+    pub fn succeeded_outputs(&self) -> Vec<(String, String)> {
+        self.record
+            .steps
+            .iter()
+            .zip(&self.outputs)
+            .filter(|(s, _)| s.state.status == StepStatus::Succeeded)
+            .filter_map(|(s, o)| o.as_ref().map(|o| (s.name.clone(), o.clone())))
+            .collect()
+    }
+}
+
+/// A changed step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepRow {
+    pub entity_id: EntityId,
+    pub idx: usize,
+    pub state: StepState,
+    /// `Some` when the step's output is to be written (with the step's
+    /// result); `None` leaves the stored output as it is.
+    pub output: Option<Option<String>>,
+}
+
+/// A changed entity.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntityRow {
+    pub id: EntityId,
+    pub status: EntityStatus,
+    pub degraded: bool,
+    pub ready_at_us: Option<UnixMicros>,
+    pub updated_at_us: UnixMicros,
+    pub next_seq: u64,
+}
+
+/// One history row, with its detail already encoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRow {
+    pub entity_id: EntityId,
+    pub event: HistoryEvent,
+    pub detail: String,
+}
+
+/// One outbox row: a notification subscribers must get.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxRow {
+    pub entity_id: EntityId,
+    pub seq: u64,
+    pub at_us: UnixMicros,
+    pub kind: String,
+    pub body: String,
+}
+
+/// The rows a batch of changes writes, gathered across entities so that a
+/// backend writes each table with few statements.
+#[derive(Debug, Default)]
+pub struct Rows {
+    pub steps: Vec<StepRow>,
+    pub entities: Vec<EntityRow>,
+    pub events: Vec<EventRow>,
+    pub outbox: Vec<OutboxRow>,
+    /// Some step became runnable, now or after a backoff: other nodes sharing
+    /// the store should look.
+    pub wake_others: bool,
+}
+
+impl Rows {
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty() && self.entities.is_empty() && self.events.is_empty()
+    }
+
+    /// The history row of a status change or degradation, and its outbox row.
+    fn notable(&mut self, record: &EntityRecord, event: HistoryEvent, detail: String) {
+        self.outbox.push(OutboxRow {
+            entity_id: record.id,
+            seq: event.seq,
+            at_us: event.at_us,
+            kind: event.kind.clone(),
+            body: outbox_body(record, &event, &detail),
+        });
+        self.events.push(EventRow {
+            entity_id: record.id,
+            event,
+            detail,
+        });
+    }
+}
+
+/// The JSON body of an outbox row, written out directly: the same object as
+/// `{"entity_id", "tenant", "type", "version", "seq", "at_us", "kind",
+/// "detail"}` serialised by serde_json (keys sorted), without building it.
+pub fn outbox_body(record: &EntityRecord, e: &HistoryEvent, detail: &str) -> String {
+    let mut body = String::with_capacity(160 + detail.len());
+    let _ = write!(
+        body,
+        "{{\"at_us\":{},\"detail\":{detail},\"entity_id\":\"{}\",\"kind\":{},\"seq\":{},\"tenant\":{},\"type\":{},\"version\":{}}}",
+        e.at_us,
+        record.id,
+        json_string(&e.kind),
+        e.seq,
+        json_string(&record.tenant),
+        json_string(&record.type_name),
+        record.version,
+    );
+    body
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+// ---------------------------------------------------------------------------
+// New entities
+
+/// A new entity's rows, built before it reaches the backend's transaction:
+/// its record (every step in its initial state), the queue of each step, its
+/// `created` event and outbox row.
+#[derive(Clone, Debug)]
+pub struct NewRows {
+    pub record: EntityRecord,
+    /// The queue each step waits in when it is runnable.
+    pub queues: Vec<String>,
+    pub created: HistoryEvent,
+    /// `created.detail` as JSON.
+    pub detail: String,
+    pub outbox_body: String,
+    /// The seq of the event after `created`.
+    pub next_seq: u64,
+}
+
+impl NewRows {
+    pub fn new(pipeline: &Pipeline, e: &NewEntity, now_us: UnixMicros) -> NewRows {
+        let state = EntityState::new(pipeline, now_us);
+        let record = EntityRecord {
+            id: e.id,
+            tenant: e.tenant.clone(),
+            type_name: e.type_name.clone(),
+            version: e.version,
+            status: state.status,
+            degraded: state.degraded,
+            created_at_us: now_us,
+            updated_at_us: now_us,
+            ready_at_us: state.ready_at_us,
+            steps: pipeline
+                .steps()
+                .iter()
+                .zip(state.steps)
+                .map(|(spec, state)| StepRecord {
+                    name: spec.name.clone(),
+                    critical: spec.critical,
+                    state,
+                })
+                .collect(),
+        };
+        let created = history::created(now_us);
+        let detail = created.detail.to_string();
+        let outbox_body = outbox_body(&record, &created, &detail);
+        let queues = (0..pipeline.len())
+            .map(|i| pipeline.queue(i).to_owned())
+            .collect();
+        let next_seq = created.seq + 1;
+        NewRows {
+            record,
+            queues,
+            created,
+            detail,
+            outbox_body,
+            next_seq,
+        }
+    }
+}
+
+/// For each submission of a batch, the earlier submission of the same batch
+/// that holds the same idempotency key (scoped by tenant and type), if any.
+/// Such a repeat behaves as if it came after the earlier one committed.
+pub fn repeated_keys(entities: &[&NewEntity]) -> Vec<Option<usize>> {
+    let mut first: HashMap<(&str, &str, &str), usize> = HashMap::new();
+    entities
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let key = e.idempotency_key.as_deref()?;
+            let scoped = (e.tenant.as_str(), e.type_name.as_str(), key);
+            match first.get(&scoped) {
+                Some(&j) => Some(j),
+                None => {
+                    first.insert(scoped, i);
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// The answer to a submission whose key already names `existing`: a replay
+/// when the body is byte-for-byte the same, else a reuse of the key.
+pub fn replay(
+    existing: &EntityRecord,
+    existing_payload: &str,
+    entity: &NewEntity,
+) -> IntakeOutcome {
+    if existing_payload == entity.payload {
+        IntakeOutcome::Replayed(existing.clone())
+    } else {
+        IntakeOutcome::KeyReused {
+            entity_id: existing.id,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The working entity
+
+/// One loaded entity: the state the core works on, and what is needed to
+/// write its changes back.
+#[derive(Debug)]
+pub struct Working<X = ()> {
+    /// The entity as last written.
+    record: EntityRecord,
+    next_seq: u64,
+    /// Each step's output as written.
+    outputs: Vec<Option<String>>,
+    pub extra: X,
+    pipeline: Arc<Pipeline>,
+    /// The working state; differs from `record` until `flush`.
+    state: EntityState,
+    /// Core events not yet written, and which of them subscribers must hear of.
+    events: Vec<Event>,
+    notify: Vec<usize>,
+    /// Steps the core made runnable since the last claim pass.
+    dispatched: Vec<usize>,
+    /// Outputs of steps that succeeded since the last flush.
+    new_outputs: Vec<(usize, Option<String>)>,
+    /// Steps claimed since the last `take_attempts`.
+    claimed: Vec<usize>,
+}
+
+impl<X> Working<X> {
+    pub fn new(catalog: &Catalog, stored: Stored<X>) -> Result<Working<X>> {
+        let pipeline = pipeline_for(catalog, &stored.record)?;
+        if stored.outputs.len() != stored.record.steps.len() {
+            return Err(StoreError::Internal(format!(
+                "entity {}: {} outputs for {} steps",
+                stored.record.id,
+                stored.outputs.len(),
+                stored.record.steps.len()
+            )));
+        }
+        Ok(Working {
+            state: stored.record.state(),
+            record: stored.record,
+            next_seq: stored.next_seq,
+            outputs: stored.outputs,
+            extra: stored.extra,
+            pipeline,
+            events: Vec::new(),
+            notify: Vec::new(),
+            dispatched: Vec::new(),
+            new_outputs: Vec::new(),
+            claimed: Vec::new(),
+        })
+    }
+
+    pub fn id(&self) -> EntityId {
+        self.record.id
+    }
+
+    /// The entity as last flushed.
+    pub fn record(&self) -> &EntityRecord {
+        &self.record
+    }
+
+    pub fn into_record(self) -> EntityRecord {
+        self.record
+    }
+
+    pub fn state(&self) -> &EntityState {
+        &self.state
+    }
+
+    /// Whether something changed since the last flush.
+    pub fn is_dirty(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    fn apply(&mut self, input: Input, ctx: Ctx) -> Result<(), Refusal> {
+        let claim = match input {
+            Input::Claim { step } => Some(step),
+            _ => None,
+        };
+        let t = apply(&self.pipeline, &mut self.state, input, ctx)?;
+        let base = self.events.len();
+        for action in t.actions {
+            match action {
+                Action::Dispatch { step } => self.dispatched.push(step),
+                Action::Notify { event } => self.notify.push(base + event),
+                // The step's timer is its `due_at`, which the backend indexes.
+                Action::WakeAt { .. } => {}
+            }
+        }
+        self.events.extend(t.events);
+        if let Some(step) = claim {
+            self.claimed.push(step);
+        }
+        Ok(())
+    }
+
+    /// The steps of `queue` due by `now_us`, with their due times.
+    pub fn due_steps<'a>(
+        &'a self,
+        queue: &'a str,
+        now_us: UnixMicros,
+    ) -> impl Iterator<Item = (UnixMicros, usize)> + 'a {
+        self.state
+            .steps
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| self.pipeline.queue(*i) == queue)
+            .filter_map(move |(i, s)| s.due_at_us.filter(|&at| at <= now_us).map(|at| (at, i)))
+    }
+
+    /// Claims a due step. A running step is due when its lease ran out: that
+    /// attempt is lost first, and the step claimed again if its backoff
+    /// allows (else it stays for a later pass). True when it was claimed.
+    pub fn claim_due_step(&mut self, step: usize, ctxs: &CtxSource, now_us: UnixMicros) -> bool {
+        let Some(s) = self.state.steps.get(step) else {
+            return false;
+        };
+        if s.status == StepStatus::Running {
+            let lost = Input::Lost {
+                step,
+                epoch: s.epoch,
+                reason: LostReason::LeaseExpired,
+            };
+            if self.apply(lost, ctxs.ctx(now_us)).is_err() {
+                return false;
+            }
+        }
+        match self.apply(Input::Claim { step }, ctxs.ctx(now_us)) {
+            Ok(()) => true,
+            Err(_) => {
+                let s = &self.state.steps[step];
+                if s.due_at_us.is_some_and(|due| due <= now_us) {
+                    // Consistent data never gets here; if it does, the step
+                    // would hold back its queue, so say so.
+                    tracing::warn!(entity = %self.record.id, step, status = s.status.as_str(), "a due step cannot be claimed");
+                }
+                false
+            }
+        }
+    }
+
+    /// Applies one attempt's result. A result that does not belong to the
+    /// live attempt (a stale epoch, an unknown step) changes nothing.
+    pub fn complete(&mut self, c: &Completion, ctxs: &CtxSource, now_us: UnixMicros) -> bool {
+        let (input, output) = match &c.outcome {
+            Outcome::Succeeded { output } => (
+                Input::Succeeded {
+                    step: c.step,
+                    epoch: c.epoch,
+                },
+                Some(output),
+            ),
+            Outcome::Failed {
+                error,
+                retryable,
+                retry_after_ms,
+            } => (
+                Input::Failed {
+                    step: c.step,
+                    epoch: c.epoch,
+                    error: error.clone(),
+                    retryable: *retryable,
+                    retry_after_ms: *retry_after_ms,
+                },
+                None,
+            ),
+        };
+        if self.apply(input, ctxs.ctx(now_us)).is_err() {
+            return false;
+        }
+        if let Some(output) = output {
+            self.new_outputs.push((c.step, output.clone()));
+        }
+        true
+    }
+
+    /// Claims the steps of `queue` that the core made runnable since the last
+    /// pass, so that they are dispatched without waiting for a poll.
+    pub fn claim_dispatched(&mut self, queue: Option<&str>, ctxs: &CtxSource, now_us: UnixMicros) {
+        let dispatched = std::mem::take(&mut self.dispatched);
+        let Some(queue) = queue else {
+            return;
+        };
+        for step in dispatched {
+            if self.pipeline.queue(step) == queue
+                && self.state.steps[step].status == StepStatus::Queued
+            {
+                let _ = self.apply(Input::Claim { step }, ctxs.ctx(now_us));
+            }
+        }
+    }
+
+    /// Every running attempt of an entity whose node restarted is lost.
+    /// Returns how many.
+    pub fn recover(&mut self, ctxs: &CtxSource, now_us: UnixMicros) -> u64 {
+        let mut lost = 0;
+        for step in 0..self.state.steps.len() {
+            let s = &self.state.steps[step];
+            if s.status != StepStatus::Running {
+                continue;
+            }
+            let input = Input::Lost {
+                step,
+                epoch: s.epoch,
+                reason: LostReason::NodeRestarted,
+            };
+            if self.apply(input, ctxs.ctx(now_us)).is_ok() {
+                lost += 1;
+            }
+        }
+        lost
+    }
+
+    /// Applies an operator command (cancel or retry). `Ok(true)` when it was
+    /// applied, `Ok(false)` when the entity's status refuses it.
+    pub fn command(
+        &mut self,
+        input: Input,
+        ctxs: &CtxSource,
+        now_us: UnixMicros,
+    ) -> Result<Option<EntityStatus>> {
+        match self.apply(input, ctxs.ctx(now_us)) {
+            Ok(()) => Ok(None),
+            Err(Refusal::WrongStatus(status)) => Ok(Some(status)),
+            Err(refusal) => Err(StoreError::Internal(format!(
+                "entity {}: unexpected refusal of an operator command: {refusal}",
+                self.record.id
+            ))),
+        }
+    }
+
+    /// Moves what changed since the last flush into `rows`: the changed
+    /// steps, the entity row, its history and its outbox rows. Afterwards the
+    /// working set reads as written.
+    pub fn flush(&mut self, now_us: UnixMicros, rows: &mut Rows) {
+        if self.events.is_empty() {
+            return;
+        }
+        // Callers read the clock before they queue or wait for locks, so a
+        // later change may carry an earlier time: an entity's history never
+        // goes back in time.
+        let now_us = now_us.max(self.record.updated_at_us);
+        let id = self.record.id;
+        for (i, (stored, now)) in self.record.steps.iter().zip(&self.state.steps).enumerate() {
+            let output = self
+                .new_outputs
+                .iter()
+                .position(|(step, _)| *step == i)
+                .map(|k| self.new_outputs[k].1.clone());
+            if stored.state == *now && output.is_none() {
+                continue;
+            }
+            if stored.state.status != now.status
+                && matches!(now.status, StepStatus::Queued | StepStatus::Retrying)
+            {
+                rows.wake_others = true;
+            }
+            rows.steps.push(StepRow {
+                entity_id: id,
+                idx: i,
+                state: now.clone(),
+                output,
+            });
+        }
+        for (step, output) in self.new_outputs.drain(..) {
+            self.outputs[step] = output;
+        }
+        let history = history::from_core(&self.pipeline, &self.events, now_us, self.next_seq);
+        self.next_seq += history.len() as u64;
+        let record = &mut self.record;
+        record.status = self.state.status;
+        record.degraded = self.state.degraded;
+        record.ready_at_us = self.state.ready_at_us;
+        record.updated_at_us = now_us;
+        for (stored, now) in record.steps.iter_mut().zip(&self.state.steps) {
+            stored.state.clone_from(now);
+        }
+        rows.entities.push(EntityRow {
+            id,
+            status: record.status,
+            degraded: record.degraded,
+            ready_at_us: record.ready_at_us,
+            updated_at_us: now_us,
+            next_seq: self.next_seq,
+        });
+        let mut notify = self.notify.drain(..).peekable();
+        for (k, event) in history.into_iter().enumerate() {
+            // Each detail is encoded once, for the history row and the outbox body.
+            let detail = event.detail.to_string();
+            if notify.next_if_eq(&k).is_some() {
+                rows.notable(&self.record, event, detail);
+            } else {
+                rows.events.push(EventRow {
+                    entity_id: id,
+                    event,
+                    detail,
+                });
+            }
+        }
+        self.events.clear();
+    }
+
+    /// Whether steps were claimed since the last `take_attempts`.
+    pub fn has_claims(&self) -> bool {
+        !self.claimed.is_empty()
+    }
+
+    /// The attempts claimed since the last call, ready to dispatch; call
+    /// after `flush`, with the entity's payload.
+    pub fn take_attempts(&mut self, payload: &str) -> Result<Vec<Attempt>> {
+        let id = self.record.id;
+        let outputs: Vec<(String, String)> = self
+            .state
+            .steps
+            .iter()
+            .zip(&self.outputs)
+            .enumerate()
+            .filter(|(_, (s, _))| s.status == StepStatus::Succeeded)
+            .filter_map(|(i, (_, o))| {
+                o.as_ref()
+                    .map(|o| (self.pipeline.step(i).name.clone(), o.clone()))
+            })
+            .collect();
+        std::mem::take(&mut self.claimed)
+            .into_iter()
+            .map(|step| {
+                let s = &self.state.steps[step];
+                let lease_expires_at_us = s.due_at_us.ok_or_else(|| {
+                    StoreError::Internal(format!("entity {id}: a claimed step has no lease expiry"))
+                })?;
+                Ok(Attempt {
+                    entity_id: id,
+                    type_name: self.record.type_name.clone(),
+                    version: self.record.version,
+                    step,
+                    step_name: self.record.steps[step].name.clone(),
+                    attempt: s.attempts,
+                    epoch: s.epoch,
+                    lease_expires_at_us,
+                    payload: payload.to_owned(),
+                    outputs: outputs.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Batches
+
+/// Claims up to `limit` due steps of `queue` among `entities`, the earliest
+/// due first (expired leases are lost on the way), and returns how many it
+/// claimed.
+pub fn claim_due<X>(
+    entities: &mut [Working<X>],
+    queue: &str,
+    limit: usize,
+    ctxs: &CtxSource,
+    now_us: UnixMicros,
+) -> usize {
+    let mut due: Vec<(UnixMicros, usize, usize)> = entities
+        .iter()
+        .enumerate()
+        .flat_map(|(k, w)| w.due_steps(queue, now_us).map(move |(at, i)| (at, k, i)))
+        .collect();
+    due.sort_unstable();
+    due.truncate(limit);
+    // Each entity's steps in step order, so that its events read naturally.
+    due.sort_unstable_by_key(|&(_, k, i)| (k, i));
+    due.into_iter()
+        .filter(|&(_, k, step)| entities[k].claim_due_step(step, ctxs, now_us))
+        .count()
+}
+
+/// Applies `completions`, in order, to the loaded `entities` (a completion
+/// for an entity not among them is stale), then claims the steps of
+/// `claim_queue` they made runnable. One result per completion.
+pub fn complete<X>(
+    entities: &mut [Working<X>],
+    completions: &[Completion],
+    claim_queue: Option<&str>,
+    ctxs: &CtxSource,
+    tally: &Tally,
+    now_us: UnixMicros,
+) -> Vec<CompletionResult> {
+    let slots: HashMap<EntityId, usize> = entities
+        .iter()
+        .enumerate()
+        .map(|(k, e)| (e.id(), k))
+        .collect();
+    let mut results = Vec::with_capacity(completions.len());
+    for c in completions {
+        let (entity, step, epoch) = (c.entity_id, c.step, c.epoch);
+        let applied = match slots.get(&entity) {
+            Some(&k) => entities[k].complete(c, ctxs, now_us),
+            None => false,
+        };
+        if !applied {
+            tally.stale(entity, step, epoch);
+        }
+        results.push(if applied {
+            CompletionResult::Applied
+        } else {
+            CompletionResult::Stale
+        });
+    }
+    for entity in entities.iter_mut() {
+        entity.claim_dispatched(claim_queue, ctxs, now_us);
+    }
+    results
+}
+
+/// What an operator command did to one entity, once flushed.
+pub fn command_outcome<X>(working: Working<X>, refused: Option<EntityStatus>) -> CommandOutcome {
+    match refused {
+        None => CommandOutcome::Applied(working.into_record()),
+        Some(status) => CommandOutcome::Conflict(status),
+    }
+}
+
+#[cfg(test)]
+mod tests;
