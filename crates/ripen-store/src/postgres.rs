@@ -822,7 +822,18 @@ fn decode_error(e: tokio_postgres::Error) -> StoreError {
     StoreError::Internal(format!("decode a postgres row: {}", describe(&e)))
 }
 
+/// Brings the schema to [`SCHEMA_VERSION`].
+///
+/// A node that starts while others are busy must not take table locks: a
+/// `CREATE ... IF NOT EXISTS` still locks the table it names, and in one
+/// transaction with other DDL it deadlocks with live nodes' writes. So the
+/// version is read first, without locks, and a current schema is left alone;
+/// only an older (or missing) one is migrated, under an advisory lock that
+/// serialises nodes starting together.
 async fn migrate(conn: &Conn) -> Result<()> {
+    if schema_version(conn).await? == Some(SCHEMA_VERSION) {
+        return Ok(());
+    }
     conn.begin().await?;
     let result = async {
         conn.simple(&format!(
@@ -833,18 +844,9 @@ async fn migrate(conn: &Conn) -> Result<()> {
              )"
         ))
         .await?;
-        let found = conn
-            .client()
-            .query_opt("SELECT version FROM ripen_schema", &[])
-            .await
-            .map_err(|e| conn.fail(e))?;
-        if let Some(row) = found {
-            let version: i32 = row.try_get(0).map_err(decode_error)?;
-            if version > SCHEMA_VERSION {
-                return Err(StoreError::Internal(format!(
-                    "the database has schema version {version}, newer than the {SCHEMA_VERSION} this build knows"
-                )));
-            }
+        // Another node may have migrated while this one waited for the lock.
+        if schema_version(conn).await? == Some(SCHEMA_VERSION) {
+            return Ok(());
         }
         conn.simple(SCHEMA).await?;
         conn.simple(&format!(
@@ -855,6 +857,31 @@ async fn migrate(conn: &Conn) -> Result<()> {
     }
     .await;
     conn.finish(result).await
+}
+
+/// The schema version the database holds, if it has one; an error when it
+/// is newer than this build.
+async fn schema_version(conn: &Conn) -> Result<Option<i32>> {
+    let found = conn
+        .client()
+        .query_opt("SELECT version FROM ripen_schema", &[])
+        .await;
+    let row = match found {
+        Ok(row) => row,
+        // A new database: nothing is there yet.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => None,
+        Err(e) => return Err(conn.fail(e)),
+    };
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let version: i32 = row.try_get(0).map_err(decode_error)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Internal(format!(
+            "the database has schema version {version}, newer than the {SCHEMA_VERSION} this build knows"
+        )));
+    }
+    Ok(Some(version))
 }
 
 // ---------------------------------------------------------------------------
