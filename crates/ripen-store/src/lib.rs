@@ -185,6 +185,22 @@ pub struct CompleteBatch {
     pub claimed: Vec<Attempt>,
 }
 
+/// One notification waiting in the outbox: a status change or a
+/// degradation, written in the same transaction as the change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxEntry {
+    /// Grows with every row written; the position of a reader.
+    pub id: u64,
+    pub entity_id: EntityId,
+    /// The seq of the history event it announces.
+    pub seq: u64,
+    pub at_us: UnixMicros,
+    pub kind: String,
+    /// The notification as JSON: entity id, tenant, type, version, seq,
+    /// time, kind and the event's detail.
+    pub body: String,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum CommandOutcome {
     Applied(EntityRecord),
@@ -266,6 +282,10 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         limit: u32,
     ) -> Result<Option<Vec<HistoryEvent>>>;
+    /// Outbox rows with `id > after_id`, oldest first: what a notification
+    /// dispatcher reads.
+    async fn outbox(&self, after_id: u64, limit: u32) -> Result<Vec<OutboxEntry>>;
+
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> Result<()>;
 

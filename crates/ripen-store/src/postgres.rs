@@ -54,7 +54,8 @@ use crate::history::HistoryEvent;
 use crate::working::{self, CtxSource, Jitter, NewRows, Rows, Stored, Tally, Working};
 use crate::{
     Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
-    EntityRecord, IntakeOutcome, ListQuery, NewEntity, Result, StepRecord, Store, StoreError,
+    EntityRecord, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result, StepRecord, Store,
+    StoreError,
 };
 
 /// The schema this build writes, kept in `ripen_schema`.
@@ -521,6 +522,32 @@ impl Store for PostgresStore {
             });
         }
         Ok(Some(events))
+    }
+
+    async fn outbox(&self, after_id: u64, limit: u32) -> Result<Vec<OutboxEntry>> {
+        let conn = self.shared.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT id, entity_id, seq, at, kind, body FROM outbox
+                 WHERE id > $1 ORDER BY id LIMIT $2",
+                &[
+                    &i64::try_from(after_id).unwrap_or(i64::MAX),
+                    &i64::from(limit),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxEntry {
+                    id: to_u64(r.try_get(0).map_err(decode_error)?, "outbox.id")?,
+                    entity_id: entity_id(r.try_get::<_, &[u8]>(1).map_err(decode_error)?)?,
+                    seq: to_u64(r.try_get(2).map_err(decode_error)?, "outbox.seq")?,
+                    at_us: r.try_get(3).map_err(decode_error)?,
+                    kind: r.try_get(4).map_err(decode_error)?,
+                    body: r.try_get(5).map_err(decode_error)?,
+                })
+            })
+            .collect()
     }
 
     async fn ping(&self) -> Result<()> {

@@ -53,7 +53,8 @@ use crate::history::HistoryEvent;
 use crate::working::{self, CtxSource, Jitter, NewRows, Rows, Stored, Tally, Working};
 use crate::{
     Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
-    EntityRecord, IntakeOutcome, ListQuery, NewEntity, Result, StepRecord, Store, StoreError,
+    EntityRecord, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result, StepRecord, Store,
+    StoreError,
 };
 
 /// The columns of one history row, in the order batched inserts bind them.
@@ -559,6 +560,30 @@ impl Store for SqliteStore {
             }
             tx.commit()?;
             Ok(Some(events))
+        })
+        .await
+    }
+
+    async fn outbox(&self, after_id: u64, limit: u32) -> Result<Vec<OutboxEntry>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, entity_id, seq, at, kind, body FROM outbox
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let after = i64::try_from(after_id).unwrap_or(i64::MAX);
+            let mut rows = stmt.query(params![after, i64::from(limit)])?;
+            let mut entries = Vec::new();
+            while let Some(r) = rows.next()? {
+                entries.push(OutboxEntry {
+                    id: to_u64(r.get(0)?, "outbox.id")?,
+                    entity_id: entity_id(&r.get::<_, Vec<u8>>(1)?)?,
+                    seq: to_u64(r.get(2)?, "outbox.seq")?,
+                    at_us: r.get(3)?,
+                    kind: r.get(4)?,
+                    body: r.get(5)?,
+                });
+            }
+            Ok(entries)
         })
         .await
     }

@@ -60,6 +60,11 @@ macro_rules! store_test_suite {
             get_data_returns_payload_and_outputs,
             concurrent_creates_all_commit,
             ping_succeeds,
+            outbox_holds_every_notable_event_in_order,
+            history_times_never_go_back,
+            claims_are_per_queue,
+            degraded_after_ready_is_an_event,
+            draining_records_results_without_claiming_more,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -89,6 +94,8 @@ const BODY: &str = r#"{"name": "Zoë & Co",  "n": [1, 2.50]}"#;
 ///   or lost attempt is due again at once (deterministic despite jitter).
 /// - `backoff`: one step `only`, 3 attempts, backoff ceiling 1 s; the tests
 ///   pass `retry_after_ms` to pin the delay.
+/// - `mixed`: `fetch` over HTTP; `score` after it, run by remote workers of
+///   queue `scoring`; `publish` over HTTP after `score`. No backoff.
 pub fn catalog() -> Arc<Catalog> {
     fn step(name: &str, needs: &[&str], critical: bool, retry: RetryPolicy) -> StepDef {
         StepDef {
@@ -131,6 +138,19 @@ pub fn catalog() -> Arc<Catalog> {
     catalog.insert("single", 1, single);
     let backoff = Pipeline::new(vec![step("only", &[], true, short_backoff)]).expect("valid");
     catalog.insert("backoff", 1, backoff);
+    let worker = |name: &str, needs: &[&str]| StepDef {
+        executor: Executor::Worker {
+            queue: "scoring".into(),
+        },
+        ..step(name, needs, true, no_backoff)
+    };
+    let mixed = Pipeline::new(vec![
+        step("fetch", &[], true, no_backoff),
+        worker("score", &["fetch"]),
+        step("publish", &["score"], true, no_backoff),
+    ])
+    .expect("valid");
+    catalog.insert("mixed", 1, mixed);
     Arc::new(catalog)
 }
 
@@ -193,6 +213,9 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
         limit: u32,
     ) -> Result<Option<Vec<HistoryEvent>>> {
         self.store.events(tenant, id, after_seq, limit).await
+    }
+    async fn outbox(&self, after_id: u64, limit: u32) -> Result<Vec<crate::OutboxEntry>> {
+        self.store.outbox(after_id, limit).await
     }
     async fn ping(&self) -> Result<()> {
         self.store.ping().await
@@ -1514,4 +1537,221 @@ pub async fn concurrent_creates_all_commit(store: Arc<dyn Store>) {
 
 pub async fn ping_succeeds(store: Arc<dyn Store>) {
     store.ping().await.expect("ping");
+}
+
+// ---------------------------------------------------------------------------
+// The outbox, time, queues, degradation and draining
+
+/// Every status change and degradation is in the outbox, in commit order,
+/// with the seq of its history event and a body that names the entity.
+pub async fn outbox_holds_every_notable_event_in_order(store: Arc<dyn Store>) {
+    let store = &*store;
+    let first = create(store, new_entity("single", BODY), T0).await;
+    let second = create(store, new_entity("single", BODY), T0).await;
+    let attempt = claim(store, T0, 10).await.attempts;
+    let mine = attempt
+        .iter()
+        .find(|a| a.entity_id == first.id)
+        .expect("first claimed");
+    finish(store, mine, succeeded(None), T0 + SECOND_US).await;
+    store
+        .cancel(TENANT, second.id, T0 + SECOND_US)
+        .await
+        .expect("cancel");
+
+    let entries = store.outbox(0, 100).await.expect("outbox");
+    let seen: Vec<(EntityId, &str)> = entries
+        .iter()
+        .map(|o| (o.entity_id, o.kind.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (first.id, "created"),
+            (second.id, "created"),
+            (first.id, "status_changed"),
+            (second.id, "status_changed"),
+        ]
+    );
+    assert!(entries.windows(2).all(|w| w[0].id < w[1].id), "ids grow");
+    for o in &entries {
+        let history = events(store, o.entity_id).await;
+        let event = history
+            .iter()
+            .find(|e| e.seq == o.seq)
+            .expect("the announced event is in the history");
+        assert!(event.is_notable());
+        assert_eq!(
+            (event.kind.as_str(), event.at_us),
+            (o.kind.as_str(), o.at_us)
+        );
+        let body: serde_json::Value = serde_json::from_str(&o.body).expect("json body");
+        assert_eq!(body["entity_id"], o.entity_id.to_string());
+        assert_eq!(body["seq"], o.seq);
+        assert_eq!(body["type"], "single");
+        assert_eq!(body["tenant"], TENANT);
+        assert_eq!(body["detail"], event.detail);
+    }
+    // A reader resumes after the last id it saw.
+    let rest = store.outbox(entries[1].id, 100).await.expect("outbox");
+    assert_eq!(rest, entries[2..].to_vec());
+    assert_eq!(store.outbox(0, 1).await.expect("outbox").len(), 1);
+    // History rows that are not notable stay out of it.
+    let history = events(store, first.id).await;
+    assert_eq!(
+        history.iter().filter(|e| e.is_notable()).count(),
+        entries.iter().filter(|o| o.entity_id == first.id).count()
+    );
+}
+
+/// A change whose caller read the clock before an earlier-committed change
+/// does not move the entity's history back in time.
+pub async fn history_times_never_go_back(store: Arc<dyn Store>) {
+    let store = &*store;
+    let record = create(store, new_entity("single", BODY), T0).await;
+    let later = T0 + 5 * SECOND_US;
+    let attempt = claim(store, later, 10).await.attempts;
+    finish(store, &attempt[0], succeeded(None), T0 + SECOND_US).await;
+    let history = events(store, record.id).await;
+    assert!(
+        history.windows(2).all(|w| w[0].at_us <= w[1].at_us),
+        "{history:?}"
+    );
+    assert_eq!(history.last().expect("events").at_us, later);
+    let now = get(store, record.id).await;
+    assert_eq!(now.updated_at_us, later);
+}
+
+/// Each queue is its own consumer's: an HTTP claim never takes a worker
+/// step, a result claims only steps of the queue it names, and the next due
+/// time is per queue.
+pub async fn claims_are_per_queue(store: Arc<dyn Store>) {
+    let store = &*store;
+    let scoring = "worker:scoring";
+    let record = create(store, new_entity("mixed", BODY), T0).await;
+    let none = store.claim_due(scoring, T0, 10).await.expect("claim");
+    assert!(none.attempts.is_empty());
+    assert_eq!(none.next_due_us, None, "nothing waits in the worker queue");
+    let fetch = claim(store, T0, 10).await.attempts;
+    assert_eq!(names(&fetch), BTreeSet::from(["fetch"]));
+    let claimed = finish(store, &fetch[0], succeeded(Some(json!({"f": 1}))), T0).await;
+    assert!(claimed.is_empty(), "score belongs to the workers");
+    assert_eq!(
+        step(&get(store, record.id).await, "score").state.status,
+        StepStatus::Queued
+    );
+    assert!(claim(store, T0, 10).await.attempts.is_empty());
+    let score = store.claim_due(scoring, T0, 10).await.expect("claim");
+    assert_eq!(names(&score.attempts), BTreeSet::from(["score"]));
+    let a = &score.attempts[0];
+    assert_eq!(
+        a.outputs,
+        vec![("fetch".to_owned(), r#"{"f":1}"#.to_owned())]
+    );
+    let batch = store
+        .complete(vec![completion(a, succeeded(None))], Some(scoring), T0)
+        .await
+        .expect("complete");
+    assert_eq!(batch.results, vec![CompletionResult::Applied]);
+    assert!(batch.claimed.is_empty(), "publish is an HTTP step");
+    let publish = claim(store, T0, 10).await.attempts;
+    assert_eq!(names(&publish), BTreeSet::from(["publish"]));
+    finish(store, &publish[0], succeeded(None), T0).await;
+    assert_eq!(get(store, record.id).await.status, EntityStatus::Ready);
+}
+
+/// A non-critical step that fails for good after the entity became ready
+/// degrades it: an event in the history and a row in the outbox.
+pub async fn degraded_after_ready_is_an_event(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, a) = w5_with_a_running(store).await;
+    let t1 = T0 + SECOND_US;
+    let claimed = finish(store, &a, succeeded(None), t1).await;
+    let batch = complete(
+        store,
+        vec![
+            completion(by_name(&claimed, "b"), succeeded(None)),
+            completion(by_name(&claimed, "c"), succeeded(None)),
+        ],
+        t1,
+    )
+    .await;
+    finish(store, by_name(&batch.claimed, "d"), succeeded(None), t1).await;
+    assert_eq!(get(store, record.id).await.status, EntityStatus::Ready);
+    let before = store.outbox(0, 1_000).await.expect("outbox").len();
+
+    let t2 = t1 + SECOND_US;
+    finish(
+        store,
+        by_name(&claimed, "e"),
+        failed("422 no", false, None),
+        t2,
+    )
+    .await;
+    let now = get(store, record.id).await;
+    assert_eq!((now.status, now.degraded), (EntityStatus::Ready, true));
+    let history = events(store, record.id).await;
+    let degraded = history.last().expect("events");
+    assert_eq!(degraded.kind, "degraded");
+    assert_eq!(degraded.at_us, t2);
+    assert_eq!(degraded.detail, json!({"degraded": true, "step": "e"}));
+    let outbox = store.outbox(0, 1_000).await.expect("outbox");
+    assert_eq!(outbox.len(), before + 1);
+    let last = outbox.last().expect("outbox");
+    assert_eq!((last.entity_id, last.seq), (record.id, degraded.seq));
+    assert_eq!(last.kind, "degraded");
+}
+
+/// A node that drains records its running attempts' results without claiming
+/// what they unblock: that work stays queued for whoever claims next.
+pub async fn draining_records_results_without_claiming_more(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, a) = w5_with_a_running(store).await;
+    let batch = store
+        .complete(vec![completion(&a, succeeded(None))], None, T0)
+        .await
+        .expect("complete");
+    assert_eq!(batch.results, vec![CompletionResult::Applied]);
+    assert!(batch.claimed.is_empty());
+    let now = get(store, record.id).await;
+    for name in ["b", "c", "e"] {
+        assert_eq!(step(&now, name).state.status, StepStatus::Queued, "{name}");
+    }
+    let next = claim(store, T0, 10).await;
+    assert_eq!(names(&next.attempts), BTreeSet::from(["b", "c", "e"]));
+}
+
+/// Run by each backend with two stores on one database, the second opened
+/// with a catalog that lacks the `w5` type: its claims pass over the entity
+/// they cannot schedule and still serve the others.
+pub async fn claims_skip_entities_of_an_unknown_pipeline(
+    full: Arc<dyn Store>,
+    without_w5: Arc<dyn Store>,
+) {
+    let orphan = create(&*full, new_entity("w5", BODY), T0).await;
+    let fine = create(&*full, new_entity("single", BODY), T0 + 1).await;
+    let batch = claim(&*without_w5, T0 + 2, 10).await;
+    let ids: Vec<EntityId> = batch.attempts.iter().map(|a| a.entity_id).collect();
+    assert_eq!(ids, vec![fine.id]);
+    let again = claim(&*without_w5, T0 + 3, 10).await;
+    assert!(again.attempts.is_empty(), "nothing else is claimable");
+    assert_eq!(
+        step(&get(&*full, orphan.id).await, "a").state.status,
+        StepStatus::Queued,
+        "the orphan is left as it was"
+    );
+    // The store that knows the type still runs it.
+    let claimed = claim(&*full, T0 + 4, 10).await;
+    assert_eq!(names(&claimed.attempts), BTreeSet::from(["a"]));
+}
+
+/// The suite's catalog without the `w5` type.
+pub fn catalog_without_w5() -> Arc<Catalog> {
+    let full = catalog();
+    let mut partial = Catalog::default();
+    for (name, version) in [("single", 1), ("backoff", 1), ("mixed", 1)] {
+        let pipeline = full.get(name, version).expect("in the suite catalog");
+        partial.insert(name, version, Pipeline::clone(pipeline));
+    }
+    Arc::new(partial)
 }

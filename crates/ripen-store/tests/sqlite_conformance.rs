@@ -119,3 +119,20 @@ async fn opening_a_newer_schema_is_refused() {
     let err = SqliteStore::open(SqliteOptions::new(&path), catalog()).expect_err("newer schema");
     assert!(err.to_string().contains("schema version 99"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_skip_entities_of_an_unknown_pipeline() {
+    let dir = tempfile::tempdir().expect("create a temp dir");
+    let path = dir.path().join("ripen.db");
+    let full = SqliteStore::open(SqliteOptions::new(&path), catalog()).expect("open");
+    let partial = SqliteStore::open(
+        SqliteOptions::new(&path),
+        ripen_store::suite::catalog_without_w5(),
+    )
+    .expect("open again");
+    ripen_store::suite::claims_skip_entities_of_an_unknown_pipeline(
+        Arc::new(full),
+        Arc::new(partial),
+    )
+    .await;
+}
