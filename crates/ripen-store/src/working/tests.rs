@@ -192,7 +192,7 @@ fn results_claim_what_they_unblock_in_the_claim_queue_only() {
     let done = success(&w[0], 0, Some("1"));
     complete(
         &mut w,
-        &[done.clone()],
+        std::slice::from_ref(&done),
         None,
         &ctxs(),
         &Tally::default(),
