@@ -11,6 +11,7 @@
 //! outbox row per status change. Nothing is acknowledged before that
 //! transaction is durable.
 
+mod decode;
 pub mod history;
 pub mod postgres;
 pub mod sqlite;
@@ -176,7 +177,7 @@ pub enum CompletionResult {
     Stale,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct CompleteBatch {
     /// One result per completion, in order.
     pub results: Vec<CompletionResult>,
@@ -219,7 +220,7 @@ pub struct ListQuery {
     pub after: Option<EntityId>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or written now; the caller may retry later.
     #[error("store unavailable: {0}")]

@@ -44,14 +44,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
 use futures_util::StreamExt;
-use ripen_core::{Catalog, EntityStatus, Input, Pipeline, StepState, StepStatus, UnixMicros};
+use ripen_core::{Catalog, Input, Pipeline, StepState, UnixMicros};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
 
+use crate::decode::{entity_id, entity_status, step_status, to_i64, to_u32, to_u64};
 use crate::history::HistoryEvent;
-use crate::working::{self, CtxSource, Jitter, NewRows, Rows, Stored, Tally, Working};
+use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
     Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
     EntityRecord, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result, StepRecord, Store,
@@ -164,7 +165,7 @@ const ENTITY_STEP_COLUMNS: &str = "e.id, e.tenant, e.type, e.version, e.status, 
     s.idx, s.name, s.critical, s.status, s.attempts, s.epoch, s.due_at, s.last_error";
 
 /// How to connect a [`PostgresStore`].
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct PostgresOptions {
     /// `postgres://user@host:port/database` (libpq URL or key=value form).
     pub url: String,
@@ -178,16 +179,6 @@ pub struct PostgresOptions {
     pub jitter: Jitter,
 }
 
-impl std::fmt::Debug for PostgresOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresOptions")
-            .field("pool_size", &self.pool_size)
-            .field("batch_max", &self.batch_max)
-            .field("lease_grace_ms", &self.lease_grace_ms)
-            .finish_non_exhaustive()
-    }
-}
-
 impl PostgresOptions {
     pub fn new(url: impl Into<String>) -> PostgresOptions {
         PostgresOptions {
@@ -195,7 +186,7 @@ impl PostgresOptions {
             pool_size: 16,
             batch_max: 512,
             lease_grace_ms: 5_000,
-            jitter: working::random_jitter(),
+            jitter: Jitter::random(),
         }
     }
 }
@@ -221,9 +212,7 @@ impl std::fmt::Debug for PostgresStore {
 /// What the store's tasks share.
 struct Shared {
     pool: Arc<Pool>,
-    catalog: Arc<Catalog>,
-    ctxs: CtxSource,
-    tally: Tally,
+    decider: Decider,
 }
 
 impl PostgresStore {
@@ -274,9 +263,7 @@ impl PostgresStore {
         }
         let shared = Arc::new(Shared {
             pool,
-            catalog,
-            ctxs: CtxSource::new(opts.lease_grace_ms, opts.jitter.clone()),
-            tally: Tally::default(),
+            decider: Decider::new(catalog, opts.lease_grace_ms, opts.jitter.clone()),
         });
         let (creates, queue) = mpsc::channel(CREATE_QUEUE_MAX);
         let in_flight = (pool_size / 2).clamp(1, CREATE_BATCHES_IN_FLIGHT_MAX);
@@ -314,13 +301,8 @@ impl Store for PostgresStore {
     async fn create(&self, entity: NewEntity, now_us: UnixMicros) -> Result<IntakeOutcome> {
         let pipeline = self
             .shared
-            .catalog
-            .get(&entity.type_name, entity.version)
-            .cloned()
-            .ok_or_else(|| StoreError::UnknownPipeline {
-                type_name: entity.type_name.clone(),
-                version: entity.version,
-            })?;
+            .decider
+            .pipeline(&entity.type_name, entity.version)?;
         let (reply, answer) = oneshot::channel();
         let job = CreateJob {
             entity,
@@ -350,10 +332,7 @@ impl Store for PostgresStore {
         now_us: UnixMicros,
     ) -> Result<CompleteBatch> {
         if completions.is_empty() {
-            return Ok(CompleteBatch {
-                results: Vec::new(),
-                claimed: Vec::new(),
-            });
+            return Ok(CompleteBatch::default());
         }
         let conn = self.shared.pool.get().await?;
         conn.begin().await?;
@@ -573,7 +552,7 @@ impl Store for PostgresStore {
     }
 
     fn stale_completions(&self) -> u64 {
-        self.shared.tally.stale_completions()
+        self.shared.decider.stale_completions()
     }
 
     fn is_shared(&self) -> bool {
@@ -914,24 +893,6 @@ async fn schema_version(conn: &Conn) -> Result<Option<i32>> {
 // ---------------------------------------------------------------------------
 // Row decoding
 
-fn to_u32(v: i64, what: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| StoreError::Internal(format!("{what} out of range: {v}")))
-}
-
-fn to_u64(v: i64, what: &str) -> Result<u64> {
-    u64::try_from(v).map_err(|_| StoreError::Internal(format!("{what} out of range: {v}")))
-}
-
-fn to_i64(v: u64, what: &str) -> Result<i64> {
-    i64::try_from(v).map_err(|_| StoreError::Internal(format!("{what} out of range: {v}")))
-}
-
-fn entity_id(bytes: &[u8]) -> Result<EntityId> {
-    EntityId::from_slice(bytes).ok_or_else(|| {
-        StoreError::Internal(format!("malformed entity id of {} bytes", bytes.len()))
-    })
-}
-
 fn text_of(bytes: Vec<u8>, what: &str) -> Result<String> {
     String::from_utf8(bytes).map_err(|_| StoreError::Internal(format!("{what} is not UTF-8")))
 }
@@ -955,9 +916,7 @@ fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<Stored>> {
                     tenant: row.try_get(1).map_err(decode_error)?,
                     type_name: row.try_get(2).map_err(decode_error)?,
                     version: to_u32(row.try_get(3).map_err(decode_error)?, "entities.version")?,
-                    status: EntityStatus::parse(status).ok_or_else(|| {
-                        StoreError::Internal(format!("unknown entity status {status:?}"))
-                    })?,
+                    status: entity_status(status)?,
                     degraded: row.try_get(5).map_err(decode_error)?,
                     created_at_us: row.try_get(6).map_err(decode_error)?,
                     updated_at_us: row.try_get(7).map_err(decode_error)?,
@@ -982,9 +941,7 @@ fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<Stored>> {
             name: row.try_get(11).map_err(decode_error)?,
             critical: row.try_get(12).map_err(decode_error)?,
             state: StepState {
-                status: StepStatus::parse(status).ok_or_else(|| {
-                    StoreError::Internal(format!("unknown step status {status:?}"))
-                })?,
+                status: step_status(status)?,
                 attempts: to_u32(row.try_get(14).map_err(decode_error)?, "steps.attempts")?,
                 epoch: to_u64(row.try_get(15).map_err(decode_error)?, "steps.epoch")?,
                 due_at_us: row.try_get(16).map_err(decode_error)?,
@@ -1252,10 +1209,6 @@ impl Writes {
 }
 
 impl Shared {
-    fn working(&self, stored: Stored) -> Result<Working> {
-        Working::new(&self.catalog, stored)
-    }
-
     /// Reads entities with their steps and outputs, in id order. Callers
     /// hold the entities' row locks, taken by an earlier statement, so this
     /// statement's snapshot shows their latest committed state. (The id
@@ -1386,18 +1339,9 @@ impl Shared {
                 .map(|r| entity_id(r.try_get::<_, &[u8]>(0).map_err(decode_error)?))
                 .collect::<Result<Vec<_>>>()?;
             ids.sort();
-            let mut entities = Vec::with_capacity(ids.len());
-            for stored in self.read_entities(conn, &ids).await? {
-                let id = stored.record.id;
-                match self.working(stored) {
-                    Ok(w) => entities.push(w),
-                    Err(e @ StoreError::UnknownPipeline { .. }) => {
-                        tracing::warn!(entity = %id, error = %e, "cannot schedule the steps of an entity");
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            working::claim_due(&mut entities, queue, limit, &self.ctxs, now_us);
+            let stored = self.read_entities(conn, &ids).await?;
+            let mut entities = self.decider.schedulable(stored)?;
+            self.decider.claim_due(&mut entities, queue, limit, now_us);
             attempts = self.save(conn, &mut entities, now_us, false).await?;
         }
         let next_due_us = conn
@@ -1429,16 +1373,11 @@ impl Shared {
         let locked = self.lock_entities(conn, &ids).await?;
         let mut entities = Vec::with_capacity(locked.len());
         for stored in self.read_entities(conn, &locked).await? {
-            entities.push(self.working(stored)?);
+            entities.push(self.decider.working(stored)?);
         }
-        let results = working::complete(
-            &mut entities,
-            completions,
-            claim_queue,
-            &self.ctxs,
-            &self.tally,
-            now_us,
-        );
+        let results = self
+            .decider
+            .complete(&mut entities, completions, claim_queue, now_us);
         let claimed = self.save(conn, &mut entities, now_us, false).await?;
         Ok(CompleteBatch { results, claimed })
     }
@@ -1456,13 +1395,11 @@ impl Shared {
             .map(|r| entity_id(r.try_get::<_, &[u8]>(0).map_err(decode_error)?))
             .collect::<Result<Vec<_>>>()?;
         let locked = self.lock_entities(conn, &ids).await?;
-        let mut lost = 0;
         let mut entities = Vec::with_capacity(locked.len());
         for stored in self.read_entities(conn, &locked).await? {
-            let mut w = self.working(stored)?;
-            lost += w.recover(&self.ctxs, now_us);
-            entities.push(w);
+            entities.push(self.decider.working(stored)?);
         }
+        let lost = self.decider.recover(&mut entities, now_us);
         self.save(conn, &mut entities, now_us, false).await?;
         Ok(lost)
     }
@@ -1487,8 +1424,8 @@ impl Shared {
         let Some(stored) = self.read_entities(conn, &[id]).await?.into_iter().next() else {
             return Ok(CommandOutcome::NotFound);
         };
-        let mut w = self.working(stored)?;
-        let refused = w.command(input, &self.ctxs, now_us)?;
+        let mut w = self.decider.working(stored)?;
+        let refused = self.decider.command(&mut w, input, now_us)?;
         let notify = refused.is_none();
         self.save(conn, std::slice::from_mut(&mut w), now_us, notify)
             .await?;
@@ -1544,17 +1481,6 @@ async fn run_create_batcher(
     tracing::debug!("postgres create batcher stopped: the store is gone");
 }
 
-fn copy_error(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::Internal(m) => StoreError::Internal(m.clone()),
-        StoreError::UnknownPipeline { type_name, version } => StoreError::UnknownPipeline {
-            type_name: type_name.clone(),
-            version: *version,
-        },
-    }
-}
-
 impl Shared {
     /// Commits a batch of creates and answers every caller. When the batch
     /// fails for a reason other than the connection, each create is tried
@@ -1564,7 +1490,7 @@ impl Shared {
             Ok(conn) => conn,
             Err(e) => {
                 for job in batch {
-                    let _ = job.reply.send(Err(copy_error(&e)));
+                    let _ = job.reply.send(Err(e.clone()));
                 }
                 return;
             }
@@ -1589,7 +1515,7 @@ impl Shared {
                 if !matches!(e, StoreError::Unavailable(_)) {
                     tracing::warn!(error = %e, creates = batch.len(), "a postgres create batch failed");
                 }
-                batch.iter().map(|_| Err(copy_error(&e))).collect()
+                batch.iter().map(|_| Err(e.clone())).collect()
             }
         };
         drop(conn);
@@ -1967,14 +1893,7 @@ mod tests {
     }
 
     fn entity() -> NewEntity {
-        NewEntity {
-            id: EntityId::new_v7(),
-            tenant: crate::DEFAULT_TENANT.into(),
-            type_name: "single".into(),
-            version: 1,
-            payload: "{}".into(),
-            idempotency_key: None,
-        }
+        crate::suite::new_entity("single", "{}")
     }
 
     fn idle(store: &PostgresStore) -> usize {

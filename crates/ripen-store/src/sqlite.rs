@@ -44,13 +44,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 #[cfg(test)]
 use ripen_core::Pipeline;
-use ripen_core::{Catalog, EntityStatus, Input, StepState, StepStatus, UnixMicros};
+use ripen_core::{Catalog, EntityStatus, Input, StepState, UnixMicros};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{params, params_from_iter, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::decode::{entity_id, entity_status, step_status, to_i64, to_u32, to_u64};
 use crate::history::HistoryEvent;
-use crate::working::{self, CtxSource, Jitter, NewRows, Rows, Stored, Tally, Working};
+use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
     Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
     EntityRecord, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result, StepRecord, Store,
@@ -200,7 +201,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 ";
 
 /// How to open a [`SqliteStore`].
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct SqliteOptions {
     /// The database file; created if missing.
     pub path: PathBuf,
@@ -214,17 +215,6 @@ pub struct SqliteOptions {
     pub jitter: Jitter,
 }
 
-impl std::fmt::Debug for SqliteOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteOptions")
-            .field("path", &self.path)
-            .field("read_connections", &self.read_connections)
-            .field("batch_max", &self.batch_max)
-            .field("lease_grace_ms", &self.lease_grace_ms)
-            .finish_non_exhaustive()
-    }
-}
-
 impl SqliteOptions {
     pub fn new(path: impl Into<PathBuf>) -> SqliteOptions {
         SqliteOptions {
@@ -232,7 +222,7 @@ impl SqliteOptions {
             read_connections: 4,
             batch_max: 1_024,
             lease_grace_ms: 5_000,
-            jitter: working::random_jitter(),
+            jitter: Jitter::random(),
         }
     }
 }
@@ -241,8 +231,7 @@ impl SqliteOptions {
 pub struct SqliteStore {
     writer: mpsc::Sender<Box<dyn Job>>,
     readers: Arc<Readers>,
-    catalog: Arc<Catalog>,
-    tally: Arc<Tally>,
+    decider: Arc<Decider>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -277,13 +266,11 @@ impl SqliteStore {
             runtime.spawn(relay_answers(batches));
             relay
         });
-        let tally = Arc::new(Tally::default());
+        let decider = Arc::new(Decider::new(catalog, opts.lease_grace_ms, opts.jitter));
         let writer = Writer {
             relay,
             conn,
-            catalog: catalog.clone(),
-            ctxs: CtxSource::new(opts.lease_grace_ms, opts.jitter.clone()),
-            tally: tally.clone(),
+            decider: decider.clone(),
             checkpointer: Some(checkpointer),
             sql_cache: HashMap::new(),
         };
@@ -295,8 +282,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: tx,
             readers,
-            catalog,
-            tally,
+            decider,
         })
     }
 
@@ -356,14 +342,7 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn create(&self, entity: NewEntity, now_us: UnixMicros) -> Result<IntakeOutcome> {
-        let pipeline = self
-            .catalog
-            .get(&entity.type_name, entity.version)
-            .cloned()
-            .ok_or_else(|| StoreError::UnknownPipeline {
-                type_name: entity.type_name.clone(),
-                version: entity.version,
-            })?;
+        let pipeline = self.decider.pipeline(&entity.type_name, entity.version)?;
         // Everything that does not need the database is prepared here, on
         // the caller's task, so that the one writer thread only binds values.
         let prepared = NewRows::new(&pipeline, &entity, now_us);
@@ -396,10 +375,7 @@ impl Store for SqliteStore {
         now_us: UnixMicros,
     ) -> Result<CompleteBatch> {
         if completions.is_empty() {
-            return Ok(CompleteBatch {
-                results: Vec::new(),
-                claimed: Vec::new(),
-            });
+            return Ok(CompleteBatch::default());
         }
         let claim_queue = claim_queue.map(str::to_owned);
         self.write(move |w| w.complete(&completions, claim_queue.as_deref(), now_us))
@@ -603,7 +579,7 @@ impl Store for SqliteStore {
     }
 
     fn stale_completions(&self) -> u64 {
-        self.tally.stale_completions()
+        self.decider.stale_completions()
     }
 
     async fn clock_us(&self) -> Result<UnixMicros> {
@@ -636,17 +612,6 @@ impl From<rusqlite::Error> for StoreError {
         } else {
             StoreError::Internal(format!("sqlite: {e}"))
         }
-    }
-}
-
-fn copy_error(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::Internal(m) => StoreError::Internal(m.clone()),
-        StoreError::UnknownPipeline { type_name, version } => StoreError::UnknownPipeline {
-            type_name: type_name.clone(),
-            version: *version,
-        },
     }
 }
 
@@ -828,33 +793,6 @@ impl Readers {
 // ---------------------------------------------------------------------------
 // Row decoding, shared by the readers and the writer
 
-fn to_u32(v: i64, what: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| StoreError::Internal(format!("{what} out of range: {v}")))
-}
-
-fn to_u64(v: i64, what: &str) -> Result<u64> {
-    u64::try_from(v).map_err(|_| StoreError::Internal(format!("{what} out of range: {v}")))
-}
-
-fn to_i64(v: u64, what: &str) -> Result<i64> {
-    i64::try_from(v).map_err(|_| StoreError::Internal(format!("{what} out of range: {v}")))
-}
-
-fn entity_id(bytes: &[u8]) -> Result<EntityId> {
-    EntityId::from_slice(bytes).ok_or_else(|| {
-        StoreError::Internal(format!("malformed entity id of {} bytes", bytes.len()))
-    })
-}
-
-fn entity_status(s: &str) -> Result<EntityStatus> {
-    EntityStatus::parse(s)
-        .ok_or_else(|| StoreError::Internal(format!("unknown entity status {s:?}")))
-}
-
-fn step_status(s: &str) -> Result<StepStatus> {
-    StepStatus::parse(s).ok_or_else(|| StoreError::Internal(format!("unknown step status {s:?}")))
-}
-
 /// Reads one entity with its steps and their outputs; `extra` is the id of
 /// its payload row.
 fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
@@ -1003,7 +941,7 @@ impl Job for CreateRequest {
 
     fn answer(self: Box<Self>, failure: Option<&StoreError>) {
         let result = match (failure, self.result) {
-            (Some(e), _) => Err(copy_error(e)),
+            (Some(e), _) => Err(e.clone()),
             // The record was built before the write; it is handed over, not copied.
             (None, Some(Ok(Created::New))) => Ok(IntakeOutcome::Created(self.prepared.record)),
             (None, Some(Ok(Created::Existing(outcome)))) => Ok(outcome),
@@ -1050,7 +988,7 @@ where
 
     fn answer(self: Box<Self>, failure: Option<&StoreError>) {
         let result = match (failure, self.result) {
-            (Some(e), _) => Err(copy_error(e)),
+            (Some(e), _) => Err(e.clone()),
             (None, Some(result)) => result,
             (None, None) => Err(StoreError::Internal(
                 "the write command panicked and was rolled back".into(),
@@ -1113,9 +1051,7 @@ struct Writer {
     /// Where answered batches go; `None` answers on the writer thread.
     relay: Option<mpsc::UnboundedSender<Answered>>,
     conn: Connection,
-    catalog: Arc<Catalog>,
-    ctxs: CtxSource,
-    tally: Arc<Tally>,
+    decider: Arc<Decider>,
     /// Wakes the checkpointer after a commit; `None` in unit tests.
     checkpointer: Option<Checkpointer>,
     /// The text of the multi-row inserts, by table and row count.
@@ -1504,18 +1440,12 @@ impl Writer {
             }
             ids
         };
-        let mut entities = Vec::with_capacity(ids.len());
+        let mut stored = Vec::with_capacity(ids.len());
         for id in ids {
-            match self.load(id) {
-                Ok(Some(w)) => entities.push(w),
-                Ok(None) => {}
-                Err(e @ StoreError::UnknownPipeline { .. }) => {
-                    tracing::warn!(entity = %id, error = %e, "cannot schedule the steps of an entity");
-                }
-                Err(e) => return Err(e),
-            }
+            stored.extend(read_entity(&self.conn, id)?);
         }
-        working::claim_due(&mut entities, queue, limit, &self.ctxs, now_us);
+        let mut entities = self.decider.schedulable(stored)?;
+        self.decider.claim_due(&mut entities, queue, limit, now_us);
         let attempts = self.save(&mut entities, now_us)?;
         let next_due_us = self
             .conn
@@ -1547,14 +1477,9 @@ impl Writer {
                 entities.push(w);
             }
         }
-        let results = working::complete(
-            &mut entities,
-            completions,
-            claim_queue,
-            &self.ctxs,
-            &self.tally,
-            now_us,
-        );
+        let results = self
+            .decider
+            .complete(&mut entities, completions, claim_queue, now_us);
         let claimed = self.save(&mut entities, now_us)?;
         Ok(CompleteBatch { results, claimed })
     }
@@ -1574,14 +1499,11 @@ impl Writer {
             }
             ids
         };
-        let mut lost = 0;
         let mut entities = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(mut w) = self.load(id)? {
-                lost += w.recover(&self.ctxs, now_us);
-                entities.push(w);
-            }
+            entities.extend(self.load(id)?);
         }
+        let lost = self.decider.recover(&mut entities, now_us);
         self.save(&mut entities, now_us)?;
         Ok(lost)
     }
@@ -1599,15 +1521,15 @@ impl Writer {
         if stored.record.tenant != tenant {
             return Ok(CommandOutcome::NotFound);
         }
-        let mut w = Working::new(&self.catalog, stored)?;
-        let refused = w.command(input, &self.ctxs, now_us)?;
+        let mut w = self.decider.working(stored)?;
+        let refused = self.decider.command(&mut w, input, now_us)?;
         self.save(std::slice::from_mut(&mut w), now_us)?;
         Ok(working::command_outcome(w, refused))
     }
 
     fn load(&self, id: EntityId) -> Result<Option<Working<i64>>> {
         match read_entity(&self.conn, id)? {
-            Some(stored) => Working::new(&self.catalog, stored).map(Some),
+            Some(stored) => self.decider.working(stored).map(Some),
             None => Ok(None),
         }
     }
@@ -1773,14 +1695,7 @@ mod tests {
     }
 
     fn entity() -> NewEntity {
-        NewEntity {
-            id: EntityId::new_v7(),
-            tenant: crate::DEFAULT_TENANT.into(),
-            type_name: "single".into(),
-            version: 1,
-            payload: "{}".into(),
-            idempotency_key: None,
-        }
+        crate::suite::new_entity("single", "{}")
     }
 
     fn count(conn: &Connection, table: &str) -> i64 {
@@ -1795,9 +1710,7 @@ mod tests {
         let mut writer = Writer {
             relay: None,
             conn: open_writer(&path).expect("open"),
-            catalog: catalog(),
-            ctxs: CtxSource::new(0, working::random_jitter()),
-            tally: Arc::new(Tally::default()),
+            decider: Arc::new(Decider::new(catalog(), 0, Jitter::random())),
             checkpointer: None,
             sql_cache: HashMap::new(),
         };
@@ -1971,9 +1884,7 @@ mod tests {
         let mut writer = Writer {
             relay: None,
             conn: open_writer(&path).expect("open"),
-            catalog: catalog(),
-            ctxs: CtxSource::new(0, working::random_jitter()),
-            tally: Arc::new(Tally::default()),
+            decider: Arc::new(Decider::new(catalog(), 0, Jitter::random())),
             checkpointer: None,
             sql_cache: HashMap::new(),
         };

@@ -237,7 +237,8 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
 // ---------------------------------------------------------------------------
 // Helpers
 
-fn new_entity(type_name: &str, payload: &str) -> NewEntity {
+/// A submission of `type_name` for the default tenant, without a key.
+pub fn new_entity(type_name: &str, payload: &str) -> NewEntity {
     NewEntity {
         id: EntityId::new_v7(),
         tenant: TENANT.into(),

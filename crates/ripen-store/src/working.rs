@@ -30,27 +30,44 @@ use crate::{
     NewEntity, Outcome, Result, StepRecord, StoreError,
 };
 
-/// A source of jitter samples in `[0, 1)` for backoff.
-pub type Jitter = Arc<dyn Fn() -> f64 + Send + Sync>;
+/// A source of jitter samples in `[0, 1)` for backoff. Stores draw from it
+/// whenever they apply an input, so that tests can pin the draws.
+#[derive(Clone)]
+pub struct Jitter(Arc<dyn Fn() -> f64 + Send + Sync>);
 
-/// The jitter every store uses unless told otherwise: a uniform draw.
-pub fn random_jitter() -> Jitter {
-    Arc::new(fastrand::f64)
+impl Jitter {
+    /// A uniform draw: what every store uses unless told otherwise.
+    pub fn random() -> Jitter {
+        Jitter(Arc::new(fastrand::f64))
+    }
+
+    /// Always the same sample.
+    pub fn fixed(sample: f64) -> Jitter {
+        Jitter(Arc::new(move || sample))
+    }
+
+    pub fn sample(&self) -> f64 {
+        (self.0)()
+    }
+}
+
+impl Default for Jitter {
+    fn default() -> Jitter {
+        Jitter::random()
+    }
+}
+
+impl std::fmt::Debug for Jitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Jitter")
+    }
 }
 
 /// Builds the [`Ctx`] of every input a store applies.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct CtxSource {
     pub lease_grace_ms: u64,
     pub jitter: Jitter,
-}
-
-impl std::fmt::Debug for CtxSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CtxSource")
-            .field("lease_grace_ms", &self.lease_grace_ms)
-            .finish_non_exhaustive()
-    }
 }
 
 impl CtxSource {
@@ -64,9 +81,108 @@ impl CtxSource {
     pub fn ctx(&self, now_us: UnixMicros) -> Ctx {
         Ctx {
             now_us,
-            jitter: (self.jitter)(),
+            jitter: self.jitter.sample(),
             lease_grace_ms: self.lease_grace_ms,
         }
+    }
+}
+
+/// What a store decides with: the pipelines it knows, how it builds each
+/// input's context, and its counters. Every backend holds one and calls
+/// nothing else to decide.
+#[derive(Debug)]
+pub struct Decider {
+    catalog: Arc<Catalog>,
+    ctxs: CtxSource,
+    tally: Tally,
+}
+
+impl Decider {
+    pub fn new(catalog: Arc<Catalog>, lease_grace_ms: u64, jitter: Jitter) -> Decider {
+        Decider {
+            catalog,
+            ctxs: CtxSource::new(lease_grace_ms, jitter),
+            tally: Tally::default(),
+        }
+    }
+
+    /// The pipeline of a type version, for a new entity of it.
+    pub fn pipeline(&self, type_name: &str, version: u32) -> Result<Arc<Pipeline>> {
+        self.catalog
+            .get(type_name, version)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownPipeline {
+                type_name: type_name.to_owned(),
+                version,
+            })
+    }
+
+    /// Loads one stored entity into a working set.
+    pub fn working<X>(&self, stored: Stored<X>) -> Result<Working<X>> {
+        Working::new(&self.catalog, stored)
+    }
+
+    /// Loads entities to schedule; one whose pipeline this node does not know
+    /// is left alone (another node, or a later version of this one, may), so
+    /// that it does not hold back the others.
+    pub fn schedulable<X>(&self, stored: Vec<Stored<X>>) -> Result<Vec<Working<X>>> {
+        let mut entities = Vec::with_capacity(stored.len());
+        for s in stored {
+            let id = s.record.id;
+            match self.working(s) {
+                Ok(w) => entities.push(w),
+                Err(e @ StoreError::UnknownPipeline { .. }) => {
+                    tracing::warn!(entity = %id, error = %e, "cannot schedule the steps of an entity");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(entities)
+    }
+
+    /// See [`claim_due`].
+    pub fn claim_due<X>(
+        &self,
+        entities: &mut [Working<X>],
+        queue: &str,
+        limit: usize,
+        now_us: UnixMicros,
+    ) -> usize {
+        claim_due(entities, queue, limit, &self.ctxs, now_us)
+    }
+
+    /// See [`complete`].
+    pub fn complete<X>(
+        &self,
+        entities: &mut [Working<X>],
+        completions: &[Completion],
+        claim_queue: Option<&str>,
+        now_us: UnixMicros,
+    ) -> Vec<CompletionResult> {
+        let (ctxs, tally) = (&self.ctxs, &self.tally);
+        complete(entities, completions, claim_queue, ctxs, tally, now_us)
+    }
+
+    /// Loses every running attempt of the entities: their node restarted.
+    pub fn recover<X>(&self, entities: &mut [Working<X>], now_us: UnixMicros) -> u64 {
+        entities
+            .iter_mut()
+            .map(|w| w.recover(&self.ctxs, now_us))
+            .sum()
+    }
+
+    /// Applies an operator command; see [`Working::command`].
+    pub fn command<X>(
+        &self,
+        w: &mut Working<X>,
+        input: Input,
+        now_us: UnixMicros,
+    ) -> Result<Option<EntityStatus>> {
+        w.command(input, &self.ctxs, now_us)
+    }
+
+    pub fn stale_completions(&self) -> u64 {
+        self.tally.stale_completions()
     }
 }
 

@@ -10,7 +10,7 @@ const MS: i64 = 1_000;
 
 /// A jitter that always draws the middle.
 fn ctxs() -> CtxSource {
-    CtxSource::new(500, Arc::new(|| 0.5))
+    CtxSource::new(500, Jitter::fixed(0.5))
 }
 
 fn submission(type_name: &str, key: Option<&str>, payload: &str) -> NewEntity {
