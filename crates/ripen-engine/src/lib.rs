@@ -3,7 +3,8 @@
 //! - [`config`] reads `ripen.toml` into validated pipelines and schemas;
 //! - [`intake`] validates submissions and hands them to the store;
 //! - [`scheduler`] claims runnable steps, runs them and records results;
-//! - [`executor`] calls HTTP steps per the step contract.
+//! - [`executor`] runs attempts: the [`StepExecutor`] trait, the registry of
+//!   executors by kind, and the HTTP executor of the step contract.
 //!
 //! Architecture invariant: the runtime never decides what a result does to an
 //! entity; it passes results to the store, which applies the core machine in
@@ -24,6 +25,7 @@ use ripen_core::Catalog;
 use ripen_store::{PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError};
 
 pub use config::{Config, StorageUrl, TypeConfig};
+pub use executor::{ExecutorKind, ExecutorRegistry, StepExecutor};
 pub use intake::{Intake, SubmitError};
 pub use scheduler::Scheduler;
 
@@ -82,7 +84,8 @@ impl Engine {
                 );
             }
         }
-        let scheduler = Scheduler::start(store.clone(), catalog.clone(), &config.engine);
+        let executors = Arc::new(ExecutorRegistry::standard(config.engine.concurrency));
+        let scheduler = Scheduler::start(store.clone(), catalog.clone(), executors, &config.engine);
         if store.is_shared() && config.engine.execute {
             store.notify_on_work(scheduler.waker());
         }

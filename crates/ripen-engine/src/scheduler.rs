@@ -12,13 +12,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ripen_core::{Catalog, Executor};
-use ripen_store::{Attempt, Completion, CompletionResult, Outcome, Store};
+use ripen_core::{Catalog, UnixMicros};
+use ripen_store::{
+    Attempt, ClaimBatch, CompleteBatch, Completion, CompletionResult, Outcome, Store, StoreError,
+};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::config::EngineConfig;
-use crate::executor::HttpExecutor;
+use crate::executor::ExecutorRegistry;
 use crate::time::now_us;
 
 /// The most steps claimed in one store call.
@@ -33,7 +35,7 @@ const STORE_RETRY_MS: u64 = 200;
 struct Shared {
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
-    http: HttpExecutor,
+    executors: Arc<ExecutorRegistry>,
     /// Bounds the attempts in flight.
     slots: Arc<Semaphore>,
     wake: Arc<Notify>,
@@ -47,13 +49,19 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn start(store: Arc<dyn Store>, catalog: Arc<Catalog>, config: &EngineConfig) -> Scheduler {
+    /// Starts claiming from the queues of `executors` and running what it claims.
+    pub fn start(
+        store: Arc<dyn Store>,
+        catalog: Arc<Catalog>,
+        executors: Arc<ExecutorRegistry>,
+        config: &EngineConfig,
+    ) -> Scheduler {
         let (results_tx, results_rx) = mpsc::channel(config.concurrency.max(COMPLETE_BATCH_MAX));
         let wake = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             store,
             catalog,
-            http: HttpExecutor::new(config.concurrency),
+            executors,
             slots: Arc::new(Semaphore::new(config.concurrency)),
             wake: wake.clone(),
             results: results_tx,
@@ -62,6 +70,10 @@ impl Scheduler {
         let mut tasks = JoinSet::new();
         if !config.execute {
             tracing::info!("engine.execute is off: this node runs no steps");
+            return Scheduler { wake, stop, tasks };
+        }
+        if shared.executors.local_queues().is_empty() {
+            tracing::info!("no executor consumes a queue here: this node runs no steps");
             return Scheduler { wake, stop, tasks };
         }
         tasks.spawn(claim_loop(
@@ -86,21 +98,28 @@ impl Scheduler {
 }
 
 async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiver<bool>) {
+    let queues: Vec<String> = shared
+        .executors
+        .local_queues()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
     loop {
         if *stop.borrow() {
             return;
         }
-        let free = shared.slots.available_permits().min(CLAIM_BATCH_MAX);
         let mut sleep_for = poll;
-        if free > 0 {
-            match shared.store.claim_due(now_us(), free).await {
+        let mut filled = false;
+        for queue in &queues {
+            let free = shared.slots.available_permits().min(CLAIM_BATCH_MAX);
+            if free == 0 {
+                break;
+            }
+            match claim_due(shared.store.as_ref(), queue, now_us(), free).await {
                 Ok(batch) => {
-                    let full = batch.attempts.len() >= free;
+                    filled |= batch.attempts.len() >= free;
                     for attempt in batch.attempts {
                         dispatch(&shared, attempt);
-                    }
-                    if full {
-                        continue;
                     }
                     if let Some(due) = batch.next_due_us {
                         let wait_us = (due - now_us()).max(0) as u64;
@@ -108,10 +127,14 @@ async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiv
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "claiming due steps failed; will try again");
-                    sleep_for = Duration::from_millis(STORE_RETRY_MS);
+                    tracing::warn!(error = %e, queue, "claiming due steps failed; will try again");
+                    sleep_for = sleep_for.min(Duration::from_millis(STORE_RETRY_MS));
                 }
             }
+        }
+        // A full batch means more may be due at once: ask again without sleeping.
+        if filled {
+            continue;
         }
         tokio::select! {
             _ = shared.wake.notified() => {}
@@ -119,6 +142,37 @@ async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiv
             _ = stop.changed() => {}
         }
     }
+}
+
+/// Claims the due steps of one queue.
+///
+/// The store does not take a queue yet: it claims every due step, and every
+/// claimable step is an HTTP one. Once claims are queue-aware, `queue` is
+/// passed on here and nowhere else changes.
+async fn claim_due(
+    store: &dyn Store,
+    queue: &str,
+    now_us: UnixMicros,
+    limit: usize,
+) -> Result<ClaimBatch, StoreError> {
+    let _ = queue;
+    store.claim_due(now_us, limit).await
+}
+
+/// Records results; the steps they make runnable in `claim_queue` are claimed
+/// in the same transaction, and none when it is `None`.
+///
+/// Today's store always claims what the results made runnable. Once
+/// completions take the claim queue, it is passed on here and nowhere else
+/// changes.
+async fn complete(
+    store: &dyn Store,
+    completions: Vec<Completion>,
+    claim_queue: Option<&str>,
+    now_us: UnixMicros,
+) -> Result<CompleteBatch, StoreError> {
+    let _ = claim_queue;
+    store.complete(completions, now_us).await
 }
 
 /// Runs one claimed attempt on its own task. The attempt already holds a
@@ -154,15 +208,7 @@ async fn run_attempt(shared: &Shared, a: &Attempt) -> Outcome {
             retry_after_ms: None,
         };
     };
-    let spec = pipeline.step(a.step);
-    match &spec.executor {
-        Executor::Http { url } => shared.http.run(url, a, spec.timeout_ms).await,
-        Executor::Worker { queue } => Outcome::Failed {
-            error: format!("worker queue {queue:?} has no executor in this build"),
-            retryable: false,
-            retry_after_ms: None,
-        },
-    }
+    shared.executors.run(pipeline.step(a.step), a).await
 }
 
 async fn complete_loop(
@@ -196,7 +242,8 @@ async fn complete_loop(
 /// refused as stale rather than lost.
 async fn record(shared: Arc<Shared>, batch: Vec<Completion>, stop: watch::Receiver<bool>) {
     loop {
-        match shared.store.complete(batch.clone(), now_us()).await {
+        let claim_queue = shared.executors.completion_queue();
+        match complete(shared.store.as_ref(), batch.clone(), claim_queue, now_us()).await {
             Ok(done) => {
                 let stale = done
                     .results
