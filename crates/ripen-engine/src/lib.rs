@@ -13,8 +13,9 @@
 
 pub mod config;
 pub mod executor;
-pub mod intake;
-pub mod scheduler;
+pub mod feed;
+mod intake;
+mod scheduler;
 pub mod schema;
 pub mod time;
 
@@ -22,19 +23,35 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ripen_core::Catalog;
-use ripen_store::{PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError};
+use ripen_store::{
+    CommandOutcome, EntityData, EntityId, EntityRecord, HistoryEvent, IntakeOutcome, ListQuery,
+    PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError,
+};
 
 pub use config::{Config, StorageUrl, TypeConfig};
 pub use executor::{ExecutorKind, ExecutorRegistry, StepExecutor};
-pub use intake::{Intake, SubmitError};
-pub use scheduler::Scheduler;
+pub use feed::EntityFeed;
+pub use intake::{SubmitError, IDEMPOTENCY_KEY_LEN_MAX};
 
-/// A running engine: the store, intake, and the scheduler's tasks.
+use intake::Intake;
+use scheduler::Scheduler;
+
+/// Why a node is not ready to serve.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    #[error("the store is not reachable: {0}")]
+    Store(StoreError),
+}
+
+/// A running engine, and the one way in for the HTTP API: intake, reads,
+/// operator commands, readiness and shutdown. What the store and the
+/// scheduler must do together (a retry re-queues steps, then the scheduler
+/// wakes) happens here, so that no caller can do half of it.
 pub struct Engine {
-    pub config: Arc<Config>,
-    pub store: Arc<dyn Store>,
-    pub intake: Intake,
-    pub scheduler: Scheduler,
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    intake: Intake,
+    scheduler: Scheduler,
     /// Held for the life of the engine so that one embedded database has one owner.
     _lock: Option<std::fs::File>,
 }
@@ -97,6 +114,104 @@ impl Engine {
             scheduler,
             _lock: lock,
         })
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Validates one submission and stores it durably; it runs once the
+    /// store has committed it.
+    pub async fn submit(
+        &self,
+        tenant: &str,
+        type_name: &str,
+        body: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<IntakeOutcome, SubmitError> {
+        self.intake
+            .submit(tenant, type_name, body, idempotency_key)
+            .await
+    }
+
+    pub async fn get(
+        &self,
+        tenant: &str,
+        id: EntityId,
+    ) -> Result<Option<EntityRecord>, StoreError> {
+        self.store.get(tenant, id).await
+    }
+
+    /// The entity with its payload and outputs, whatever its status: the
+    /// caller serves it as consumable only when it is ready.
+    pub async fn get_data(
+        &self,
+        tenant: &str,
+        id: EntityId,
+    ) -> Result<Option<EntityData>, StoreError> {
+        self.store.get_data(tenant, id).await
+    }
+
+    /// Newest first; the caller bounds `query.limit`.
+    pub async fn list(
+        &self,
+        tenant: &str,
+        query: ListQuery,
+    ) -> Result<Vec<EntityRecord>, StoreError> {
+        self.store.list(tenant, query).await
+    }
+
+    /// History events with `seq > after_seq`, oldest first, at most `limit`;
+    /// `None` for an unknown entity.
+    pub async fn events(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Option<Vec<HistoryEvent>>, StoreError> {
+        self.store.events(tenant, id, after_seq, limit).await
+    }
+
+    /// Follows one entity's history live from `after_seq`; `None` for an
+    /// unknown entity.
+    pub async fn follow(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        after_seq: u64,
+    ) -> Result<Option<EntityFeed>, StoreError> {
+        if self.store.get(tenant, id).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(EntityFeed::new(
+            self.store.clone(),
+            tenant,
+            id,
+            after_seq,
+        )))
+    }
+
+    /// Cancels a pending entity. Its running attempts are skipped, and their
+    /// late results are refused as stale.
+    pub async fn cancel(&self, tenant: &str, id: EntityId) -> Result<CommandOutcome, StoreError> {
+        self.store.cancel(tenant, id, time::now_us()).await
+    }
+
+    /// Re-queues the failed and skipped steps of a failed entity and wakes
+    /// the scheduler, so that they run without waiting for its next poll.
+    pub async fn retry(&self, tenant: &str, id: EntityId) -> Result<CommandOutcome, StoreError> {
+        let outcome = self.store.retry(tenant, id, time::now_us()).await?;
+        if matches!(outcome, CommandOutcome::Applied(_)) {
+            self.scheduler.waker().notify_one();
+        }
+        Ok(outcome)
+    }
+
+    /// Whether this node can serve requests now.
+    pub async fn readiness(&self) -> Result<(), NotReady> {
+        self.store.ping().await.map_err(NotReady::Store)
     }
 
     /// Stops claiming new work and waits for the scheduler's tasks to end.

@@ -17,8 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use ripen_core::EntityStatus;
-use ripen_engine::time::now_us;
-use ripen_engine::{Config, Engine, SubmitError};
+use ripen_engine::{Config, Engine, NotReady, SubmitError};
 use ripen_store::{CommandOutcome, EntityId, IntakeOutcome, ListQuery, StoreError, DEFAULT_TENANT};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -107,9 +106,9 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): Shared) -> Response {
-    match state.engine.store.ping().await {
+    match state.engine.readiness().await {
         Ok(()) => json_response(StatusCode::OK, json!({"status": "ready"})),
-        Err(e) => Problem::unavailable(format!("the store is not reachable: {e}")).into_response(),
+        Err(e @ NotReady::Store(_)) => Problem::unavailable(e.to_string()).into_response(),
     }
 }
 
@@ -166,7 +165,7 @@ async fn submit(
     // rather than copied.
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
-    let limit = state.engine.config.body_limit_bytes;
+    let limit = state.engine.config().body_limit_bytes;
     let too_large = || {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -202,7 +201,6 @@ async fn submit(
     })?;
     let outcome = state
         .engine
-        .intake
         .submit(DEFAULT_TENANT, &type_name, &bytes, key)
         .await
         .map_err(|e| match e {
@@ -272,7 +270,6 @@ async fn get_entity(
     let id = entity_id(p)?;
     match state
         .engine
-        .store
         .get(DEFAULT_TENANT, id)
         .await
         .map_err(store_problem)?
@@ -289,7 +286,6 @@ async fn get_data(
     let id = entity_id(p)?;
     let Some(d) = state
         .engine
-        .store
         .get_data(DEFAULT_TENANT, id)
         .await
         .map_err(store_problem)?
@@ -353,7 +349,6 @@ async fn list(
     };
     let mut items = state
         .engine
-        .store
         .list(
             DEFAULT_TENANT,
             ListQuery {
@@ -403,21 +398,18 @@ async fn events(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0);
-        if state
+        let Some(feed) = state
             .engine
-            .store
-            .get(DEFAULT_TENANT, id)
+            .follow(DEFAULT_TENANT, id, after_seq)
             .await
             .map_err(store_problem)?
-            .is_none()
-        {
+        else {
             return Err(no_entity(id));
-        }
-        return Ok(stream::entity_events(state, id, after_seq).into_response());
+        };
+        return Ok(stream::entity_events(feed, state.stopping.clone()).into_response());
     }
     let Some(events) = state
         .engine
-        .store
         .events(DEFAULT_TENANT, id, 0, EVENTS_MAX)
         .await
         .map_err(store_problem)?
@@ -433,14 +425,8 @@ async fn retry(
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = entity_id(p)?;
-    let outcome = state.engine.store.retry(DEFAULT_TENANT, id, now_us()).await;
-    command_answer(
-        &state,
-        id,
-        outcome,
-        "retry",
-        "only a failed entity can be retried",
-    )
+    let outcome = state.engine.retry(DEFAULT_TENANT, id).await;
+    command_answer(id, outcome, "retry", "only a failed entity can be retried")
 }
 
 async fn cancel(
@@ -448,13 +434,8 @@ async fn cancel(
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = entity_id(p)?;
-    let outcome = state
-        .engine
-        .store
-        .cancel(DEFAULT_TENANT, id, now_us())
-        .await;
+    let outcome = state.engine.cancel(DEFAULT_TENANT, id).await;
     command_answer(
-        &state,
         id,
         outcome,
         "cancel",
@@ -463,17 +444,13 @@ async fn cancel(
 }
 
 fn command_answer(
-    state: &AppState,
     id: EntityId,
     outcome: Result<CommandOutcome, StoreError>,
     verb: &str,
     rule: &str,
 ) -> Result<Response, Problem> {
     match outcome.map_err(store_problem)? {
-        CommandOutcome::Applied(r) => {
-            state.engine.scheduler.waker().notify_one();
-            Ok(json_text(StatusCode::ACCEPTED, view::entity_json(&r)))
-        }
+        CommandOutcome::Applied(r) => Ok(json_text(StatusCode::ACCEPTED, view::entity_json(&r))),
         CommandOutcome::NotFound => Err(no_entity(id)),
         CommandOutcome::Conflict(status) => Err(Problem::new(
             StatusCode::CONFLICT,
