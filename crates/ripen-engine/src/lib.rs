@@ -19,7 +19,9 @@ mod scheduler;
 pub mod schema;
 pub mod time;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ripen_core::Catalog;
@@ -32,6 +34,7 @@ pub use config::{Config, StorageUrl, TypeConfig};
 pub use executor::{ExecutorKind, ExecutorRegistry, StepExecutor};
 pub use feed::EntityFeed;
 pub use intake::{SubmitError, IDEMPOTENCY_KEY_LEN_MAX};
+pub use scheduler::Drained;
 
 use intake::Intake;
 use scheduler::Scheduler;
@@ -39,6 +42,9 @@ use scheduler::Scheduler;
 /// Why a node is not ready to serve.
 #[derive(Debug, thiserror::Error)]
 pub enum NotReady {
+    /// The node is draining before it exits; balancers should send elsewhere.
+    #[error("the node is shutting down")]
+    ShuttingDown,
     #[error("the store is not reachable: {0}")]
     Store(StoreError),
 }
@@ -52,6 +58,9 @@ pub struct Engine {
     store: Arc<dyn Store>,
     intake: Intake,
     scheduler: Scheduler,
+    shutting_down: AtomicBool,
+    /// Tasks that live as long as the engine, aborted when it is dropped.
+    _background: tokio::task::JoinSet<()>,
     /// Held for the life of the engine so that one embedded database has one owner.
     _lock: Option<std::fs::File>,
 }
@@ -83,10 +92,11 @@ impl Engine {
         time::measure_store_clock(store.as_ref())
             .await
             .context("read the store's clock")?;
+        let mut background = tokio::task::JoinSet::new();
         if store.is_shared() {
             // Other nodes may hold the leases of running attempts: they are
             // reclaimed only when they expire, by the database clock.
-            tokio::spawn(time::track_store_clock(store.clone()));
+            background.spawn(time::track_store_clock(store.clone()));
         } else {
             // One process owns an embedded database, so whatever it left
             // running died with it.
@@ -112,6 +122,8 @@ impl Engine {
             store,
             intake,
             scheduler,
+            shutting_down: AtomicBool::new(false),
+            _background: background,
             _lock: lock,
         })
     }
@@ -211,12 +223,21 @@ impl Engine {
 
     /// Whether this node can serve requests now.
     pub async fn readiness(&self) -> Result<(), NotReady> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(NotReady::ShuttingDown);
+        }
         self.store.ping().await.map_err(NotReady::Store)
     }
 
-    /// Stops claiming new work and waits for the scheduler's tasks to end.
-    pub async fn shutdown(self) {
-        self.scheduler.shutdown().await;
+    /// Drains the node: stops claiming, waits up to `engine.shutdown_grace`
+    /// for the running attempts, and records their results. Intake and reads
+    /// keep working meanwhile; what is submitted now is durable and runs
+    /// after the next start (or on another node sharing the store), while
+    /// readiness reports the node as shutting down.
+    pub async fn shutdown(&self) -> Drained {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let grace = Duration::from_millis(self.config.engine.shutdown_grace_ms);
+        self.scheduler.shutdown(grace).await
     }
 }
 

@@ -6,7 +6,7 @@ mod problem;
 mod stream;
 mod view;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use ripen_core::EntityStatus;
-use ripen_engine::{Config, Engine, NotReady, SubmitError};
+use ripen_engine::{Config, Engine, SubmitError};
 use ripen_store::{CommandOutcome, EntityId, IntakeOutcome, ListQuery, StoreError, DEFAULT_TENANT};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -38,8 +38,17 @@ pub(crate) struct AppState {
 
 type Shared = State<Arc<AppState>>;
 
+/// How long open HTTP requests may take to finish once the engine has
+/// drained; connections still open then are dropped.
+const HTTP_CLOSE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Starts the engine, listens, prints `listening on http://ADDR` on standard
 /// output, and serves until `shutdown` completes.
+///
+/// Then the engine drains (see [`Engine::shutdown`]) while HTTP keeps
+/// serving, so that clients can still submit and read and `/readyz` tells
+/// balancers to go elsewhere. Once the engine has drained, live streams end
+/// and open requests get [`HTTP_CLOSE_MAX`] to finish.
 pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -58,16 +67,30 @@ pub async fn serve(
     }
     tracing::info!(%addr, "serving");
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let mut stop_http = stop_tx.subscribe();
     let state = Arc::new(AppState { engine, stopping });
-    axum::serve(listener, router(state.clone()))
+    let http = axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
+            let _ = stop_http.wait_for(|stop| *stop).await;
         })
-        .await
-        .context("serve HTTP")?;
-    if let Ok(state) = Arc::try_unwrap(state) {
-        state.engine.shutdown().await;
+        .into_future();
+    tokio::pin!(http);
+    let failed = tokio::select! {
+        served = &mut http => Some(served),
+        () = shutdown => None,
+    };
+    state.engine.shutdown().await;
+    if let Some(served) = failed {
+        // HTTP ended without being asked to, so it cannot be closed gracefully.
+        return served.context("serve HTTP");
+    }
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(HTTP_CLOSE_MAX, http).await {
+        Ok(served) => served.context("serve HTTP")?,
+        Err(_) => tracing::info!(
+            "requests still open {} ms after the drain are dropped",
+            HTTP_CLOSE_MAX.as_millis()
+        ),
     }
     Ok(())
 }
@@ -108,7 +131,7 @@ async fn healthz() -> Response {
 async fn readyz(State(state): Shared) -> Response {
     match state.engine.readiness().await {
         Ok(()) => json_response(StatusCode::OK, json!({"status": "ready"})),
-        Err(e @ NotReady::Store(_)) => Problem::unavailable(e.to_string()).into_response(),
+        Err(e) => Problem::unavailable(e.to_string()).into_response(),
     }
 }
 
