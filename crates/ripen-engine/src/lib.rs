@@ -35,9 +35,20 @@ pub use executor::{ExecutorKind, ExecutorRegistry, StepExecutor};
 pub use feed::EntityFeed;
 pub use intake::{SubmitError, IDEMPOTENCY_KEY_LEN_MAX};
 pub use scheduler::Drained;
+pub use time::{Clock, ManualClock, StoreClock};
 
 use intake::Intake;
 use scheduler::Scheduler;
+
+/// The parts of an engine that an embedder or a test may replace; `None`
+/// takes the standard one.
+#[derive(Default)]
+pub struct EngineParts {
+    /// The clock every decision reads; the standard one is the store's clock.
+    pub clock: Option<Arc<dyn Clock>>,
+    /// The executors of this node; the standard registry has HTTP.
+    pub executors: Option<ExecutorRegistry>,
+}
 
 /// Why a node is not ready to serve.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +69,7 @@ pub struct Engine {
     store: Arc<dyn Store>,
     intake: Intake,
     scheduler: Scheduler,
+    clock: Arc<dyn Clock>,
     shutting_down: AtomicBool,
     /// Tasks that live as long as the engine, aborted when it is dropped.
     _background: tokio::task::JoinSet<()>,
@@ -67,8 +79,14 @@ pub struct Engine {
 
 impl Engine {
     /// Opens the store, recovers the attempts a previous process left
-    /// running, and starts the scheduler.
+    /// running, and starts the scheduler with the standard executors, on the
+    /// store's clock.
     pub async fn start(config: Config) -> Result<Engine> {
+        Engine::start_with(config, EngineParts::default()).await
+    }
+
+    /// Like [`Engine::start`], with the parts an embedder or a test replaces.
+    pub async fn start_with(config: Config, parts: EngineParts) -> Result<Engine> {
         let config = Arc::new(config);
         let mut catalog = Catalog::default();
         for t in &config.types {
@@ -89,19 +107,30 @@ impl Engine {
                 (Arc::new(store), None)
             }
         };
-        time::measure_store_clock(store.as_ref())
-            .await
-            .context("read the store's clock")?;
         let mut background = tokio::task::JoinSet::new();
-        if store.is_shared() {
-            // Other nodes may hold the leases of running attempts: they are
-            // reclaimed only when they expire, by the database clock.
-            background.spawn(time::track_store_clock(store.clone()));
-        } else {
+        let clock: Arc<dyn Clock> = match parts.clock {
+            Some(clock) => clock,
+            None => {
+                let clock = Arc::new(StoreClock::new());
+                clock
+                    .measure(store.as_ref())
+                    .await
+                    .context("read the store's clock")?;
+                if store.is_shared() {
+                    // Leases expire by the database clock, which drifts
+                    // from ours.
+                    background.spawn(clock.clone().track(store.clone()));
+                }
+                clock
+            }
+        };
+        // Other nodes may hold the leases of the running attempts of a shared
+        // store: those are reclaimed only when they expire.
+        if !store.is_shared() {
             // One process owns an embedded database, so whatever it left
             // running died with it.
             let lost = store
-                .recover(time::now_us())
+                .recover(clock.now_us())
                 .await
                 .context("recover attempts left running by the previous process")?;
             if lost > 0 {
@@ -111,17 +140,28 @@ impl Engine {
                 );
             }
         }
-        let executors = Arc::new(ExecutorRegistry::standard(config.engine.concurrency));
-        let scheduler = Scheduler::start(store.clone(), catalog.clone(), executors, &config.engine);
+        let executors = Arc::new(
+            parts
+                .executors
+                .unwrap_or_else(|| ExecutorRegistry::standard(config.engine.concurrency)),
+        );
+        let scheduler = Scheduler::start(
+            store.clone(),
+            catalog.clone(),
+            executors,
+            clock.clone(),
+            &config.engine,
+        );
         if store.is_shared() && config.engine.execute {
             store.notify_on_work(scheduler.waker());
         }
-        let intake = Intake::new(store.clone(), &config, scheduler.waker());
+        let intake = Intake::new(store.clone(), &config, scheduler.waker(), clock.clone());
         Ok(Engine {
             config,
             store,
             intake,
             scheduler,
+            clock,
             shutting_down: AtomicBool::new(false),
             _background: background,
             _lock: lock,
@@ -208,13 +248,13 @@ impl Engine {
     /// Cancels a pending entity. Its running attempts are skipped, and their
     /// late results are refused as stale.
     pub async fn cancel(&self, tenant: &str, id: EntityId) -> Result<CommandOutcome, StoreError> {
-        self.store.cancel(tenant, id, time::now_us()).await
+        self.store.cancel(tenant, id, self.clock.now_us()).await
     }
 
     /// Re-queues the failed and skipped steps of a failed entity and wakes
     /// the scheduler, so that they run without waiting for its next poll.
     pub async fn retry(&self, tenant: &str, id: EntityId) -> Result<CommandOutcome, StoreError> {
-        let outcome = self.store.retry(tenant, id, time::now_us()).await?;
+        let outcome = self.store.retry(tenant, id, self.clock.now_us()).await?;
         if matches!(outcome, CommandOutcome::Applied(_)) {
             self.scheduler.waker().notify_one();
         }

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::config::EngineConfig;
 use crate::executor::ExecutorRegistry;
-use crate::time::now_us;
+use crate::time::Clock;
 
 /// The most steps claimed in one store call.
 const CLAIM_BATCH_MAX: usize = 512;
@@ -82,6 +82,7 @@ struct Shared {
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
     executors: Arc<ExecutorRegistry>,
+    clock: Arc<dyn Clock>,
     /// Bounds the attempts in flight.
     slots: Arc<Semaphore>,
     wake: Arc<Notify>,
@@ -110,6 +111,7 @@ impl Scheduler {
         store: Arc<dyn Store>,
         catalog: Arc<Catalog>,
         executors: Arc<ExecutorRegistry>,
+        clock: Arc<dyn Clock>,
         config: &EngineConfig,
     ) -> Scheduler {
         let (results_tx, results_rx) = mpsc::channel(config.concurrency.max(COMPLETE_BATCH_MAX));
@@ -117,6 +119,7 @@ impl Scheduler {
             store,
             catalog,
             executors,
+            clock,
             slots: Arc::new(Semaphore::new(config.concurrency)),
             wake: Arc::new(Notify::new()),
             results: results_tx,
@@ -254,14 +257,14 @@ async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiv
             if free == 0 {
                 break;
             }
-            match claim_due(shared.store.as_ref(), queue, now_us(), free).await {
+            match claim_due(shared.store.as_ref(), queue, shared.clock.now_us(), free).await {
                 Ok(batch) => {
                     filled |= batch.attempts.len() >= free;
                     for attempt in batch.attempts {
                         dispatch(&shared, attempt);
                     }
                     if let Some(due) = batch.next_due_us {
-                        let wait_us = (due - now_us()).max(0) as u64;
+                        let wait_us = (due - shared.clock.now_us()).max(0) as u64;
                         sleep_for = sleep_for.min(Duration::from_micros(wait_us));
                     }
                 }
@@ -418,7 +421,14 @@ async fn record(shared: Arc<Shared>, batch: Vec<Completion>) {
         } else {
             shared.executors.completion_queue()
         };
-        match complete(shared.store.as_ref(), batch.clone(), claim_queue, now_us()).await {
+        match complete(
+            shared.store.as_ref(),
+            batch.clone(),
+            claim_queue,
+            shared.clock.now_us(),
+        )
+        .await
+        {
             Ok(done) => {
                 let stale = done
                     .results
@@ -441,5 +451,182 @@ async fn record(shared: Arc<Shared>, batch: Vec<Completion>) {
                 tokio::time::sleep(Duration::from_millis(STORE_RETRY_MS)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use async_trait::async_trait;
+    use ripen_core::{Executor, Pipeline, RetryPolicy, StepDef, StepSpec, StepStatus};
+    use ripen_store::{EntityId, NewEntity, SqliteOptions, SqliteStore, DEFAULT_TENANT};
+
+    use super::*;
+    use crate::executor::{ExecutorKind, StepExecutor, HTTP_QUEUE};
+    use crate::time::ManualClock;
+
+    /// Counts the attempts it starts and answers each after `delay`, or
+    /// never when it is `None`.
+    struct Slow {
+        delay: Option<Duration>,
+        started: AtomicUsize,
+        started_b: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl StepExecutor for Slow {
+        async fn run(&self, step: &StepSpec, _attempt: &Attempt) -> Outcome {
+            if step.name == "b" {
+                self.started_b.fetch_add(1, Ordering::SeqCst);
+            } else {
+                self.started.fetch_add(1, Ordering::SeqCst);
+            }
+            match self.delay {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => std::future::pending().await,
+            }
+            Outcome::Succeeded { output: None }
+        }
+    }
+
+    struct Rig {
+        store: Arc<dyn Store>,
+        executor: Arc<Slow>,
+        scheduler: Scheduler,
+        ids: Vec<EntityId>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A scheduler on a fresh embedded store, with `entities` entities of a
+    /// pipeline `a` then `b`, and `a` running on every one of them that a
+    /// slot allows.
+    async fn rig(delay: Option<Duration>, concurrency: usize, entities: usize) -> Rig {
+        let step = |name: &str, needs: &[&str]| StepDef {
+            name: name.into(),
+            needs: needs.iter().map(|n| n.to_string()).collect(),
+            critical: true,
+            timeout_ms: 60_000,
+            retry: RetryPolicy::default(),
+            executor: Executor::Http {
+                url: "http://127.0.0.1:9/unused".into(),
+            },
+        };
+        let pipeline = Pipeline::new(vec![step("a", &[]), step("b", &["a"])]).unwrap();
+        let mut catalog = Catalog::default();
+        catalog.insert("t", 1, pipeline);
+        let catalog = Arc::new(catalog);
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(SqliteOptions::new(dir.path().join("t.db")), catalog.clone())
+                .unwrap(),
+        );
+        let executor = Arc::new(Slow {
+            delay,
+            started: AtomicUsize::new(0),
+            started_b: AtomicUsize::new(0),
+        });
+        let mut executors = ExecutorRegistry::empty();
+        executors.register(ExecutorKind::Http, [HTTP_QUEUE], executor.clone());
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+        let mut ids = Vec::new();
+        for _ in 0..entities {
+            let id = EntityId::new_v7();
+            let entity = NewEntity {
+                id,
+                tenant: DEFAULT_TENANT.into(),
+                type_name: "t".into(),
+                version: 1,
+                payload: "{}".into(),
+                idempotency_key: None,
+            };
+            store.create(entity, clock.now_us()).await.unwrap();
+            ids.push(id);
+        }
+        let config = EngineConfig {
+            execute: true,
+            concurrency,
+            lease_grace_ms: 5_000,
+            poll_interval_ms: 50,
+            shutdown_grace_ms: 0,
+        };
+        let scheduler =
+            Scheduler::start(store.clone(), catalog, Arc::new(executors), clock, &config);
+        let running = entities.min(concurrency);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while executor.started.load(Ordering::SeqCst) < running {
+            assert!(Instant::now() < deadline, "the attempts never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Rig {
+            store,
+            executor,
+            scheduler,
+            ids,
+            _dir: dir,
+        }
+    }
+
+    async fn status_of_a(rig: &Rig, id: EntityId) -> StepStatus {
+        let record = rig.store.get(DEFAULT_TENANT, id).await.unwrap().unwrap();
+        record.steps[0].state.status
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_waits_for_running_attempts_and_records_their_results() {
+        let rig = rig(Some(Duration::from_millis(300)), 8, 3).await;
+        let began = Instant::now();
+        let drained = rig.scheduler.shutdown(Duration::from_secs(10)).await;
+        assert!(began.elapsed() < Duration::from_secs(5));
+        assert_eq!(drained.finished, 3);
+        assert_eq!(drained.abandoned, 0);
+        for &id in &rig.ids {
+            assert_eq!(status_of_a(&rig, id).await, StepStatus::Succeeded);
+        }
+        // The results made `b` runnable, but a stopping node starts nothing.
+        assert_eq!(rig.executor.started_b.load(Ordering::SeqCst), 0);
+        // A second shutdown finds nothing left to do.
+        assert_eq!(
+            rig.scheduler.shutdown(Duration::from_secs(1)).await,
+            Drained::default()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attempts_still_running_after_the_grace_are_abandoned() {
+        let rig = rig(None, 8, 2).await;
+        let began = Instant::now();
+        let drained = rig.scheduler.shutdown(Duration::from_millis(100)).await;
+        let took = began.elapsed();
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(
+            drained,
+            Drained {
+                finished: 0,
+                abandoned: 2,
+                unstarted: 0
+            }
+        );
+        // Nothing was recorded: the leases stand until they expire.
+        for &id in &rig.ids {
+            assert_eq!(status_of_a(&rig, id).await, StepStatus::Running);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attempts_waiting_for_a_slot_do_not_start_once_draining() {
+        let rig = rig(Some(Duration::from_millis(200)), 1, 3).await;
+        let drained = rig.scheduler.shutdown(Duration::from_secs(10)).await;
+        assert_eq!(drained.finished, 1);
+        assert_eq!(drained.abandoned, 0);
+        assert_eq!(rig.executor.started.load(Ordering::SeqCst), 1);
+        let mut succeeded = 0;
+        for &id in &rig.ids {
+            if status_of_a(&rig, id).await == StepStatus::Succeeded {
+                succeeded += 1;
+            }
+        }
+        assert_eq!(succeeded, 1);
     }
 }
