@@ -1,10 +1,14 @@
-//! Ripen's runtime: everything around the pure core that does I/O.
+//! Ripen's runtime: everything around the pure core that does I/O, behind
+//! one facade, [`Engine`].
 //!
 //! - [`config`] reads `ripen.toml` into validated pipelines and schemas;
-//! - [`intake`] validates submissions and hands them to the store;
-//! - [`scheduler`] claims runnable steps, runs them and records results;
+//! - `intake` validates submissions and hands them to the store;
+//! - `scheduler` claims runnable steps, runs them on tasks it owns, records
+//!   results, and drains on shutdown;
 //! - [`executor`] runs attempts: the [`StepExecutor`] trait, the registry of
-//!   executors by kind, and the HTTP executor of the step contract.
+//!   executors by kind, and the HTTP executor of the step contract;
+//! - [`feed`] follows one entity's history live;
+//! - [`time`] is the [`Clock`] every part reads.
 //!
 //! Architecture invariant: the runtime never decides what a result does to an
 //! entity; it passes results to the store, which applies the core machine in

@@ -48,7 +48,7 @@ const HTTP_CLOSE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 /// Then the engine drains (see [`Engine::shutdown`]) while HTTP keeps
 /// serving, so that clients can still submit and read and `/readyz` tells
 /// balancers to go elsewhere. Once the engine has drained, live streams end
-/// and open requests get [`HTTP_CLOSE_MAX`] to finish.
+/// and open requests get one more second to finish.
 pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
