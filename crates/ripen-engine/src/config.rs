@@ -21,6 +21,7 @@ pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_CONCURRENCY: usize = 512;
 pub const DEFAULT_LEASE_GRACE_MS: u64 = 5_000;
 pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 pub const TYPES_MAX: usize = 256;
 
 /// A validated configuration.
@@ -50,6 +51,8 @@ pub struct EngineConfig {
     pub concurrency: usize,
     pub lease_grace_ms: u64,
     pub poll_interval_ms: u64,
+    /// How long a stopping node waits for its running attempts to finish.
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Debug)]
@@ -132,6 +135,8 @@ impl Config {
                 .map_err(|p| err("engine.lease_grace", p))?,
             poll_interval_ms: duration_ms(e.poll_interval.as_deref(), DEFAULT_POLL_INTERVAL_MS)
                 .map_err(|p| err("engine.poll_interval", p))?,
+            shutdown_grace_ms: duration_ms(e.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE_MS)
+                .map_err(|p| err("engine.shutdown_grace", p))?,
         };
         if engine.concurrency == 0 || engine.concurrency > 65_536 {
             return Err(err(
@@ -328,6 +333,7 @@ struct RawEngine {
     concurrency: Option<usize>,
     lease_grace: Option<String>,
     poll_interval: Option<String>,
+    shutdown_grace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -384,6 +390,18 @@ mod tests {
         assert_eq!(t.version, 1);
         assert_eq!(t.pipeline.step(0).timeout_ms, DEFAULT_STEP_TIMEOUT_MS);
         assert!(t.pipeline.step(0).critical);
+        assert_eq!(c.engine.shutdown_grace_ms, DEFAULT_SHUTDOWN_GRACE_MS);
+    }
+
+    #[test]
+    fn shutdown_grace() {
+        let c = parse(&format!("[engine]\nshutdown_grace = \"200ms\"\n{STEP}")).unwrap();
+        assert_eq!(c.engine.shutdown_grace_ms, 200);
+        let e = parse(&format!("[engine]\nshutdown_grace = \"a while\"\n{STEP}")).unwrap_err();
+        assert!(
+            e.starts_with("ripen.toml: engine.shutdown_grace: \"a while\" is not a duration"),
+            "{e}"
+        );
     }
 
     #[test]

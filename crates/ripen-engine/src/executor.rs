@@ -1,254 +1,254 @@
-//! The HTTP step executor: the step contract of DESIGN.md.
+//! Step executors: how a claimed attempt is run, behind one trait.
 //!
-//! `POST <url>` with `{"entity_id", "type", "version", "step", "attempt",
-//! "payload", "outputs"}` and the headers `Idempotency-Key: {entity_id}:{step}`
-//! and `traceparent`. A 2xx succeeds and its JSON body is the output; 408,
-//! 425, 429, 5xx, timeouts and connection errors are retried (honouring
-//! `Retry-After`); any other status fails the step for good.
+//! The scheduler never knows how a step runs. It looks up the executor of the
+//! step's kind in an [`ExecutorRegistry`] and awaits its [`Outcome`]. The
+//! registry also says which queues this node consumes: the scheduler claims
+//! from exactly those, so a kind with no local executor (a remote worker
+//! queue, say) is left to whoever serves it.
 
-use std::time::{Duration, SystemTime};
+pub mod http;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use hyper::{Request, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ripen_core::{Executor, StepSpec};
 use ripen_store::{Attempt, Outcome};
 
-/// The largest step output accepted; a larger one fails the attempt for good.
-pub const OUTPUT_BYTES_MAX: usize = 1024 * 1024;
-/// How much of an error answer's body is kept as the step's error.
-const ERROR_BODY_CHARS_MAX: usize = 256;
+pub use http::HttpExecutor;
 
-#[derive(Clone)]
-pub struct HttpExecutor {
-    client: Client<HttpConnector, Full<Bytes>>,
+pub use ripen_core::HTTP_QUEUE;
+
+/// Runs one attempt of one step.
+#[async_trait]
+pub trait StepExecutor: Send + Sync {
+    /// Runs `attempt` of `step`, which holds a lease. Never fails: every
+    /// problem, a timeout included, is an [`Outcome`].
+    async fn run(&self, step: &StepSpec, attempt: &Attempt) -> Outcome;
 }
 
-impl HttpExecutor {
-    /// `idle_per_host_max` bounds the keep-alive connections kept per downstream.
-    pub fn new(idle_per_host_max: usize) -> HttpExecutor {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(idle_per_host_max)
-            .build(connector);
-        HttpExecutor { client }
+/// The kinds of executor a step may name, one per [`Executor`] variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExecutorKind {
+    Http,
+    Worker,
+}
+
+impl ExecutorKind {
+    pub fn of(executor: &Executor) -> ExecutorKind {
+        match executor {
+            Executor::Http { .. } => ExecutorKind::Http,
+            Executor::Worker { .. } => ExecutorKind::Worker,
+        }
     }
 
-    /// Runs one attempt under its timeout. Never fails: every problem is an outcome.
-    pub async fn run(&self, url: &str, attempt: &Attempt, timeout_ms: u64) -> Outcome {
-        let call = self.call(url, attempt);
-        match tokio::time::timeout(Duration::from_millis(timeout_ms), call).await {
-            Ok(outcome) => outcome,
-            Err(_) => Outcome::Failed {
-                error: format!("timed out after {timeout_ms} ms"),
-                retryable: true,
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutorKind::Http => "http",
+            ExecutorKind::Worker => "worker",
+        }
+    }
+}
+
+struct Entry {
+    kind: ExecutorKind,
+    /// The queues whose steps this executor runs on this node.
+    queues: Vec<String>,
+    executor: Arc<dyn StepExecutor>,
+}
+
+/// The executors of this node, keyed by kind.
+#[derive(Default)]
+pub struct ExecutorRegistry {
+    entries: Vec<Entry>,
+}
+
+impl ExecutorRegistry {
+    /// A registry with no executor: this node runs no step.
+    pub fn empty() -> ExecutorRegistry {
+        ExecutorRegistry::default()
+    }
+
+    /// The executors every node has: HTTP, consuming the `http` queue.
+    /// `concurrency` bounds the keep-alive connections kept per downstream.
+    pub fn standard(concurrency: usize) -> ExecutorRegistry {
+        let mut registry = ExecutorRegistry::empty();
+        registry.register(
+            ExecutorKind::Http,
+            [HTTP_QUEUE],
+            Arc::new(HttpExecutor::new(concurrency)),
+        );
+        registry
+    }
+
+    /// Makes `executor` run every step of `kind`, and this node consume
+    /// `queues`. A second registration of a kind replaces the first.
+    pub fn register<Q: Into<String>>(
+        &mut self,
+        kind: ExecutorKind,
+        queues: impl IntoIterator<Item = Q>,
+        executor: Arc<dyn StepExecutor>,
+    ) {
+        self.entries.retain(|e| e.kind != kind);
+        self.entries.push(Entry {
+            kind,
+            queues: queues.into_iter().map(Into::into).collect(),
+            executor,
+        });
+    }
+
+    pub fn get(&self, kind: ExecutorKind) -> Option<&Arc<dyn StepExecutor>> {
+        self.entries
+            .iter()
+            .find(|e| e.kind == kind)
+            .map(|e| &e.executor)
+    }
+
+    /// The queues this node claims from, in registration order.
+    pub fn local_queues(&self) -> Vec<&str> {
+        self.entries
+            .iter()
+            .flat_map(|e| e.queues.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// The queue whose newly runnable steps a completion claims in its own
+    /// transaction: the first local one. Steps of the other local queues are
+    /// left to the claim loop, which the completer wakes.
+    pub fn completion_queue(&self) -> Option<&str> {
+        self.local_queues().first().copied()
+    }
+
+    /// Runs one attempt with the executor of its step's kind. A kind with no
+    /// executor here fails the step for good: trying again on this node
+    /// would fail the same way.
+    pub async fn run(&self, step: &StepSpec, attempt: &Attempt) -> Outcome {
+        let kind = ExecutorKind::of(&step.executor);
+        match self.get(kind) {
+            Some(executor) => executor.run(step, attempt).await,
+            None => Outcome::Failed {
+                error: format!(
+                    "step {:?} uses the {} executor, which this node does not have",
+                    step.name,
+                    kind.as_str()
+                ),
+                retryable: false,
                 retry_after_ms: None,
             },
         }
     }
-
-    async fn call(&self, url: &str, a: &Attempt) -> Outcome {
-        let request = match build_request(url, a) {
-            Ok(r) => r,
-            Err(e) => return failed(format!("cannot build the request: {e}"), false, None),
-        };
-        let response = match self.client.request(request).await {
-            Ok(r) => r,
-            Err(e) => return failed(format!("request failed: {}", error_chain(&e)), true, None),
-        };
-        let status = response.status();
-        let retry_after_ms = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| retry_after_ms(v, SystemTime::now()));
-        let body = match Limited::new(response.into_body(), OUTPUT_BYTES_MAX)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                // An oversized body will not shrink on retry; a cut connection may heal.
-                let too_big = e
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some();
-                return failed(format!("reading the answer failed: {e}"), !too_big, None);
-            }
-        };
-        if status.is_success() {
-            let output = if body.iter().all(u8::is_ascii_whitespace) {
-                None
-            } else {
-                match serde_json::from_slice::<serde_json::value::Value>(&body) {
-                    Ok(_) => Some(String::from_utf8_lossy(&body).into_owned()),
-                    Err(_) => {
-                        tracing::debug!(step = %a.step_name, "step answered 2xx with a body that is not JSON; no output kept");
-                        None
-                    }
-                }
-            };
-            return Outcome::Succeeded { output };
-        }
-        let text: String = String::from_utf8_lossy(&body)
-            .chars()
-            .take(ERROR_BODY_CHARS_MAX)
-            .collect();
-        let error = if text.is_empty() {
-            format!("HTTP {}", status.as_u16())
-        } else {
-            format!("HTTP {}: {}", status.as_u16(), text.trim())
-        };
-        failed(error, is_retryable(status), retry_after_ms)
-    }
-}
-
-/// `Retry-After` as delay-seconds or as an HTTP-date (RFC 9110 section 10.2.3).
-pub fn retry_after_ms(value: &str, now: SystemTime) -> Option<u64> {
-    let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(seconds.saturating_mul(1_000));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).map_or(0, |d| d.as_millis() as u64))
-}
-
-fn failed(error: String, retryable: bool, retry_after_ms: Option<u64>) -> Outcome {
-    Outcome::Failed {
-        error,
-        retryable,
-        retry_after_ms,
-    }
-}
-
-/// 408, 425, 429 and 5xx may succeed later; other statuses will not.
-pub fn is_retryable(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
-}
-
-/// The step contract body, assembled from the raw JSON the store holds so
-/// that payload and outputs are never parsed again.
-pub fn request_body(a: &Attempt) -> String {
-    let mut body = String::with_capacity(a.payload.len() + 256);
-    body.push_str("{\"entity_id\":\"");
-    body.push_str(&a.entity_id.to_string());
-    body.push_str("\",\"type\":");
-    body.push_str(&json_string(&a.type_name));
-    body.push_str(",\"version\":");
-    body.push_str(&a.version.to_string());
-    body.push_str(",\"step\":");
-    body.push_str(&json_string(&a.step_name));
-    body.push_str(",\"attempt\":");
-    body.push_str(&a.attempt.to_string());
-    body.push_str(",\"payload\":");
-    body.push_str(&a.payload);
-    body.push_str(",\"outputs\":{");
-    for (i, (name, output)) in a.outputs.iter().enumerate() {
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(&json_string(name));
-        body.push(':');
-        body.push_str(output);
-    }
-    body.push_str("}}");
-    body
-}
-
-fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
-}
-
-/// A W3C trace context: one trace per entity (its id), one span per attempt.
-pub fn traceparent(a: &Attempt) -> String {
-    format!(
-        "00-{}-{:016x}-01",
-        a.entity_id.0.simple(),
-        fastrand::u64(1..)
-    )
-}
-
-fn build_request(url: &str, a: &Attempt) -> Result<Request<Full<Bytes>>, hyper::http::Error> {
-    let key = format!("{}:{}", a.entity_id, a.step_name);
-    Request::post(url)
-        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-        .header("idempotency-key", key)
-        .header("traceparent", traceparent(a))
-        .body(Full::new(Bytes::from(request_body(a))))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ripen_core::RetryPolicy;
     use ripen_store::EntityId;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    #[test]
-    fn body_is_the_step_contract() {
-        let a = Attempt {
-            entity_id: "0193c5b2-0000-7000-8000-000000000001"
-                .parse::<EntityId>()
-                .unwrap(),
+    fn spec(executor: Executor) -> StepSpec {
+        StepSpec {
+            name: "billing".into(),
+            needs: Vec::new(),
+            critical: true,
+            timeout_ms: 1_000,
+            retry: RetryPolicy::default(),
+            executor,
+        }
+    }
+
+    fn attempt() -> Attempt {
+        Attempt {
+            entity_id: EntityId::new_v7(),
             type_name: "merchant".into(),
-            version: 2,
-            step: 3,
-            step_name: "d".into(),
+            version: 1,
+            step: 0,
+            step_name: "billing".into(),
             attempt: 1,
             epoch: 1,
             lease_expires_at_us: 0,
-            payload: r#"{"name":"Ada \"A\""}"#.into(),
-            outputs: vec![("b".into(), r#"{"x":1}"#.into()), ("c".into(), "[]".into())],
-        };
-        let v: serde_json::Value = serde_json::from_str(&request_body(&a)).unwrap();
+            payload: "{}".into(),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Counts its calls and succeeds.
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    #[async_trait]
+    impl StepExecutor for Counting {
+        async fn run(&self, _step: &StepSpec, _attempt: &Attempt) -> Outcome {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Outcome::Succeeded { output: None }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kind_without_executor_fails_for_good_and_says_why() {
+        let registry = ExecutorRegistry::standard(1);
+        let worker = spec(Executor::Worker {
+            queue: "billing".into(),
+        });
+        match registry.run(&worker, &attempt()).await {
+            Outcome::Failed {
+                error,
+                retryable,
+                retry_after_ms,
+            } => {
+                assert_eq!(
+                    error,
+                    "step \"billing\" uses the worker executor, which this node does not have"
+                );
+                assert!(!retryable);
+                assert_eq!(retry_after_ms, None);
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn steps_run_on_the_executor_of_their_kind() {
+        let http = Arc::new(Counting::default());
+        let worker = Arc::new(Counting::default());
+        let mut registry = ExecutorRegistry::empty();
+        registry.register(ExecutorKind::Http, [HTTP_QUEUE], http.clone());
+        registry.register(ExecutorKind::Worker, ["worker:billing"], worker.clone());
+        let http_step = spec(Executor::Http {
+            url: "http://127.0.0.1:9/x".into(),
+        });
+        let worker_step = spec(Executor::Worker {
+            queue: "billing".into(),
+        });
+        for step in [&http_step, &worker_step, &worker_step] {
+            let outcome = registry.run(step, &attempt()).await;
+            assert_eq!(outcome, Outcome::Succeeded { output: None });
+        }
+        assert_eq!(http.0.load(Ordering::SeqCst), 1);
+        assert_eq!(worker.0.load(Ordering::SeqCst), 2);
+        assert_eq!(registry.local_queues(), ["http", "worker:billing"]);
+        assert_eq!(registry.completion_queue(), Some("http"));
+    }
+
+    #[test]
+    fn queues_and_registration() {
+        assert_eq!(Executor::Http { url: "u".into() }.queue(), "http");
         assert_eq!(
-            v,
-            serde_json::json!({
-                "entity_id": "0193c5b2-0000-7000-8000-000000000001",
-                "type": "merchant", "version": 2, "step": "d", "attempt": 1,
-                "payload": {"name": "Ada \"A\""},
-                "outputs": {"b": {"x": 1}, "c": []}
-            })
+            Executor::Worker {
+                queue: "billing".into()
+            }
+            .queue(),
+            "worker:billing"
         );
-        let tp = traceparent(&a);
-        assert_eq!(tp.len(), 55);
-        assert!(tp.starts_with("00-0193c5b200007000800000000000000"));
-    }
-
-    #[test]
-    fn retry_after_forms() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        assert_eq!(retry_after_ms("3", now), Some(3_000));
-        assert_eq!(retry_after_ms(" 0 ", now), Some(0));
-        let later = httpdate::fmt_http_date(now + Duration::from_secs(5));
-        assert_eq!(retry_after_ms(&later, now), Some(5_000));
-        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(5));
-        assert_eq!(retry_after_ms(&earlier, now), Some(0));
-        assert_eq!(retry_after_ms("soon", now), None);
-        assert_eq!(retry_after_ms("-1", now), None);
-    }
-
-    #[test]
-    fn retryable_statuses() {
-        for s in [408, 425, 429, 500, 502, 503, 504] {
-            assert!(is_retryable(StatusCode::from_u16(s).unwrap()), "{s}");
-        }
-        for s in [400, 401, 403, 404, 409, 410, 422] {
-            assert!(!is_retryable(StatusCode::from_u16(s).unwrap()), "{s}");
-        }
+        let mut registry = ExecutorRegistry::standard(1);
+        assert_eq!(registry.local_queues(), ["http"]);
+        // A second registration of a kind replaces the first, queues included.
+        registry.register(
+            ExecutorKind::Http,
+            ["http", "http-slow"],
+            Arc::new(Counting::default()),
+        );
+        assert_eq!(registry.local_queues(), ["http", "http-slow"]);
+        assert!(ExecutorRegistry::empty().local_queues().is_empty());
+        assert_eq!(ExecutorRegistry::empty().completion_queue(), None);
     }
 }

@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::schema::{self, PayloadError, Schema, Violation};
-use crate::time::now_us;
+use crate::time::Clock;
 
 /// The longest idempotency key accepted.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
@@ -42,6 +42,7 @@ pub struct Intake {
     types: Arc<HashMap<String, TypeEntry>>,
     in_flight: Arc<Mutex<HashSet<(String, String, String)>>>,
     wake_scheduler: Arc<Notify>,
+    clock: Arc<dyn Clock>,
 }
 
 /// Removes a key from the in-flight set when its request ends, however it ends.
@@ -62,7 +63,12 @@ impl Drop for InFlight<'_> {
 }
 
 impl Intake {
-    pub fn new(store: Arc<dyn Store>, config: &Config, wake_scheduler: Arc<Notify>) -> Intake {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: &Config,
+        wake_scheduler: Arc<Notify>,
+        clock: Arc<dyn Clock>,
+    ) -> Intake {
         let mut types = HashMap::new();
         for t in &config.types {
             types.insert(
@@ -78,6 +84,7 @@ impl Intake {
             types: Arc::new(types),
             in_flight: Arc::default(),
             wake_scheduler,
+            clock,
         }
     }
 
@@ -125,7 +132,7 @@ impl Intake {
             payload: payload.into_raw(),
             idempotency_key: idempotency_key.map(str::to_owned),
         };
-        let outcome = self.store.create(entity, now_us()).await?;
+        let outcome = self.store.create(entity, self.clock.now_us()).await?;
         if matches!(outcome, IntakeOutcome::Created(_)) {
             self.wake_scheduler.notify_one();
         }

@@ -1,9 +1,14 @@
-//! Ripen's runtime: everything around the pure core that does I/O.
+//! Ripen's runtime: everything around the pure core that does I/O, behind
+//! one facade, [`Engine`].
 //!
 //! - [`config`] reads `ripen.toml` into validated pipelines and schemas;
-//! - [`intake`] validates submissions and hands them to the store;
-//! - [`scheduler`] claims runnable steps, runs them and records results;
-//! - [`executor`] calls HTTP steps per the step contract.
+//! - `intake` validates submissions and hands them to the store;
+//! - `scheduler` claims runnable steps, runs them on tasks it owns, records
+//!   results, and drains on shutdown;
+//! - [`executor`] runs attempts: the [`StepExecutor`] trait, the registry of
+//!   executors by kind, and the HTTP executor of the step contract;
+//! - [`feed`] follows one entity's history live;
+//! - [`time`] is the [`Clock`] every part reads.
 //!
 //! Architecture invariant: the runtime never decides what a result does to an
 //! entity; it passes results to the store, which applies the core machine in
@@ -12,35 +17,80 @@
 
 pub mod config;
 pub mod executor;
-pub mod intake;
-pub mod scheduler;
+pub mod feed;
+mod intake;
+mod scheduler;
 pub mod schema;
 pub mod time;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ripen_core::Catalog;
-use ripen_store::{PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError};
+use ripen_store::{
+    CommandOutcome, EntityData, EntityId, EntityRecord, HistoryEvent, IntakeOutcome, ListQuery,
+    PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError,
+};
 
 pub use config::{Config, StorageUrl, TypeConfig};
-pub use intake::{Intake, SubmitError};
-pub use scheduler::Scheduler;
+pub use executor::{ExecutorKind, ExecutorRegistry, StepExecutor};
+pub use feed::EntityFeed;
+pub use intake::{SubmitError, IDEMPOTENCY_KEY_LEN_MAX};
+pub use scheduler::Drained;
+pub use time::{Clock, ManualClock, StoreClock};
 
-/// A running engine: the store, intake, and the scheduler's tasks.
+use intake::Intake;
+use scheduler::Scheduler;
+
+/// The parts of an engine that an embedder or a test may replace; `None`
+/// takes the standard one.
+#[derive(Default)]
+pub struct EngineParts {
+    /// The clock every decision reads; the standard one is the store's clock.
+    pub clock: Option<Arc<dyn Clock>>,
+    /// The executors of this node; the standard registry has HTTP.
+    pub executors: Option<ExecutorRegistry>,
+}
+
+/// Why a node is not ready to serve.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// The node is draining before it exits; balancers should send elsewhere.
+    #[error("the node is shutting down")]
+    ShuttingDown,
+    #[error("the store is not reachable: {0}")]
+    Store(StoreError),
+}
+
+/// A running engine, and the one way in for the HTTP API: intake, reads,
+/// operator commands, readiness and shutdown. What the store and the
+/// scheduler must do together (a retry re-queues steps, then the scheduler
+/// wakes) happens here, so that no caller can do half of it.
 pub struct Engine {
-    pub config: Arc<Config>,
-    pub store: Arc<dyn Store>,
-    pub intake: Intake,
-    pub scheduler: Scheduler,
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    intake: Intake,
+    scheduler: Scheduler,
+    clock: Arc<dyn Clock>,
+    shutting_down: AtomicBool,
+    /// Tasks that live as long as the engine, aborted when it is dropped.
+    _background: tokio::task::JoinSet<()>,
     /// Held for the life of the engine so that one embedded database has one owner.
     _lock: Option<std::fs::File>,
 }
 
 impl Engine {
     /// Opens the store, recovers the attempts a previous process left
-    /// running, and starts the scheduler.
+    /// running, and starts the scheduler with the standard executors, on the
+    /// store's clock.
     pub async fn start(config: Config) -> Result<Engine> {
+        Engine::start_with(config, EngineParts::default()).await
+    }
+
+    /// Like [`Engine::start`], with the parts an embedder or a test replaces.
+    pub async fn start_with(config: Config, parts: EngineParts) -> Result<Engine> {
         let config = Arc::new(config);
         let mut catalog = Catalog::default();
         for t in &config.types {
@@ -61,18 +111,30 @@ impl Engine {
                 (Arc::new(store), None)
             }
         };
-        time::measure_store_clock(store.as_ref())
-            .await
-            .context("read the store's clock")?;
-        if store.is_shared() {
-            // Other nodes may hold the leases of running attempts: they are
-            // reclaimed only when they expire, by the database clock.
-            tokio::spawn(time::track_store_clock(store.clone()));
-        } else {
+        let mut background = tokio::task::JoinSet::new();
+        let clock: Arc<dyn Clock> = match parts.clock {
+            Some(clock) => clock,
+            None => {
+                let clock = Arc::new(StoreClock::new());
+                clock
+                    .measure(store.as_ref())
+                    .await
+                    .context("read the store's clock")?;
+                if store.is_shared() {
+                    // Leases expire by the database clock, which drifts
+                    // from ours.
+                    background.spawn(clock.clone().track(store.clone()));
+                }
+                clock
+            }
+        };
+        // Other nodes may hold the leases of the running attempts of a shared
+        // store: those are reclaimed only when they expire.
+        if !store.is_shared() {
             // One process owns an embedded database, so whatever it left
             // running died with it.
             let lost = store
-                .recover(time::now_us())
+                .recover(clock.now_us())
                 .await
                 .context("recover attempts left running by the previous process")?;
             if lost > 0 {
@@ -82,23 +144,144 @@ impl Engine {
                 );
             }
         }
-        let scheduler = Scheduler::start(store.clone(), catalog.clone(), &config.engine);
+        let executors = Arc::new(
+            parts
+                .executors
+                .unwrap_or_else(|| ExecutorRegistry::standard(config.engine.concurrency)),
+        );
+        let scheduler = Scheduler::start(
+            store.clone(),
+            catalog.clone(),
+            executors,
+            clock.clone(),
+            &config.engine,
+        );
         if store.is_shared() && config.engine.execute {
             store.notify_on_work(scheduler.waker());
         }
-        let intake = Intake::new(store.clone(), &config, scheduler.waker());
+        let intake = Intake::new(store.clone(), &config, scheduler.waker(), clock.clone());
         Ok(Engine {
             config,
             store,
             intake,
             scheduler,
+            clock,
+            shutting_down: AtomicBool::new(false),
+            _background: background,
             _lock: lock,
         })
     }
 
-    /// Stops claiming new work and waits for the scheduler's tasks to end.
-    pub async fn shutdown(self) {
-        self.scheduler.shutdown().await;
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Validates one submission and stores it durably; it runs once the
+    /// store has committed it.
+    pub async fn submit(
+        &self,
+        tenant: &str,
+        type_name: &str,
+        body: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<IntakeOutcome, SubmitError> {
+        self.intake
+            .submit(tenant, type_name, body, idempotency_key)
+            .await
+    }
+
+    pub async fn get(
+        &self,
+        tenant: &str,
+        id: EntityId,
+    ) -> Result<Option<EntityRecord>, StoreError> {
+        self.store.get(tenant, id).await
+    }
+
+    /// The entity with its payload and outputs, whatever its status: the
+    /// caller serves it as consumable only when it is ready.
+    pub async fn get_data(
+        &self,
+        tenant: &str,
+        id: EntityId,
+    ) -> Result<Option<EntityData>, StoreError> {
+        self.store.get_data(tenant, id).await
+    }
+
+    /// Newest first; the caller bounds `query.limit`.
+    pub async fn list(
+        &self,
+        tenant: &str,
+        query: ListQuery,
+    ) -> Result<Vec<EntityRecord>, StoreError> {
+        self.store.list(tenant, query).await
+    }
+
+    /// History events with `seq > after_seq`, oldest first, at most `limit`;
+    /// `None` for an unknown entity.
+    pub async fn events(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Option<Vec<HistoryEvent>>, StoreError> {
+        self.store.events(tenant, id, after_seq, limit).await
+    }
+
+    /// Follows one entity's history live from `after_seq`; `None` for an
+    /// unknown entity.
+    pub async fn follow(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        after_seq: u64,
+    ) -> Result<Option<EntityFeed>, StoreError> {
+        if self.store.get(tenant, id).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(EntityFeed::new(
+            self.store.clone(),
+            tenant,
+            id,
+            after_seq,
+        )))
+    }
+
+    /// Cancels a pending entity. Its running attempts are skipped, and their
+    /// late results are refused as stale.
+    pub async fn cancel(&self, tenant: &str, id: EntityId) -> Result<CommandOutcome, StoreError> {
+        self.store.cancel(tenant, id, self.clock.now_us()).await
+    }
+
+    /// Re-queues the failed and skipped steps of a failed entity and wakes
+    /// the scheduler, so that they run without waiting for its next poll.
+    pub async fn retry(&self, tenant: &str, id: EntityId) -> Result<CommandOutcome, StoreError> {
+        let outcome = self.store.retry(tenant, id, self.clock.now_us()).await?;
+        if matches!(outcome, CommandOutcome::Applied(_)) {
+            self.scheduler.waker().notify_one();
+        }
+        Ok(outcome)
+    }
+
+    /// Whether this node can serve requests now.
+    pub async fn readiness(&self) -> Result<(), NotReady> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(NotReady::ShuttingDown);
+        }
+        self.store.ping().await.map_err(NotReady::Store)
+    }
+
+    /// Drains the node: stops claiming, waits up to `engine.shutdown_grace`
+    /// for the running attempts, and records their results. Intake and reads
+    /// keep working meanwhile; what is submitted now is durable and runs
+    /// after the next start (or on another node sharing the store), while
+    /// readiness reports the node as shutting down.
+    pub async fn shutdown(&self) -> Drained {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let grace = Duration::from_millis(self.config.engine.shutdown_grace_ms);
+        self.scheduler.shutdown(grace).await
     }
 }
 

@@ -1,25 +1,35 @@
 //! The scheduler: claims runnable steps, runs them, records their results.
 //!
 //! Three kinds of task cooperate:
-//! - the claim loop asks the store for due steps whenever it is woken (an
-//!   intake commit, a freed slot) or the earliest due time arrives (a backoff
-//!   ending, a lease expiring). That one deadline is the only timer: there is
-//!   no per-entity sleep and no polling loop beyond a slow fallback.
-//! - one task per attempt runs the executor and sends the outcome on;
+//! - the claim loop asks the store for due steps of this node's queues
+//!   whenever it is woken (an intake commit, a freed slot) or the earliest
+//!   due time arrives (a backoff ending, a lease expiring). That one deadline
+//!   is the only timer: there is no per-entity sleep and no polling loop
+//!   beyond a slow fallback.
+//! - one task per attempt runs the executor and sends the outcome on. The
+//!   scheduler owns these tasks, so that a shutdown can wait for them;
 //! - the completer drains outcomes in batches, records them in one store
 //!   call, and dispatches at once the steps that this commit made runnable.
+//!
+//! A shutdown drains: the claim loop stops, nothing new starts, the running
+//! attempts get until the grace period ends to finish, and the completer
+//! records every result they produced before it ends. An attempt still
+//! running after the grace is abandoned; its lease expires and the step runs
+//! again, as after a crash.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ripen_core::{Catalog, Executor};
+use ripen_core::Catalog;
 use ripen_store::{Attempt, Completion, CompletionResult, Outcome, Store};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::config::EngineConfig;
-use crate::executor::HttpExecutor;
-use crate::time::now_us;
+use crate::executor::ExecutorRegistry;
+use crate::time::Clock;
 
 /// The most steps claimed in one store call.
 const CLAIM_BATCH_MAX: usize = 512;
@@ -29,93 +39,246 @@ const COMPLETE_BATCH_MAX: usize = 1024;
 const COMPLETE_IN_FLIGHT_MAX: usize = 4;
 /// How long to wait before asking a failing store again.
 const STORE_RETRY_MS: u64 = 200;
+/// How long a shutdown waits, after the attempts have ended, for their
+/// results to be recorded. A healthy store takes milliseconds; this bounds a
+/// failing one.
+const FINAL_RECORD_MAX: Duration = Duration::from_secs(2);
+
+/// What a shutdown did with the attempts this node held.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Attempts that ended within the grace period; their results were
+    /// handed to the completer, which records them before it ends.
+    pub finished: usize,
+    /// Attempts still running when the grace period ended. They were cut
+    /// short; their leases expire and their steps run again.
+    pub abandoned: usize,
+    /// Claimed attempts that never started because the node was stopping.
+    /// Their leases expire and their steps run again, without a downstream
+    /// call having happened here.
+    pub unstarted: usize,
+}
+
+/// The attempt tasks of one scheduler.
+struct Attempts {
+    /// `None` once a shutdown has begun: nothing new starts then.
+    tasks: Mutex<Option<JoinSet<Ran>>>,
+    draining: AtomicBool,
+    /// Attempts claimed after the shutdown began, which were never started.
+    refused: AtomicUsize,
+}
+
+/// Whether an attempt task ran its executor.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ran {
+    Yes,
+    /// The node began to stop while the attempt waited for a slot.
+    No,
+}
 
 struct Shared {
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
-    http: HttpExecutor,
+    executors: Arc<ExecutorRegistry>,
+    clock: Arc<dyn Clock>,
     /// Bounds the attempts in flight.
     slots: Arc<Semaphore>,
     wake: Arc<Notify>,
     results: mpsc::Sender<Completion>,
+    attempts: Attempts,
+}
+
+/// The long-lived tasks, taken by the shutdown that joins them.
+struct Loops {
+    claim: JoinSet<()>,
+    completer: JoinSet<()>,
 }
 
 pub struct Scheduler {
-    wake: Arc<Notify>,
+    shared: Arc<Shared>,
+    /// Stops the claim loop.
     stop: watch::Sender<bool>,
-    tasks: JoinSet<()>,
+    /// Tells the completer to record what is left and end.
+    finish: watch::Sender<bool>,
+    loops: Mutex<Option<Loops>>,
 }
 
 impl Scheduler {
-    pub fn start(store: Arc<dyn Store>, catalog: Arc<Catalog>, config: &EngineConfig) -> Scheduler {
+    /// Starts claiming from the queues of `executors` and running what it claims.
+    pub fn start(
+        store: Arc<dyn Store>,
+        catalog: Arc<Catalog>,
+        executors: Arc<ExecutorRegistry>,
+        clock: Arc<dyn Clock>,
+        config: &EngineConfig,
+    ) -> Scheduler {
         let (results_tx, results_rx) = mpsc::channel(config.concurrency.max(COMPLETE_BATCH_MAX));
-        let wake = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             store,
             catalog,
-            http: HttpExecutor::new(config.concurrency),
+            executors,
+            clock,
             slots: Arc::new(Semaphore::new(config.concurrency)),
-            wake: wake.clone(),
+            wake: Arc::new(Notify::new()),
             results: results_tx,
+            attempts: Attempts {
+                tasks: Mutex::new(Some(JoinSet::new())),
+                draining: AtomicBool::new(false),
+                refused: AtomicUsize::new(0),
+            },
         });
         let (stop, stop_rx) = watch::channel(false);
-        let mut tasks = JoinSet::new();
+        let (finish, finish_rx) = watch::channel(false);
+        let mut loops = Loops {
+            claim: JoinSet::new(),
+            completer: JoinSet::new(),
+        };
+        let scheduler = |loops| Scheduler {
+            shared: shared.clone(),
+            stop,
+            finish,
+            loops: Mutex::new(Some(loops)),
+        };
         if !config.execute {
             tracing::info!("engine.execute is off: this node runs no steps");
-            return Scheduler { wake, stop, tasks };
+            return scheduler(loops);
         }
-        tasks.spawn(claim_loop(
+        if shared.executors.local_queues().is_empty() {
+            tracing::info!("no executor consumes a queue here: this node runs no steps");
+            return scheduler(loops);
+        }
+        loops.claim.spawn(claim_loop(
             shared.clone(),
             Duration::from_millis(config.poll_interval_ms),
-            stop_rx.clone(),
+            stop_rx,
         ));
-        tasks.spawn(complete_loop(shared, results_rx, stop_rx));
-        Scheduler { wake, stop, tasks }
+        loops
+            .completer
+            .spawn(complete_loop(shared.clone(), results_rx, finish_rx));
+        scheduler(loops)
     }
 
     /// Wakes the claim loop: new work may be runnable.
     pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
+        self.shared.wake.clone()
     }
 
-    pub async fn shutdown(mut self) {
+    /// Stops claiming, gives the running attempts `grace` to finish, records
+    /// their results, and ends every task of the scheduler. A second call
+    /// finds nothing left to do.
+    pub async fn shutdown(&self, grace: Duration) -> Drained {
+        let deadline = Instant::now() + grace;
+        let Some(mut loops) = lock(&self.loops).take() else {
+            return Drained::default();
+        };
+        // The claim loop ends first, so that what it is claiming right now
+        // still starts and is waited for, rather than left to expire.
         let _ = self.stop.send(true);
-        self.wake.notify_one();
-        while self.tasks.join_next().await.is_some() {}
+        while loops.claim.join_next().await.is_some() {}
+
+        let attempts = &self.shared.attempts;
+        attempts.draining.store(true, Ordering::SeqCst);
+        let mut running = lock(&attempts.tasks).take().unwrap_or_default();
+        tracing::info!(
+            attempts = running.len(),
+            grace_ms = grace.as_millis() as u64,
+            "stopped claiming; waiting for running attempts"
+        );
+        let mut drained = Drained::default();
+        let all_ended = tokio::time::timeout_at(deadline, async {
+            while let Some(ended) = running.join_next().await {
+                match ended {
+                    Ok(Ran::Yes) => drained.finished += 1,
+                    Ok(Ran::No) => drained.unstarted += 1,
+                    Err(e) => tracing::error!(error = %e, "an attempt task failed"),
+                }
+            }
+        })
+        .await;
+        if all_ended.is_err() {
+            drained.abandoned = running.len();
+            running.shutdown().await;
+        }
+        drained.unstarted += attempts.refused.load(Ordering::SeqCst);
+
+        // Every result is in the channel now; the completer records them all
+        // before it ends.
+        let _ = self.finish.send(true);
+        let recorded = tokio::time::timeout(FINAL_RECORD_MAX, async {
+            while loops.completer.join_next().await.is_some() {}
+        })
+        .await;
+        if recorded.is_err() {
+            tracing::warn!(
+                "the results of finished attempts could not be recorded in time; their leases will expire"
+            );
+        }
+        if drained.abandoned > 0 {
+            tracing::warn!(
+                finished = drained.finished,
+                abandoned = drained.abandoned,
+                unstarted = drained.unstarted,
+                "drained; attempts still running after the grace were abandoned and will run again once their leases expire"
+            );
+        } else {
+            tracing::info!(
+                finished = drained.finished,
+                unstarted = drained.unstarted,
+                "drained every running attempt"
+            );
+        }
+        drained
     }
 }
 
+/// Locks a mutex that is never held across an await; a panic while it was
+/// held leaves its data consistent, so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiver<bool>) {
+    let queues: Vec<String> = shared
+        .executors
+        .local_queues()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
     loop {
         if *stop.borrow() {
             return;
         }
-        let free = shared.slots.available_permits().min(CLAIM_BATCH_MAX);
         let mut sleep_for = poll;
-        if free > 0 {
+        let mut filled = false;
+        for queue in &queues {
+            let free = shared.slots.available_permits().min(CLAIM_BATCH_MAX);
+            if free == 0 {
+                break;
+            }
             match shared
                 .store
-                .claim_due(ripen_core::HTTP_QUEUE, now_us(), free)
+                .claim_due(queue, shared.clock.now_us(), free)
                 .await
             {
                 Ok(batch) => {
-                    let full = batch.attempts.len() >= free;
+                    filled |= batch.attempts.len() >= free;
                     for attempt in batch.attempts {
                         dispatch(&shared, attempt);
                     }
-                    if full {
-                        continue;
-                    }
                     if let Some(due) = batch.next_due_us {
-                        let wait_us = (due - now_us()).max(0) as u64;
+                        let wait_us = (due - shared.clock.now_us()).max(0) as u64;
                         sleep_for = sleep_for.min(Duration::from_micros(wait_us));
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "claiming due steps failed; will try again");
-                    sleep_for = Duration::from_millis(STORE_RETRY_MS);
+                    tracing::warn!(error = %e, queue, "claiming due steps failed; will try again");
+                    sleep_for = sleep_for.min(Duration::from_millis(STORE_RETRY_MS));
                 }
             }
+        }
+        // A full batch means more may be due at once: ask again without sleeping.
+        if filled {
+            continue;
         }
         tokio::select! {
             _ = shared.wake.notified() => {}
@@ -125,29 +288,47 @@ async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiv
     }
 }
 
-/// Runs one claimed attempt on its own task. The attempt already holds a
-/// lease, so it runs even if it must wait for a free slot.
+/// Runs one claimed attempt on a task the scheduler owns. The attempt
+/// already holds a lease, so it runs even if it must wait for a free slot;
+/// once a shutdown has begun it does not start at all.
 fn dispatch(shared: &Arc<Shared>, attempt: Attempt) {
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        let Ok(_slot) = shared.slots.clone().acquire_owned().await else {
-            return;
-        };
-        let outcome = run_attempt(&shared, &attempt).await;
-        let completion = Completion {
-            entity_id: attempt.entity_id,
-            step: attempt.step,
-            epoch: attempt.epoch,
-            outcome,
-        };
-        // The slot is freed before the result is recorded, so that the claim
-        // loop can refill it while the completer batches; the completer wakes
-        // the loop once the result is committed.
-        drop(_slot);
-        if shared.results.send(completion).await.is_err() {
-            tracing::debug!("scheduler stopped; the result is dropped and its lease will expire");
+    let mut guard = lock(&shared.attempts.tasks);
+    let Some(tasks) = guard.as_mut() else {
+        shared.attempts.refused.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    // Finished tasks stay in the set until they are reaped; reaping here
+    // keeps the set as small as the attempts in flight.
+    while let Some(ended) = tasks.try_join_next() {
+        if let Err(e) = ended {
+            tracing::error!(error = %e, "an attempt task failed");
         }
-    });
+    }
+    tasks.spawn(run_and_report(shared.clone(), attempt));
+}
+
+async fn run_and_report(shared: Arc<Shared>, attempt: Attempt) -> Ran {
+    let Ok(slot) = shared.slots.clone().acquire_owned().await else {
+        return Ran::No;
+    };
+    if shared.attempts.draining.load(Ordering::SeqCst) {
+        return Ran::No;
+    }
+    let outcome = run_attempt(&shared, &attempt).await;
+    let completion = Completion {
+        entity_id: attempt.entity_id,
+        step: attempt.step,
+        epoch: attempt.epoch,
+        outcome,
+    };
+    // The slot is freed before the result is recorded, so that the claim
+    // loop can refill it while the completer batches; the completer wakes
+    // the loop once the result is committed.
+    drop(slot);
+    if shared.results.send(completion).await.is_err() {
+        tracing::debug!("the completer has ended; the result is dropped and its lease will expire");
+    }
+    Ran::Yes
 }
 
 async fn run_attempt(shared: &Shared, a: &Attempt) -> Outcome {
@@ -158,21 +339,13 @@ async fn run_attempt(shared: &Shared, a: &Attempt) -> Outcome {
             retry_after_ms: None,
         };
     };
-    let spec = pipeline.step(a.step);
-    match &spec.executor {
-        Executor::Http { url } => shared.http.run(url, a, spec.timeout_ms).await,
-        Executor::Worker { queue } => Outcome::Failed {
-            error: format!("worker queue {queue:?} has no executor in this build"),
-            retryable: false,
-            retry_after_ms: None,
-        },
-    }
+    shared.executors.run(pipeline.step(a.step), a).await
 }
 
 async fn complete_loop(
     shared: Arc<Shared>,
     mut results: mpsc::Receiver<Completion>,
-    mut stop: watch::Receiver<bool>,
+    mut finish: watch::Receiver<bool>,
 ) {
     // Several batches may be recorded at once: a shared store runs them on
     // separate connections, an embedded one folds them into one group commit.
@@ -185,24 +358,43 @@ async fn complete_loop(
                     break;
                 }
             }
-            _ = stop.changed() => break,
+            _ = finish.changed() => break,
         }
         while recording.len() >= COMPLETE_IN_FLIGHT_MAX {
             recording.join_next().await;
         }
-        recording.spawn(record(shared.clone(), batch, stop.clone()));
+        recording.spawn(record(shared.clone(), batch));
+    }
+    // The shutdown asks to finish only once every attempt task has ended, so
+    // what is in the channel now is every result there will be.
+    results.close();
+    loop {
+        let mut batch = Vec::with_capacity(COMPLETE_BATCH_MAX);
+        if results.recv_many(&mut batch, COMPLETE_BATCH_MAX).await == 0 {
+            break;
+        }
+        while recording.len() >= COMPLETE_IN_FLIGHT_MAX {
+            recording.join_next().await;
+        }
+        recording.spawn(record(shared.clone(), batch));
     }
     while recording.join_next().await.is_some() {}
 }
 
 /// Records one batch of results, trying again while the store is down: the
 /// attempts' leases would expire meanwhile, so a result recorded late is
-/// refused as stale rather than lost.
-async fn record(shared: Arc<Shared>, batch: Vec<Completion>, stop: watch::Receiver<bool>) {
+/// refused as stale rather than lost. A shutdown bounds how long it tries.
+async fn record(shared: Arc<Shared>, batch: Vec<Completion>) {
     loop {
+        // A stopping node starts nothing, so it claims nothing either.
+        let claim_queue = if shared.attempts.draining.load(Ordering::SeqCst) {
+            None
+        } else {
+            shared.executors.completion_queue()
+        };
         match shared
             .store
-            .complete(batch.clone(), Some(ripen_core::HTTP_QUEUE), now_us())
+            .complete(batch.clone(), claim_queue, shared.clock.now_us())
             .await
         {
             Ok(done) => {
@@ -224,11 +416,185 @@ async fn record(shared: Arc<Shared>, batch: Vec<Completion>, stop: watch::Receiv
             }
             Err(e) => {
                 tracing::warn!(error = %e, results = batch.len(), "recording results failed; will try again");
-                if *stop.borrow() {
-                    return;
-                }
                 tokio::time::sleep(Duration::from_millis(STORE_RETRY_MS)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use async_trait::async_trait;
+    use ripen_core::{Executor, Pipeline, RetryPolicy, StepDef, StepSpec, StepStatus};
+    use ripen_store::{EntityId, NewEntity, SqliteOptions, SqliteStore, DEFAULT_TENANT};
+
+    use super::*;
+    use crate::executor::{ExecutorKind, StepExecutor, HTTP_QUEUE};
+    use crate::time::ManualClock;
+
+    /// Counts the attempts it starts and answers each after `delay`, or
+    /// never when it is `None`.
+    struct Slow {
+        delay: Option<Duration>,
+        started: AtomicUsize,
+        started_b: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl StepExecutor for Slow {
+        async fn run(&self, step: &StepSpec, _attempt: &Attempt) -> Outcome {
+            if step.name == "b" {
+                self.started_b.fetch_add(1, Ordering::SeqCst);
+            } else {
+                self.started.fetch_add(1, Ordering::SeqCst);
+            }
+            match self.delay {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => std::future::pending().await,
+            }
+            Outcome::Succeeded { output: None }
+        }
+    }
+
+    struct Rig {
+        store: Arc<dyn Store>,
+        executor: Arc<Slow>,
+        scheduler: Scheduler,
+        ids: Vec<EntityId>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A scheduler on a fresh embedded store, with `entities` entities of a
+    /// pipeline `a` then `b`, and `a` running on every one of them that a
+    /// slot allows.
+    async fn rig(delay: Option<Duration>, concurrency: usize, entities: usize) -> Rig {
+        let step = |name: &str, needs: &[&str]| StepDef {
+            name: name.into(),
+            needs: needs.iter().map(|n| n.to_string()).collect(),
+            critical: true,
+            timeout_ms: 60_000,
+            retry: RetryPolicy::default(),
+            executor: Executor::Http {
+                url: "http://127.0.0.1:9/unused".into(),
+            },
+        };
+        let pipeline = Pipeline::new(vec![step("a", &[]), step("b", &["a"])]).unwrap();
+        let mut catalog = Catalog::default();
+        catalog.insert("t", 1, pipeline);
+        let catalog = Arc::new(catalog);
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(SqliteOptions::new(dir.path().join("t.db")), catalog.clone())
+                .unwrap(),
+        );
+        let executor = Arc::new(Slow {
+            delay,
+            started: AtomicUsize::new(0),
+            started_b: AtomicUsize::new(0),
+        });
+        let mut executors = ExecutorRegistry::empty();
+        executors.register(ExecutorKind::Http, [HTTP_QUEUE], executor.clone());
+        let clock = Arc::new(ManualClock::new(1_700_000_000_000_000));
+        let mut ids = Vec::new();
+        for _ in 0..entities {
+            let id = EntityId::new_v7();
+            let entity = NewEntity {
+                id,
+                tenant: DEFAULT_TENANT.into(),
+                type_name: "t".into(),
+                version: 1,
+                payload: "{}".into(),
+                idempotency_key: None,
+            };
+            store.create(entity, clock.now_us()).await.unwrap();
+            ids.push(id);
+        }
+        let config = EngineConfig {
+            execute: true,
+            concurrency,
+            lease_grace_ms: 5_000,
+            poll_interval_ms: 50,
+            shutdown_grace_ms: 0,
+        };
+        let scheduler =
+            Scheduler::start(store.clone(), catalog, Arc::new(executors), clock, &config);
+        let running = entities.min(concurrency);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while executor.started.load(Ordering::SeqCst) < running {
+            assert!(Instant::now() < deadline, "the attempts never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Rig {
+            store,
+            executor,
+            scheduler,
+            ids,
+            _dir: dir,
+        }
+    }
+
+    async fn status_of_a(rig: &Rig, id: EntityId) -> StepStatus {
+        let record = rig.store.get(DEFAULT_TENANT, id).await.unwrap().unwrap();
+        record.steps[0].state.status
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_waits_for_running_attempts_and_records_their_results() {
+        let rig = rig(Some(Duration::from_millis(300)), 8, 3).await;
+        let began = Instant::now();
+        let drained = rig.scheduler.shutdown(Duration::from_secs(10)).await;
+        assert!(began.elapsed() < Duration::from_secs(5));
+        assert_eq!(drained.finished, 3);
+        assert_eq!(drained.abandoned, 0);
+        for &id in &rig.ids {
+            assert_eq!(status_of_a(&rig, id).await, StepStatus::Succeeded);
+        }
+        // The results made `b` runnable, but a stopping node starts nothing.
+        assert_eq!(rig.executor.started_b.load(Ordering::SeqCst), 0);
+        // A second shutdown finds nothing left to do.
+        assert_eq!(
+            rig.scheduler.shutdown(Duration::from_secs(1)).await,
+            Drained::default()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attempts_still_running_after_the_grace_are_abandoned() {
+        let rig = rig(None, 8, 2).await;
+        let began = Instant::now();
+        let drained = rig.scheduler.shutdown(Duration::from_millis(100)).await;
+        let took = began.elapsed();
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(
+            drained,
+            Drained {
+                finished: 0,
+                abandoned: 2,
+                unstarted: 0
+            }
+        );
+        // Nothing was recorded: the leases stand until they expire.
+        for &id in &rig.ids {
+            assert_eq!(status_of_a(&rig, id).await, StepStatus::Running);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attempts_waiting_for_a_slot_do_not_start_once_draining() {
+        let rig = rig(Some(Duration::from_millis(200)), 1, 3).await;
+        let drained = rig.scheduler.shutdown(Duration::from_secs(10)).await;
+        assert_eq!(drained.finished, 1);
+        assert_eq!(drained.abandoned, 0);
+        assert_eq!(rig.executor.started.load(Ordering::SeqCst), 1);
+        let mut succeeded = 0;
+        for &id in &rig.ids {
+            if status_of_a(&rig, id).await == StepStatus::Succeeded {
+                succeeded += 1;
+            }
+        }
+        assert_eq!(succeeded, 1);
     }
 }

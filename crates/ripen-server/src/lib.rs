@@ -6,7 +6,7 @@ mod problem;
 mod stream;
 mod view;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -17,7 +17,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use ripen_core::EntityStatus;
-use ripen_engine::time::now_us;
 use ripen_engine::{Config, Engine, SubmitError};
 use ripen_store::{CommandOutcome, EntityId, IntakeOutcome, ListQuery, StoreError, DEFAULT_TENANT};
 use serde::Deserialize;
@@ -39,8 +38,17 @@ pub(crate) struct AppState {
 
 type Shared = State<Arc<AppState>>;
 
+/// How long open HTTP requests may take to finish once the engine has
+/// drained; connections still open then are dropped.
+const HTTP_CLOSE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Starts the engine, listens, prints `listening on http://ADDR` on standard
 /// output, and serves until `shutdown` completes.
+///
+/// Then the engine drains (see [`Engine::shutdown`]) while HTTP keeps
+/// serving, so that clients can still submit and read and `/readyz` tells
+/// balancers to go elsewhere. Once the engine has drained, live streams end
+/// and open requests get one more second to finish.
 pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -59,16 +67,30 @@ pub async fn serve(
     }
     tracing::info!(%addr, "serving");
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let mut stop_http = stop_tx.subscribe();
     let state = Arc::new(AppState { engine, stopping });
-    axum::serve(listener, router(state.clone()))
+    let http = axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
+            let _ = stop_http.wait_for(|stop| *stop).await;
         })
-        .await
-        .context("serve HTTP")?;
-    if let Ok(state) = Arc::try_unwrap(state) {
-        state.engine.shutdown().await;
+        .into_future();
+    tokio::pin!(http);
+    let failed = tokio::select! {
+        served = &mut http => Some(served),
+        () = shutdown => None,
+    };
+    state.engine.shutdown().await;
+    if let Some(served) = failed {
+        // HTTP ended without being asked to, so it cannot be closed gracefully.
+        return served.context("serve HTTP");
+    }
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(HTTP_CLOSE_MAX, http).await {
+        Ok(served) => served.context("serve HTTP")?,
+        Err(_) => tracing::info!(
+            "requests still open {} ms after the drain are dropped",
+            HTTP_CLOSE_MAX.as_millis()
+        ),
     }
     Ok(())
 }
@@ -107,9 +129,9 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(state): Shared) -> Response {
-    match state.engine.store.ping().await {
+    match state.engine.readiness().await {
         Ok(()) => json_response(StatusCode::OK, json!({"status": "ready"})),
-        Err(e) => Problem::unavailable(format!("the store is not reachable: {e}")).into_response(),
+        Err(e) => Problem::unavailable(e.to_string()).into_response(),
     }
 }
 
@@ -166,7 +188,7 @@ async fn submit(
     // rather than copied.
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
-    let limit = state.engine.config.body_limit_bytes;
+    let limit = state.engine.config().body_limit_bytes;
     let too_large = || {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -202,7 +224,6 @@ async fn submit(
     })?;
     let outcome = state
         .engine
-        .intake
         .submit(DEFAULT_TENANT, &type_name, &bytes, key)
         .await
         .map_err(|e| match e {
@@ -272,7 +293,6 @@ async fn get_entity(
     let id = entity_id(p)?;
     match state
         .engine
-        .store
         .get(DEFAULT_TENANT, id)
         .await
         .map_err(store_problem)?
@@ -289,7 +309,6 @@ async fn get_data(
     let id = entity_id(p)?;
     let Some(d) = state
         .engine
-        .store
         .get_data(DEFAULT_TENANT, id)
         .await
         .map_err(store_problem)?
@@ -353,7 +372,6 @@ async fn list(
     };
     let mut items = state
         .engine
-        .store
         .list(
             DEFAULT_TENANT,
             ListQuery {
@@ -403,21 +421,18 @@ async fn events(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0);
-        if state
+        let Some(feed) = state
             .engine
-            .store
-            .get(DEFAULT_TENANT, id)
+            .follow(DEFAULT_TENANT, id, after_seq)
             .await
             .map_err(store_problem)?
-            .is_none()
-        {
+        else {
             return Err(no_entity(id));
-        }
-        return Ok(stream::entity_events(state, id, after_seq).into_response());
+        };
+        return Ok(stream::entity_events(feed, state.stopping.clone()).into_response());
     }
     let Some(events) = state
         .engine
-        .store
         .events(DEFAULT_TENANT, id, 0, EVENTS_MAX)
         .await
         .map_err(store_problem)?
@@ -433,14 +448,8 @@ async fn retry(
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = entity_id(p)?;
-    let outcome = state.engine.store.retry(DEFAULT_TENANT, id, now_us()).await;
-    command_answer(
-        &state,
-        id,
-        outcome,
-        "retry",
-        "only a failed entity can be retried",
-    )
+    let outcome = state.engine.retry(DEFAULT_TENANT, id).await;
+    command_answer(id, outcome, "retry", "only a failed entity can be retried")
 }
 
 async fn cancel(
@@ -448,13 +457,8 @@ async fn cancel(
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = entity_id(p)?;
-    let outcome = state
-        .engine
-        .store
-        .cancel(DEFAULT_TENANT, id, now_us())
-        .await;
+    let outcome = state.engine.cancel(DEFAULT_TENANT, id).await;
     command_answer(
-        &state,
         id,
         outcome,
         "cancel",
@@ -463,17 +467,13 @@ async fn cancel(
 }
 
 fn command_answer(
-    state: &AppState,
     id: EntityId,
     outcome: Result<CommandOutcome, StoreError>,
     verb: &str,
     rule: &str,
 ) -> Result<Response, Problem> {
     match outcome.map_err(store_problem)? {
-        CommandOutcome::Applied(r) => {
-            state.engine.scheduler.waker().notify_one();
-            Ok(json_text(StatusCode::ACCEPTED, view::entity_json(&r)))
-        }
+        CommandOutcome::Applied(r) => Ok(json_text(StatusCode::ACCEPTED, view::entity_json(&r))),
         CommandOutcome::NotFound => Err(no_entity(id)),
         CommandOutcome::Conflict(status) => Err(Problem::new(
             StatusCode::CONFLICT,

@@ -103,7 +103,27 @@ async fn cli_serve(config_path: PathBuf) -> Result<()> {
             std::process::exit(2);
         }
     };
-    ripen_server::serve(config, shutdown_signal()).await
+    // The first signal starts a drain; a second one means the operator will
+    // not wait for it.
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let first_signal = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining running attempts");
+        let _ = first_tx.send(());
+    };
+    let second_signal = async move {
+        if first_rx.await.is_err() {
+            return std::future::pending().await;
+        }
+        shutdown_signal().await;
+    };
+    tokio::select! {
+        served = ripen_server::serve(config, first_signal) => served,
+        () = second_signal => {
+            tracing::warn!("second signal: exiting without waiting for the drain");
+            std::process::exit(1);
+        }
+    }
 }
 
 fn init_logging() {
@@ -134,7 +154,6 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term.recv() => {}
     }
-    tracing::info!("shutting down");
 }
 
 async fn cli_submit(

@@ -1,0 +1,277 @@
+//! The HTTP step executor: the step contract of DESIGN.md.
+//!
+//! `POST <url>` with `{"entity_id", "type", "version", "step", "attempt",
+//! "payload", "outputs"}` and the headers `Idempotency-Key: {entity_id}:{step}`
+//! and `traceparent`. A 2xx succeeds and its JSON body is the output; 408,
+//! 425, 429, 5xx, timeouts and connection errors are retried (honouring
+//! `Retry-After`); any other status fails the step for good.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use ripen_core::{Executor, StepSpec};
+use ripen_store::{Attempt, Outcome};
+
+use super::{ExecutorKind, StepExecutor};
+
+/// The largest step output accepted; a larger one fails the attempt for good.
+pub const OUTPUT_BYTES_MAX: usize = 1024 * 1024;
+/// How much of an error answer's body is kept as the step's error.
+const ERROR_BODY_CHARS_MAX: usize = 256;
+
+#[derive(Clone)]
+pub struct HttpExecutor {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl HttpExecutor {
+    /// `idle_per_host_max` bounds the keep-alive connections kept per downstream.
+    pub fn new(idle_per_host_max: usize) -> HttpExecutor {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(idle_per_host_max)
+            .build(connector);
+        HttpExecutor { client }
+    }
+
+    /// Posts one attempt to `url` under its timeout. Never fails: every
+    /// problem is an outcome.
+    pub async fn post(&self, url: &str, attempt: &Attempt, timeout_ms: u64) -> Outcome {
+        let call = self.call(url, attempt);
+        match tokio::time::timeout(Duration::from_millis(timeout_ms), call).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Failed {
+                error: format!("timed out after {timeout_ms} ms"),
+                retryable: true,
+                retry_after_ms: None,
+            },
+        }
+    }
+
+    async fn call(&self, url: &str, a: &Attempt) -> Outcome {
+        let request = match build_request(url, a) {
+            Ok(r) => r,
+            Err(e) => return failed(format!("cannot build the request: {e}"), false, None),
+        };
+        let response = match self.client.request(request).await {
+            Ok(r) => r,
+            Err(e) => return failed(format!("request failed: {}", error_chain(&e)), true, None),
+        };
+        let status = response.status();
+        let retry_after_ms = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after_ms(v, SystemTime::now()));
+        let body = match Limited::new(response.into_body(), OUTPUT_BYTES_MAX)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                // An oversized body will not shrink on retry; a cut connection may heal.
+                let too_big = e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
+                return failed(format!("reading the answer failed: {e}"), !too_big, None);
+            }
+        };
+        if status.is_success() {
+            let output = if body.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                match serde_json::from_slice::<serde_json::value::Value>(&body) {
+                    Ok(_) => Some(String::from_utf8_lossy(&body).into_owned()),
+                    Err(_) => {
+                        tracing::debug!(step = %a.step_name, "step answered 2xx with a body that is not JSON; no output kept");
+                        None
+                    }
+                }
+            };
+            return Outcome::Succeeded { output };
+        }
+        let text: String = String::from_utf8_lossy(&body)
+            .chars()
+            .take(ERROR_BODY_CHARS_MAX)
+            .collect();
+        let error = if text.is_empty() {
+            format!("HTTP {}", status.as_u16())
+        } else {
+            format!("HTTP {}: {}", status.as_u16(), text.trim())
+        };
+        failed(error, is_retryable(status), retry_after_ms)
+    }
+}
+
+#[async_trait::async_trait]
+impl StepExecutor for HttpExecutor {
+    async fn run(&self, step: &StepSpec, attempt: &Attempt) -> Outcome {
+        match &step.executor {
+            Executor::Http { url } => self.post(url, attempt, step.timeout_ms).await,
+            // The registry routes by kind, so this is a wiring mistake; it
+            // would fail the same way on every attempt.
+            other => failed(
+                format!(
+                    "the http executor was handed a {} step",
+                    ExecutorKind::of(other).as_str()
+                ),
+                false,
+                None,
+            ),
+        }
+    }
+}
+
+/// `Retry-After` as delay-seconds or as an HTTP-date (RFC 9110 section 10.2.3).
+pub fn retry_after_ms(value: &str, now: SystemTime) -> Option<u64> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(seconds.saturating_mul(1_000));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).map_or(0, |d| d.as_millis() as u64))
+}
+
+fn failed(error: String, retryable: bool, retry_after_ms: Option<u64>) -> Outcome {
+    Outcome::Failed {
+        error,
+        retryable,
+        retry_after_ms,
+    }
+}
+
+/// 408, 425, 429 and 5xx may succeed later; other statuses will not.
+pub fn is_retryable(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error()
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// The step contract body, assembled from the raw JSON the store holds so
+/// that payload and outputs are never parsed again.
+pub fn request_body(a: &Attempt) -> String {
+    let mut body = String::with_capacity(a.payload.len() + 256);
+    body.push_str("{\"entity_id\":\"");
+    body.push_str(&a.entity_id.to_string());
+    body.push_str("\",\"type\":");
+    body.push_str(&json_string(&a.type_name));
+    body.push_str(",\"version\":");
+    body.push_str(&a.version.to_string());
+    body.push_str(",\"step\":");
+    body.push_str(&json_string(&a.step_name));
+    body.push_str(",\"attempt\":");
+    body.push_str(&a.attempt.to_string());
+    body.push_str(",\"payload\":");
+    body.push_str(&a.payload);
+    body.push_str(",\"outputs\":{");
+    for (i, (name, output)) in a.outputs.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&json_string(name));
+        body.push(':');
+        body.push_str(output);
+    }
+    body.push_str("}}");
+    body
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// A W3C trace context: one trace per entity (its id), one span per attempt.
+pub fn traceparent(a: &Attempt) -> String {
+    format!(
+        "00-{}-{:016x}-01",
+        a.entity_id.0.simple(),
+        fastrand::u64(1..)
+    )
+}
+
+fn build_request(url: &str, a: &Attempt) -> Result<Request<Full<Bytes>>, hyper::http::Error> {
+    let key = format!("{}:{}", a.entity_id, a.step_name);
+    Request::post(url)
+        .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+        .header("idempotency-key", key)
+        .header("traceparent", traceparent(a))
+        .body(Full::new(Bytes::from(request_body(a))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ripen_store::EntityId;
+
+    #[test]
+    fn body_is_the_step_contract() {
+        let a = Attempt {
+            entity_id: "0193c5b2-0000-7000-8000-000000000001"
+                .parse::<EntityId>()
+                .unwrap(),
+            type_name: "merchant".into(),
+            version: 2,
+            step: 3,
+            step_name: "d".into(),
+            attempt: 1,
+            epoch: 1,
+            lease_expires_at_us: 0,
+            payload: r#"{"name":"Ada \"A\""}"#.into(),
+            outputs: vec![("b".into(), r#"{"x":1}"#.into()), ("c".into(), "[]".into())],
+        };
+        let v: serde_json::Value = serde_json::from_str(&request_body(&a)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "entity_id": "0193c5b2-0000-7000-8000-000000000001",
+                "type": "merchant", "version": 2, "step": "d", "attempt": 1,
+                "payload": {"name": "Ada \"A\""},
+                "outputs": {"b": {"x": 1}, "c": []}
+            })
+        );
+        let tp = traceparent(&a);
+        assert_eq!(tp.len(), 55);
+        assert!(tp.starts_with("00-0193c5b200007000800000000000000"));
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(retry_after_ms("3", now), Some(3_000));
+        assert_eq!(retry_after_ms(" 0 ", now), Some(0));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(5));
+        assert_eq!(retry_after_ms(&later, now), Some(5_000));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(5));
+        assert_eq!(retry_after_ms(&earlier, now), Some(0));
+        assert_eq!(retry_after_ms("soon", now), None);
+        assert_eq!(retry_after_ms("-1", now), None);
+    }
+
+    #[test]
+    fn retryable_statuses() {
+        for s in [408, 425, 429, 500, 502, 503, 504] {
+            assert!(is_retryable(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+        for s in [400, 401, 403, 404, 409, 410, 422] {
+            assert!(!is_retryable(StatusCode::from_u16(s).unwrap()), "{s}");
+        }
+    }
+}
