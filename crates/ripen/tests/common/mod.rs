@@ -531,6 +531,17 @@ impl Server {
         }
     }
 
+    /// Like [`Server::restart`], but a start that fails is returned, for a
+    /// test that counts failed starts rather than stopping at the first.
+    pub async fn try_restart(&mut self) -> std::io::Result<()> {
+        self.process.restart().await
+    }
+
+    /// `/readyz` 200 within `timeout`, or why not.
+    pub async fn try_wait_ready(&self, timeout: Duration) -> std::io::Result<Duration> {
+        self.process.wait_ready(timeout).await
+    }
+
     /// Waits until `/readyz` answers 200; returns how long that took.
     pub async fn wait_ready(&self, timeout: Duration) -> Duration {
         match self.process.wait_ready(timeout).await {
