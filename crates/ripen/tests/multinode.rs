@@ -1446,13 +1446,15 @@ fn restarting_a_node_under_load_is_quick_and_deadlock_free() {
                 deadlocks.join("\n"),
                 b.log_tail(40)
             );
-            let slow: Vec<&Restart> = restarts
+            let slow: Vec<String> = restarts
                 .iter()
-                .filter(|r| {
+                .enumerate()
+                .filter(|(_, r)| {
                     !r.ready_after
                         .as_ref()
                         .is_ok_and(|t| *t <= RESTART_READY_BUDGET)
                 })
+                .map(|(i, r)| format!("restart {i} after {}: {:?}", r.stopped_by, r.ready_after))
                 .collect();
             assert!(
                 slow.is_empty(),
