@@ -6,19 +6,16 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{bail, ensure, Context, Result};
-use hyper::StatusCode;
-
-use crate::bench::{
-    cursor_string, parse_time, snippet, toml_string, EntityView, ListPage, ServerProcess,
+use anyhow::{ensure, Context, Result};
+use ripen_client::{Client, EntityStatus, EntityView, ListQuery};
+use ripen_testkit::{
+    sqlite_url, Config, Downstream, Profile, ServerProcess, Step, TempDir, TypeDef,
 };
-use crate::client::Client;
-use crate::downstream::{self, Profile};
 
 /// How often the demo asks the server which entities settled.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// The list page read on each poll; the entities in flight are the newest.
-const POLL_PAGE_LIMIT: usize = 100;
+const POLL_PAGE_LIMIT: u32 = 100;
 /// The width of the merchant column in the settled lines.
 const NAME_COLUMN_CHARS: usize = 30;
 
@@ -41,12 +38,17 @@ pub struct DemoArgs {
 pub async fn run(args: DemoArgs) -> Result<()> {
     ensure!(args.interval_ms >= 1, "--interval-ms must be at least 1");
     ensure!(args.count != Some(0), "--count must be at least 1");
-    let (downstream_addr, downstream_stats) = downstream::spawn(Profile::realistic()).await?;
+    let downstream = Downstream::with_profile(Profile::realistic())
+        .await
+        .context("start the fake downstream")?;
+    let downstream_addr = downstream.addr();
+    let downstream_stats = downstream.stats().clone();
     let data_dir = prepare_data_dir(args.data_dir.as_deref())?;
     let config_path = write_config(&data_dir, args.port, downstream_addr)?;
-    let mut server = ServerProcess::start(&config_path, &data_dir.join("server.log")).await?;
+    let exe = std::env::current_exe().context("find the ripen executable")?;
+    let mut server = ServerProcess::start(&exe, &config_path, &data_dir.join("server.log")).await?;
 
-    let mut demo = Demo::new(Client::new(server.url()));
+    let mut demo = Demo::new(server.client().clone());
     // The first merchant is submitted before the banner, so that the
     // examples can name a real entity.
     let first_id = demo
@@ -129,9 +131,7 @@ fn prepare_data_dir(data_dir: Option<&Path>) -> Result<PathBuf> {
         }
         // Kept after the demo, so that the database and the log can be
         // looked at.
-        None => tempfile::Builder::new()
-            .prefix("ripen-demo-")
-            .tempdir()
+        None => TempDir::new("ripen-demo-")
             .context("create a temporary directory for the demo")?
             .keep(),
     };
@@ -154,37 +154,32 @@ const MERCHANT_SCHEMA: &str = r#"{
 /// Writes `ripen.toml` and the merchant schema into `dir`; returns the
 /// configuration's path.
 fn write_config(dir: &Path, port: u16, downstream: std::net::SocketAddr) -> Result<PathBuf> {
-    let schemas = dir.join("schemas");
-    std::fs::create_dir_all(&schemas).with_context(|| format!("create {}", schemas.display()))?;
-    let schema_path = schemas.join("merchant.json");
-    std::fs::write(&schema_path, MERCHANT_SCHEMA)
-        .with_context(|| format!("write {}", schema_path.display()))?;
-
-    let retry = r#"retry = { max_attempts = 5, initial_backoff = "50ms", max_backoff = "2s" }"#;
-    let step = |name: &str, needs: &[&str], critical: bool| {
-        let needs: Vec<String> = needs.iter().map(|n| toml_string(n)).collect();
-        let url = toml_string(&format!("http://{downstream}/{name}"));
-        format!(
-            "\n[[types.merchant.steps]]\nname = \"{name}\"\nhttp = {url}\nneeds = [{}]\ncritical = {critical}\ntimeout = \"2s\"\n{retry}\n",
-            needs.join(", ")
-        )
+    let schema: serde_json::Value =
+        serde_json::from_str(MERCHANT_SCHEMA).context("parse the merchant schema")?;
+    let step = |name: &str, needs: &[&str]| {
+        Step::http(name, format!("http://{downstream}/{name}"))
+            .needs(needs)
+            .timeout("2s")
+            .attempts(5)
+            .backoff("50ms", "2s")
     };
-    let mut config = format!(
-        "# Written by `ripen demo`; the fake downstream's port changes on every run.\n\n\
-         [server]\nlisten = \"127.0.0.1:{port}\"\n\n\
-         [storage]\nurl = \"sqlite://ripen.db\"\n\n\
-         [types.merchant]\nschema = \"schemas/merchant.json\"\n"
-    );
-    config.push_str(&step("kyc", &[], true));
-    config.push_str(&step("billing", &["kyc"], true));
-    config.push_str(&step("search_index", &["kyc"], true));
-    config.push_str(&step("activate", &["billing", "search_index"], true));
-    config.push_str(&step("welcome_email", &["kyc"], false));
-
-    let config_path = dir.join("ripen.toml");
-    std::fs::write(&config_path, config)
-        .with_context(|| format!("write {}", config_path.display()))?;
-    Ok(config_path)
+    let merchant = TypeDef::new(
+        "merchant",
+        vec![
+            step("kyc", &[]),
+            step("billing", &["kyc"]),
+            step("search_index", &["kyc"]),
+            step("activate", &["billing", "search_index"]),
+            step("welcome_email", &["kyc"]).non_critical(),
+        ],
+    )
+    .schema(schema);
+    Config::bare()
+        .comment("Written by `ripen demo`; the fake downstream's port changes on every run.")
+        .listen(&format!("127.0.0.1:{port}"))
+        .with_type(merchant)
+        .write(dir, &sqlite_url(dir))
+        .with_context(|| format!("write the demo's config into {}", dir.display()))
 }
 
 fn print_banner(
@@ -276,32 +271,21 @@ impl Demo {
     async fn submit(&mut self) -> Result<String> {
         let merchant = random_merchant();
         let key = format!("demo-{:016x}-{}", self.nonce, self.submitted);
-        let reply = self
+        let submitted = self
             .client
-            .post(
-                "/v1/entities/merchant",
-                &[("Idempotency-Key", &key)],
-                merchant.json.to_string(),
-            )
-            .await?;
-        if reply.status != StatusCode::ACCEPTED {
-            bail!(
-                "POST /v1/entities/merchant answered {}: {}",
-                reply.status,
-                snippet(&reply.body)
-            );
-        }
-        let entity: EntityView = serde_json::from_slice(&reply.body)
-            .with_context(|| format!("parse the 202 answer: {}", snippet(&reply.body)))?;
+            .submit("merchant", merchant.json.to_string(), Some(&key))
+            .await
+            .context("POST /v1/entities/merchant")?;
+        let id = submitted.view.id;
         self.submitted += 1;
         self.in_flight.insert(
-            entity.id.clone(),
+            id.clone(),
             InFlight {
                 label: merchant.label,
                 submitted: Instant::now(),
             },
         );
-        Ok(entity.id)
+        Ok(id)
     }
 
     /// Asks which entities settled and prints a line for each; problems are
@@ -313,17 +297,17 @@ impl Demo {
     }
 
     async fn poll_inner(&mut self) -> Result<()> {
-        let path = format!("/v1/entities?type=merchant&limit={POLL_PAGE_LIMIT}");
-        let reply = self.client.get(&path).await?;
-        ensure!(
-            reply.status == StatusCode::OK,
-            "GET {path} answered {}: {}",
-            reply.status,
-            snippet(&reply.body)
-        );
-        let page: ListPage = serde_json::from_slice(&reply.body)
-            .with_context(|| format!("parse the answer to GET {path}: {}", snippet(&reply.body)))?;
-        let complete = cursor_string(page.next.unwrap_or_default()).is_none();
+        let query = ListQuery {
+            type_name: Some("merchant"),
+            limit: Some(POLL_PAGE_LIMIT),
+            ..ListQuery::default()
+        };
+        let page = self
+            .client
+            .list(&query)
+            .await
+            .with_context(|| format!("GET {}", query.path()))?;
+        let complete = page.next.is_none();
         let mut listed = HashSet::new();
         for entity in page.items {
             listed.insert(entity.id.clone());
@@ -338,24 +322,18 @@ impl Demo {
             .cloned()
             .collect();
         for id in missing {
-            let path = format!("/v1/entities/{id}");
-            let reply = self.client.get(&path).await?;
-            ensure!(
-                reply.status == StatusCode::OK,
-                "GET {path} answered {}: {}",
-                reply.status,
-                snippet(&reply.body)
-            );
-            let entity: EntityView = serde_json::from_slice(&reply.body).with_context(|| {
-                format!("parse the answer to GET {path}: {}", snippet(&reply.body))
-            })?;
+            let entity = self
+                .client
+                .get(&id)
+                .await
+                .with_context(|| format!("GET /v1/entities/{id}"))?;
             self.consider(entity);
         }
         Ok(())
     }
 
     fn consider(&mut self, entity: EntityView) {
-        if !entity.is_terminal() || self.reported.contains(&entity.id) {
+        if !entity.status.is_terminal() || self.reported.contains(&entity.id) {
             return;
         }
         let ours = self.in_flight.remove(&entity.id);
@@ -371,9 +349,9 @@ impl Demo {
         self.reported.insert(entity.id.clone());
         if ours.is_some() {
             self.settled_ours += 1;
-            match entity.status.as_str() {
-                "ready" => self.ready += 1,
-                "failed" => self.failed += 1,
+            match entity.status {
+                EntityStatus::Ready => self.ready += 1,
+                EntityStatus::Failed => self.failed += 1,
                 _ => self.cancelled += 1,
             }
             if entity.degraded {
@@ -394,7 +372,10 @@ fn settled_line(entity: &EntityView, ours: Option<&InFlight>) -> String {
         label.to_owned()
     };
     // The server's own timestamps; the time since we submitted otherwise.
-    let settled_at = entity.ready_at.as_deref().or(entity.updated_at.as_deref());
+    let settled_at = entity
+        .ready_at
+        .as_deref()
+        .or(Some(entity.updated_at.as_str()));
     let taken = settled_at
         .and_then(|at| {
             let created = parse_time(&entity.created_at).ok()?;
@@ -413,13 +394,13 @@ fn settled_line(entity: &EntityView, ours: Option<&InFlight>) -> String {
     if !retried.is_empty() {
         notes.push(format!("retried {}", retried.join(", ")));
     }
-    if entity.degraded || entity.status == "failed" {
+    if entity.degraded || entity.status == EntityStatus::Failed {
         notes.push(entity.failed_steps());
     }
     let status = if entity.degraded {
         "degraded".to_owned()
     } else {
-        entity.status.clone()
+        entity.status.as_str().to_owned()
     };
     format!(
         "  {status:<9} {}  {label:<width$}  {taken:>8}  {}",
@@ -429,6 +410,11 @@ fn settled_line(entity: &EntityView, ours: Option<&InFlight>) -> String {
     )
     .trim_end()
     .to_owned()
+}
+
+fn parse_time(value: &str) -> Result<SystemTime> {
+    humantime::parse_rfc3339(value)
+        .with_context(|| format!("{value:?} is not an RFC 3339 UTC time"))
 }
 
 struct Merchant {
@@ -506,12 +492,20 @@ mod tests {
 
     #[test]
     fn config_has_the_merchant_pipeline() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = TempDir::new("ripen-demo-test-").unwrap();
         let addr: std::net::SocketAddr = "127.0.0.1:9000".parse().unwrap();
         let path = write_config(dir.path(), 0, addr).unwrap();
         let config = std::fs::read_to_string(path).unwrap();
+        assert!(config.starts_with("# Written by `ripen demo`"));
         assert!(config.contains("listen = \"127.0.0.1:0\""));
+        assert!(config.contains(&format!(
+            "url = \"sqlite://{}/ripen.db\"",
+            dir.path().display()
+        )));
         assert!(config.contains("name = \"activate\"\nhttp = \"http://127.0.0.1:9000/activate\"\nneeds = [\"billing\", \"search_index\"]"));
+        assert!(config.contains(
+            "retry = { max_attempts = 5, initial_backoff = \"50ms\", max_backoff = \"2s\" }"
+        ));
         assert!(config.contains("name = \"welcome_email\"\nhttp = \"http://127.0.0.1:9000/welcome_email\"\nneeds = [\"kyc\"]\ncritical = false"));
         let schema: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.path().join("schemas/merchant.json")).unwrap(),
@@ -523,7 +517,8 @@ mod tests {
     #[test]
     fn settled_line_shows_retries_and_time() {
         let entity: EntityView = serde_json::from_value(serde_json::json!({
-            "id": "0193c5b2-0000-7000-8000-000000000001", "status": "ready", "degraded": false,
+            "id": "0193c5b2-0000-7000-8000-000000000001", "type": "merchant", "version": 1,
+            "status": "ready", "degraded": false,
             "created_at": "2026-01-01T00:00:00.000000Z", "updated_at": "2026-01-01T00:00:00.143000Z",
             "ready_at": "2026-01-01T00:00:00.143000Z",
             "steps": [

@@ -1,14 +1,12 @@
 //! The `ripen` binary: the server and the commands that talk to it.
 
-mod bench;
-mod client;
 mod demo;
-mod downstream;
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use ripen_client::{Client, EntityStatus, StepStatus};
 
 #[derive(Parser)]
 #[command(
@@ -58,7 +56,7 @@ enum Command {
     /// Run a server with an example pipeline and a fake downstream, and submit entities to it.
     Demo(demo::DemoArgs),
     /// Measure intake and pipeline throughput against a real server on loopback.
-    Bench(bench::BenchArgs),
+    Bench(BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -66,6 +64,88 @@ struct ServerArg {
     /// The server's root URL.
     #[arg(long, env = "RIPEN_SERVER", default_value = "http://127.0.0.1:8080")]
     server: String,
+}
+
+/// The flags of `ripen bench`; the bench itself is `ripen_bench`.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Runs of each row, each on a fresh server and database; the summary
+    /// shows their median, min and max.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Entities submitted in the full-rate intake row.
+    #[arg(long, default_value_t = 60_000)]
+    intake_entities: usize,
+    /// Concurrent clients of the intake row.
+    #[arg(long, default_value_t = 64)]
+    intake_clients: usize,
+    /// Entities of the burst row (intake on an executing node); 0 skips it.
+    #[arg(long, default_value_t = 60_000)]
+    burst_entities: usize,
+    /// Concurrent clients of the burst row.
+    #[arg(long, default_value_t = 64)]
+    burst_clients: usize,
+    /// Entities of the W5 row.
+    #[arg(long, default_value_t = 20_000)]
+    entities: usize,
+    /// Concurrent clients of the W5 row.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// The size of each submitted JSON payload, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    payload_bytes: usize,
+    /// Send no Idempotency-Key (by default every request carries one).
+    #[arg(long)]
+    no_keys: bool,
+    /// Run only the intake rows (intake-only node and burst).
+    #[arg(long, conflicts_with = "w5_only")]
+    intake_only: bool,
+    /// Run only the W5 rows.
+    #[arg(long)]
+    w5_only: bool,
+    /// Also run the 1,000,000-entity row (takes several minutes).
+    #[arg(long)]
+    million: bool,
+    /// Settled entities preloaded for the `--million` row.
+    #[arg(long, default_value_t = 1_000_000)]
+    preload: usize,
+    /// The storage URL of the servers (default: a fresh SQLite file per run).
+    /// A `postgres://` database is shared by every run and every node.
+    #[arg(long)]
+    storage: Option<String>,
+    /// Servers sharing `--storage` in the W5 row; clients are spread over them.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Where the `--million` row keeps its database (default: a temporary
+    /// directory, removed afterwards). A directory that already holds a
+    /// preloaded database is reused as it is.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The bench's options; the servers it starts are this very binary.
+    fn into_options(self) -> Result<ripen_bench::Options> {
+        Ok(ripen_bench::Options {
+            exe: std::env::current_exe().context("find the ripen executable")?,
+            runs: self.runs,
+            intake_entities: self.intake_entities,
+            intake_clients: self.intake_clients,
+            burst_entities: self.burst_entities,
+            burst_clients: self.burst_clients,
+            entities: self.entities,
+            clients: self.clients,
+            payload_bytes: self.payload_bytes,
+            no_keys: self.no_keys,
+            intake_only: self.intake_only,
+            w5_only: self.w5_only,
+            million: self.million,
+            preload: self.preload,
+            storage: self.storage,
+            nodes: self.nodes,
+            data_dir: self.data_dir,
+        })
+    }
 }
 
 fn main() -> Result<()> {
@@ -89,7 +169,7 @@ fn main() -> Result<()> {
                 server,
             } => cli_watch(&server.server, &id, interval_ms).await,
             Command::Demo(args) => demo::run(args).await,
-            Command::Bench(args) => bench::run(args).await,
+            Command::Bench(args) => ripen_bench::run(args.into_options()?).await,
         }
     })
 }
@@ -169,64 +249,59 @@ async fn cli_submit(
     } else {
         std::fs::read(file).with_context(|| format!("read {}", file.display()))?
     };
-    let client = client::Client::new(server);
-    let mut headers = Vec::new();
-    if let Some(k) = key {
-        headers.push(("idempotency-key", k));
-    }
-    let reply = client
-        .post(&format!("/v1/entities/{type_name}"), &headers, body)
-        .await?;
-    if reply.header("idempotent-replayed") == Some("true") {
+    let client = Client::new(server);
+    let submitted = client
+        .submit(type_name, body, key)
+        .await
+        .or_else(print_refusal)?;
+    if submitted.replayed {
         eprintln!("this key was used before: the answer is the entity it created");
     }
-    print_reply(&reply)
+    println!("{}", serde_json::to_string_pretty(&submitted.view)?);
+    Ok(())
 }
 
-/// Prints the JSON answer; an error answer makes the command fail.
-fn print_reply(reply: &client::Reply) -> Result<()> {
-    let text = match reply.json() {
-        Ok(v) => serde_json::to_string_pretty(&v)?,
-        Err(_) => String::from_utf8_lossy(&reply.body).into_owned(),
+/// Prints the server's answer to a refused request on standard error and
+/// makes the command fail; an error without an answer is returned as it is.
+fn print_refusal<T>(error: ripen_client::Error) -> Result<T> {
+    let Some(response) = error.response() else {
+        return Err(error.into());
     };
-    if reply.status.is_success() {
-        println!("{text}");
-        Ok(())
-    } else {
-        eprintln!("{text}");
-        bail!("the server answered {}", reply.status)
-    }
+    let text = match serde_json::from_slice::<serde_json::Value>(&response.body) {
+        Ok(v) => serde_json::to_string_pretty(&v)?,
+        Err(_) => response.text(),
+    };
+    eprintln!("{text}");
+    bail!("the server answered {}", response.status)
 }
 
 async fn cli_status(server: &str, id: &str) -> Result<()> {
-    let client = client::Client::new(server);
-    let reply = client.get(&format!("/v1/entities/{id}")).await?;
-    print_reply(&reply)
+    let client = Client::new(server);
+    let view = client.get(id).await.or_else(print_refusal)?;
+    println!("{}", serde_json::to_string_pretty(&view)?);
+    Ok(())
 }
 
 async fn cli_watch(server: &str, id: &str, interval_ms: u64) -> Result<()> {
-    let client = client::Client::new(server);
-    let mut seen: Vec<(String, String, u64)> = Vec::new();
+    let client = Client::new(server);
+    let mut seen: Vec<(String, StepStatus, u32)> = Vec::new();
     let interval = std::time::Duration::from_millis(interval_ms.max(10));
     loop {
-        let reply = client.get(&format!("/v1/entities/{id}")).await?;
-        if !reply.status.is_success() {
-            return print_reply(&reply);
-        }
-        let view = reply.json()?;
-        let steps = view["steps"].as_array().cloned().unwrap_or_default();
-        for (i, step) in steps.iter().enumerate() {
-            let now = (
-                step["name"].as_str().unwrap_or("?").to_owned(),
-                step["status"].as_str().unwrap_or("?").to_owned(),
-                step["attempts"].as_u64().unwrap_or(0),
-            );
+        let view = client.get(id).await.or_else(print_refusal)?;
+        for (i, step) in view.steps.iter().enumerate() {
+            let now = (step.name.clone(), step.status, step.attempts);
             if seen.get(i) != Some(&now) {
-                let error = step["last_error"]
-                    .as_str()
+                let error = step
+                    .last_error
+                    .as_deref()
                     .map(|e| format!("  ({e})"))
                     .unwrap_or_default();
-                println!("{:<24} {:<10} attempts {}{error}", now.0, now.1, now.2);
+                println!(
+                    "{:<24} {:<10} attempts {}{error}",
+                    now.0,
+                    now.1.as_str(),
+                    now.2
+                );
                 if i < seen.len() {
                     seen[i] = now;
                 } else {
@@ -234,15 +309,10 @@ async fn cli_watch(server: &str, id: &str, interval_ms: u64) -> Result<()> {
                 }
             }
         }
-        let status = view["status"].as_str().unwrap_or("?");
-        if status != "pending" {
-            let degraded = if view["degraded"] == true {
-                " (degraded)"
-            } else {
-                ""
-            };
-            println!("entity {id} is {status}{degraded}");
-            if status == "ready" {
+        if view.status.is_terminal() {
+            let degraded = if view.degraded { " (degraded)" } else { "" };
+            println!("entity {id} is {}{degraded}", view.status);
+            if view.status == EntityStatus::Ready {
                 return Ok(());
             }
             std::process::exit(1);

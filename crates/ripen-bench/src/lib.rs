@@ -1,52 +1,54 @@
 //! `ripen bench`: measures a real `ripen serve` process on loopback against the
 //! performance targets of DESIGN.md, and prints each figure beside its target.
 //!
-//! Rows, each run `--runs` times on a fresh server and a fresh SQLite file:
+//! Rows, each run `runs` times on a fresh server and a fresh SQLite file:
 //! - intake: a node with `[engine] execute = false` (it accepts and serves but
-//!   runs no steps), flooded by `--intake-clients` clients with ~1 KiB
+//!   runs no steps), flooded by `intake_clients` clients with ~1 KiB
 //!   payloads; then the same node at half the target rate, for latency;
+//! - burst: intake on a node that executes, during a burst of
+//!   `burst_entities` W5 entities from `burst_clients` clients, then the time
+//!   the pipelines take to catch up (every entity settled);
 //! - W5: the five-step `w5` pipeline against a no-op fake downstream,
-//!   `--entities` entities from `--clients` clients, measured from the
-//!   server's own timestamps; then an unloaded probe, one entity at a time;
-//! - with `--million`: a store preloaded with `--preload` settled entities,
-//!   then intake and W5 on top of it, the server's RSS, and the time from
-//!   spawning a server after `kill -9` to its first `/readyz` 200.
+//!   `entities` entities from `clients` clients, measured from the server's
+//!   own timestamps, with the server's CPU time per entity; then an unloaded
+//!   probe, one entity at a time;
+//! - with `million`: a store preloaded with `preload` settled entities, then
+//!   intake and W5 on top of it, the server's RSS, and the time from spawning
+//!   a server after `kill -9` to its first `/readyz` 200.
 //!
 //! The load clients speak just enough HTTP/1.1 over keep-alive connections and
 //! write each request into a reused buffer, so that the bench, which shares
-//! the machine's cores with the server, costs as little as it can.
-//!
-//! This module also holds [`ServerProcess`], the guard around a `ripen serve`
-//! child that `ripen demo` uses too.
+//! the machine's cores with the server, costs as little as it can. Everything
+//! else (polling, listing, probing) goes through `ripen_client`, and the
+//! server, the fake downstream and the config come from `ripen_testkit`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write as _};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
-use hyper::StatusCode;
-use serde::Deserialize;
+use ripen_client::{snippet, Client, EntityStatus, EntityView, ListQuery};
+use ripen_testkit::{
+    cpu_ticks, sqlite_url, Config, Downstream, Profile, ServerProcess, Stats, Step, TempDir,
+    TypeDef,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
-use crate::client::Client;
-use crate::downstream::{self, Profile};
-
-/// How long a server may take to print its "listening on" line.
-const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the pipeline may take to settle every entity of one run.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(1_800);
-/// How often to ask whether anything is still pending.
+/// How often to ask whether anything is still pending. It bounds the
+/// resolution of the burst row's catch-up time.
 const SETTLE_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// The page size used to read every entity back.
-const LIST_PAGE_LIMIT: usize = 1000;
+const LIST_PAGE_LIMIT: u32 = 1000;
 /// Entities submitted one at a time, each after the previous one settled, to
 /// measure submit-to-ready latency on an idle server.
 const UNLOADED_PROBE_ENTITIES: usize = 21;
@@ -62,13 +64,20 @@ const DEFAULT_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 /// Requests sent before each measured intake phase, to open connections and
 /// warm caches.
 const WARMUP_REQUESTS: usize = 2_000;
-/// The intake rate of the latency row: half the throughput target.
-const HALF_RATE_PER_S: f64 = 10_000.0;
 /// The targets of DESIGN.md, as the summary prints them.
-const INTAKE_TARGET_PER_S: f64 = 20_000.0;
-const READY_TARGET_PER_S: f64 = 3_000.0;
-/// DESIGN.md's W5 target on the PostgreSQL backend.
-const PG_READY_TARGET_PER_S: f64 = 1_000.0;
+const INTAKE_TARGET_PER_S: f64 = 30_000.0;
+/// The intake rate of the latency row: half the throughput target.
+const HALF_RATE_PER_S: f64 = INTAKE_TARGET_PER_S / 2.0;
+const HALF_RATE_P99_TARGET_MS: f64 = 5.0;
+/// Acks per second on a node that executes, during the burst.
+const BURST_INTAKE_TARGET_PER_S: f64 = 15_000.0;
+const BURST_P99_TARGET_MS: f64 = 10.0;
+const READY_TARGET_PER_S: f64 = 8_000.0;
+const UNLOADED_P50_TARGET_MS: f64 = 2.0;
+/// The server's CPU time (user and system) per W5 entity, in milliseconds.
+const CPU_PER_ENTITY_TARGET_MS: f64 = 0.15;
+/// DESIGN.md's W5 target on the PostgreSQL backend, one node.
+const PG_READY_TARGET_PER_S: f64 = 3_000.0;
 /// How long `/readyz` may take to answer 200 after a restart.
 const READYZ_TIMEOUT: Duration = Duration::from_secs(120);
 /// The largest answer head the load client accepts.
@@ -76,57 +85,50 @@ const ANSWER_HEAD_BYTES_MAX: usize = 16 * 1024;
 /// The largest answer body the load client accepts.
 const ANSWER_BODY_BYTES_MAX: usize = 1024 * 1024;
 
-#[derive(clap::Args)]
-pub struct BenchArgs {
+/// What to measure and how; `ripen bench` fills it from its flags.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `ripen` executable that the bench starts as `ripen serve`.
+    pub exe: PathBuf,
     /// Runs of each row, each on a fresh server and database; the summary
     /// shows their median, min and max.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
+    pub runs: usize,
     /// Entities submitted in the full-rate intake row.
-    #[arg(long, default_value_t = 60_000)]
-    intake_entities: usize,
+    pub intake_entities: usize,
     /// Concurrent clients of the intake row.
-    #[arg(long, default_value_t = 64)]
-    intake_clients: usize,
+    pub intake_clients: usize,
+    /// Entities of the burst row (0 skips it).
+    pub burst_entities: usize,
+    /// Concurrent clients of the burst row.
+    pub burst_clients: usize,
     /// Entities of the W5 row.
-    #[arg(long, default_value_t = 20_000)]
-    entities: usize,
+    pub entities: usize,
     /// Concurrent clients of the W5 row.
-    #[arg(long, default_value_t = 32)]
-    clients: usize,
+    pub clients: usize,
     /// The size of each submitted JSON payload, in bytes.
-    #[arg(long, default_value_t = 1024)]
-    payload_bytes: usize,
+    pub payload_bytes: usize,
     /// Send no Idempotency-Key (by default every request carries one).
-    #[arg(long)]
-    no_keys: bool,
-    /// Run only the intake rows.
-    #[arg(long, conflicts_with = "w5_only")]
-    intake_only: bool,
+    pub no_keys: bool,
+    /// Run only the intake rows (intake and burst).
+    pub intake_only: bool,
     /// Run only the W5 rows.
-    #[arg(long)]
-    w5_only: bool,
+    pub w5_only: bool,
     /// Also run the 1,000,000-entity row (takes several minutes).
-    #[arg(long)]
-    million: bool,
-    /// Settled entities preloaded for the `--million` row.
-    #[arg(long, default_value_t = 1_000_000)]
-    preload: usize,
+    pub million: bool,
+    /// Settled entities preloaded for the `million` row.
+    pub preload: usize,
     /// The storage URL of the servers (default: a fresh SQLite file per run).
     /// A `postgres://` database is shared by every run and every node.
-    #[arg(long)]
-    storage: Option<String>,
-    /// Servers sharing `--storage` in the W5 row; clients are spread over them.
-    #[arg(long, default_value_t = 1)]
-    nodes: usize,
-    /// Where the `--million` row keeps its database (default: a temporary
+    pub storage: Option<String>,
+    /// Servers sharing `storage` in the W5 row; clients are spread over them.
+    pub nodes: usize,
+    /// Where the `million` row keeps its database (default: a temporary
     /// directory, removed afterwards). A directory that already holds a
     /// preloaded database is reused as it is.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
 }
 
-impl BenchArgs {
+impl Options {
     fn runs_intake(&self) -> bool {
         !self.w5_only
     }
@@ -134,16 +136,20 @@ impl BenchArgs {
     fn runs_w5(&self) -> bool {
         !self.intake_only
     }
+
+    fn postgres(&self) -> bool {
+        self.storage
+            .as_deref()
+            .is_some_and(|s| s.starts_with("postgres"))
+    }
 }
 
-pub async fn run(args: BenchArgs) -> Result<()> {
+/// Runs every row the options ask for and prints the summary; an error if
+/// anything went wrong on the way (a refused request, a failed entity).
+pub async fn run(args: Options) -> Result<()> {
     ensure!(args.runs >= 1, "--runs must be at least 1");
     ensure!(
-        args.nodes == 1
-            || args
-                .storage
-                .as_deref()
-                .is_some_and(|s| s.starts_with("postgres")),
+        args.nodes == 1 || args.postgres(),
         "--nodes above 1 needs a shared --storage postgres://… database"
     );
     ensure!(args.entities >= 1, "--entities must be at least 1");
@@ -152,19 +158,20 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         "--intake-entities must be at least 1"
     );
     ensure!(
-        args.clients >= 1 && args.intake_clients >= 1,
-        "--clients and --intake-clients must be at least 1"
+        args.clients >= 1 && args.intake_clients >= 1 && args.burst_clients >= 1,
+        "--clients, --intake-clients and --burst-clients must be at least 1"
     );
     ensure!(
         args.payload_bytes <= 32 * 1024 * 1024,
         "--payload-bytes must be at most 32 MiB"
     );
-    let storage = match &args.storage {
-        Some(url) if url.starts_with("postgres") => format!(
+    let storage = if args.postgres() {
+        format!(
             "PostgreSQL (synchronous_commit=on: every ack is on disk), {} node(s)",
             args.nodes
-        ),
-        _ => "SQLite (WAL, synchronous=FULL: every ack is on disk)".to_owned(),
+        )
+    } else {
+        "SQLite (WAL, synchronous=FULL: every ack is on disk)".to_owned()
     };
     println!(
         "ripen bench: {storage}, {} B payloads, {}, {} run(s) per row",
@@ -183,6 +190,13 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             args.intake_clients,
             group(HALF_RATE_PER_S)
         );
+        if args.burst_entities > 0 {
+            println!(
+                "burst: intake on an executing node, a burst of {} w5 entities from {} clients, then the catch-up",
+                group(args.burst_entities as f64),
+                args.burst_clients
+            );
+        }
     }
     if args.runs_w5() {
         println!(
@@ -215,6 +229,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             println!("intake run {run}/{}: {}", args.runs, r.line());
             figures.intake.push(r);
             settle_disk();
+            if args.burst_entities > 0 {
+                let fresh = Bench::fresh(&args, &pad, true).await?;
+                let r = fresh
+                    .burst_row(&mut errors)
+                    .await
+                    .with_context(|| format!("burst run {run}"))?;
+                println!("burst run {run}/{}: {}", args.runs, r.line());
+                figures.burst.push(r);
+                settle_disk();
+            }
         }
         if args.runs_w5() {
             let fresh = Bench::fresh(&args, &pad, true).await?;
@@ -235,12 +259,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     println!();
     println!("load average after the runs: {}", load_average());
-    print_summary(
-        &figures,
-        args.storage
-            .as_deref()
-            .is_some_and(|s| s.starts_with("postgres")),
-    );
+    print_summary(&figures, args.postgres());
     if errors.total() > 0 {
         bail!("{} errors (listed above)", errors.total());
     }
@@ -255,12 +274,14 @@ fn settle_disk() {
 
 /// The 1,000,000-entity row: preload once, then measure on top of it.
 async fn million(
-    args: &BenchArgs,
+    args: &Options,
     pad: &Arc<String>,
     figures: &mut Figures,
     errors: &mut Errors,
 ) -> Result<()> {
-    let (downstream_addr, downstream_stats) = downstream::spawn(Profile::noop()).await?;
+    let downstream = Downstream::with_profile(Profile::noop())
+        .await
+        .context("start the fake downstream")?;
     let temp;
     let dir = match &args.data_dir {
         Some(dir) => {
@@ -268,9 +289,7 @@ async fn million(
             dir.clone()
         }
         None => {
-            temp = tempfile::Builder::new()
-                .prefix("ripen-bench-1m-")
-                .tempdir()
+            temp = TempDir::new("ripen-bench-1m-")
                 .context("create the bench's temporary directory")?;
             temp.path().to_owned()
         }
@@ -281,8 +300,9 @@ async fn million(
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
     let node = Node {
+        exe: args.exe.clone(),
         dir: dir.clone(),
-        downstream: downstream_addr,
+        downstream: downstream.addr(),
         payload_bytes: args.payload_bytes,
         storage: args.storage.clone(),
     };
@@ -317,9 +337,8 @@ async fn million(
         )
         .await;
         errors.merge(phase.errors);
-        let client = Client::new(server.url());
         let mut server = server;
-        wait_until_settled(&client, &mut server).await?;
+        wait_until_settled(&mut server).await?;
         settle_disk();
         println!(
             "1M: preloaded {} entities in {:.0} s ({}/s, intake and pipeline together)",
@@ -375,16 +394,21 @@ async fn million(
         figures.million_restart.push(restart);
     }
     println!("1M: database files after the runs: {}", db_size(&dir));
+    add_violations(errors, downstream.stats());
+    Ok(())
+}
+
+fn add_violations(errors: &mut Errors, stats: &Stats) {
     errors.add_many(
         "downstream contract violations",
-        downstream_stats.contract_violations(),
-        downstream_stats.first_violation().unwrap_or_default(),
+        stats.contract_violations(),
+        stats.first_violation().unwrap_or_default(),
     );
-    Ok(())
 }
 
 /// One server directory: its configuration and database.
 struct Node {
+    exe: PathBuf,
     dir: PathBuf,
     downstream: SocketAddr,
     payload_bytes: usize,
@@ -393,24 +417,26 @@ struct Node {
 
 impl Node {
     async fn start(&self, execute: bool) -> Result<ServerProcess> {
+        let storage = self
+            .storage
+            .clone()
+            .unwrap_or_else(|| sqlite_url(&self.dir));
+        let config_path = bench_config(self.downstream, self.payload_bytes, execute)
+            .write(&self.dir, &storage)
+            .with_context(|| format!("write the config into {}", self.dir.display()))?;
+        Ok(ServerProcess::start(&self.exe, &config_path, &self.dir.join("server.log")).await?)
+    }
+
+    /// Another node on the same config (and so the same shared database).
+    async fn start_another(&self, n: usize) -> Result<ServerProcess> {
         let config_path = self.dir.join("ripen.toml");
-        std::fs::write(
-            &config_path,
-            bench_config(
-                &self.dir,
-                self.downstream,
-                self.payload_bytes,
-                execute,
-                self.storage.as_deref(),
-            ),
-        )
-        .with_context(|| format!("write {}", config_path.display()))?;
-        ServerProcess::start(&config_path, &self.dir.join("server.log")).await
+        let log = self.dir.join(format!("server-{n}.log"));
+        Ok(ServerProcess::start(&self.exe, &config_path, &log).await?)
     }
 
     /// Floods an intake-only node, kills it with SIGKILL mid-flood, and times
     /// a new server from spawn to its first `/readyz` 200.
-    async fn restart_after_kill(&self, args: &BenchArgs, pad: &Arc<String>) -> Result<Restart> {
+    async fn restart_after_kill(&self, args: &Options, pad: &Arc<String>) -> Result<Restart> {
         const FLOOD: Duration = Duration::from_millis(1_500);
         let server = self.start(false).await?;
         let addr = server.addr()?;
@@ -432,23 +458,9 @@ impl Node {
         // The clients see their connections cut and stop.
         let _ = flood.await;
 
-        let config_path = self.dir.join("ripen.toml");
         let spawned = Instant::now();
-        let server = ServerProcess::start(&config_path, &self.dir.join("server.log")).await?;
-        let client = Client::new(server.url());
-        loop {
-            if let Ok(reply) = client.get("/readyz").await {
-                if reply.status == StatusCode::OK {
-                    break;
-                }
-            }
-            ensure!(
-                spawned.elapsed() < READYZ_TIMEOUT,
-                "/readyz did not answer 200 within {}",
-                humantime::format_duration(READYZ_TIMEOUT)
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        let server = self.start(false).await?;
+        server.wait_ready(READYZ_TIMEOUT).await?;
         let ready_after = spawned.elapsed();
         let peak_rss_bytes = server.peak_rss_bytes();
         server.stop();
@@ -472,44 +484,42 @@ fn db_size(dir: &Path) -> String {
 
 /// A server and what a row needs around it.
 struct Bench<'a> {
-    args: &'a BenchArgs,
+    args: &'a Options,
     pad: Arc<String>,
     server: ServerProcess,
     /// Further nodes on the same shared database (`--nodes`).
     others: Vec<ServerProcess>,
     /// Counts contract violations; the 1M row counts its shared one itself.
-    downstream: Option<downstream::Stats>,
+    downstream: Option<Downstream>,
     /// Removed after the server is killed (fields drop in order).
-    _dir: Option<tempfile::TempDir>,
+    _dir: Option<TempDir>,
 }
 
 impl<'a> Bench<'a> {
     /// A fresh server on a fresh database, running steps or not.
-    async fn fresh(args: &'a BenchArgs, pad: &Arc<String>, execute: bool) -> Result<Bench<'a>> {
-        let (downstream_addr, downstream_stats) = downstream::spawn(Profile::noop()).await?;
-        let dir = tempfile::Builder::new()
-            .prefix("ripen-bench-")
-            .tempdir()
-            .context("create the bench's temporary directory")?;
+    async fn fresh(args: &'a Options, pad: &Arc<String>, execute: bool) -> Result<Bench<'a>> {
+        let downstream = Downstream::with_profile(Profile::noop())
+            .await
+            .context("start the fake downstream")?;
+        let dir = TempDir::new("ripen-bench-").context("create the bench's temporary directory")?;
         let node = Node {
+            exe: args.exe.clone(),
             dir: dir.path().to_owned(),
-            downstream: downstream_addr,
+            downstream: downstream.addr(),
             payload_bytes: args.payload_bytes,
             storage: args.storage.clone(),
         };
         let server = node.start(execute).await?;
         let mut others = Vec::new();
         for i in 2..=args.nodes {
-            let config_path = dir.path().join("ripen.toml");
-            let log = dir.path().join(format!("server-{i}.log"));
-            others.push(ServerProcess::start(&config_path, &log).await?);
+            others.push(node.start_another(i).await?);
         }
         Ok(Bench {
             args,
             pad: pad.clone(),
             server,
             others,
-            downstream: Some(downstream_stats),
+            downstream: Some(downstream),
             _dir: if std::env::var_os("RIPEN_BENCH_KEEP").is_some() {
                 println!("keeping {}", dir.keep().display());
                 None
@@ -520,7 +530,7 @@ impl<'a> Bench<'a> {
     }
 
     /// A bench on a server whose store outlives it (the `--million` rows).
-    fn on(args: &'a BenchArgs, pad: &Arc<String>, server: ServerProcess) -> Bench<'a> {
+    fn on(args: &'a Options, pad: &Arc<String>, server: ServerProcess) -> Bench<'a> {
         Bench {
             args,
             pad: pad.clone(),
@@ -611,10 +621,10 @@ impl<'a> Bench<'a> {
         for other in &self.others {
             addrs.push(other.addr()?);
         }
-        let client = Client::new(self.server.url());
+        let client = self.server.client().clone();
         // A reused store may hold pending entities of earlier runs; they are
         // not this row's work.
-        wait_until_settled(&client, &mut self.server).await?;
+        wait_until_settled(&mut self.server).await?;
         let started_at = SystemTime::now();
         let cpu_before = (self.server.cpu_ticks(), cpu_ticks("self"));
         let started = Instant::now();
@@ -632,8 +642,16 @@ impl<'a> Bench<'a> {
         )
         .await;
         errors.merge(phase.errors);
-        wait_until_settled(&client, &mut self.server).await?;
+        wait_until_settled(&mut self.server).await?;
         let cpu = cpu_cores(cpu_before, &self.server, started.elapsed());
+        // The server's own CPU time over the whole run, intake and pipeline,
+        // shared out over the entities it acknowledged.
+        let cpu_ms_per_entity = match (cpu_before.0, self.server.cpu_ticks()) {
+            (Some(before), Some(after)) if phase.accepted > 0 => {
+                Some((after - before) as f64 / CLOCK_TICKS_PER_S * 1000.0 / phase.accepted as f64)
+            }
+            _ => None,
+        };
 
         // Newest first: the entities this row submitted lead the list.
         let mut entities = list_newest(&client, "w5", phase.accepted, errors).await?;
@@ -660,12 +678,8 @@ impl<'a> Bench<'a> {
             other.check_alive()?;
             other.stop();
         }
-        if let Some(stats) = &self.downstream {
-            errors.add_many(
-                "downstream contract violations",
-                stats.contract_violations(),
-                stats.first_violation().unwrap_or_default(),
-            );
+        if let Some(downstream) = &self.downstream {
+            add_violations(errors, downstream.stats());
         }
         Ok(W5Figures {
             ready_per_s,
@@ -673,8 +687,87 @@ impl<'a> Bench<'a> {
             p99: percentile(&latencies, 0.99),
             unloaded_p50: percentile(&unloaded, 0.50),
             cpu,
+            cpu_ms_per_entity,
             peak_rss_bytes,
         })
+    }
+
+    /// Intake on a node that executes: a burst of W5 entities as fast as the
+    /// clients can send them, while the pipelines start on the first ones;
+    /// then the time from the last ack until every entity has settled.
+    async fn burst_row(mut self, errors: &mut Errors) -> Result<BurstFigures> {
+        let addr = self.server.addr()?;
+        let client = self.server.client().clone();
+        let phase = submit_phase(
+            vec![addr],
+            SubmitPlan {
+                type_name: "w5",
+                key_prefix: self.key_prefix("burst"),
+                count: self.args.burst_entities,
+                clients: self.args.burst_clients,
+                rate_per_s: None,
+            },
+            self.pad.clone(),
+            self.args.payload_bytes,
+        )
+        .await;
+        let acked = Instant::now();
+        errors.merge(phase.errors);
+        wait_until_settled(&mut self.server).await?;
+        let catch_up = acked.elapsed();
+        let failed = client
+            .list(&ListQuery {
+                type_name: Some("w5"),
+                status: Some(EntityStatus::Failed),
+                limit: Some(1),
+                after: None,
+            })
+            .await
+            .context("ask for failed entities")?;
+        if let Some(entity) = failed.items.first() {
+            errors.add(
+                "entity failed",
+                format!(
+                    "burst entity {} failed: {}",
+                    entity.id,
+                    entity.failed_steps()
+                ),
+            );
+        }
+        let mut latencies = phase.latencies;
+        latencies.sort_unstable();
+        self.server.check_alive()?;
+        self.server.stop();
+        if let Some(downstream) = &self.downstream {
+            add_violations(errors, downstream.stats());
+        }
+        Ok(BurstFigures {
+            acks_per_s: phase.accepted as f64 / phase.wall.as_secs_f64().max(1e-6),
+            p50: percentile(&latencies, 0.50),
+            p99: percentile(&latencies, 0.99),
+            catch_up,
+        })
+    }
+}
+
+/// The figures of one burst run.
+struct BurstFigures {
+    acks_per_s: f64,
+    p50: Duration,
+    p99: Duration,
+    /// From the last ack to the last entity settled.
+    catch_up: Duration,
+}
+
+impl BurstFigures {
+    fn line(&self) -> String {
+        format!(
+            "{} acks/s (p50 {}, p99 {}) while executing | all settled {:.2} s after the last ack",
+            group(self.acks_per_s),
+            ms(self.p50),
+            ms(self.p99),
+            self.catch_up.as_secs_f64()
+        )
     }
 }
 
@@ -710,7 +803,7 @@ fn pipeline_figures(entities: &[EntityView], errors: &mut Errors) -> (f64, Vec<D
             }
         };
         first_created = Some(first_created.map_or(created, |t| t.min(created)));
-        if entity.status != "ready" {
+        if entity.status != EntityStatus::Ready {
             errors.add(
                 format!("entity {}", entity.status),
                 format!(
@@ -801,6 +894,8 @@ struct W5Figures {
     p99: Duration,
     unloaded_p50: Duration,
     cpu: Option<(f64, f64)>,
+    /// The server's CPU time per entity, in milliseconds.
+    cpu_ms_per_entity: Option<f64>,
     peak_rss_bytes: Option<u64>,
 }
 
@@ -813,6 +908,9 @@ impl W5Figures {
             ms(self.p99),
             ms(self.unloaded_p50)
         );
+        if let Some(cpu_ms) = self.cpu_ms_per_entity {
+            let _ = write!(line, " | server CPU {cpu_ms:.3} ms/entity");
+        }
         push_cpu_rss(&mut line, self.cpu, self.peak_rss_bytes);
         line
     }
@@ -838,6 +936,7 @@ fn push_cpu_rss(line: &mut String, cpu: Option<(f64, f64)>, rss: Option<u64>) {
 #[derive(Default)]
 struct Figures {
     intake: Vec<IntakeFigures>,
+    burst: Vec<BurstFigures>,
     w5: Vec<W5Figures>,
     million_intake: Vec<IntakeFigures>,
     million_w5: Vec<W5Figures>,
@@ -1109,33 +1208,28 @@ fn write_payload(out: &mut Vec<u8>, seq: usize, pad: &str, target_bytes: usize) 
     out.extend_from_slice(tail);
 }
 
-async fn wait_until_settled(client: &Client, server: &mut ServerProcess) -> Result<()> {
+/// Waits until no entity is pending, asking `GET /v1/entities?status=pending&limit=1`.
+async fn wait_until_settled(server: &mut ServerProcess) -> Result<()> {
+    let client = server.client().clone();
+    let pending = ListQuery {
+        status: Some(EntityStatus::Pending),
+        limit: Some(1),
+        ..ListQuery::default()
+    };
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     loop {
-        let reply = client
-            .get("/v1/entities?status=pending&limit=1")
+        let page = client
+            .list(&pending)
             .await
             .context("ask for pending entities")?;
-        ensure!(
-            reply.status == StatusCode::OK,
-            "GET /v1/entities?status=pending&limit=1 answered {}: {}",
-            reply.status,
-            snippet(&reply.body)
-        );
-        let page: ListPage = serde_json::from_slice(&reply.body).with_context(|| {
-            format!(
-                "parse the answer to GET /v1/entities?status=pending: {}",
-                snippet(&reply.body)
-            )
-        })?;
-        if page.items.is_empty() {
+        let Some(first) = page.items.first() else {
             return Ok(());
-        }
+        };
         if Instant::now() >= deadline {
             bail!(
                 "entities were still pending after {} (for example {})",
                 humantime::format_duration(SETTLE_TIMEOUT),
-                page.items[0].id
+                first.id
             );
         }
         server.check_alive()?;
@@ -1155,26 +1249,20 @@ async fn list_newest(
     let mut cursors = HashSet::new();
     let mut after: Option<String> = None;
     loop {
-        let mut path = format!("/v1/entities?type={type_name}&limit={LIST_PAGE_LIMIT}");
-        if let Some(cursor) = &after {
-            path.push_str("&after=");
-            path.push_str(&percent_encode(cursor));
-        }
-        let reply = client
-            .get(&path)
+        let query = ListQuery {
+            type_name: Some(type_name),
+            limit: Some(LIST_PAGE_LIMIT),
+            after: after.as_deref(),
+            ..ListQuery::default()
+        };
+        let page = client
+            .list(&query)
             .await
-            .with_context(|| format!("list entities: GET {path}"))?;
+            .with_context(|| format!("list entities: GET {}", query.path()))?;
         ensure!(
-            reply.status == StatusCode::OK,
-            "GET {path} answered {}: {}",
-            reply.status,
-            snippet(&reply.body)
-        );
-        let page: ListPage = serde_json::from_slice(&reply.body)
-            .with_context(|| format!("parse the answer to GET {path}: {}", snippet(&reply.body)))?;
-        ensure!(
-            page.items.len() <= LIST_PAGE_LIMIT,
-            "GET {path} returned {} items, more than the limit",
+            page.items.len() <= LIST_PAGE_LIMIT as usize,
+            "GET {} returned {} items, more than the limit",
+            query.path(),
             page.items.len()
         );
         for entity in page.items {
@@ -1184,8 +1272,9 @@ async fn list_newest(
                 errors.add(
                     "entity listed twice",
                     format!(
-                        "entity {} appeared twice while paging (at {path})",
-                        entity.id
+                        "entity {} appeared twice while paging (at {})",
+                        entity.id,
+                        query.path()
                     ),
                 );
             }
@@ -1194,12 +1283,13 @@ async fn list_newest(
             entities.truncate(count);
             return Ok(entities);
         }
-        match page.next.and_then(cursor_string) {
+        match page.next {
             None => return Ok(entities),
             Some(cursor) => {
                 ensure!(
                     cursors.insert(cursor.clone()),
-                    "GET {path} returned the cursor {cursor:?} a second time; paging would never end"
+                    "GET {} returned the cursor {cursor:?} a second time; paging would never end",
+                    query.path()
                 );
                 after = Some(cursor);
             }
@@ -1215,36 +1305,27 @@ async fn probe_unloaded(client: &Client, errors: &mut Errors) -> Result<Vec<Dura
     for seq in 0..UNLOADED_PROBE_ENTITIES {
         let key = format!("bench-{nonce:016x}-probe-{seq}");
         let body = serde_json::json!({"seq": seq, "name": "probe"}).to_string();
-        let reply = client
-            .post("/v1/entities/w5", &[("Idempotency-Key", &key)], body)
-            .await
-            .context("submit a probe entity")?;
-        if reply.status != StatusCode::ACCEPTED {
-            errors.add(
-                format!("intake answered {}", reply.status.as_u16()),
-                format!("POST /v1/entities/w5 (probe): {}", snippet(&reply.body)),
-            );
-            continue;
-        }
-        let accepted: EntityView = serde_json::from_slice(&reply.body)
-            .with_context(|| format!("parse the 202 answer: {}", snippet(&reply.body)))?;
-        let path = format!("/v1/entities/{}", accepted.id);
+        let accepted = match client.submit("w5", body, Some(&key)).await {
+            Ok(submitted) => submitted.view,
+            Err(error) if error.response().is_some() => {
+                errors.add(
+                    format!(
+                        "intake answered {}",
+                        error.status().map_or(0, |s| s.as_u16())
+                    ),
+                    format!("POST /v1/entities/w5 (probe): {error}"),
+                );
+                continue;
+            }
+            Err(error) => return Err(error).context("submit a probe entity"),
+        };
         let deadline = Instant::now() + UNLOADED_PROBE_TIMEOUT;
         let entity = loop {
-            let reply = client
-                .get(&path)
+            let entity = client
+                .get(&accepted.id)
                 .await
-                .with_context(|| format!("GET {path}"))?;
-            ensure!(
-                reply.status == StatusCode::OK,
-                "GET {path} answered {}: {}",
-                reply.status,
-                snippet(&reply.body)
-            );
-            let entity: EntityView = serde_json::from_slice(&reply.body).with_context(|| {
-                format!("parse the answer to GET {path}: {}", snippet(&reply.body))
-            })?;
-            if entity.status != "pending" {
+                .with_context(|| format!("GET /v1/entities/{}", accepted.id))?;
+            if entity.status != EntityStatus::Pending {
                 break entity;
             }
             ensure!(
@@ -1255,7 +1336,7 @@ async fn probe_unloaded(client: &Client, errors: &mut Errors) -> Result<Vec<Dura
             );
             tokio::time::sleep(UNLOADED_PROBE_POLL_INTERVAL).await;
         };
-        match entity.submit_to_ready() {
+        match submit_to_ready(&entity) {
             Ok(latency) => latencies.push(latency),
             Err(error) => errors.add("probe entity not ready", format!("{error:#}")),
         }
@@ -1265,53 +1346,36 @@ async fn probe_unloaded(client: &Client, errors: &mut Errors) -> Result<Vec<Dura
 }
 
 /// The bench's configuration: the five-step `w5` pipeline and the one-step
-/// `bulk` type that the `--million` row preloads, both against `downstream`.
-fn bench_config(
-    dir: &Path,
-    downstream: SocketAddr,
-    payload_bytes: usize,
-    execute: bool,
-    storage: Option<&str>,
-) -> String {
-    let db = storage.map_or_else(
-        || format!("sqlite://{}", dir.join("ripen.db").display()),
-        str::to_owned,
+/// `bulk` type that the `million` row preloads, both against `downstream`,
+/// with the server's own engine defaults and retry policy.
+fn bench_config(downstream: SocketAddr, payload_bytes: usize, execute: bool) -> Config {
+    let step = |name: &str, needs: &[&str]| {
+        Step::http(name, format!("http://{downstream}/{name}"))
+            .needs(needs)
+            .timeout("10s")
+            .default_retry()
+    };
+    let w5 = TypeDef::new(
+        "w5",
+        vec![
+            step("a", &[]),
+            step("b", &["a"]),
+            step("c", &["a"]),
+            step("d", &["b", "c"]),
+            step("e", &["a"]).non_critical(),
+        ],
     );
-    let mut config = String::new();
-    let _ = writeln!(config, "[server]\nlisten = \"127.0.0.1:0\"");
+    let bulk = TypeDef::new("bulk", vec![step("a", &[])]);
+    let mut config = Config::bare()
+        .execute(execute)
+        .with_type(w5)
+        .with_type(bulk);
     // Leave room for the JSON around the padding.
     let body_limit_bytes = payload_bytes * 2 + 4096;
     if body_limit_bytes > DEFAULT_BODY_LIMIT_BYTES {
-        let _ = writeln!(config, "body_limit_bytes = {body_limit_bytes}");
+        config = config.body_limit(body_limit_bytes as u64);
     }
-    let _ = writeln!(config, "\n[storage]\nurl = {}\n", toml_string(&db));
-    let _ = writeln!(config, "[engine]\nexecute = {execute}\n");
-    let _ = writeln!(config, "[types.w5]");
-    let steps: [(&str, &[&str], bool); 5] = [
-        ("a", &[], true),
-        ("b", &["a"], true),
-        ("c", &["a"], true),
-        ("d", &["b", "c"], true),
-        ("e", &["a"], false),
-    ];
-    for (name, needs, critical) in steps {
-        let needs: Vec<String> = needs.iter().map(|n| toml_string(n)).collect();
-        let _ = writeln!(
-            config,
-            "\n[[types.w5.steps]]\nname = \"{name}\"\nhttp = \"http://{downstream}/{name}\"\nneeds = [{}]\ncritical = {critical}\ntimeout = \"10s\"",
-            needs.join(", ")
-        );
-    }
-    let _ = writeln!(
-        config,
-        "\n[types.bulk]\n\n[[types.bulk.steps]]\nname = \"a\"\nhttp = \"http://{downstream}/a\"\ntimeout = \"10s\""
-    );
     config
-}
-
-/// A TOML basic string. JSON's string escapes are all valid in TOML.
-pub fn toml_string(value: &str) -> String {
-    serde_json::Value::from(value).to_string()
 }
 
 /// The nearest-rank percentile of sorted values; zero when there are none.
@@ -1395,13 +1459,17 @@ fn print_summary(f: &Figures, postgres: bool) {
         fs.iter().map(g).collect()
     };
     let rss = |a: Vec<Option<u64>>| -> Vec<f64> { a.into_iter().flatten().map(mib).collect() };
+    let burst = |g: &dyn Fn(&BurstFigures) -> f64| -> Vec<f64> { f.burst.iter().map(g).collect() };
+    let half = group(HALF_RATE_PER_S);
     let mut rows = vec![
         Row::new(
-            "intake acks/s (64 clients)",
+            "intake acks/s (intake-only node)",
             intake(&f.intake, &|r| r.acks_per_s),
             0,
         )
-        .target(">= 20,000", |v| v >= INTAKE_TARGET_PER_S),
+        .target(format!(">= {}", group(INTAKE_TARGET_PER_S)), |v| {
+            v >= INTAKE_TARGET_PER_S
+        }),
         Row::new(
             "  latency p50 at full rate (ms)",
             intake(&f.intake, &|r| msf(r.p50)),
@@ -1413,17 +1481,18 @@ fn print_summary(f: &Figures, postgres: bool) {
             2,
         ),
         Row::new(
-            "intake p50 at 10,000/s (ms)",
+            &format!("intake p50 at {half}/s (ms)"),
             intake(&f.intake, &|r| msf(r.half_p50)),
             2,
-        )
-        .target("<= 2", |v| v <= 2.0),
+        ),
         Row::new(
-            "intake p99 at 10,000/s (ms)",
+            &format!("intake p99 at {half}/s (ms)"),
             intake(&f.intake, &|r| msf(r.half_p99)),
             2,
         )
-        .target("<= 5", |v| v <= 5.0),
+        .target(format!("<= {HALF_RATE_P99_TARGET_MS}"), |v| {
+            v <= HALF_RATE_P99_TARGET_MS
+        }),
         Row::new(
             "  server CPU at full rate (cores)",
             intake(&f.intake, &|r| r.cpu.map_or(f64::NAN, |c| c.0)),
@@ -1434,12 +1503,33 @@ fn print_summary(f: &Figures, postgres: bool) {
             intake(&f.intake, &|r| r.cpu.map_or(f64::NAN, |c| c.1)),
             2,
         ),
+        Row::new(
+            "burst intake acks/s (executing node)",
+            burst(&|r| r.acks_per_s),
+            0,
+        )
+        .target(format!(">= {}", group(BURST_INTAKE_TARGET_PER_S)), |v| {
+            v >= BURST_INTAKE_TARGET_PER_S
+        }),
+        Row::new("  burst ack p99 (ms)", burst(&|r| msf(r.p99)), 2)
+            .target(format!("<= {BURST_P99_TARGET_MS}"), |v| {
+                v <= BURST_P99_TARGET_MS
+            }),
+        Row::new(
+            "  burst catch-up, all settled (s)",
+            burst(&|r| r.catch_up.as_secs_f64()),
+            2,
+        ),
         if postgres {
             Row::new("W5 entities ready/s", w5(&f.w5, &|r| r.ready_per_s), 0)
-                .target(">= 1,000", |v| v >= PG_READY_TARGET_PER_S)
+                .target(format!(">= {}", group(PG_READY_TARGET_PER_S)), |v| {
+                    v >= PG_READY_TARGET_PER_S
+                })
         } else {
             Row::new("W5 entities ready/s", w5(&f.w5, &|r| r.ready_per_s), 0)
-                .target(">= 3,000", |v| v >= READY_TARGET_PER_S)
+                .target(format!(">= {}", group(READY_TARGET_PER_S)), |v| {
+                    v >= READY_TARGET_PER_S
+                })
         },
         Row::new(
             "  submit->ready p50 loaded (ms)",
@@ -1460,9 +1550,19 @@ fn print_summary(f: &Figures, postgres: bool) {
             if postgres {
                 row
             } else {
-                row.target("<= 10", |v| v <= 10.0)
+                row.target(format!("<= {UNLOADED_P50_TARGET_MS}"), |v| {
+                    v <= UNLOADED_P50_TARGET_MS
+                })
             }
         },
+        Row::new(
+            "server CPU per W5 entity (ms)",
+            w5(&f.w5, &|r| r.cpu_ms_per_entity.unwrap_or(f64::NAN)),
+            3,
+        )
+        .target(format!("<= {CPU_PER_ENTITY_TARGET_MS}"), |v| {
+            v <= CPU_PER_ENTITY_TARGET_MS
+        }),
         Row::new(
             "  peak RSS, empty store (MiB)",
             rss(f
@@ -1497,11 +1597,13 @@ fn print_summary(f: &Figures, postgres: bool) {
         rows.push(row);
         rows.push(
             Row::new(
-                "1M: intake p99 at 10,000/s (ms)",
+                &format!("1M: intake p99 at {half}/s (ms)"),
                 intake(&f.million_intake, &|r| msf(r.half_p99)),
                 2,
             )
-            .target("<= 5", |v| v <= 5.0),
+            .target(format!("<= {HALF_RATE_P99_TARGET_MS}"), |v| {
+                v <= HALF_RATE_P99_TARGET_MS
+            }),
         );
         let (t, m) = within(empty_ready);
         let mut row = Row::new(
@@ -1624,303 +1726,32 @@ fn group(value: f64) -> String {
     out
 }
 
-/// The start of an answer's body, for error messages.
-pub fn snippet(body: &[u8]) -> String {
-    const SNIPPET_CHARS_MAX: usize = 300;
-    let text = String::from_utf8_lossy(body);
-    let mut snippet: String = text.chars().take(SNIPPET_CHARS_MAX).collect();
-    if text.chars().count() > SNIPPET_CHARS_MAX {
-        snippet.push('…');
-    }
-    snippet
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-pub fn percent_encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(byte as char);
-        } else {
-            let _ = write!(out, "%{byte:02X}");
-        }
-    }
-    out
-}
-
-/// The CPU time (user and system, all threads) a process has used so far, in
-/// clock ticks, where /proc has it; `pid` may be "self".
-fn cpu_ticks(pid: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name, in parentheses, may hold spaces; the fields after it
-    // start with the third, the state, so utime and stime (the 14th and 15th)
-    // are at 11 and 12.
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    let mut fields = after_name.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-pub fn parse_time(value: &str) -> Result<SystemTime> {
+fn parse_time(value: &str) -> Result<SystemTime> {
     humantime::parse_rfc3339(value)
         .with_context(|| format!("{value:?} is not an RFC 3339 UTC time"))
 }
 
-/// One page of `GET /v1/entities`.
-#[derive(Deserialize)]
-pub struct ListPage {
-    pub items: Vec<EntityView>,
-    #[serde(default)]
-    pub next: Option<serde_json::Value>,
-}
-
-/// The list cursor as a string, whether the server sends a string or a number.
-pub fn cursor_string(next: serde_json::Value) -> Option<String> {
-    match next {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(cursor) => Some(cursor),
-        other => Some(other.to_string()),
-    }
-}
-
-/// The parts of the entity view (API.md) the bench and the demo read.
-#[derive(Deserialize, Clone)]
-pub struct EntityView {
-    pub id: String,
-    pub status: String,
-    #[serde(default)]
-    pub degraded: bool,
-    pub created_at: String,
-    #[serde(default)]
-    pub updated_at: Option<String>,
-    #[serde(default)]
-    pub ready_at: Option<String>,
-    #[serde(default)]
-    pub steps: Vec<StepView>,
-}
-
-#[derive(Deserialize, Clone)]
-pub struct StepView {
-    pub name: String,
-    pub status: String,
-    #[serde(default)]
-    pub attempts: u32,
-    #[serde(default)]
-    pub last_error: Option<serde_json::Value>,
-}
-
-impl EntityView {
-    pub fn is_terminal(&self) -> bool {
-        matches!(self.status.as_str(), "ready" | "failed" | "cancelled")
-    }
-
-    /// `ready_at − created_at`; an error unless the entity is ready.
-    pub fn submit_to_ready(&self) -> Result<Duration> {
-        ensure!(
-            self.status == "ready",
-            "entity {} is {}: {}",
-            self.id,
-            self.status,
-            self.failed_steps()
-        );
-        let ready_at = self
-            .ready_at
-            .as_deref()
-            .with_context(|| format!("entity {} is ready without ready_at", self.id))?;
-        let created = parse_time(&self.created_at)?;
-        let ready = parse_time(ready_at)?;
-        ready.duration_since(created).with_context(|| {
-            format!(
-                "entity {}: ready_at {ready_at} is before created_at {}",
-                self.id, self.created_at
-            )
-        })
-    }
-
-    /// The steps that failed or were skipped, with their last error, for
-    /// messages; "no failed step" when there is none.
-    pub fn failed_steps(&self) -> String {
-        let failed: Vec<String> = self
-            .steps
-            .iter()
-            .filter(|s| s.status == "failed" || s.status == "skipped")
-            .map(|s| match &s.last_error {
-                Some(serde_json::Value::Null) | None => format!("{} {}", s.name, s.status),
-                Some(serde_json::Value::String(e)) => format!("{} {} ({e})", s.name, s.status),
-                Some(e) => format!("{} {} ({e})", s.name, s.status),
-            })
-            .collect();
-        if failed.is_empty() {
-            "no failed step".to_owned()
-        } else {
-            failed.join(", ")
-        }
-    }
-}
-
-/// A `ripen serve` child process. Dropping it kills the process, so that no
-/// server outlives the command that started it, whatever way it ends.
-pub struct ServerProcess {
-    child: Child,
-    url: String,
-    log_path: PathBuf,
-}
-
-impl ServerProcess {
-    /// Runs `ripen serve --config CONFIG` from this very binary, with its
-    /// standard error (and any standard output after the first line) written
-    /// to `log_path`, and waits for its "listening on" line.
-    pub async fn start(config: &Path, log_path: &Path) -> Result<ServerProcess> {
-        let exe = std::env::current_exe().context("find the ripen executable")?;
-        let log = std::fs::File::create(log_path)
-            .with_context(|| format!("create the server log {}", log_path.display()))?;
-        let mut stdout_log = log.try_clone().context("share the server log")?;
-        let mut child = Command::new(&exe)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("start {} serve", exe.display()))?;
-        let stdout = child.stdout.take().context("take the server's stdout")?;
-        let mut server = ServerProcess {
-            child,
-            url: String::new(),
-            log_path: log_path.to_owned(),
-        };
-
-        let (listening_tx, listening_rx) = tokio::sync::oneshot::channel::<String>();
-        // The pipe is read on a plain thread because tokio's process support
-        // is not enabled; the thread ends when the server closes its stdout.
-        std::thread::Builder::new()
-            .name("ripen-serve-stdout".to_owned())
-            .spawn(move || {
-                let mut listening_tx = Some(listening_tx);
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some(url) = line.trim().strip_prefix("listening on ") {
-                        if let Some(tx) = listening_tx.take() {
-                            let _ = tx.send(url.trim().to_owned());
-                            continue;
-                        }
-                    }
-                    let _ = writeln!(stdout_log, "{line}");
-                }
-            })
-            .context("start the thread that reads the server's stdout")?;
-
-        let url = match tokio::time::timeout(SERVER_START_TIMEOUT, listening_rx).await {
-            Ok(Ok(url)) => url,
-            Ok(Err(_)) => {
-                let status = server.child.wait().ok();
-                bail!(
-                    "ripen serve ended before it was listening ({}); its log {}:\n{}",
-                    status.map_or("unknown status".to_owned(), |s| s.to_string()),
-                    server.log_path.display(),
-                    server.log_tail()
-                );
-            }
-            Err(_) => bail!(
-                "ripen serve printed no \"listening on\" line within {}; its log {}:\n{}",
-                humantime::format_duration(SERVER_START_TIMEOUT),
-                server.log_path.display(),
-                server.log_tail()
-            ),
-        };
-        ensure!(
-            url.starts_with("http://"),
-            "ripen serve printed \"listening on {url}\", expected an http:// URL"
-        );
-        server.url = url.trim_end_matches('/').to_owned();
-        Ok(server)
-    }
-
-    /// The server's root URL, such as `http://127.0.0.1:43117`.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// The address the server listens on.
-    fn addr(&self) -> Result<SocketAddr> {
-        let host = self.url.trim_start_matches("http://");
-        host.parse()
-            .with_context(|| format!("{host:?} is not an address"))
-    }
-
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
-    }
-
-    /// An error, with the end of the server's log, if the server has exited.
-    pub fn check_alive(&mut self) -> Result<()> {
-        match self.child.try_wait() {
-            Ok(None) => Ok(()),
-            Ok(Some(status)) => bail!(
-                "ripen serve exited ({status}); the end of its log {}:\n{}",
-                self.log_path.display(),
-                self.log_tail()
-            ),
-            Err(error) => Err(error).context("check on the ripen serve process"),
-        }
-    }
-
-    /// The CPU time the server has used so far, in clock ticks.
-    fn cpu_ticks(&self) -> Option<u64> {
-        cpu_ticks(&self.child.id().to_string())
-    }
-
-    /// The server's peak resident set size (VmHWM), where /proc has it.
-    pub fn peak_rss_bytes(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-        let kib: u64 = line
-            .trim_start_matches("VmHWM:")
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()?;
-        Some(kib * 1024)
-    }
-
-    /// Kills the server and waits for it to exit.
-    pub fn stop(mut self) {
-        self.kill();
-    }
-
-    fn kill(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-
-    /// The last lines of the server's log.
-    pub fn log_tail(&self) -> String {
-        const LOG_TAIL_BYTES: u64 = 4096;
-        let mut text = String::new();
-        if let Ok(mut file) = std::fs::File::open(&self.log_path) {
-            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            let _ = file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)));
-            let mut bytes = Vec::new();
-            let _ = file.read_to_end(&mut bytes);
-            text = String::from_utf8_lossy(&bytes).into_owned();
-        }
-        if text.trim().is_empty() {
-            "(empty)".to_owned()
-        } else {
-            text
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// `ready_at − created_at`; an error unless the entity is ready.
+fn submit_to_ready(entity: &EntityView) -> Result<Duration> {
+    ensure!(
+        entity.status == EntityStatus::Ready,
+        "entity {} is {}: {}",
+        entity.id,
+        entity.status,
+        entity.failed_steps()
+    );
+    let ready_at = entity
+        .ready_at
+        .as_deref()
+        .with_context(|| format!("entity {} is ready without ready_at", entity.id))?;
+    let created = parse_time(&entity.created_at)?;
+    let ready = parse_time(ready_at)?;
+    ready.duration_since(created).with_context(|| {
+        format!(
+            "entity {}: ready_at {ready_at} is before created_at {}",
+            entity.id, entity.created_at
+        )
+    })
 }
 
 #[cfg(test)]
@@ -1970,8 +1801,11 @@ mod tests {
 
     #[test]
     fn config_names_the_five_steps() {
-        let addr: std::net::SocketAddr = "127.0.0.1:9000".parse().unwrap();
-        let config = bench_config(Path::new("/tmp/x"), addr, 1024, false, None);
+        let addr: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        let dir = TempDir::new("ripen-bench-test-").unwrap();
+        let config = bench_config(addr, 1024, false)
+            .render_on(dir.path(), "sqlite:///tmp/x/ripen.db")
+            .unwrap();
         assert!(config.contains("[engine]\nexecute = false"));
         assert!(config.contains("[types.bulk]"));
         assert!(config.contains("url = \"sqlite:///tmp/x/ripen.db\""));
@@ -1981,18 +1815,10 @@ mod tests {
             "name = \"e\"\nhttp = \"http://127.0.0.1:9000/e\"\nneeds = [\"a\"]\ncritical = false"
         ));
         assert!(!config.contains("body_limit_bytes"));
-    }
-
-    #[test]
-    fn cpu_ticks_reads_this_process() {
-        if Path::new("/proc/self/stat").exists() {
-            assert!(cpu_ticks("self").is_some());
-        }
-    }
-
-    #[test]
-    fn percent_encoding_keeps_unreserved() {
-        assert_eq!(percent_encode("a-b_c.d~9"), "a-b_c.d~9");
-        assert_eq!(percent_encode("x+y/z="), "x%2By%2Fz%3D");
+        assert!(!config.contains("retry"));
+        assert!(bench_config(addr, 4 << 20, true)
+            .render_on(dir.path(), "sqlite://x")
+            .unwrap()
+            .contains("body_limit_bytes = 8392704"));
     }
 }

@@ -1,0 +1,347 @@
+//! A `ripen.toml` writer: the types, their HTTP steps and the few server
+//! settings that the tests, the demo and the bench vary, rendered into a
+//! directory with one schema file per type that has a schema.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::downstream::Downstream;
+
+/// One `[[types.T.steps]]` entry with an `http` executor.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub name: String,
+    pub url: String,
+    pub needs: Vec<String>,
+    pub critical: bool,
+    pub timeout: String,
+    /// `None` leaves the server's default retry policy.
+    pub max_attempts: Option<u32>,
+    pub initial_backoff: Option<String>,
+    pub max_backoff: Option<String>,
+}
+
+impl Step {
+    /// A critical step with small timeouts and backoffs, so that tests stay
+    /// fast: 5 s timeout, 3 attempts, backoff from 10 ms up to 50 ms.
+    pub fn http(name: &str, url: impl Into<String>) -> Step {
+        Step {
+            name: name.to_owned(),
+            url: url.into(),
+            needs: Vec::new(),
+            critical: true,
+            timeout: "5s".to_owned(),
+            max_attempts: Some(3),
+            initial_backoff: Some("10ms".to_owned()),
+            max_backoff: Some("50ms".to_owned()),
+        }
+    }
+
+    pub fn needs(mut self, needs: &[&str]) -> Step {
+        self.needs = needs.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn non_critical(mut self) -> Step {
+        self.critical = false;
+        self
+    }
+
+    pub fn timeout(mut self, timeout: &str) -> Step {
+        self.timeout = timeout.to_owned();
+        self
+    }
+
+    pub fn attempts(mut self, max_attempts: u32) -> Step {
+        self.max_attempts = Some(max_attempts);
+        self
+    }
+
+    pub fn backoff(mut self, initial: &str, max: &str) -> Step {
+        self.initial_backoff = Some(initial.to_owned());
+        self.max_backoff = Some(max.to_owned());
+        self
+    }
+
+    /// Leaves the whole retry policy to the server's defaults.
+    pub fn default_retry(mut self) -> Step {
+        self.max_attempts = None;
+        self.initial_backoff = None;
+        self.max_backoff = None;
+        self
+    }
+}
+
+/// One `[types.NAME]` table.
+#[derive(Clone, Debug)]
+pub struct TypeDef {
+    pub name: String,
+    pub schema: Option<Value>,
+    pub steps: Vec<Step>,
+}
+
+impl TypeDef {
+    pub fn new(name: &str, steps: Vec<Step>) -> TypeDef {
+        TypeDef {
+            name: name.to_owned(),
+            schema: None,
+            steps,
+        }
+    }
+
+    /// A JSON Schema, written to `schemas/{name}.json` beside the config.
+    pub fn schema(mut self, schema: Value) -> TypeDef {
+        self.schema = Some(schema);
+        self
+    }
+
+    /// Changes one step, which must exist.
+    pub fn map_step(mut self, name: &str, f: impl FnOnce(Step) -> Step) -> TypeDef {
+        let i = self
+            .steps
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no step {name} in type {}", self.name));
+        let step = self.steps.remove(i);
+        self.steps.insert(i, f(step));
+        self
+    }
+
+    /// Changes every step.
+    pub fn map_steps(mut self, f: impl Fn(Step) -> Step) -> TypeDef {
+        self.steps = self.steps.into_iter().map(f).collect();
+        self
+    }
+}
+
+/// The path the downstream serves for one step of one type.
+pub fn step_path(type_name: &str, step: &str) -> String {
+    format!("/{type_name}/{step}")
+}
+
+/// The five-step pipeline of the performance targets: `a`; `b` and `c` after
+/// `a`; `d` after `b` and `c`; `e`, non-critical, after `a`. Each step calls
+/// `/{type}/{step}` on the downstream.
+pub fn w5(type_name: &str, ds: &Downstream) -> TypeDef {
+    let url = |step: &str| ds.url(&step_path(type_name, step));
+    TypeDef::new(
+        type_name,
+        vec![
+            Step::http("a", url("a")),
+            Step::http("b", url("b")).needs(&["a"]),
+            Step::http("c", url("c")).needs(&["a"]),
+            Step::http("d", url("d")).needs(&["b", "c"]),
+            Step::http("e", url("e")).needs(&["a"]).non_critical(),
+        ],
+    )
+}
+
+/// A one-step pipeline calling `/{type}/only`.
+pub fn single(type_name: &str, ds: &Downstream) -> TypeDef {
+    TypeDef::new(
+        type_name,
+        vec![Step::http("only", ds.url(&step_path(type_name, "only")))],
+    )
+}
+
+/// A whole `ripen.toml`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `[server] listen`; port 0 lets the server pick a free one.
+    pub listen: String,
+    pub types: Vec<TypeDef>,
+    pub body_limit_bytes: Option<u64>,
+    pub poll_interval: Option<String>,
+    pub lease_grace: Option<String>,
+    /// `[engine] execute`; `None` leaves the server's default (true).
+    pub execute: Option<bool>,
+    /// A comment written at the top of the file, for a human who opens it.
+    pub comment: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config::new()
+    }
+}
+
+impl Config {
+    /// A config for tests: a free port, a 100 ms poll interval and a 1 s
+    /// lease grace, so that recoveries happen within a test's patience.
+    pub fn new() -> Config {
+        Config {
+            poll_interval: Some("100ms".to_owned()),
+            lease_grace: Some("1s".to_owned()),
+            ..Config::bare()
+        }
+    }
+
+    /// A config that leaves every engine setting to the server's defaults,
+    /// as an operator's would: what the demo and the bench measure.
+    pub fn bare() -> Config {
+        Config {
+            listen: "127.0.0.1:0".to_owned(),
+            types: Vec::new(),
+            body_limit_bytes: None,
+            poll_interval: None,
+            lease_grace: None,
+            execute: None,
+            comment: None,
+        }
+    }
+
+    pub fn with_type(mut self, t: TypeDef) -> Config {
+        self.types.push(t);
+        self
+    }
+
+    pub fn listen(mut self, addr: &str) -> Config {
+        self.listen = addr.to_owned();
+        self
+    }
+
+    pub fn body_limit(mut self, bytes: u64) -> Config {
+        self.body_limit_bytes = Some(bytes);
+        self
+    }
+
+    pub fn lease_grace(mut self, grace: &str) -> Config {
+        self.lease_grace = Some(grace.to_owned());
+        self
+    }
+
+    pub fn poll_interval(mut self, interval: &str) -> Config {
+        self.poll_interval = Some(interval.to_owned());
+        self
+    }
+
+    /// `[engine] execute`: `false` makes an intake-only node.
+    pub fn execute(mut self, execute: bool) -> Config {
+        self.execute = Some(execute);
+        self
+    }
+
+    pub fn comment(mut self, comment: &str) -> Config {
+        self.comment = Some(comment.to_owned());
+        self
+    }
+
+    /// Writes the schema files into `dir` and returns the TOML text, on the
+    /// given storage URL (a SQLite file, or a PostgreSQL database that other
+    /// servers may share).
+    pub fn render_on(&self, dir: &Path, storage_url: &str) -> std::io::Result<String> {
+        let mut out = String::new();
+        if let Some(comment) = &self.comment {
+            for line in comment.lines() {
+                let _ = writeln!(out, "# {line}");
+            }
+            out.push('\n');
+        }
+        let _ = writeln!(out, "[server]\nlisten = {}", toml_str(&self.listen));
+        if let Some(limit) = self.body_limit_bytes {
+            let _ = writeln!(out, "body_limit_bytes = {limit}");
+        }
+        let _ = writeln!(out, "\n[storage]\nurl = {}", toml_str(storage_url));
+        if self.poll_interval.is_some() || self.lease_grace.is_some() || self.execute.is_some() {
+            out.push_str("\n[engine]\n");
+            if let Some(execute) = self.execute {
+                let _ = writeln!(out, "execute = {execute}");
+            }
+            if let Some(p) = &self.poll_interval {
+                let _ = writeln!(out, "poll_interval = {}", toml_str(p));
+            }
+            if let Some(g) = &self.lease_grace {
+                let _ = writeln!(out, "lease_grace = {}", toml_str(g));
+            }
+        }
+        for t in &self.types {
+            let _ = writeln!(out, "\n[types.{}]", t.name);
+            if let Some(schema) = &t.schema {
+                std::fs::create_dir_all(dir.join("schemas"))?;
+                let rel = format!("schemas/{}.json", t.name);
+                std::fs::write(dir.join(&rel), serde_json::to_vec_pretty(schema)?)?;
+                let _ = writeln!(out, "schema = {}", toml_str(&rel));
+            }
+            for s in &t.steps {
+                let _ = writeln!(out, "\n[[types.{}.steps]]", t.name);
+                let _ = writeln!(out, "name = {}", toml_str(&s.name));
+                let _ = writeln!(out, "http = {}", toml_str(&s.url));
+                let needs: Vec<String> = s.needs.iter().map(|n| toml_str(n)).collect();
+                let _ = writeln!(out, "needs = [{}]", needs.join(", "));
+                let _ = writeln!(out, "critical = {}", s.critical);
+                let _ = writeln!(out, "timeout = {}", toml_str(&s.timeout));
+                let mut retry = Vec::new();
+                if let Some(n) = s.max_attempts {
+                    retry.push(format!("max_attempts = {n}"));
+                }
+                if let Some(b) = &s.initial_backoff {
+                    retry.push(format!("initial_backoff = {}", toml_str(b)));
+                }
+                if let Some(b) = &s.max_backoff {
+                    retry.push(format!("max_backoff = {}", toml_str(b)));
+                }
+                if !retry.is_empty() {
+                    let _ = writeln!(out, "retry = {{ {} }}", retry.join(", "));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `ripen.toml` and the schema files into `dir`; returns the
+    /// config's path.
+    pub fn write(&self, dir: &Path, storage_url: &str) -> std::io::Result<PathBuf> {
+        let text = self.render_on(dir, storage_url)?;
+        let path = dir.join("ripen.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+}
+
+/// The storage URL of a SQLite database file `ripen.db` in `dir`.
+pub fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("ripen.db").display())
+}
+
+/// A TOML basic string; JSON string escapes are valid TOML escapes.
+pub fn toml_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_renders_its_settings_steps_and_schema() {
+        let dir = crate::TempDir::new("ripen-testkit-config-").unwrap();
+        let t = TypeDef::new(
+            "shop",
+            vec![
+                Step::http("a", "http://127.0.0.1:9/a"),
+                Step::http("b", "http://127.0.0.1:9/b")
+                    .needs(&["a"])
+                    .non_critical()
+                    .default_retry(),
+            ],
+        )
+        .schema(serde_json::json!({"type": "object"}));
+        let text = Config::bare()
+            .execute(false)
+            .comment("written by a test")
+            .with_type(t)
+            .render_on(dir.path(), "sqlite://x.db")
+            .unwrap();
+        assert!(text.starts_with("# written by a test\n\n[server]\nlisten = \"127.0.0.1:0\"\n"));
+        assert!(text.contains("[engine]\nexecute = false\n"));
+        assert!(!text.contains("poll_interval"));
+        assert!(text.contains("schema = \"schemas/shop.json\""));
+        assert!(text.contains(
+            "name = \"a\"\nhttp = \"http://127.0.0.1:9/a\"\nneeds = []\ncritical = true\ntimeout = \"5s\"\nretry = { max_attempts = 3, initial_backoff = \"10ms\", max_backoff = \"50ms\" }\n"
+        ));
+        assert!(text.ends_with("needs = [\"a\"]\ncritical = false\ntimeout = \"5s\"\n"));
+        assert!(dir.path().join("schemas/shop.json").is_file());
+    }
+}
