@@ -210,6 +210,12 @@ impl ServerProcess {
         }
     }
 
+    /// Asks the server to stop (SIGTERM) and returns at once; see
+    /// [`ServerProcess::exited`] for when it has.
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
     /// Freezes the server (SIGSTOP): it keeps its sockets and its leases but
     /// does nothing until [`ServerProcess::sigcont`].
     pub fn sigstop(&self) {

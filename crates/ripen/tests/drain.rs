@@ -35,15 +35,6 @@ async fn start_with_grace(cfg: &Config, grace: &str) -> Server {
     server
 }
 
-fn sigterm(server: &Server) {
-    let pid = server.pid().expect("the server runs");
-    let pid = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
-    // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our own
-    // child, which the harness reaps only when it is dropped or restarted.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-}
-
 /// Waits for the server process to exit; panics after `limit`.
 async fn wait_exit(server: &mut Server, limit: Duration) -> ExitStatus {
     let deadline = Instant::now() + limit;
@@ -100,7 +91,7 @@ async fn sigterm_waits_for_running_attempts_and_records_their_results() {
     wait_calls(&ds, "/slow/a", ids.len()).await;
 
     let signalled = Instant::now();
-    sigterm(&server);
+    server.sigterm();
     // While it drains, the node still answers reads but tells balancers it
     // is going away.
     let mut saw_draining = false;
@@ -164,7 +155,7 @@ async fn attempts_still_running_after_the_grace_run_again_after_restart() {
     wait_calls(&ds, "/slow/a", ids.len()).await;
 
     let signalled = Instant::now();
-    sigterm(&server);
+    server.sigterm();
     let status = wait_exit(&mut server, Duration::from_secs(5)).await;
     let took = signalled.elapsed();
     assert!(status.success(), "exit status {status}");

@@ -569,6 +569,11 @@ impl Server {
         self.process.pid()
     }
 
+    /// Asks the server to stop (SIGTERM) without waiting for it.
+    pub fn sigterm(&self) {
+        self.process.sigterm();
+    }
+
     /// Freezes the server process (SIGSTOP): it keeps its sockets and its
     /// leases but does nothing until [`Server::sigcont`].
     pub fn sigstop(&self) {
