@@ -35,6 +35,7 @@
 //! outbox rows in the same transaction.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
@@ -42,9 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-#[cfg(test)]
-use ripen_core::Pipeline;
-use ripen_core::{Catalog, EntityStatus, Input, StepState, UnixMicros};
+use ripen_core::{Catalog, EntityStatus, Input, Pipeline, StepState, UnixMicros};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{params, params_from_iter, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -70,7 +69,10 @@ const EVENT_COLUMNS: &[&str] = &[
 ];
 
 /// The columns of one outbox row, in the order batched inserts bind them.
-const OUTBOX_COLUMNS: &[&str] = &["entity_id", "seq", "at", "kind", "body"];
+const OUTBOX_COLUMNS: &[&str] = &["entity_id", "seq"];
+
+/// The columns of one due row, in the order batched inserts bind them.
+const DUE_COLUMNS: &[&str] = &["queue", "due_at", "entity_id"];
 
 /// The columns of a new entity row, in the order batched inserts bind them.
 const ENTITY_COLUMNS: &[&str] = &[
@@ -85,24 +87,11 @@ const ENTITY_COLUMNS: &[&str] = &[
     "ready_at",
     "next_seq",
     "payload_id",
-];
-
-/// The columns of a new step row, in the order batched inserts bind them.
-const STEP_COLUMNS: &[&str] = &[
-    "entity_id",
-    "idx",
-    "name",
-    "critical",
-    "queue",
-    "status",
-    "attempts",
-    "epoch",
-    "due_at",
-    "last_error",
+    "steps",
 ];
 
 /// The schema this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 /// Write commands waiting for the writer thread; senders wait beyond this.
 const WRITE_QUEUE_MAX: usize = 4_096;
 /// How long a connection waits for a lock before reporting the store busy.
@@ -137,7 +126,8 @@ const WAL_AUTOCHECKPOINT_FRAMES: i64 = 2 * WAL_RESTART_FRAMES;
 /// than freed and allocated again.
 const JOURNAL_SIZE_LIMIT_BYTES: i64 = 160 * 1_024 * 1_024;
 
-const SCHEMA: &str = "
+/// The schema of version 2, the starting point of the upgrade to version 3.
+const SCHEMA_V2: &str = "
 CREATE TABLE IF NOT EXISTS payloads (
     id INTEGER PRIMARY KEY,
     body TEXT NOT NULL
@@ -198,6 +188,110 @@ CREATE TABLE IF NOT EXISTS outbox (
     kind TEXT NOT NULL,
     body TEXT NOT NULL
 );
+";
+
+/// The schema of version 3. An entity is one row: its steps' states (and
+/// their small outputs) live in its `steps` column, in the compact form of
+/// `encode_steps`. The scheduler's timers are one `due` row per entity and
+/// queue, holding the earliest due time of that entity's steps in that
+/// queue. The outbox holds pointers to history events.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS payloads (
+    id INTEGER PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS entities (
+    id BLOB NOT NULL PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    type TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    degraded INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    ready_at INTEGER,
+    next_seq INTEGER NOT NULL,
+    payload_id INTEGER NOT NULL,
+    steps TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS entities_by_type_status ON entities (tenant, type, status, id);
+CREATE INDEX IF NOT EXISTS entities_by_status ON entities (tenant, status, id);
+CREATE TABLE IF NOT EXISTS due (
+    queue TEXT NOT NULL,
+    due_at INTEGER NOT NULL,
+    entity_id BLOB NOT NULL,
+    PRIMARY KEY (queue, due_at, entity_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outputs (
+    entity_id BLOB NOT NULL,
+    idx INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (entity_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL,
+    type TEXT NOT NULL,
+    key TEXT NOT NULL,
+    entity_id BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, type, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    entity_id BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    step TEXT,
+    attempt INTEGER,
+    detail TEXT NOT NULL,
+    PRIMARY KEY (entity_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    entity_id BLOB NOT NULL,
+    seq INTEGER NOT NULL
+);
+";
+
+/// From version 2 to 3: step rows fold into their entity's `steps` column
+/// (outputs go to `outputs`, marked as stored there), the partial index of
+/// due steps becomes the `due` table, and outbox rows keep only their
+/// pointer to the history event.
+const UPGRADE_V2_TO_V3: &str = "
+CREATE TABLE IF NOT EXISTS due (
+    queue TEXT NOT NULL,
+    due_at INTEGER NOT NULL,
+    entity_id BLOB NOT NULL,
+    PRIMARY KEY (queue, due_at, entity_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outputs (
+    entity_id BLOB NOT NULL,
+    idx INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (entity_id, idx)
+) WITHOUT ROWID;
+ALTER TABLE entities ADD COLUMN steps TEXT NOT NULL DEFAULT '[]';
+UPDATE entities SET steps = (
+    SELECT json_group_array(json_array(name, critical, status, attempts, epoch, due_at,
+                                       last_error, CASE WHEN output IS NULL THEN 0 ELSE 2 END,
+                                       NULL))
+    FROM (SELECT * FROM steps WHERE steps.entity_id = entities.id ORDER BY idx)
+);
+INSERT INTO outputs (entity_id, idx, body)
+    SELECT entity_id, idx, output FROM steps WHERE output IS NOT NULL;
+INSERT INTO due (queue, due_at, entity_id)
+    SELECT queue, MIN(due_at), entity_id FROM steps WHERE due_at IS NOT NULL
+    GROUP BY entity_id, queue;
+DROP INDEX IF EXISTS steps_due;
+DROP TABLE steps;
+ALTER TABLE outbox RENAME TO outbox_v2;
+CREATE TABLE outbox (
+    id INTEGER PRIMARY KEY,
+    entity_id BLOB NOT NULL,
+    seq INTEGER NOT NULL
+);
+INSERT INTO outbox (id, entity_id, seq) SELECT id, entity_id, seq FROM outbox_v2;
+DROP TABLE outbox_v2;
 ";
 
 /// How to open a [`SqliteStore`].
@@ -345,7 +439,7 @@ impl Store for SqliteStore {
         let pipeline = self.decider.pipeline(&entity.type_name, entity.version)?;
         // Everything that does not need the database is prepared here, on
         // the caller's task, so that the one writer thread only binds values.
-        let prepared = NewRows::new(&pipeline, &entity, now_us);
+        let prepared = Prepared::new(&pipeline, &entity, now_us);
         let (reply, answer) = oneshot::channel();
         let job = Box::new(CreateRequest {
             entity,
@@ -542,21 +636,41 @@ impl Store for SqliteStore {
 
     async fn outbox(&self, after_id: u64, limit: u32) -> Result<Vec<OutboxEntry>> {
         self.read(move |conn| {
+            // Rows point at their history event; the body is built here, by
+            // the reader, rather than by the writer for every change.
             let mut stmt = conn.prepare_cached(
-                "SELECT id, entity_id, seq, at, kind, body FROM outbox
-                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+                "SELECT o.id, o.entity_id, o.seq, e.at, e.kind, e.detail,
+                        n.tenant, n.type, n.version
+                 FROM outbox o
+                 JOIN events e ON e.entity_id = o.entity_id AND e.seq = o.seq
+                 JOIN entities n ON n.id = o.entity_id
+                 WHERE o.id > ?1 ORDER BY o.id LIMIT ?2",
             )?;
             let after = i64::try_from(after_id).unwrap_or(i64::MAX);
             let mut rows = stmt.query(params![after, i64::from(limit)])?;
             let mut entries = Vec::new();
             while let Some(r) = rows.next()? {
+                let id = entity_id(&r.get::<_, Vec<u8>>(1)?)?;
+                let seq = to_u64(r.get(2)?, "outbox.seq")?;
+                let at_us: i64 = r.get(3)?;
+                let kind: String = r.get(4)?;
+                let detail: String = r.get(5)?;
+                let tenant: String = r.get(6)?;
+                let type_name: String = r.get(7)?;
+                let subject = working::Subject {
+                    id,
+                    tenant: &tenant,
+                    type_name: &type_name,
+                    version: to_u32(r.get(8)?, "entities.version")?,
+                };
+                let body = working::notification_body(&subject, seq, at_us, &kind, &detail);
                 entries.push(OutboxEntry {
                     id: to_u64(r.get(0)?, "outbox.id")?,
-                    entity_id: entity_id(&r.get::<_, Vec<u8>>(1)?)?,
-                    seq: to_u64(r.get(2)?, "outbox.seq")?,
-                    at_us: r.get(3)?,
-                    kind: r.get(4)?,
-                    body: r.get(5)?,
+                    entity_id: id,
+                    seq,
+                    at_us,
+                    kind,
+                    body,
                 });
             }
             Ok(entries)
@@ -689,8 +803,14 @@ fn migrate(conn: &Connection) -> Result<()> {
     } else {
         ""
     };
+    // A current schema is left alone: no statement takes a lock.
+    let steps = match version {
+        SCHEMA_VERSION => return Ok(()),
+        0 => SCHEMA.to_owned(),
+        _ => format!("{upgrade} {SCHEMA_V2} {copy} {UPGRADE_V2_TO_V3}"),
+    };
     conn.execute_batch(&format!(
-        "BEGIN IMMEDIATE; {upgrade} {SCHEMA} {copy} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        "BEGIN IMMEDIATE; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
     ))
     .map_err(|e| {
         let _ = conn.execute_batch("ROLLBACK");
@@ -799,68 +919,57 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
     let row = conn
         .prepare_cached(
             "SELECT tenant, type, version, status, degraded, created_at, updated_at, ready_at,
-                    next_seq, payload_id
+                    next_seq, payload_id, steps
              FROM entities WHERE id = ?1",
         )?
         .query_row([id.as_bytes()], |r| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, bool>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, Option<i64>>(7)?,
-                r.get::<_, i64>(8)?,
-                r.get::<_, i64>(9)?,
+                (
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, bool>(4)?,
+                ),
+                (
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, Option<i64>>(7)?,
+                    r.get::<_, i64>(8)?,
+                    r.get::<_, i64>(9)?,
+                ),
+                r.get::<_, String>(10)?,
             ))
         })
         .optional()?;
     let Some((
-        tenant,
-        type_name,
-        version,
-        status,
-        degraded,
-        created,
-        updated,
-        ready,
-        next_seq,
-        payload_id,
+        (tenant, type_name, version, status, degraded),
+        (created, updated, ready, next_seq, payload_id),
+        steps,
     )) = row
     else {
         return Ok(None);
     };
-    let mut steps = Vec::new();
-    let mut outputs = Vec::new();
-    {
-        let mut stmt = conn.prepare_cached(
-            "SELECT idx, name, critical, status, attempts, epoch, due_at, last_error, output
-             FROM steps WHERE entity_id = ?1 ORDER BY idx",
-        )?;
+    let (steps, mut outputs, external) = decode_steps(id, &steps)?;
+    if external {
+        let mut stmt = conn.prepare_cached("SELECT idx, body FROM outputs WHERE entity_id = ?1")?;
         let mut rows = stmt.query([id.as_bytes()])?;
         while let Some(r) = rows.next()? {
-            let idx: i64 = r.get(0)?;
-            if usize::try_from(idx).ok() != Some(steps.len()) {
-                return Err(StoreError::Internal(format!(
-                    "entity {id}: step rows are not numbered 0..n (found {idx} at {})",
-                    steps.len()
-                )));
+            let idx = usize::try_from(r.get::<_, i64>(0)?).ok();
+            if let Some(slot) = idx.and_then(|i| outputs.get_mut(i)) {
+                if slot.as_deref() == Some(EXTERNAL_OUTPUT) {
+                    *slot = Some(r.get(1)?);
+                }
             }
-            steps.push(StepRecord {
-                name: r.get(1)?,
-                critical: r.get(2)?,
-                state: StepState {
-                    status: step_status(&r.get::<_, String>(3)?)?,
-                    attempts: to_u32(r.get(4)?, "steps.attempts")?,
-                    epoch: to_u64(r.get(5)?, "steps.epoch")?,
-                    due_at_us: r.get(6)?,
-                    last_error: r.get(7)?,
-                },
-            });
-            outputs.push(r.get::<_, Option<String>>(8)?);
         }
+    }
+    if let Some(i) = outputs
+        .iter()
+        .position(|o| o.as_deref() == Some(EXTERNAL_OUTPUT))
+    {
+        return Err(StoreError::Internal(format!(
+            "entity {id}: the output of step {i} is missing"
+        )));
     }
     let record = EntityRecord {
         id,
@@ -880,6 +989,118 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
         outputs,
         extra: payload_id,
     }))
+}
+
+/// Outputs up to this size live in the entity row; larger ones in `outputs`,
+/// so that every later update of the row does not rewrite them.
+const OUTPUT_INLINE_MAX_BYTES: usize = 1_024;
+/// Stands for an output kept in `outputs` while a row is decoded; not JSON,
+/// so no real output can look like it.
+const EXTERNAL_OUTPUT: &str = "\0external";
+
+/// One step in the `steps` column: name, critical, status, attempts, epoch,
+/// due time, last error, where the output is (0 none, 1 inline, 2 in
+/// `outputs`) and the inline output.
+type StepColumns = (
+    String,
+    u8,
+    String,
+    u32,
+    u64,
+    Option<i64>,
+    Option<String>,
+    u8,
+    Option<String>,
+);
+
+/// The `steps` column of an entity: a JSON array with one array per step
+/// (see [`StepColumns`]). Returns it and the outputs too large to inline.
+fn encode_steps<'a>(
+    steps: &[StepRecord],
+    outputs: &'a [Option<String>],
+) -> (String, Vec<(usize, &'a str)>) {
+    let mut text = String::with_capacity(16 + steps.len() * 64);
+    let mut external = Vec::new();
+    text.push('[');
+    for (i, (step, output)) in steps.iter().zip(outputs).enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        let s = &step.state;
+        let _ = write!(
+            text,
+            "[{},{},\"{}\",{},{},",
+            json_text(&step.name),
+            u8::from(step.critical),
+            s.status.as_str(),
+            s.attempts,
+            s.epoch
+        );
+        match s.due_at_us {
+            Some(at) => {
+                let _ = write!(text, "{at},");
+            }
+            None => text.push_str("null,"),
+        }
+        match &s.last_error {
+            Some(e) => {
+                text.push_str(&json_text(e));
+                text.push(',');
+            }
+            None => text.push_str("null,"),
+        }
+        match output {
+            None => text.push_str("0,null]"),
+            Some(o) if o.len() <= OUTPUT_INLINE_MAX_BYTES => {
+                text.push_str("1,");
+                text.push_str(&json_text(o));
+                text.push(']');
+            }
+            Some(o) => {
+                external.push((i, o.as_str()));
+                text.push_str("2,null]");
+            }
+        }
+    }
+    text.push(']');
+    (text, external)
+}
+
+/// Decodes the `steps` column: the step records, each step's output (an
+/// output kept in `outputs` reads as [`EXTERNAL_OUTPUT`]) and whether any is.
+fn decode_steps(id: EntityId, text: &str) -> Result<(Vec<StepRecord>, Vec<Option<String>>, bool)> {
+    let columns: Vec<StepColumns> = serde_json::from_str(text)
+        .map_err(|e| StoreError::Internal(format!("entity {id}: malformed steps column: {e}")))?;
+    let mut steps = Vec::with_capacity(columns.len());
+    let mut outputs = Vec::with_capacity(columns.len());
+    let mut external = false;
+    for (name, critical, status, attempts, epoch, due_at_us, last_error, kept, output) in columns {
+        steps.push(StepRecord {
+            name,
+            critical: critical != 0,
+            state: StepState {
+                status: step_status(&status)?,
+                attempts,
+                epoch,
+                due_at_us,
+                last_error,
+            },
+        });
+        outputs.push(match kept {
+            0 => None,
+            1 => output,
+            _ => {
+                external = true;
+                Some(EXTERNAL_OUTPUT.to_owned())
+            }
+        });
+    }
+    Ok((steps, outputs, external))
+}
+
+/// `s` as a JSON string literal.
+fn json_text(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
 fn read_payload(conn: &Connection, payload_id: i64) -> Result<String> {
@@ -912,7 +1133,7 @@ trait Job: Send {
 /// A queued `Store::create`.
 struct CreateRequest {
     entity: NewEntity,
-    prepared: NewRows,
+    prepared: Prepared,
     result: Option<Result<Created>>,
     reply: oneshot::Sender<Result<IntakeOutcome>>,
 }
@@ -943,7 +1164,7 @@ impl Job for CreateRequest {
         let result = match (failure, self.result) {
             (Some(e), _) => Err(e.clone()),
             // The record was built before the write; it is handed over, not copied.
-            (None, Some(Ok(Created::New))) => Ok(IntakeOutcome::Created(self.prepared.record)),
+            (None, Some(Ok(Created::New))) => Ok(IntakeOutcome::Created(self.prepared.rows.record)),
             (None, Some(Ok(Created::Existing(outcome)))) => Ok(outcome),
             (None, Some(Err(e))) => Err(e),
             (None, None) => Err(StoreError::Internal(
@@ -1231,7 +1452,7 @@ impl Writer {
         entity: &NewEntity,
         now_us: UnixMicros,
     ) -> Result<IntakeOutcome> {
-        let prepared = NewRows::new(pipeline, entity, now_us);
+        let prepared = Prepared::new(pipeline, entity, now_us);
         let outcome = self
             .create_many(&[CreateItem {
                 entity,
@@ -1240,7 +1461,7 @@ impl Writer {
             .pop()
             .ok_or_else(|| StoreError::Internal("a create had no outcome".into()))?;
         Ok(match outcome {
-            Created::New => IntakeOutcome::Created(prepared.record),
+            Created::New => IntakeOutcome::Created(prepared.rows.record),
             Created::Existing(outcome) => outcome,
         })
     }
@@ -1274,11 +1495,11 @@ impl Writer {
                 .prepare_cached("SELECT COALESCE(MAX(id), 0) + 1 FROM payloads")?
                 .query_row([], |r| r.get(0))?;
             let mut payloads = Vec::with_capacity(fresh.len() * 2);
-            let mut entities = Vec::with_capacity(fresh.len() * 11);
-            let mut steps = Vec::with_capacity(fresh.len() * 50);
+            let mut entities = Vec::with_capacity(fresh.len() * 12);
+            let mut due = Vec::with_capacity(fresh.len() * 3);
             let mut idempotency = Vec::new();
             let mut events = Vec::with_capacity(fresh.len() * 7);
-            let mut outbox = Vec::with_capacity(fresh.len() * 5);
+            let mut outbox = Vec::with_capacity(fresh.len() * 2);
             for (k, &i) in fresh.iter().enumerate() {
                 let e = items[i].entity;
                 let p = items[i].prepared;
@@ -1298,20 +1519,10 @@ impl Writer {
                     opt_int(r.ready_at_us),
                     int(to_i64(p.next_seq, "next_seq")?),
                     int(payload_id),
+                    text(&p.steps),
                 ]);
-                for (idx, (s, queue)) in r.steps.iter().zip(&p.queues).enumerate() {
-                    steps.extend([
-                        id.clone(),
-                        int(idx as i64),
-                        text(&s.name),
-                        int(i64::from(s.critical)),
-                        text(queue),
-                        text(s.state.status.as_str()),
-                        int(i64::from(s.state.attempts)),
-                        int(to_i64(s.state.epoch, "epoch")?),
-                        opt_int(s.state.due_at_us),
-                        opt_text(s.state.last_error.as_deref()),
-                    ]);
+                for (queue, at) in &p.due {
+                    due.extend([text(queue), int(*at), id.clone()]);
                 }
                 if let Some(key) = &e.idempotency_key {
                     idempotency.extend([
@@ -1332,18 +1543,12 @@ impl Writer {
                     opt_int(c.attempt.map(i64::from)),
                     text(&p.detail),
                 ]);
-                outbox.extend([
-                    id,
-                    int(to_i64(c.seq, "seq")?),
-                    int(c.at_us),
-                    text(&c.kind),
-                    text(&p.outbox_body),
-                ]);
+                outbox.extend([id, int(to_i64(c.seq, "seq")?)]);
             }
             let cache = &mut self.sql_cache;
             insert_many(&self.conn, cache, "payloads", &["id", "body"], &payloads)?;
             insert_many(&self.conn, cache, "entities", ENTITY_COLUMNS, &entities)?;
-            insert_many(&self.conn, cache, "steps", STEP_COLUMNS, &steps)?;
+            insert_many(&self.conn, cache, "due", DUE_COLUMNS, &due)?;
             insert_many(
                 &self.conn,
                 cache,
@@ -1353,7 +1558,7 @@ impl Writer {
             )?;
             insert_many(&self.conn, cache, "events", EVENT_COLUMNS, &events)?;
             insert_many(&self.conn, cache, "outbox", OUTBOX_COLUMNS, &outbox)?;
-            drop((payloads, entities, steps, idempotency, events, outbox));
+            drop((payloads, entities, due, idempotency, events, outbox));
             for &i in &fresh {
                 outcomes[i] = Some(Created::New);
             }
@@ -1422,8 +1627,7 @@ impl Writer {
     fn claim_due(&mut self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
         let ids = {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT entity_id FROM steps
-                 WHERE queue = ?1 AND due_at IS NOT NULL AND due_at <= ?2
+                "SELECT entity_id FROM due WHERE queue = ?1 AND due_at <= ?2
                  ORDER BY due_at LIMIT ?3",
             )?;
             let mut rows = stmt.query(params![
@@ -1449,10 +1653,7 @@ impl Writer {
         let attempts = self.save(&mut entities, now_us)?;
         let next_due_us = self
             .conn
-            .prepare_cached(
-                "SELECT due_at FROM steps WHERE queue = ?1 AND due_at IS NOT NULL
-                 ORDER BY due_at LIMIT 1",
-            )?
+            .prepare_cached("SELECT due_at FROM due WHERE queue = ?1 ORDER BY due_at LIMIT 1")?
             .query_row([queue], |r| r.get(0))
             .optional()?;
         Ok(ClaimBatch {
@@ -1485,13 +1686,12 @@ impl Writer {
     }
 
     fn recover(&mut self, now_us: UnixMicros) -> Result<u64> {
-        // Every running step has a lease expiry in due_at, so the partial
-        // index holds them all; scanning it avoids reading settled steps.
+        // Every running step has a lease expiry, so its entity has a due
+        // row; scanning them avoids reading settled entities.
         let ids = {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT DISTINCT entity_id FROM steps INDEXED BY steps_due
-                 WHERE due_at IS NOT NULL AND status = 'running'",
-            )?;
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT DISTINCT entity_id FROM due")?;
             let mut rows = stmt.query([])?;
             let mut ids = Vec::new();
             while let Some(r) = rows.next()? {
@@ -1537,10 +1737,16 @@ impl Writer {
     /// Writes what changed in `entities` and returns the attempts they claimed.
     fn save(&mut self, entities: &mut [Working<i64>], now_us: UnixMicros) -> Result<Vec<Attempt>> {
         let mut rows = Rows::default();
+        let mut columns = Vec::new();
         for w in entities.iter_mut() {
+            let before = rows.entities.len();
             w.flush(now_us, &mut rows);
+            if rows.entities.len() > before {
+                // The whole step array is one column: encode it as flushed.
+                columns.push(encode_steps(&w.record().steps, w.outputs()));
+            }
         }
-        self.write_rows(&rows)?;
+        self.write_rows(&rows, &columns)?;
         let mut attempts = Vec::new();
         for w in entities.iter_mut().filter(|w| w.has_claims()) {
             let payload = read_payload(&self.conn, w.extra)?;
@@ -1549,37 +1755,17 @@ impl Writer {
         Ok(attempts)
     }
 
-    /// Binds the rows of a batch of changes: one update per changed step and
-    /// entity, and multi-row inserts for the history and the outbox.
-    fn write_rows(&mut self, rows: &Rows) -> Result<()> {
-        for s in &rows.steps {
-            // A step succeeds at most once per attempt series and keeps its
-            // output afterwards, so the column is written only with a result.
-            let now = &s.state;
-            self.conn
-                .prepare_cached(
-                    "UPDATE steps SET status = ?3, attempts = ?4, epoch = ?5, due_at = ?6,
-                                      last_error = ?7,
-                                      output = CASE WHEN ?8 THEN ?9 ELSE output END
-                     WHERE entity_id = ?1 AND idx = ?2",
-                )?
-                .execute(params![
-                    s.entity_id.as_bytes(),
-                    s.idx as i64,
-                    now.status.as_str(),
-                    now.attempts,
-                    to_i64(now.epoch, "epoch")?,
-                    now.due_at_us,
-                    now.last_error,
-                    s.output.is_some(),
-                    s.output.as_ref().and_then(|o| o.as_deref()),
-                ])?;
-        }
-        for e in &rows.entities {
+    /// Binds the rows of a batch of changes: one update per changed entity
+    /// (its `steps` column encoded in `columns`, in the same order), the due
+    /// rows that moved, the outputs too large to inline, and multi-row
+    /// inserts for the history and the outbox.
+    fn write_rows(&mut self, rows: &Rows, columns: &[(String, Vec<(usize, &str)>)]) -> Result<()> {
+        debug_assert_eq!(rows.entities.len(), columns.len());
+        for (e, (steps, external)) in rows.entities.iter().zip(columns) {
             self.conn
                 .prepare_cached(
                     "UPDATE entities SET status = ?2, degraded = ?3, ready_at = ?4,
-                                         updated_at = ?5, next_seq = ?6
+                                         updated_at = ?5, next_seq = ?6, steps = ?7
                      WHERE id = ?1",
                 )?
                 .execute(params![
@@ -1589,8 +1775,40 @@ impl Writer {
                     e.ready_at_us,
                     e.updated_at_us,
                     to_i64(e.next_seq, "next_seq")?,
+                    steps,
                 ])?;
+            for (idx, body) in external {
+                // Only a step that just succeeded has a new output; an older
+                // large one is in place already.
+                let fresh = rows
+                    .steps
+                    .iter()
+                    .any(|s| s.entity_id == e.id && s.idx == *idx && s.output.is_some());
+                if fresh {
+                    self.conn
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO outputs (entity_id, idx, body)
+                             VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![e.id.as_bytes(), *idx as i64, body])?;
+                }
+            }
         }
+        let mut due = Vec::with_capacity(rows.due.len() * 3);
+        for d in &rows.due {
+            if let Some(from) = d.from {
+                self.conn
+                    .prepare_cached(
+                        "DELETE FROM due WHERE queue = ?1 AND due_at = ?2 AND entity_id = ?3",
+                    )?
+                    .execute(params![d.queue, from, d.entity_id.as_bytes()])?;
+            }
+            if let Some(to) = d.to {
+                due.extend([text(&d.queue), int(to), blob(d.entity_id.as_bytes())]);
+            }
+        }
+        let cache = &mut self.sql_cache;
+        insert_many(&self.conn, cache, "due", DUE_COLUMNS, &due)?;
         let mut events = Vec::with_capacity(rows.events.len() * 7);
         for r in &rows.events {
             let e = &r.event;
@@ -1604,17 +1822,10 @@ impl Writer {
                 text(&r.detail),
             ]);
         }
-        let cache = &mut self.sql_cache;
         insert_many(&self.conn, cache, "events", EVENT_COLUMNS, &events)?;
-        let mut outbox = Vec::with_capacity(rows.outbox.len() * 5);
+        let mut outbox = Vec::with_capacity(rows.outbox.len() * 2);
         for o in &rows.outbox {
-            outbox.extend([
-                blob(o.entity_id.as_bytes()),
-                int(to_i64(o.seq, "seq")?),
-                int(o.at_us),
-                text(&o.kind),
-                text(&o.body),
-            ]);
+            outbox.extend([blob(o.entity_id.as_bytes()), int(to_i64(o.seq, "seq")?)]);
         }
         insert_many(&self.conn, cache, "outbox", OUTBOX_COLUMNS, &outbox)
     }
@@ -1623,7 +1834,30 @@ impl Writer {
 /// One entity to create, as the writer's batch holds it.
 struct CreateItem<'a> {
     entity: &'a NewEntity,
-    prepared: &'a NewRows,
+    prepared: &'a Prepared,
+}
+
+/// A new entity's rows and its encoded `steps` column, built by the caller
+/// before the create reaches the writer.
+struct Prepared {
+    rows: NewRows,
+    steps: String,
+}
+
+impl Prepared {
+    fn new(pipeline: &Pipeline, entity: &NewEntity, now_us: UnixMicros) -> Prepared {
+        let rows = NewRows::new(pipeline, entity, now_us);
+        let outputs = vec![None; rows.record.steps.len()];
+        let (steps, _) = encode_steps(&rows.record.steps, &outputs);
+        Prepared { rows, steps }
+    }
+}
+
+impl std::ops::Deref for Prepared {
+    type Target = NewRows;
+    fn deref(&self) -> &NewRows {
+        &self.rows
+    }
 }
 fn int(v: i64) -> ToSqlOutput<'static> {
     ToSqlOutput::Owned(SqlValue::Integer(v))
@@ -1834,34 +2068,28 @@ mod tests {
             .cancel(crate::DEFAULT_TENANT, id, T0 + 1)
             .await
             .expect("cancel");
-        let rows = store
-            .read(move |conn| {
-                let mut stmt =
-                    conn.prepare("SELECT entity_id, seq, kind, body FROM outbox ORDER BY id")?;
-                let rows = stmt.query_map([], |r| {
-                    Ok((
-                        r.get::<_, Vec<u8>>(0)?,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, String>(3)?,
-                    ))
-                })?;
-                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
-            })
-            .await
-            .expect("read outbox");
-        let kinds: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+        let rows = store.outbox(0, 100).await.expect("read outbox");
+        let kinds: Vec<&str> = rows.iter().map(|r| r.kind.as_str()).collect();
         assert_eq!(kinds, vec!["created", "created", "status_changed"]);
-        let (entity_id, seq, _, body) = &rows[2];
-        assert_eq!(entity_id.as_slice(), id.as_bytes());
+        let (entity_id, seq, body) = (rows[2].entity_id, rows[2].seq as i64, &rows[2].body);
+        assert_eq!(entity_id, id);
         let body: serde_json::Value = serde_json::from_str(body).expect("json body");
         assert_eq!(body["entity_id"], id.to_string());
-        assert_eq!(body["seq"], *seq);
+        assert_eq!(body["seq"], seq);
         assert_eq!(body["type"], "single");
         assert_eq!(
             body["detail"],
             json!({"from": "pending", "to": "cancelled"})
         );
+        // The row itself is only a pointer to the history event.
+        let width = store
+            .read(|conn| {
+                let stmt = conn.prepare("SELECT * FROM outbox")?;
+                Ok(stmt.column_count())
+            })
+            .await
+            .expect("read");
+        assert_eq!(width, 3, "id, entity_id, seq");
         let history = store
             .events(crate::DEFAULT_TENANT, id, 0, 100)
             .await
@@ -1872,7 +2100,7 @@ mod tests {
             .find(|e| e.kind == "status_changed")
             .expect("change");
         assert_eq!(
-            change.seq as i64, *seq,
+            change.seq as i64, seq,
             "the outbox row carries the history seq"
         );
     }
@@ -1905,9 +2133,9 @@ mod tests {
             type_name: "w5".into(),
             ..entity()
         });
-        let prepared: Vec<NewRows> = entities
+        let prepared: Vec<Prepared> = entities
             .iter()
-            .map(|e| NewRows::new(&pipeline, e, T0))
+            .map(|e| Prepared::new(&pipeline, e, T0))
             .collect();
         let items: Vec<CreateItem<'_>> = entities
             .iter()
@@ -1943,7 +2171,7 @@ mod tests {
         }
         assert_eq!(count(&conn, "entities"), 101);
         assert_eq!(count(&conn, "payloads"), 101);
-        assert_eq!(count(&conn, "steps"), 505);
+        assert_eq!(count(&conn, "due"), 101, "one due row each: step a");
         assert_eq!(count(&conn, "idempotency"), 100);
         assert_eq!(count(&conn, "events"), 101);
         assert_eq!(count(&conn, "outbox"), 101);
@@ -1964,7 +2192,7 @@ mod tests {
         let path = dir.path().join("ripen.db");
         {
             let conn = Connection::open(&path).expect("open");
-            let v1 = SCHEMA
+            let v1 = SCHEMA_V2
                 .replace(
                     "id INTEGER PRIMARY KEY,\n    entity_id BLOB NOT NULL,\n    seq",
                     "id INTEGER PRIMARY KEY AUTOINCREMENT,\n    entity_id BLOB NOT NULL,\n    seq",
@@ -1981,7 +2209,7 @@ mod tests {
                     "CREATE INDEX IF NOT EXISTS entities_by_status",
                     "CREATE INDEX IF NOT EXISTS entities_by_tenant ON entities (tenant, id);\nCREATE INDEX IF NOT EXISTS entities_by_status",
                 );
-            assert_ne!(v1, SCHEMA, "the version 1 outbox differs");
+            assert_ne!(v1, SCHEMA_V2, "the version 1 outbox differs");
             conn.execute_batch(&v1).expect("v1 schema");
             conn.execute_batch(
                 "INSERT INTO outbox (entity_id, seq, at, kind, body) VALUES (x'00', 1, 2, 'created', '{}');
@@ -2019,7 +2247,183 @@ mod tests {
         assert!(!indexes.contains("entities_by_type "), "{indexes}");
         assert!(!indexes.contains("entities_by_tenant"), "{indexes}");
         assert!(indexes.contains("(tenant, type, status, id)"), "{indexes}");
-        assert!(indexes.contains("(queue, due_at, status)"), "{indexes}");
+        assert!(!indexes.contains("steps_due"), "{indexes}");
+    }
+
+    #[tokio::test]
+    async fn a_version_2_database_folds_its_step_rows_into_the_entities() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ripen.db");
+        // A w5 entity as version 2 stored it: a succeeded with a small
+        // output, e failed, b and c queued (due), d blocked; a created event
+        // with its outbox row.
+        let id = EntityId::new_v7();
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.execute_batch(SCHEMA_V2).expect("v2 schema");
+            conn.execute(
+                "INSERT INTO payloads (id, body) VALUES (1, '{\"p\":1}')",
+                [],
+            )
+            .expect("payload");
+            conn.execute(
+                "INSERT INTO entities VALUES (?1, 'default', 'w5', 1, 'pending', 1, ?2, ?2, NULL, 2, 1)",
+                params![id.as_bytes(), T0],
+            )
+            .expect("entity");
+            let steps = [
+                ("a", 1, "succeeded", 1, 1, None, None, Some("{\"x\":1}")),
+                ("b", 1, "queued", 0, 0, Some(T0 + 5), None, None),
+                ("c", 1, "queued", 0, 0, Some(T0 + 3), None, None),
+                ("d", 1, "blocked", 0, 0, None, None, None),
+                ("e", 0, "failed", 3, 3, None, Some("HTTP 422"), None),
+            ];
+            for (idx, (name, critical, status, attempts, epoch, due, error, output)) in
+                steps.into_iter().enumerate()
+            {
+                conn.execute(
+                    "INSERT INTO steps VALUES (?1, ?2, ?3, ?4, 'http', ?5, ?6, ?7, ?8, ?9, ?10)",
+                    params![
+                        id.as_bytes(),
+                        idx as i64,
+                        name,
+                        critical,
+                        status,
+                        attempts,
+                        epoch,
+                        due,
+                        error,
+                        output
+                    ],
+                )
+                .expect("step");
+            }
+            conn.execute(
+                "INSERT INTO events VALUES (?1, 1, ?2, 'created', NULL, NULL, '{\"status\":\"pending\"}')",
+                params![id.as_bytes(), T0],
+            )
+            .expect("event");
+            conn.execute(
+                "INSERT INTO outbox (id, entity_id, seq, at, kind, body) VALUES (7, ?1, 1, ?2, 'created', '{}')",
+                params![id.as_bytes(), T0],
+            )
+            .expect("outbox");
+            conn.execute_batch("PRAGMA user_version = 2")
+                .expect("version");
+        }
+        let store = open(&dir);
+        let record = store
+            .get(crate::DEFAULT_TENANT, id)
+            .await
+            .expect("get")
+            .expect("found");
+        let statuses: Vec<&str> = record
+            .steps
+            .iter()
+            .map(|s| s.state.status.as_str())
+            .collect();
+        assert_eq!(
+            statuses,
+            ["succeeded", "queued", "queued", "blocked", "failed"]
+        );
+        assert_eq!(
+            record.steps[4].state.last_error.as_deref(),
+            Some("HTTP 422")
+        );
+        assert_eq!(
+            (record.steps[4].state.attempts, record.steps[4].state.epoch),
+            (3, 3)
+        );
+        assert!(!record.steps[4].critical && record.steps[0].critical);
+        assert!(record.degraded);
+        let data = store
+            .get_data(crate::DEFAULT_TENANT, id)
+            .await
+            .expect("data")
+            .expect("found");
+        assert_eq!(data.outputs, vec![("a".to_owned(), "{\"x\":1}".to_owned())]);
+        assert_eq!(data.payload, "{\"p\":1}");
+        let outbox = store.outbox(0, 10).await.expect("outbox");
+        assert_eq!(outbox.len(), 1);
+        assert_eq!(
+            (outbox[0].id, outbox[0].entity_id, outbox[0].seq),
+            (7, id, 1)
+        );
+        // The earliest due step became the entity's due row.
+        let batch = store
+            .claim_due(ripen_core::HTTP_QUEUE, T0 + 3, 10)
+            .await
+            .expect("claim");
+        let claimed: Vec<&str> = batch
+            .attempts
+            .iter()
+            .map(|a| a.step_name.as_str())
+            .collect();
+        assert_eq!(claimed, ["c"]);
+        assert_eq!(batch.attempts[0].outputs, data.outputs);
+        assert_eq!(batch.next_due_us, Some(T0 + 5));
+        let tables: i64 = store
+            .read(|conn| {
+                Ok(conn.query_row(
+                    "SELECT COUNT(*) FROM sqlite_schema WHERE name IN ('steps', 'outbox_v2')",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .expect("read");
+        assert_eq!(tables, 0, "the old tables are gone");
+    }
+
+    #[test]
+    fn steps_columns_round_trip_with_large_outputs_kept_apart() {
+        let big = format!("\"{}\"", "x".repeat(OUTPUT_INLINE_MAX_BYTES));
+        let steps = vec![
+            StepRecord {
+                name: "a\"b".into(),
+                critical: true,
+                state: StepState {
+                    status: ripen_core::StepStatus::Succeeded,
+                    attempts: 2,
+                    epoch: 9,
+                    due_at_us: None,
+                    last_error: Some("line\nbreak é".into()),
+                },
+            },
+            StepRecord {
+                name: "big".into(),
+                critical: false,
+                state: StepState {
+                    status: ripen_core::StepStatus::Running,
+                    attempts: 1,
+                    epoch: 1,
+                    due_at_us: Some(T0),
+                    last_error: None,
+                },
+            },
+            StepRecord {
+                name: "none".into(),
+                critical: true,
+                state: StepState {
+                    status: ripen_core::StepStatus::Blocked,
+                    attempts: 0,
+                    epoch: 0,
+                    due_at_us: None,
+                    last_error: None,
+                },
+            },
+        ];
+        let outputs = vec![Some("{\"k\":[1,2]}".to_owned()), Some(big.clone()), None];
+        let (text, external) = encode_steps(&steps, &outputs);
+        assert_eq!(external, vec![(1, big.as_str())]);
+        let id = EntityId::new_v7();
+        let (back, read, any_external) = decode_steps(id, &text).expect("decode");
+        assert_eq!(back, steps);
+        assert!(any_external);
+        assert_eq!(read[0], outputs[0]);
+        assert_eq!(read[1].as_deref(), Some(EXTERNAL_OUTPUT));
+        assert_eq!(read[2], None);
+        assert!(decode_steps(id, "[[1]]").is_err());
     }
 
     #[tokio::test]

@@ -302,12 +302,44 @@ pub struct OutboxRow {
     pub body: String,
 }
 
+/// A change of an entity's earliest due time in one queue, for a backend
+/// that indexes one due time per entity and queue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DueRow {
+    pub entity_id: EntityId,
+    pub queue: String,
+    /// The earliest due time before the change, if any step was due.
+    pub from: Option<UnixMicros>,
+    /// The earliest due time after it.
+    pub to: Option<UnixMicros>,
+}
+
+/// The earliest due time of the steps of each queue, in first-seen order.
+pub fn due_by_queue<'a>(
+    pipeline: &'a Pipeline,
+    steps: impl Iterator<Item = &'a StepState>,
+) -> Vec<(&'a str, UnixMicros)> {
+    let mut due: Vec<(&str, UnixMicros)> = Vec::new();
+    for (i, s) in steps.enumerate() {
+        let Some(at) = s.due_at_us else {
+            continue;
+        };
+        let queue = pipeline.queue(i);
+        match due.iter_mut().find(|(q, _)| *q == queue) {
+            Some((_, min)) => *min = (*min).min(at),
+            None => due.push((queue, at)),
+        }
+    }
+    due
+}
+
 /// The rows a batch of changes writes, gathered across entities so that a
 /// backend writes each table with few statements.
 #[derive(Debug, Default)]
 pub struct Rows {
     pub steps: Vec<StepRow>,
     pub entities: Vec<EntityRow>,
+    pub due: Vec<DueRow>,
     pub events: Vec<EventRow>,
     pub outbox: Vec<OutboxRow>,
     /// Some step became runnable, now or after a backoff: other nodes sharing
@@ -341,17 +373,42 @@ impl Rows {
 /// `{"entity_id", "tenant", "type", "version", "seq", "at_us", "kind",
 /// "detail"}` serialised by serde_json (keys sorted), without building it.
 pub fn outbox_body(record: &EntityRecord, e: &HistoryEvent, detail: &str) -> String {
+    let subject = Subject {
+        id: record.id,
+        tenant: &record.tenant,
+        type_name: &record.type_name,
+        version: record.version,
+    };
+    notification_body(&subject, e.seq, e.at_us, &e.kind, detail)
+}
+
+/// The entity a notification is about.
+#[derive(Clone, Copy, Debug)]
+pub struct Subject<'a> {
+    pub id: EntityId,
+    pub tenant: &'a str,
+    pub type_name: &'a str,
+    pub version: u32,
+}
+
+/// The JSON body of a notification (see [`outbox_body`]), for a backend
+/// whose outbox rows only point at their history event.
+pub fn notification_body(
+    subject: &Subject<'_>,
+    seq: u64,
+    at_us: UnixMicros,
+    kind: &str,
+    detail: &str,
+) -> String {
     let mut body = String::with_capacity(160 + detail.len());
     let _ = write!(
         body,
-        "{{\"at_us\":{},\"detail\":{detail},\"entity_id\":\"{}\",\"kind\":{},\"seq\":{},\"tenant\":{},\"type\":{},\"version\":{}}}",
-        e.at_us,
-        record.id,
-        json_string(&e.kind),
-        e.seq,
-        json_string(&record.tenant),
-        json_string(&record.type_name),
-        record.version,
+        "{{\"at_us\":{at_us},\"detail\":{detail},\"entity_id\":\"{}\",\"kind\":{},\"seq\":{seq},\"tenant\":{},\"type\":{},\"version\":{}}}",
+        subject.id,
+        json_string(kind),
+        json_string(subject.tenant),
+        json_string(subject.type_name),
+        subject.version,
     );
     body
 }
@@ -377,6 +434,8 @@ pub struct NewRows {
     pub outbox_body: String,
     /// The seq of the event after `created`.
     pub next_seq: u64,
+    /// The earliest due time of each queue with a runnable step.
+    pub due: Vec<(String, UnixMicros)>,
 }
 
 impl NewRows {
@@ -410,7 +469,12 @@ impl NewRows {
             .map(|i| pipeline.queue(i).to_owned())
             .collect();
         let next_seq = created.seq + 1;
+        let due = due_by_queue(pipeline, record.steps.iter().map(|s| &s.state))
+            .into_iter()
+            .map(|(q, at)| (q.to_owned(), at))
+            .collect();
         NewRows {
+            due,
             record,
             queues,
             created,
@@ -527,6 +591,11 @@ impl<X> Working<X> {
 
     pub fn state(&self) -> &EntityState {
         &self.state
+    }
+
+    /// Each step's output as last flushed.
+    pub fn outputs(&self) -> &[Option<String>] {
+        &self.outputs
     }
 
     /// Whether something changed since the last flush.
@@ -726,6 +795,29 @@ impl<X> Working<X> {
         }
         for (step, output) in self.new_outputs.drain(..) {
             self.outputs[step] = output;
+        }
+        let was = due_by_queue(&self.pipeline, self.record.steps.iter().map(|s| &s.state));
+        let is = due_by_queue(&self.pipeline, self.state.steps.iter());
+        for &(queue, from) in &was {
+            let to = is.iter().find(|(q, _)| *q == queue).map(|&(_, at)| at);
+            if to != Some(from) {
+                rows.due.push(DueRow {
+                    entity_id: id,
+                    queue: queue.to_owned(),
+                    from: Some(from),
+                    to,
+                });
+            }
+        }
+        for &(queue, to) in &is {
+            if !was.iter().any(|(q, _)| *q == queue) {
+                rows.due.push(DueRow {
+                    entity_id: id,
+                    queue: queue.to_owned(),
+                    from: None,
+                    to: Some(to),
+                });
+            }
         }
         let history = history::from_core(&self.pipeline, &self.events, now_us, self.next_seq);
         self.next_seq += history.len() as u64;
