@@ -1220,21 +1220,82 @@ where
     }
 }
 
-/// Moves queued commands into `batch` until it holds `batch_max`; returns
-/// how many it moved.
-fn drain(
-    commands: &mut mpsc::Receiver<Box<dyn Job>>,
-    batch: &mut Vec<Box<dyn Job>>,
-    batch_max: usize,
-) -> usize {
-    let before = batch.len();
-    while batch.len() < batch_max {
-        match commands.try_recv() {
-            Ok(job) => batch.push(job),
-            Err(_) => break,
+/// Pipeline commands (claims, results, recovery, operator commands) that
+/// the writer takes into a batch while submissions are waiting. Submissions
+/// go first, so that a burst is acknowledged at the rate of an idle
+/// pipeline; the pipeline's work waits and catches up once the burst ends.
+const PIPELINE_JOBS_BESIDE_INTAKE: usize = 1;
+/// The longest a pipeline command waits behind submissions before it joins
+/// the next batch whatever is queued: far below any lease, so that a
+/// recorded result is never lost to a burst.
+const PIPELINE_WAIT_MAX: Duration = Duration::from_millis(250);
+
+/// The commands the writer has taken off its channel but not yet run, in
+/// two lines: submissions, and the pipeline's commands with the time they
+/// were taken.
+struct Backlog<T> {
+    creates: std::collections::VecDeque<T>,
+    pipeline: std::collections::VecDeque<(std::time::Instant, T)>,
+}
+
+impl<T> Backlog<T> {
+    fn new() -> Backlog<T> {
+        Backlog {
+            creates: std::collections::VecDeque::new(),
+            pipeline: std::collections::VecDeque::new(),
         }
     }
-    batch.len() - before
+
+    fn is_empty(&self) -> bool {
+        self.creates.is_empty() && self.pipeline.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.creates.len() + self.pipeline.len()
+    }
+
+    fn push(&mut self, job: T, is_create: bool, now: std::time::Instant) {
+        if is_create {
+            self.creates.push_back(job);
+        } else {
+            self.pipeline.push_back((now, job));
+        }
+    }
+
+    /// The next batch, at most `batch_max` commands: every waiting
+    /// submission first, then pipeline commands in order: all of them when
+    /// no submission waits, else [`PIPELINE_JOBS_BESIDE_INTAKE`] plus those
+    /// that waited [`PIPELINE_WAIT_MAX`].
+    fn next_batch(&mut self, batch_max: usize, now: std::time::Instant) -> Vec<T> {
+        let mut batch = Vec::with_capacity(batch_max.min(self.creates.len() + self.pipeline.len()));
+        while batch.len() < batch_max {
+            match self.creates.pop_front() {
+                Some(job) => batch.push(job),
+                None => break,
+            }
+        }
+        let mut budget = if batch.is_empty() {
+            batch_max
+        } else {
+            PIPELINE_JOBS_BESIDE_INTAKE
+        };
+        while batch.len() < batch_max {
+            let Some((since, _)) = self.pipeline.front() else {
+                break;
+            };
+            let overdue = now.saturating_duration_since(*since) >= PIPELINE_WAIT_MAX;
+            if !overdue {
+                if budget == 0 {
+                    break;
+                }
+                budget -= 1;
+            }
+            if let Some((_, job)) = self.pipeline.pop_front() {
+                batch.push(job);
+            }
+        }
+        batch
+    }
 }
 
 /// How a batch transaction ended short of its commit.
@@ -1281,10 +1342,28 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, mut commands: mpsc::Receiver<Box<dyn Job>>, batch_max: usize) {
-        let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(batch_max.min(WRITE_QUEUE_MAX));
-        while let Some(first) = commands.blocking_recv() {
-            batch.push(first);
-            drain(&mut commands, &mut batch, batch_max);
+        let mut backlog: Backlog<Box<dyn Job>> = Backlog::new();
+        loop {
+            if backlog.is_empty() {
+                match commands.blocking_recv() {
+                    Some(mut job) => {
+                        let is_create = job.as_create().is_some();
+                        backlog.push(job, is_create, std::time::Instant::now());
+                    }
+                    None => break,
+                }
+            }
+            // Taken off the channel only up to its own bound, so that
+            // callers still wait when the writer is behind.
+            let now = std::time::Instant::now();
+            while backlog.len() < WRITE_QUEUE_MAX {
+                let Ok(mut job) = commands.try_recv() else {
+                    break;
+                };
+                let is_create = job.as_create().is_some();
+                backlog.push(job, is_create, now);
+            }
+            let mut batch = backlog.next_batch(batch_max, now);
             let failure = self.commit_batch(&mut batch).err();
             if let Some(e) = &failure {
                 tracing::warn!(error = %e, commands = batch.len(), "sqlite write batch failed");
@@ -2424,6 +2503,37 @@ mod tests {
         assert_eq!(read[1].as_deref(), Some(EXTERNAL_OUTPUT));
         assert_eq!(read[2], None);
         assert!(decode_steps(id, "[[1]]").is_err());
+    }
+
+    #[test]
+    fn submissions_go_first_and_the_pipeline_waits_a_bounded_time() {
+        let t0 = std::time::Instant::now();
+        let mut backlog = Backlog::new();
+        for job in ["claim", "create1", "result", "create2", "result2"] {
+            backlog.push(job, job.starts_with("create"), t0);
+        }
+        // Submissions first, and one pipeline command beside them.
+        assert_eq!(backlog.next_batch(100, t0), ["create1", "create2", "claim"]);
+        // Without submissions waiting, the pipeline runs in full.
+        assert_eq!(backlog.next_batch(100, t0), ["result", "result2"]);
+        assert!(backlog.is_empty());
+        // Under a steady stream of submissions, an overdue pipeline command
+        // still joins the next batch, in order.
+        backlog.push("old", false, t0);
+        backlog.push("young", false, t0 + PIPELINE_WAIT_MAX);
+        backlog.push("newer", false, t0 + PIPELINE_WAIT_MAX);
+        backlog.push("create3", true, t0 + PIPELINE_WAIT_MAX);
+        let later = t0 + PIPELINE_WAIT_MAX;
+        assert_eq!(backlog.next_batch(100, later), ["create3", "old", "young"]);
+        backlog.push("create4", true, later);
+        assert_eq!(backlog.next_batch(100, later), ["create4", "newer"]);
+        // The batch bound holds for both lines.
+        for i in 0..5 {
+            backlog.push(if i % 2 == 0 { "c" } else { "p" }, i % 2 == 0, t0);
+        }
+        assert_eq!(backlog.next_batch(2, later), ["c", "c"]);
+        assert_eq!(backlog.next_batch(2, later), ["c", "p"]);
+        assert_eq!(backlog.next_batch(2, later), ["p"]);
     }
 
     #[tokio::test]
