@@ -1,4 +1,4 @@
-//! A typed client of Ripen's HTTP API (API.md): keep-alive HTTP/1.1
+//! A typed client of Ripen's HTTP API (docs/api.md): keep-alive HTTP/1.1
 //! connections, the API's views as serde types, one method per call, and a
 //! raw request for input that a well-behaved client would never send.
 //!

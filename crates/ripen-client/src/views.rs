@@ -1,4 +1,4 @@
-//! The JSON views of API.md as serde types.
+//! The JSON views of the HTTP API (docs/api.md) as serde types.
 //!
 //! Every view keeps the fields it does not name in `extra`, so that a client
 //! built against an older contract still prints and forwards what a newer
@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// The status of an entity (API.md, "Entities").
+/// The status of an entity (docs/api.md, "Entities").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EntityStatus {

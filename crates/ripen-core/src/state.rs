@@ -40,8 +40,8 @@ impl EntityStatus {
         self != EntityStatus::Pending
     }
 
-    /// The lifecycle of DESIGN.md: pending -> ready | failed | cancelled, and
-    /// failed -> pending by an explicit retry.
+    /// The entity lifecycle (docs/concepts.md): pending -> ready | failed |
+    /// cancelled, and failed -> pending by an explicit retry.
     pub fn may_become(self, next: EntityStatus) -> bool {
         use EntityStatus::*;
         matches!(

@@ -9,8 +9,9 @@
 //! * an independent reference model of `apply` (written differently: it
 //!   recomputes what the machine updates incrementally) predicts the exact
 //!   refusal or the exact next state;
-//! * the invariants of DESIGN.md "Lifecycle" and "Guarantees" hold for the
-//!   state (guarantees 3, 4, 6 and 7 as far as the pure core is concerned);
+//! * the invariants of "Lifecycle" and "Guarantees" in docs/concepts.md hold
+//!   for the state (guarantees 3, 4, 6 and 7 as far as the pure core is
+//!   concerned);
 //! * the transition and its events agree: a refusal changes nothing, the
 //!   status moves only along the lifecycle, every event matches a change and
 //!   every change but "blocked -> queued" has its event.
@@ -409,7 +410,8 @@ fn model_fail(
     }
 }
 
-/// What `apply` should do, written from DESIGN.md rather than from machine.rs.
+/// What `apply` should do, written from the lifecycle of docs/concepts.md
+/// rather than from machine.rs.
 fn model_apply(
     p: &Pipeline,
     before: &EntityState,
@@ -1490,7 +1492,7 @@ proptest! {
 // A worked example
 // ---------------------------------------------------------------------------
 
-/// The pipeline of DESIGN.md's performance table: A; B, C after A; D after
+/// The pipeline of the performance targets in docs/concepts.md: A; B, C after A; D after
 /// B, C; E non-critical after A. Walks the boundaries the properties hit only
 /// by chance: a lease expiring exactly at its due time, a retry claimed
 /// exactly when its backoff ends, a late result after the entity settled.

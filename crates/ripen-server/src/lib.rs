@@ -1,4 +1,4 @@
-//! Ripen's HTTP API (API.md): intake, entity reads, operator commands and
+//! Ripen's HTTP API (docs/api.md): intake, entity reads, operator commands and
 //! health, with every error as RFC 9457 problem+json.
 
 mod dashboard;

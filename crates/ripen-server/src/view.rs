@@ -1,5 +1,5 @@
-//! The JSON views of API.md: the entity view, the consumable entity and
-//! history events.
+//! The JSON views of the HTTP API (docs/api.md): the entity view, the
+//! consumable entity and history events.
 
 use ripen_core::StepStatus;
 use ripen_engine::time::rfc3339;

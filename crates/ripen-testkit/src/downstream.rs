@@ -4,7 +4,7 @@
 //! Each path behaves as its [`Behavior`] says: scripted answers per entity
 //! and step (failures, delays, `Retry-After`), random latency and failures,
 //! or a synthetic service with a latency profile ([`Profile`]). Every call is
-//! checked against the HTTP step contract of DESIGN.md (a POST with the step
+//! checked against the step contract of docs/api.md (a POST with the step
 //! call body and `Idempotency-Key: {entity_id}:{step}`) and counted in
 //! [`Stats`], so that a bench or a demo can tell a wrong call from a slow one.
 //! A recording downstream ([`Downstream::start`], for tests) also keeps every

@@ -1,4 +1,4 @@
-//! End-to-end tests of the HTTP API (API.md, "Entities" and "Operations")
+//! End-to-end tests of the HTTP API (docs/api.md, "Entities" and "Operations")
 //! against the real binary, with a real downstream over loopback.
 
 mod common;

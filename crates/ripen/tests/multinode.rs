@@ -1312,8 +1312,8 @@ fn pg_open_transactions(url: &str) -> String {
 
 /// Restarts of node B while A takes submissions and both run pipelines.
 const RESTARTS: usize = 5;
-/// DESIGN.md: "serving again ≤ 2 s after `kill -9` … on PostgreSQL with
-/// another node under load".
+/// The restart target of docs/concepts.md: "serving again ≤ 2 s after
+/// `kill -9` … on PostgreSQL with another node under load".
 const RESTART_READY_BUDGET: Duration = Duration::from_secs(2);
 /// Concurrent submitters on node A, each pausing between submissions, so
 /// that A is busy but a debug build on two cores still keeps up.

@@ -1,4 +1,4 @@
-//! The HTTP step executor: the step contract of DESIGN.md.
+//! The HTTP step executor: the step contract (docs/api.md).
 //!
 //! `POST <url>` with `{"entity_id", "type", "version", "step", "attempt",
 //! "payload", "outputs"}` and the headers `Idempotency-Key: {entity_id}:{step}`
