@@ -1,5 +1,5 @@
 //! `ripen bench`: measures a real `ripen serve` process on loopback against the
-//! performance targets of DESIGN.md, and prints each figure beside its target.
+//! performance targets (docs/concepts.md), and prints each figure beside its target.
 //!
 //! Rows, each run `runs` times on a fresh server and a fresh SQLite file:
 //! - intake: a node with `[engine] execute = false` (it accepts and serves but
@@ -64,7 +64,7 @@ const DEFAULT_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 /// Requests sent before each measured intake phase, to open connections and
 /// warm caches.
 const WARMUP_REQUESTS: usize = 2_000;
-/// The targets of DESIGN.md, as the summary prints them.
+/// The performance targets (docs/concepts.md), as the summary prints them.
 const INTAKE_TARGET_PER_S: f64 = 30_000.0;
 /// The intake rate of the latency row: half the throughput target.
 const HALF_RATE_PER_S: f64 = INTAKE_TARGET_PER_S / 2.0;
@@ -76,7 +76,7 @@ const READY_TARGET_PER_S: f64 = 8_000.0;
 const UNLOADED_P50_TARGET_MS: f64 = 2.0;
 /// The server's CPU time (user and system) per W5 entity, in milliseconds.
 const CPU_PER_ENTITY_TARGET_MS: f64 = 0.15;
-/// DESIGN.md's W5 target on the PostgreSQL backend, one node.
+/// The W5 target on the PostgreSQL backend, one node.
 const PG_READY_TARGET_PER_S: f64 = 3_000.0;
 /// How long `/readyz` may take to answer 200 after a restart.
 const READYZ_TIMEOUT: Duration = Duration::from_secs(120);

@@ -89,7 +89,7 @@ impl HttpExecutor {
             let output = if body.iter().all(u8::is_ascii_whitespace) {
                 None
             } else {
-                match serde_json::from_slice::<serde_json::value::Value>(&body) {
+                match serde_json::from_slice::<serde::de::IgnoredAny>(&body) {
                     Ok(_) => Some(String::from_utf8_lossy(&body).into_owned()),
                     Err(_) => {
                         tracing::debug!(step = %a.step_name, "step answered 2xx with a body that is not JSON; no output kept");
