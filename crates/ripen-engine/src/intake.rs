@@ -35,9 +35,45 @@ struct TypeEntry {
     schema: Option<Arc<Schema>>,
 }
 
+/// Submissions in flight at once from which intake counts as busy.
+pub const INTAKE_BUSY_IN_FLIGHT: usize = 4;
+
+/// How many submissions are being accepted right now. The scheduler reads it
+/// to give intake the machine while a burst of submissions lasts.
+#[derive(Debug, Default)]
+pub struct IntakeLoad {
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl IntakeLoad {
+    /// Whether enough submissions are in flight that pipeline work should
+    /// wait: see [`INTAKE_BUSY_IN_FLIGHT`].
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed) >= INTAKE_BUSY_IN_FLIGHT
+    }
+
+    fn enter(&self) -> Entered<'_> {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Entered(self)
+    }
+}
+
+/// One submission in flight; counted until dropped.
+struct Entered<'a>(&'a IntakeLoad);
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The intake side of the engine. Cheap to clone.
 #[derive(Clone)]
 pub struct Intake {
+    load: Arc<IntakeLoad>,
     store: Arc<dyn Store>,
     types: Arc<HashMap<String, TypeEntry>>,
     in_flight: Arc<Mutex<HashSet<(String, String, String)>>>,
@@ -68,6 +104,7 @@ impl Intake {
         config: &Config,
         wake_scheduler: Arc<Notify>,
         clock: Arc<dyn Clock>,
+        load: Arc<IntakeLoad>,
     ) -> Intake {
         let mut types = HashMap::new();
         for t in &config.types {
@@ -80,6 +117,7 @@ impl Intake {
             );
         }
         Intake {
+            load,
             store,
             types: Arc::new(types),
             in_flight: Arc::default(),
@@ -96,6 +134,7 @@ impl Intake {
         body: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<IntakeOutcome, SubmitError> {
+        let _entered = self.load.enter();
         let entry = self
             .types
             .get(type_name)

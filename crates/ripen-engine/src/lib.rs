@@ -149,17 +149,25 @@ impl Engine {
                 .executors
                 .unwrap_or_else(|| ExecutorRegistry::standard(config.engine.concurrency)),
         );
+        let load = Arc::new(intake::IntakeLoad::default());
         let scheduler = Scheduler::start(
             store.clone(),
             catalog.clone(),
             executors,
             clock.clone(),
+            load.clone(),
             &config.engine,
         );
         if store.is_shared() && config.engine.execute {
             store.notify_on_work(scheduler.waker());
         }
-        let intake = Intake::new(store.clone(), &config, scheduler.waker(), clock.clone());
+        let intake = Intake::new(
+            store.clone(),
+            &config,
+            scheduler.waker(),
+            clock.clone(),
+            load,
+        );
         Ok(Engine {
             config,
             store,
