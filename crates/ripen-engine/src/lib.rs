@@ -149,7 +149,7 @@ impl Engine {
                 .executors
                 .unwrap_or_else(|| ExecutorRegistry::standard(config.engine.concurrency)),
         );
-        let load = Arc::new(intake::IntakeLoad::default());
+        let load = Arc::new(intake::IntakeLoad::new(!store.is_shared()));
         let scheduler = Scheduler::start(
             store.clone(),
             catalog.clone(),
