@@ -53,6 +53,10 @@ const STORE_RETRY_MS: u64 = 200;
 /// intake busy); 16 gave 5,300 acks/s and left W5 at 2,700/s.
 pub const ATTEMPTS_WHILE_INTAKE_BUSY: usize = 16;
 
+/// How long results wait for company before they are recorded while intake
+/// is busy.
+const RESULTS_GATHER_WHILE_BUSY: Duration = Duration::from_millis(5);
+
 /// How long a shutdown waits, after the attempts have ended, for their
 /// results to be recorded. A healthy store takes milliseconds; this bounds a
 /// failing one.
@@ -402,6 +406,12 @@ async fn complete_loop(
                 }
             }
             _ = finish.changed() => break,
+        }
+        // While intake is busy, each record is a store command competing
+        // with submissions: let a few more results join it first.
+        if shared.intake.busy() && batch.len() < ATTEMPTS_WHILE_INTAKE_BUSY / 2 {
+            let gather = results.recv_many(&mut batch, COMPLETE_BATCH_MAX);
+            let _ = tokio::time::timeout(RESULTS_GATHER_WHILE_BUSY, gather).await;
         }
         while recording.len() >= COMPLETE_IN_FLIGHT_MAX {
             recording.join_next().await;
