@@ -47,11 +47,14 @@ const COMPLETE_IN_FLIGHT_MAX: usize = 4;
 /// How long to wait before asking a failing store again.
 const STORE_RETRY_MS: u64 = 200;
 /// Attempts running at once while intake is busy: enough to keep every
-/// pipeline moving, few enough to leave the cores to intake. Measured with
-/// the bench on 2 cores: 4 raised burst intake from 2,900 to 5,100 acks/s
-/// but cut the W5 row from 2,800 to 2,300 entities/s (its submissions keep
-/// intake busy); 16 gave 5,300 acks/s and left W5 at 2,700/s.
-pub const ATTEMPTS_WHILE_INTAKE_BUSY: usize = 16;
+/// pipeline moving (against a fast downstream, four attempts still run
+/// thousands of steps a second), few enough to leave the cores to intake.
+/// Measured with the bench on 2 cores, with claims in handfuls and results
+/// gathered: 16 gave burst intake 5,200–8,300 acks/s and W5 2,500–2,700
+/// entities/s at 0.50 ms of CPU each; 4 gave 5,300–5,600 acks/s and W5
+/// 3,070–3,150/s at 0.41 ms, the pipeline's work being cheaper in the
+/// large batches of the catch-up than trickled beside intake.
+pub const ATTEMPTS_WHILE_INTAKE_BUSY: usize = 4;
 
 /// How long results wait for company before they are recorded while intake
 /// is busy.
