@@ -37,6 +37,11 @@ struct TypeEntry {
 
 /// Submissions in flight at once from which intake counts as busy.
 pub const INTAKE_BUSY_IN_FLIGHT: usize = 4;
+/// How long intake still counts as busy after it last was. Between two
+/// waves of a burst the count dips for a moment; without this, the
+/// scheduler took those moments to claim hundreds of steps at once, and
+/// the submissions behind that commit waited 80–100 ms.
+pub const INTAKE_BUSY_LINGER_MS: u64 = 100;
 
 /// How many submissions are being accepted right now. The scheduler reads it
 /// to give intake the machine while a burst of submissions lasts.
@@ -46,10 +51,20 @@ pub const INTAKE_BUSY_IN_FLIGHT: usize = 4;
 /// claiming what they unblock costs the pipelines far more than it gives
 /// intake (W5 on PostgreSQL fell from 925 to 532 entities/s), and other
 /// nodes share the pipeline work anyway.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IntakeLoad {
     in_flight: std::sync::atomic::AtomicUsize,
     first: bool,
+    /// Milliseconds since `since` when intake was last seen busy, plus one
+    /// (0: never).
+    busy_at_ms: std::sync::atomic::AtomicU64,
+    since: std::time::Instant,
+}
+
+impl Default for IntakeLoad {
+    fn default() -> IntakeLoad {
+        IntakeLoad::new(false)
+    }
 }
 
 impl IntakeLoad {
@@ -59,19 +74,33 @@ impl IntakeLoad {
         IntakeLoad {
             in_flight: Default::default(),
             first: intake_first,
+            busy_at_ms: Default::default(),
+            since: std::time::Instant::now(),
         }
     }
 
     /// Whether enough submissions are in flight that pipeline work should
     /// wait: see [`INTAKE_BUSY_IN_FLIGHT`].
     pub fn busy(&self) -> bool {
-        self.first
-            && self.in_flight.load(std::sync::atomic::Ordering::Relaxed) >= INTAKE_BUSY_IN_FLIGHT
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.first {
+            return false;
+        }
+        let now_ms = self.since.elapsed().as_millis() as u64 + 1;
+        if self.in_flight.load(Relaxed) >= INTAKE_BUSY_IN_FLIGHT {
+            self.busy_at_ms.store(now_ms, Relaxed);
+            return true;
+        }
+        let at = self.busy_at_ms.load(Relaxed);
+        at != 0 && now_ms.saturating_sub(at) < INTAKE_BUSY_LINGER_MS
     }
 
     fn enter(&self) -> Entered<'_> {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Seen busy now, so that a burst counts even if nobody asks while
+        // it peaks.
+        let _ = self.busy();
         Entered(self)
     }
 }
