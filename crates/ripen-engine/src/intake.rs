@@ -224,3 +224,32 @@ impl Intake {
         Ok(outcome)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intake_is_busy_from_four_submissions_and_for_a_while_after() {
+        let load = IntakeLoad::new(true);
+        assert!(!load.busy(), "nothing in flight");
+        let first: Vec<Entered<'_>> = (0..INTAKE_BUSY_IN_FLIGHT - 1)
+            .map(|_| load.enter())
+            .collect();
+        assert!(!load.busy(), "three in flight is not a burst");
+        let fourth = load.enter();
+        assert!(load.busy());
+        drop((first, fourth));
+        assert!(load.busy(), "a dip between waves still counts as the burst");
+        std::thread::sleep(std::time::Duration::from_millis(INTAKE_BUSY_LINGER_MS + 20));
+        assert!(!load.busy(), "the burst ended");
+    }
+
+    #[test]
+    fn a_shared_store_never_holds_the_pipelines_back() {
+        let load = IntakeLoad::new(false);
+        let entered: Vec<Entered<'_>> = (0..10).map(|_| load.enter()).collect();
+        assert!(!load.busy());
+        drop(entered);
+    }
+}
