@@ -252,14 +252,18 @@ impl<X> Stored<X> {
     /// `(step name, raw JSON)` of the succeeded steps that returned an
     /// output, in step order: what consumers and later steps see.
     pub fn succeeded_outputs(&self) -> Vec<(String, String)> {
-        self.record
-            .steps
-            .iter()
-            .zip(&self.outputs)
-            .filter(|(s, _)| s.state.status == StepStatus::Succeeded)
-            .filter_map(|(s, o)| o.as_ref().map(|o| (s.name.clone(), o.clone())))
-            .collect()
+        succeeded_outputs(&self.record.steps, &self.outputs)
     }
+}
+
+/// `(step name, raw JSON)` of the succeeded steps that returned an output.
+fn succeeded_outputs(steps: &[StepRecord], outputs: &[Option<String>]) -> Vec<(String, String)> {
+    steps
+        .iter()
+        .zip(outputs)
+        .filter(|(s, _)| s.state.status == StepStatus::Succeeded)
+        .filter_map(|(s, o)| o.as_ref().map(|o| (s.name.clone(), o.clone())))
+        .collect()
 }
 
 /// A changed step.
@@ -863,18 +867,9 @@ impl<X> Working<X> {
     /// after `flush`, with the entity's payload.
     pub fn take_attempts(&mut self, payload: &str) -> Result<Vec<Attempt>> {
         let id = self.record.id;
-        let outputs: Vec<(String, String)> = self
-            .state
-            .steps
-            .iter()
-            .zip(&self.outputs)
-            .enumerate()
-            .filter(|(_, (s, _))| s.status == StepStatus::Succeeded)
-            .filter_map(|(i, (_, o))| {
-                o.as_ref()
-                    .map(|o| (self.pipeline.step(i).name.clone(), o.clone()))
-            })
-            .collect();
+        // After a flush the record holds the working state.
+        debug_assert!(self.events.is_empty(), "take_attempts before flush");
+        let outputs = succeeded_outputs(&self.record.steps, &self.outputs);
         std::mem::take(&mut self.claimed)
             .into_iter()
             .map(|step| {

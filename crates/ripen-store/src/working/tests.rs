@@ -205,6 +205,7 @@ fn results_claim_what_they_unblock_in_the_claim_queue_only() {
     assert!(!w[0].has_claims());
     let mut again = vec![fresh("w5")];
     claim_due(&mut again, HTTP_QUEUE, 10, &ctxs(), T0);
+    let _ = flushed(&mut again[0], T0);
     let _ = again[0].take_attempts("{}");
     let done = success(&again[0], 0, Some("1"));
     complete(

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use bytes::Bytes;
-use hyper::header::HeaderMap;
 use hyper::Method;
 use ripen_client::Client;
 use serde_json::Value;
@@ -61,35 +60,31 @@ pub fn storage_url(dir: &Path) -> String {
 // Answers and the client
 // ---------------------------------------------------------------------------
 
-/// One answer, fully read, with its status as a number for terse asserts.
+/// One answer, fully read, with its status as a number for terse asserts;
+/// the client's answer (headers, body, `header`, `text`) is behind it.
 #[derive(Clone)]
 pub struct Resp {
     pub status: u16,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+    answer: ripen_client::Response,
 }
 
 impl From<ripen_client::Response> for Resp {
-    fn from(r: ripen_client::Response) -> Resp {
+    fn from(answer: ripen_client::Response) -> Resp {
         Resp {
-            status: r.status.as_u16(),
-            headers: r.headers,
-            body: r.body,
+            status: answer.status.as_u16(),
+            answer,
         }
     }
 }
 
+impl Deref for Resp {
+    type Target = ripen_client::Response;
+    fn deref(&self) -> &ripen_client::Response {
+        &self.answer
+    }
+}
+
 impl Resp {
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
     /// The body as JSON; panics with the whole answer if it is not JSON.
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
