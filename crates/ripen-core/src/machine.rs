@@ -42,6 +42,15 @@ pub enum Input {
     /// Start an attempt of a queued step, or of a retrying one whose backoff elapsed.
     Claim {
         step: usize,
+        /// Who takes the lease, if it says (a remote worker's id).
+        holder: Option<String>,
+    },
+    /// The holder of a running attempt is alive: its lease is extended to
+    /// the step's timeout (plus grace) from now. An expired lease is not
+    /// revived.
+    Heartbeat {
+        step: usize,
+        epoch: u64,
     },
     Succeeded {
         step: usize,
@@ -115,6 +124,8 @@ pub enum Event {
         attempt: u32,
         epoch: u64,
         lease_expires_at_us: UnixMicros,
+        /// Who took the lease, if it said.
+        holder: Option<String>,
     },
     StepSucceeded {
         step: usize,
@@ -187,7 +198,7 @@ pub fn apply(
     debug_assert_eq!(pipeline.len(), state.steps.len());
     let mut t = Transition::default();
     match input {
-        Input::Claim { step } => {
+        Input::Claim { step, holder } => {
             let spec = pipeline.steps().get(step).ok_or(Refusal::NoSuchStep)?;
             let s = &state.steps[step];
             let runnable = match s.status {
@@ -204,17 +215,39 @@ pub fn apply(
             let s = &mut state.steps[step];
             s.attempts += 1;
             s.epoch += 1;
+            s.holder = holder.clone();
             let (attempt, epoch) = (s.attempts, s.epoch);
             t.event(Event::StepStarted {
                 step,
                 attempt,
                 epoch,
                 lease_expires_at_us,
+                holder,
             });
             t.act(Action::WakeAt {
                 step,
                 at_us: lease_expires_at_us,
             });
+        }
+        Input::Heartbeat { step, epoch } => {
+            check_live_attempt(state, step, epoch)?;
+            if state.steps[step]
+                .due_at_us
+                .is_some_and(|due| due <= ctx.now_us)
+            {
+                return Err(Refusal::Stale);
+            }
+            let spec = pipeline.step(step);
+            let lease_ms = spec.timeout_ms.saturating_add(ctx.lease_grace_ms);
+            let lease_expires_at_us = after_ms(ctx.now_us, lease_ms);
+            // A heartbeat never shortens a lease.
+            let at_us = state.steps[step]
+                .due_at_us
+                .map_or(lease_expires_at_us, |due| due.max(lease_expires_at_us));
+            if state.steps[step].due_at_us != Some(at_us) {
+                state.steps[step].due_at_us = Some(at_us);
+                t.act(Action::WakeAt { step, at_us });
+            }
         }
         Input::Succeeded { step, epoch } => {
             check_live_attempt(state, step, epoch)?;
@@ -335,6 +368,9 @@ fn set_step(state: &mut EntityState, step: usize, to: StepStatus, due_at_us: Opt
     );
     s.status = to;
     s.due_at_us = due_at_us;
+    if to != StepStatus::Running {
+        s.holder = None;
+    }
 }
 
 fn check_live_attempt(state: &EntityState, step: usize, epoch: u64) -> Result<(), Refusal> {

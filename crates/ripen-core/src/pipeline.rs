@@ -16,7 +16,7 @@ pub const STEP_NAME_LEN_MAX: usize = 64;
 pub enum Executor {
     /// Ripen POSTs the step contract to this URL.
     Http { url: String },
-    /// Reserved for remote workers pulling from a named queue.
+    /// Remote workers pull the step from a named queue over HTTP.
     Worker { queue: String },
 }
 
@@ -31,6 +31,12 @@ impl Executor {
             Executor::Http { .. } => HTTP_QUEUE.to_owned(),
             Executor::Worker { queue } => format!("worker:{queue}"),
         }
+    }
+
+    /// Whether a process other than the node runs the step: its lease then
+    /// outlives a restart of the node.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Executor::Worker { .. })
     }
 }
 
@@ -248,6 +254,11 @@ impl Pipeline {
         &self.queues[i]
     }
 
+    /// Whether step `i` runs outside the node (see [`Executor::is_remote`]).
+    pub fn is_remote(&self, i: usize) -> bool {
+        self.steps[i].executor.is_remote()
+    }
+
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.steps.iter().position(|s| s.name == name)
     }
@@ -267,6 +278,11 @@ impl Catalog {
 
     pub fn get(&self, type_name: &str, version: u32) -> Option<&Arc<Pipeline>> {
         self.pipelines.get(&(type_name.to_owned(), version))
+    }
+
+    /// Every pipeline, by type name and then version.
+    pub fn pipelines(&self) -> impl Iterator<Item = &Arc<Pipeline>> {
+        self.pipelines.values()
     }
 }
 

@@ -134,6 +134,11 @@ pub struct StepState {
     /// otherwise. One index over this column serves claims and timers alike.
     pub due_at_us: Option<UnixMicros>,
     pub last_error: Option<String>,
+    /// Who holds the lease of the running attempt, when it says: the id a
+    /// remote worker sent with its claim. `None` whenever the step is not
+    /// running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
 }
 
 impl StepState {
@@ -144,6 +149,7 @@ impl StepState {
             epoch: 0,
             due_at_us: (status == StepStatus::Queued).then_some(now_us),
             last_error: None,
+            holder: None,
         }
     }
 }

@@ -207,7 +207,10 @@ enum Op {
     Advance(u64),
     /// Move the clock exactly to a step's due time (boundary cases).
     AdvanceToDue(u8),
-    Claim(Target),
+    /// A claim, by a named holder or not.
+    Claim(Target, bool),
+    /// A heartbeat of the holder of a running attempt.
+    Heartbeat(Target, EpochSel),
     Succeed(Target, EpochSel),
     Fail {
         step: Target,
@@ -228,7 +231,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         30 => (0u64..=80_000).prop_map(Op::Advance),
         20 => any::<u8>().prop_map(Op::AdvanceToDue),
-        50 => target().prop_map(Op::Claim),
+        50 => (target(), any::<bool>()).prop_map(|(t, named)| Op::Claim(t, named)),
+        15 => (target(), epoch_sel()).prop_map(|(s, e)| Op::Heartbeat(s, e)),
         50 => (target(), epoch_sel()).prop_map(|(s, e)| Op::Succeed(s, e)),
         30 => (
             target(),
@@ -421,7 +425,8 @@ fn model_apply(
     let mut m = before.clone();
     let now = ctx.now_us;
     match input {
-        &Input::Claim { step } => {
+        Input::Claim { step, holder } => {
+            let step = *step;
             if step >= p.len() {
                 return Err(Refusal::NoSuchStep);
             }
@@ -439,6 +444,17 @@ fn model_apply(
             s.attempts += 1;
             s.epoch += 1;
             s.due_at_us = Some(now + ms_to_us(spec.timeout_ms + ctx.lease_grace_ms));
+            s.holder = holder.clone();
+        }
+        &Input::Heartbeat { step, epoch } => {
+            model_live_attempt(&m, step, epoch)?;
+            let s = &mut m.steps[step];
+            let lease = s.due_at_us.unwrap();
+            if lease <= now {
+                return Err(Refusal::Stale);
+            }
+            let renewed = now + ms_to_us(p.step(step).timeout_ms + ctx.lease_grace_ms);
+            s.due_at_us = Some(lease.max(renewed));
         }
         &Input::Succeeded { step, epoch } => {
             model_live_attempt(&m, step, epoch)?;
@@ -502,6 +518,12 @@ fn model_apply(
             model_settle(p, &mut m, now);
         }
     }
+    // Only a running attempt has a holder.
+    for s in &mut m.steps {
+        if s.status != StepStatus::Running {
+            s.holder = None;
+        }
+    }
     Ok(m)
 }
 
@@ -515,6 +537,7 @@ fn check_model(want: &EntityState, got: &EntityState) -> TestResult {
         prop_assert_eq!(w.attempts, g.attempts, "attempts of step {}", i);
         prop_assert_eq!(w.epoch, g.epoch, "epoch of step {}", i);
         prop_assert_eq!(w.due_at_us, g.due_at_us, "due_at_us of step {}", i);
+        prop_assert_eq!(&w.holder, &g.holder, "holder of step {}", i);
         if w.last_error.as_deref() == Some(LOST_MARK) {
             prop_assert!(
                 g.last_error.as_ref().is_some_and(|e| !e.is_empty()),
@@ -673,7 +696,12 @@ fn check_transition(
     };
     check_actions(p, before, after, transition)?;
     let events = &transition.events;
-    prop_assert!(!events.is_empty(), "an accepted input says what it did");
+    if matches!(input, Input::Heartbeat { .. }) {
+        // A heartbeat only moves a lease, which is not history.
+        prop_assert!(events.is_empty(), "a heartbeat writes no history");
+    } else {
+        prop_assert!(!events.is_empty(), "an accepted input says what it did");
+    }
 
     // 2. The status moves only along the lifecycle, and only by the right input.
     if before.status != after.status {
@@ -750,10 +778,11 @@ fn check_transition(
                 attempt,
                 epoch,
                 lease_expires_at_us,
+                holder,
             } => {
                 prop_assert!(
-                    matches!(input, Input::Claim { step: s } if s == step),
-                    "StepStarted by its claim"
+                    matches!(input, Input::Claim { step: s, holder: h } if s == step && h == holder),
+                    "StepStarted by its claim, with its holder"
                 );
                 let s = &mut sim.steps[*step];
                 prop_assert!(matches!(
@@ -767,6 +796,7 @@ fn check_transition(
                 s.attempts = *attempt;
                 s.epoch = *epoch;
                 s.due_at_us = Some(*lease_expires_at_us);
+                s.holder = holder.clone();
             }
             Event::StepSucceeded { step, attempt } => {
                 prop_assert!(
@@ -900,8 +930,21 @@ fn check_transition(
             }
         }
     }
-    // The one change without an event of its own: a success unblocks dependents.
+    // Changes without an event of their own: a step that stops running has
+    // no holder; a heartbeat moves its lease; a success unblocks dependents.
     for (i, (s, a)) in sim.steps.iter_mut().zip(&after.steps).enumerate() {
+        if s.status != StepStatus::Running {
+            s.holder = None;
+        }
+        if let Input::Heartbeat { step, .. } = input {
+            if *step == i && s.status == StepStatus::Running {
+                prop_assert!(
+                    a.due_at_us >= s.due_at_us,
+                    "a heartbeat never shortens a lease"
+                );
+                s.due_at_us = a.due_at_us;
+            }
+        }
         if s.status == StepStatus::Blocked && a.status == StepStatus::Queued {
             prop_assert!(succeeded_any, "step {} unblocked without a success", i);
             prop_assert_eq!(a.due_at_us, Some(ctx.now_us));
@@ -1092,13 +1135,19 @@ impl<'a> Harness<'a> {
                     self.now = self.now.max(dues[usize::from(*sel) % dues.len()]);
                 }
             }
-            Op::Claim(sel) => {
+            Op::Claim(sel, named) => {
                 self.try_apply(
                     Input::Claim {
                         step: self.target(*sel, CLAIMABLE),
+                        holder: named.then(|| format!("worker-{i}")),
                     },
                     jitter,
                 )?;
+            }
+            Op::Heartbeat(sel, e) => {
+                let step = self.target(*sel, RUNNING);
+                let epoch = e.resolve(self.epoch_of(step));
+                self.try_apply(Input::Heartbeat { step, epoch }, jitter)?;
             }
             Op::Succeed(sel, e) => {
                 let step = self.target(*sel, RUNNING);
@@ -1257,7 +1306,7 @@ fn drive(
             let runnable = s.status == StepStatus::Queued
                 || (s.status == StepStatus::Retrying && s.due_at_us.unwrap() <= h.now);
             if runnable {
-                h.apply_ok(Input::Claim { step }, rng.unit())?;
+                h.apply_ok(Input::Claim { step, holder: None }, rng.unit())?;
                 ops += 1;
             }
         }
@@ -1523,7 +1572,8 @@ fn w5_walkthrough() -> TestResult {
     };
     let (a, b, c, d, e) = (0, 1, 2, 3, 4);
     let mut h = Harness::new(&case)?;
-    let claim = |h: &mut Harness<'_>, step: usize| h.apply(Input::Claim { step }, 0.999);
+    let claim =
+        |h: &mut Harness<'_>, step: usize| h.apply(Input::Claim { step, holder: None }, 0.999);
     let succeed = |h: &mut Harness<'_>, step: usize| {
         let epoch = h.state.steps[step].epoch;
         h.apply(Input::Succeeded { step, epoch }, 0.999)

@@ -22,6 +22,7 @@ pub const DEFAULT_CONCURRENCY: usize = 512;
 pub const DEFAULT_LEASE_GRACE_MS: u64 = 5_000;
 pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+pub const DEFAULT_WAITING_CLAIMS_MAX: usize = 1_000;
 pub const TYPES_MAX: usize = 256;
 
 /// A validated configuration.
@@ -53,6 +54,8 @@ pub struct EngineConfig {
     pub poll_interval_ms: u64,
     /// How long a stopping node waits for its running attempts to finish.
     pub shutdown_grace_ms: u64,
+    /// The most worker claims that may wait for work on this node at once.
+    pub waiting_claims_max: usize,
 }
 
 #[derive(Debug)]
@@ -137,7 +140,14 @@ impl Config {
                 .map_err(|p| err("engine.poll_interval", p))?,
             shutdown_grace_ms: duration_ms(e.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE_MS)
                 .map_err(|p| err("engine.shutdown_grace", p))?,
+            waiting_claims_max: e.waiting_claims_max.unwrap_or(DEFAULT_WAITING_CLAIMS_MAX),
         };
+        if engine.waiting_claims_max == 0 || engine.waiting_claims_max > 100_000 {
+            return Err(err(
+                "engine.waiting_claims_max",
+                "must be between 1 and 100000".into(),
+            ));
+        }
         if engine.concurrency == 0 || engine.concurrency > 65_536 {
             return Err(err(
                 "engine.concurrency",
@@ -223,11 +233,14 @@ fn step_def(s: RawStep) -> Result<StepDef, (String, String)> {
             check_http_url(&url).map_err(|p| (".http".to_owned(), p))?;
             Executor::Http { url }
         }
-        (None, Some(_)) => {
-            return Err((
-                ".worker".into(),
-                "the worker executor is not supported by this build yet; use http".into(),
-            ))
+        (None, Some(queue)) => {
+            if !valid_type_name(&queue) {
+                return Err((
+                    ".worker".into(),
+                    format!("{queue:?} is not a queue name: 1 to 64 letters, digits, '_' or '-'"),
+                ));
+            }
+            Executor::Worker { queue }
         }
         (Some(_), Some(_)) => {
             return Err((
@@ -238,7 +251,10 @@ fn step_def(s: RawStep) -> Result<StepDef, (String, String)> {
         (None, None) => {
             return Err((
                 "".into(),
-                format!("step {:?} has no executor; set http = \"http://…\"", s.name),
+                format!(
+                    "step {:?} has no executor; set http = \"http://…\" or worker = \"queue\"",
+                    s.name
+                ),
             ))
         }
     };
@@ -334,6 +350,7 @@ struct RawEngine {
     lease_grace: Option<String>,
     poll_interval: Option<String>,
     shutdown_grace: Option<String>,
+    waiting_claims_max: Option<usize>,
 }
 
 #[derive(Deserialize)]

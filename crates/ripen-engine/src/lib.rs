@@ -7,6 +7,8 @@
 //!   results, and drains on shutdown;
 //! - [`executor`] runs attempts: the [`StepExecutor`] trait, the registry of
 //!   executors by kind, and the HTTP executor of the step contract;
+//! - [`workers`] serves worker queues to remote workers: long-poll claims,
+//!   heartbeats and results;
 //! - [`feed`] follows one entity's history live;
 //! - [`time`] is the [`Clock`] every part reads.
 //!
@@ -22,6 +24,7 @@ mod intake;
 mod scheduler;
 pub mod schema;
 pub mod time;
+pub mod workers;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,6 +43,7 @@ pub use feed::EntityFeed;
 pub use intake::{SubmitError, IDEMPOTENCY_KEY_LEN_MAX};
 pub use scheduler::Drained;
 pub use time::{Clock, ManualClock, StoreClock};
+pub use workers::{Report, Task, TaskId, WorkerError, Workers};
 
 use intake::Intake;
 use scheduler::Scheduler;
@@ -73,6 +77,7 @@ pub struct Engine {
     store: Arc<dyn Store>,
     intake: Intake,
     scheduler: Scheduler,
+    workers: Arc<Workers>,
     clock: Arc<dyn Clock>,
     shutting_down: AtomicBool,
     /// Tasks that live as long as the engine, aborted when it is dropped.
@@ -150,6 +155,11 @@ impl Engine {
                 .unwrap_or_else(|| ExecutorRegistry::standard(config.engine.concurrency)),
         );
         let load = Arc::new(intake::IntakeLoad::new(!store.is_shared()));
+        let local_queues: Vec<String> = executors
+            .local_queues()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
         let scheduler = Scheduler::start(
             store.clone(),
             catalog.clone(),
@@ -158,9 +168,19 @@ impl Engine {
             load.clone(),
             &config.engine,
         );
-        if store.is_shared() && config.engine.execute {
-            store.notify_on_work(scheduler.waker());
-        }
+        let workers = Workers::new(
+            store.clone(),
+            &catalog,
+            clock.clone(),
+            config.engine.waiting_claims_max,
+            scheduler.waker(),
+        );
+        watch_work(
+            store.as_ref(),
+            &workers,
+            local_queues,
+            (store.is_shared() && config.engine.execute).then(|| scheduler.waker()),
+        );
         let intake = Intake::new(
             store.clone(),
             &config,
@@ -173,6 +193,7 @@ impl Engine {
             store,
             intake,
             scheduler,
+            workers,
             clock,
             shutting_down: AtomicBool::new(false),
             _background: background,
@@ -273,6 +294,49 @@ impl Engine {
         Ok(outcome)
     }
 
+    /// Claims up to `max` tasks of worker queue `queue` for `worker`,
+    /// waiting up to `wait` for work when none is due.
+    pub async fn claim_tasks(
+        &self,
+        queue: &str,
+        worker: Option<&str>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Task>, WorkerError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(WorkerError::ShuttingDown);
+        }
+        self.workers.claim(queue, worker, max, wait).await
+    }
+
+    /// Extends the lease of a worker's task; the new expiry.
+    pub async fn heartbeat_task(
+        &self,
+        id: TaskId,
+        lease: &str,
+    ) -> Result<ripen_core::UnixMicros, WorkerError> {
+        self.workers.heartbeat(id, lease).await
+    }
+
+    /// Records a worker's result for its task.
+    pub async fn report_task(
+        &self,
+        id: TaskId,
+        lease: &str,
+        report: Report,
+    ) -> Result<(), WorkerError> {
+        self.workers.report(id, lease, report).await
+    }
+
+    /// The pipeline of a type version this node knows.
+    pub fn pipeline(&self, type_name: &str, version: u32) -> Option<&ripen_core::Pipeline> {
+        self.config
+            .types
+            .iter()
+            .find(|t| t.name == type_name && t.version == version)
+            .map(|t| &t.pipeline)
+    }
+
     /// Whether this node can serve requests now.
     pub async fn readiness(&self) -> Result<(), NotReady> {
         if self.shutting_down.load(Ordering::SeqCst) {
@@ -288,9 +352,38 @@ impl Engine {
     /// readiness reports the node as shutting down.
     pub async fn shutdown(&self) -> Drained {
         self.shutting_down.store(true, Ordering::SeqCst);
+        // Waiting workers answer now and claim from another node; their
+        // results and heartbeats are still taken while the node drains.
+        self.workers.close();
         let grace = Duration::from_millis(self.config.engine.shutdown_grace_ms);
         self.scheduler.shutdown(grace).await
     }
+}
+
+/// Routes the store's work notifications: a local queue wakes the
+/// scheduler (when `scheduler` is set: a shared store, where other nodes
+/// make work for this one), a worker queue wakes the claims waiting on it.
+fn watch_work(
+    store: &dyn Store,
+    workers: &Arc<Workers>,
+    local_queues: Vec<String>,
+    scheduler: Option<Arc<tokio::sync::Notify>>,
+) {
+    // Weak: the store outlives neither the engine nor its workers.
+    let workers = Arc::downgrade(workers);
+    store.watch_work(Arc::new(move |queue: Option<&str>| {
+        let local = queue.is_none_or(|q| local_queues.iter().any(|l| l == q));
+        if local {
+            if let Some(s) = &scheduler {
+                s.notify_one();
+            }
+        }
+        if queue.is_none() || !local {
+            if let Some(w) = workers.upgrade() {
+                w.wake(queue);
+            }
+        }
+    }));
 }
 
 /// How long a starting node waits for PostgreSQL to answer.

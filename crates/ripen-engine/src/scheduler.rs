@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ripen_core::Catalog;
-use ripen_store::{Attempt, Completion, CompletionResult, Outcome, Store};
+use ripen_store::{Attempt, Claim, Completion, CompletionResult, Outcome, Store};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -285,7 +285,7 @@ async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiv
             }
             match shared
                 .store
-                .claim_due(queue, shared.clock.now_us(), free)
+                .claim_due(Claim::local(queue, free), shared.clock.now_us())
                 .await
             {
                 Ok(batch) => {
@@ -575,6 +575,7 @@ mod tests {
             lease_grace_ms: 5_000,
             poll_interval_ms: 50,
             shutdown_grace_ms: 0,
+            waiting_claims_max: 10,
         };
         let scheduler = Scheduler::start(
             store.clone(),

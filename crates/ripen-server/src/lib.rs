@@ -5,6 +5,7 @@ mod dashboard;
 mod problem;
 mod stream;
 mod view;
+mod workers;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -106,6 +107,10 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/entities/{id}/events", get(events))
         .route("/v1/entities/{id}/retry", post(retry))
         .route("/v1/entities/{id}/cancel", post(cancel))
+        .route("/v1/queues/{queue}/claim", post(workers::claim))
+        .route("/v1/tasks/{task}/heartbeat", post(workers::heartbeat))
+        .route("/v1/tasks/{task}/complete", post(workers::complete))
+        .route("/v1/tasks/{task}/fail", post(workers::fail))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -189,39 +194,14 @@ async fn submit(
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
     let limit = state.engine.config().body_limit_bytes;
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload-too-large",
-            "Payload too large",
-            format!("the body exceeds the limit of {limit} bytes"),
-        )
-        .with("limit_bytes", json!(limit))
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
+    check_declared_length(headers, limit)?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => Some(v.to_str().map_err(|_| {
             Problem::bad_request("the Idempotency-Key header is not visible ASCII")
         })?),
     };
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let inner = e.into_inner();
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
-        while let Some(err) = source {
-            if err.is::<http_body_util::LengthLimitError>() {
-                return too_large();
-            }
-            source = err.source();
-        }
-        Problem::bad_request(format!("reading the body failed: {inner}"))
-    })?;
+    let bytes = read_body(body, limit).await?;
     let outcome = state
         .engine
         .submit(DEFAULT_TENANT, &type_name, &bytes, key)
@@ -275,7 +255,13 @@ async fn submit(
             .with("entity_id", json!(entity_id.to_string())))
         }
     };
-    let mut response = json_text(StatusCode::ACCEPTED, view::entity_json(&record));
+    let mut response = json_text(
+        StatusCode::ACCEPTED,
+        view::entity_json(
+            &record,
+            state.engine.pipeline(&record.type_name, record.version),
+        ),
+    );
     let h = response.headers_mut();
     if let Ok(loc) = HeaderValue::from_str(&format!("/v1/entities/{}", record.id)) {
         h.insert(header::LOCATION, loc);
@@ -284,6 +270,43 @@ async fn submit(
         h.insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload-too-large",
+        "Payload too large",
+        format!("the body exceeds the limit of {limit} bytes"),
+    )
+    .with("limit_bytes", json!(limit))
+}
+
+/// Refuses a body whose declared length is over `limit` before reading it.
+fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), Problem> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit));
+    }
+    Ok(())
+}
+
+/// Reads a whole body of at most `limit` bytes.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, Problem> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+        while let Some(err) = source {
+            if err.is::<http_body_util::LengthLimitError>() {
+                return too_large(limit);
+            }
+            source = err.source();
+        }
+        Problem::bad_request(format!("reading the body failed: {inner}"))
+    })
 }
 
 async fn get_entity(
@@ -297,7 +320,10 @@ async fn get_entity(
         .await
         .map_err(store_problem)?
     {
-        Some(r) => Ok(json_text(StatusCode::OK, view::entity_json(&r))),
+        Some(r) => Ok(json_text(
+            StatusCode::OK,
+            view::entity_json(&r, state.engine.pipeline(&r.type_name, r.version)),
+        )),
         None => Err(no_entity(id)),
     }
 }
@@ -396,7 +422,7 @@ async fn list(
         if i > 0 {
             body.push(',');
         }
-        view::write_entity(&mut body, r);
+        view::write_entity(&mut body, r, state.engine.pipeline(&r.type_name, r.version));
     }
     body.push_str("],\"next\":");
     body.push_str(&Value::from(next).to_string());
@@ -449,7 +475,13 @@ async fn retry(
 ) -> Result<Response, Problem> {
     let id = entity_id(p)?;
     let outcome = state.engine.retry(DEFAULT_TENANT, id).await;
-    command_answer(id, outcome, "retry", "only a failed entity can be retried")
+    command_answer(
+        &state.engine,
+        id,
+        outcome,
+        "retry",
+        "only a failed entity can be retried",
+    )
 }
 
 async fn cancel(
@@ -459,6 +491,7 @@ async fn cancel(
     let id = entity_id(p)?;
     let outcome = state.engine.cancel(DEFAULT_TENANT, id).await;
     command_answer(
+        &state.engine,
         id,
         outcome,
         "cancel",
@@ -467,13 +500,17 @@ async fn cancel(
 }
 
 fn command_answer(
+    engine: &Engine,
     id: EntityId,
     outcome: Result<CommandOutcome, StoreError>,
     verb: &str,
     rule: &str,
 ) -> Result<Response, Problem> {
     match outcome.map_err(store_problem)? {
-        CommandOutcome::Applied(r) => Ok(json_text(StatusCode::ACCEPTED, view::entity_json(&r))),
+        CommandOutcome::Applied(r) => Ok(json_text(
+            StatusCode::ACCEPTED,
+            view::entity_json(&r, engine.pipeline(&r.type_name, r.version)),
+        )),
         CommandOutcome::NotFound => Err(no_entity(id)),
         CommandOutcome::Conflict(status) => Err(Problem::new(
             StatusCode::CONFLICT,

@@ -1,8 +1,9 @@
 //! The JSON views of the HTTP API (docs/api.md): the entity view, the
 //! consumable entity and history events.
 
-use ripen_core::StepStatus;
+use ripen_core::{Pipeline, StepStatus};
 use ripen_engine::time::rfc3339;
+use ripen_engine::ExecutorKind;
 use ripen_store::{EntityData, EntityRecord, HistoryEvent};
 use std::fmt::Write as _;
 
@@ -11,14 +12,22 @@ use serde_json::{json, Map, Value};
 /// The entity view as JSON text, written out directly: the same bytes as
 /// serialising [`entity`] (serde_json sorts object keys), without building a
 /// value first. Intake answers with it, so it is on the hottest path.
-pub fn entity_json(r: &EntityRecord) -> String {
+/// `pipeline` is the entity's, when this node knows it: the view then says
+/// which executor runs each step.
+pub fn entity_json(r: &EntityRecord, pipeline: Option<&Pipeline>) -> String {
     let mut out = String::with_capacity(256 + 128 * r.steps.len());
-    write_entity(&mut out, r);
+    write_entity(&mut out, r, pipeline);
     out
 }
 
+/// The kind of executor of step `i`, if the pipeline is known.
+fn executor_of(pipeline: Option<&Pipeline>, i: usize) -> Option<&'static str> {
+    let p = pipeline.filter(|p| p.len() > i)?;
+    Some(ExecutorKind::of(&p.step(i).executor).as_str())
+}
+
 /// Appends the entity view to `out`; see [`entity_json`].
-pub fn write_entity(out: &mut String, r: &EntityRecord) {
+pub fn write_entity(out: &mut String, r: &EntityRecord, pipeline: Option<&Pipeline>) {
     out.push_str("{\"created_at\":\"");
     out.push_str(&rfc3339(r.created_at_us));
     out.push_str("\",\"degraded\":");
@@ -55,12 +64,23 @@ pub fn write_entity(out: &mut String, r: &EntityRecord) {
         }
         let _ = write!(
             out,
-            "{{\"attempts\":{},\"critical\":{},\"last_error\":",
+            "{{\"attempts\":{},\"critical\":{},",
             s.state.attempts, s.critical
         );
+        if let Some(kind) = executor_of(pipeline, i) {
+            let _ = write!(out, "\"executor\":\"{kind}\",");
+        }
+        out.push_str("\"last_error\":");
         match &s.state.last_error {
             Some(e) => push_json_string(out, e),
             None => out.push_str("null"),
+        }
+        if s.state.status == StepStatus::Running {
+            if let Some(due) = s.state.due_at_us {
+                out.push_str(",\"lease_expires_at\":\"");
+                out.push_str(&rfc3339(due));
+                out.push('"');
+            }
         }
         out.push_str(",\"name\":");
         push_json_string(out, &s.name);
@@ -73,7 +93,12 @@ pub fn write_entity(out: &mut String, r: &EntityRecord) {
         }
         out.push_str(",\"status\":\"");
         out.push_str(s.state.status.as_str());
-        out.push_str("\"}");
+        out.push('"');
+        if let Some(worker) = &s.state.holder {
+            out.push_str(",\"worker\":");
+            push_json_string(out, worker);
+        }
+        out.push('}');
     }
     out.push_str("],\"type\":");
     push_json_string(out, &r.type_name);
@@ -112,11 +137,12 @@ fn push_json_string(out: &mut String, s: &str) {
 
 /// The entity view as a value; [`entity_json`] writes the same JSON faster.
 #[cfg(test)]
-pub fn entity(r: &EntityRecord) -> Value {
+pub fn entity(r: &EntityRecord, pipeline: Option<&Pipeline>) -> Value {
     let steps: Vec<Value> = r
         .steps
         .iter()
-        .map(|s| {
+        .enumerate()
+        .map(|(i, s)| {
             let mut step = json!({
                 "name": s.name,
                 "status": s.state.status.as_str(),
@@ -128,6 +154,17 @@ pub fn entity(r: &EntityRecord) -> Value {
                 if let Some(due) = s.state.due_at_us {
                     step["next_attempt_at"] = json!(rfc3339(due));
                 }
+            }
+            if s.state.status == StepStatus::Running {
+                if let Some(due) = s.state.due_at_us {
+                    step["lease_expires_at"] = json!(rfc3339(due));
+                }
+            }
+            if let Some(kind) = executor_of(pipeline, i) {
+                step["executor"] = json!(kind);
+            }
+            if let Some(worker) = &s.state.holder {
+                step["worker"] = json!(worker);
             }
             step
         })
@@ -214,6 +251,7 @@ mod tests {
                 epoch: 7,
                 due_at_us: Some(1_700_000_000_123_456),
                 last_error: error.map(str::to_owned),
+                holder: (status == StepStatus::Running).then(|| "w\"1".to_owned()),
             },
         }
     }
@@ -239,14 +277,43 @@ mod tests {
                     Some("HTTP 503: \"busy\"\n\tx\u{8}\u{c}\r"),
                 ),
                 step("e", false, StepStatus::Failed, Some("no")),
+                step("w", true, StepStatus::Running, None),
             ],
         };
-        assert_eq!(entity_json(&r), entity(&r).to_string());
+        let same = |r: &EntityRecord, p: Option<&Pipeline>| {
+            assert_eq!(entity_json(r, p), entity(r, p).to_string());
+        };
+        same(&r, None);
+        let defs = [
+            ("a", None),
+            ("b", None),
+            ("e", Some("billing")),
+            ("w", Some("billing")),
+        ]
+        .map(|(name, worker)| ripen_core::StepDef {
+            name: name.into(),
+            needs: Vec::new(),
+            critical: name != "e",
+            timeout_ms: 1_000,
+            retry: Default::default(),
+            executor: match worker {
+                None => ripen_core::Executor::Http {
+                    url: "http://127.0.0.1:9/x".into(),
+                },
+                Some(q) => ripen_core::Executor::Worker { queue: q.into() },
+            },
+        });
+        let pipeline = Pipeline::new(defs.to_vec()).expect("pipeline");
+        same(&r, Some(&pipeline));
+        let view = entity(&r, Some(&pipeline));
+        assert_eq!(view["steps"][2]["executor"], "worker");
+        assert_eq!(view["steps"][3]["worker"], "w\"1");
+        assert!(view["steps"][3]["lease_expires_at"].is_string());
         r.degraded = true;
         r.status = EntityStatus::Ready;
         r.ready_at_us = Some(1_700_000_001_000_000);
-        assert_eq!(entity_json(&r), entity(&r).to_string());
+        same(&r, Some(&pipeline));
         r.steps.clear();
-        assert_eq!(entity_json(&r), entity(&r).to_string());
+        same(&r, None);
     }
 }

@@ -64,11 +64,19 @@ pub fn from_core(
                     attempt,
                     epoch,
                     lease_expires_at_us,
+                    holder,
                 } => (
                     "step_started",
                     name(*step),
                     Some(*attempt),
-                    json!({"epoch": epoch, "lease_expires_at_us": lease_expires_at_us}),
+                    match holder {
+                        None => json!({"epoch": epoch, "lease_expires_at_us": lease_expires_at_us}),
+                        Some(worker) => json!({
+                            "epoch": epoch,
+                            "lease_expires_at_us": lease_expires_at_us,
+                            "worker": worker,
+                        }),
+                    },
                 ),
                 Event::StepSucceeded { step, attempt } => {
                     ("step_succeeded", name(*step), Some(*attempt), json!({}))

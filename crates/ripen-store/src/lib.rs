@@ -143,6 +143,77 @@ pub struct Attempt {
     pub outputs: Vec<(String, String)>,
 }
 
+/// What a claim asks for: up to `limit` due steps of `queue`, leased to
+/// `holder` when it names itself (a remote worker's id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claim<'a> {
+    pub queue: &'a str,
+    pub limit: usize,
+    pub holder: Option<&'a str>,
+}
+
+impl<'a> Claim<'a> {
+    /// A claim by this node's own scheduler.
+    pub fn local(queue: &'a str, limit: usize) -> Claim<'a> {
+        Claim {
+            queue,
+            limit,
+            holder: None,
+        }
+    }
+}
+
+/// The holder of a running attempt is alive and keeps its lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub entity_id: EntityId,
+    pub step: usize,
+    pub epoch: u64,
+}
+
+/// Called with a queue's name whenever a commit may have made a step of
+/// that queue runnable (here, or on another node sharing the store); with
+/// `None` when any queue may have (say, after notifications were missed).
+pub type WorkWatcher = std::sync::Arc<dyn Fn(Option<&str>) + Send + Sync>;
+
+/// The watchers a store calls after its commits: see [`Store::watch_work`].
+#[derive(Default)]
+pub struct WorkWatchers(std::sync::RwLock<Vec<WorkWatcher>>);
+
+impl WorkWatchers {
+    pub fn add(&self, watcher: WorkWatcher) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(watcher);
+    }
+
+    /// Tells every watcher that `queue` (`None`: any queue) may have
+    /// runnable work.
+    pub fn wake(&self, queue: Option<&str>) {
+        let watchers = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for w in watchers.iter() {
+            w(queue);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+}
+
+impl fmt::Debug for WorkWatchers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WorkWatchers")
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClaimBatch {
     pub attempts: Vec<Attempt>,
@@ -243,10 +314,20 @@ pub trait Store: Send + Sync + 'static {
     /// Concurrent calls may share one commit.
     async fn create(&self, entity: NewEntity, now_us: UnixMicros) -> Result<IntakeOutcome>;
 
-    /// Claims up to `limit` runnable steps of `queue` (queued, or retrying
-    /// with backoff elapsed) and first turns expired leases into lost
-    /// attempts. `next_due_us` is the earliest due time left in that queue.
-    async fn claim_due(&self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch>;
+    /// Claims up to `claim.limit` runnable steps of `claim.queue` (queued,
+    /// or retrying with backoff elapsed) and first turns expired leases
+    /// into lost attempts. `next_due_us` is the earliest due time left in
+    /// that queue.
+    async fn claim_due(&self, claim: Claim<'_>, now_us: UnixMicros) -> Result<ClaimBatch>;
+
+    /// Extends the leases of running attempts whose holders are alive. One
+    /// answer per beat: the new lease expiry, or `None` when that lease no
+    /// longer holds (a stale epoch, an expired lease, an unknown entity).
+    async fn heartbeat(
+        &self,
+        beats: Vec<Heartbeat>,
+        now_us: UnixMicros,
+    ) -> Result<Vec<Option<UnixMicros>>>;
 
     /// Records attempt results; a result whose epoch no longer holds is
     /// refused and changes nothing. The steps of `claim_queue` these results
@@ -305,8 +386,9 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
-    /// Asks the store to wake this node's scheduler whenever another node
-    /// commits work that may be runnable. The default does nothing: with one
-    /// node, the node wakes itself.
-    fn notify_on_work(&self, _waker: std::sync::Arc<tokio::sync::Notify>) {}
+    /// Asks the store to call `watcher` with a queue's name whenever a
+    /// commit, by this node or another one sharing the store, may have made
+    /// a step of that queue runnable. Calls are cheap hints; a watcher must
+    /// not block.
+    fn watch_work(&self, watcher: WorkWatcher);
 }

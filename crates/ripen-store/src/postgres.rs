@@ -18,9 +18,11 @@
 //!   task that commits up to [`PostgresOptions::batch_max`] of them in one
 //!   transaction with multi-row (`UNNEST`) statements; a few batches commit
 //!   in parallel. `complete` already takes batches and writes them the same way.
-//! - **Wake-ups.** Every transaction that may make steps runnable for other
-//!   nodes runs `pg_notify('ripen_work', '')`; [`Store::notify_on_work`]
-//!   listens on a connection of its own and reconnects with backoff.
+//! - **Wake-ups.** Every transaction that may make steps runnable runs
+//!   `pg_notify('ripen_work', queue)` for each queue concerned;
+//!   [`Store::watch_work`] listens on a connection of its own (every node
+//!   hears its own commits too), reconnects with backoff, and tells the
+//!   watchers which queue to look at.
 //! - **Connection loss.** A small pool drops broken connections and
 //!   reconnects on the next use; connection errors are
 //!   [`StoreError::Unavailable`], so a restarted database is used again
@@ -54,13 +56,13 @@ use crate::decode::{entity_id, entity_status, step_status, to_i64, to_u32, to_u6
 use crate::history::HistoryEvent;
 use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
-    Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
-    EntityRecord, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result, StepRecord, Store,
-    StoreError,
+    Attempt, Claim, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
+    EntityRecord, Heartbeat, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result, StepRecord,
+    Store, StoreError, WorkWatcher, WorkWatchers,
 };
 
 /// The schema this build writes, kept in `ripen_schema`.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
 /// The advisory lock that serializes schema migrations of nodes starting at once.
 const MIGRATION_LOCK: i64 = 0x7269_7065_6e5f_6d31; // "ripen_m1"
 /// The channel of work notifications.
@@ -127,8 +129,10 @@ CREATE TABLE IF NOT EXISTS steps (
     due_at bigint,
     last_error text,
     output bytea,
+    holder text,
     PRIMARY KEY (entity_id, idx)
 );
+ALTER TABLE steps ADD COLUMN IF NOT EXISTS holder text;
 CREATE INDEX IF NOT EXISTS steps_due ON steps (queue, due_at) WHERE due_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS idempotency (
     tenant text NOT NULL,
@@ -162,7 +166,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 /// every entity-reading query returns them; `output` is read where needed.
 const ENTITY_STEP_COLUMNS: &str = "e.id, e.tenant, e.type, e.version, e.status, e.degraded,
     e.created_at, e.updated_at, e.ready_at, e.next_seq,
-    s.idx, s.name, s.critical, s.status, s.attempts, s.epoch, s.due_at, s.last_error";
+    s.idx, s.name, s.critical, s.status, s.attempts, s.epoch, s.due_at, s.last_error, s.holder";
 
 /// How to connect a [`PostgresStore`].
 #[derive(Clone, Debug)]
@@ -195,8 +199,10 @@ impl PostgresOptions {
 pub struct PostgresStore {
     shared: Arc<Shared>,
     creates: mpsc::Sender<CreateJob>,
-    /// Notification listeners started by `notify_on_work`; aborted on drop.
+    /// The notification listener, started by the first `watch_work`;
+    /// aborted on drop.
     listeners: Mutex<Vec<JoinHandle<()>>>,
+    watchers: Arc<WorkWatchers>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -277,6 +283,7 @@ impl PostgresStore {
             shared,
             creates,
             listeners: Mutex::new(Vec::new()),
+            watchers: Arc::new(WorkWatchers::default()),
             runtime: tokio::runtime::Handle::current(),
         })
     }
@@ -318,10 +325,24 @@ impl Store for PostgresStore {
         })?
     }
 
-    async fn claim_due(&self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
+    async fn claim_due(&self, claim: Claim<'_>, now_us: UnixMicros) -> Result<ClaimBatch> {
         let conn = self.shared.pool.get().await?;
         conn.begin().await?;
-        let result = self.shared.claim_due(&conn, queue, now_us, limit).await;
+        let result = self.shared.claim_due(&conn, &claim, now_us).await;
+        conn.finish(result).await
+    }
+
+    async fn heartbeat(
+        &self,
+        beats: Vec<Heartbeat>,
+        now_us: UnixMicros,
+    ) -> Result<Vec<Option<UnixMicros>>> {
+        if beats.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = self.shared.heartbeat(&conn, &beats, now_us).await;
         conn.finish(result).await
     }
 
@@ -401,7 +422,7 @@ impl Store for PostgresStore {
         let Some(first) = rows.first() else {
             return Ok(None);
         };
-        let payload: Option<Vec<u8>> = first.try_get(19).map_err(decode_error)?;
+        let payload: Option<Vec<u8>> = first.try_get(20).map_err(decode_error)?;
         let payload = text_of(
             payload.ok_or_else(|| {
                 StoreError::Internal(format!("the payload of entity {id} is missing"))
@@ -559,13 +580,14 @@ impl Store for PostgresStore {
         true
     }
 
-    fn notify_on_work(&self, waker: Arc<tokio::sync::Notify>) {
-        let config = self.shared.pool.config.clone();
-        let listener = self.runtime.spawn(listen_for_work(config, waker));
-        self.listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(listener);
+    fn watch_work(&self, watcher: WorkWatcher) {
+        self.watchers.add(watcher);
+        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        if listeners.is_empty() {
+            let config = self.shared.pool.config.clone();
+            let watchers = self.watchers.clone();
+            listeners.push(self.runtime.spawn(listen_for_work(config, watchers)));
+        }
     }
 }
 
@@ -946,10 +968,11 @@ fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<Stored>> {
                 epoch: to_u64(row.try_get(15).map_err(decode_error)?, "steps.epoch")?,
                 due_at_us: row.try_get(16).map_err(decode_error)?,
                 last_error: row.try_get(17).map_err(decode_error)?,
+                holder: row.try_get(18).map_err(decode_error)?,
             },
         });
         let output = if with_output {
-            row.try_get::<_, Option<Vec<u8>>>(18)
+            row.try_get::<_, Option<Vec<u8>>>(19)
                 .map_err(decode_error)?
                 .map(|o| text_of(o, "steps.output"))
                 .transpose()?
@@ -979,6 +1002,7 @@ struct Writes {
     step_epoch: Vec<i64>,
     step_due_at: Vec<Option<i64>>,
     step_error: Vec<Option<String>>,
+    step_holder: Vec<Option<String>>,
     step_set_output: Vec<bool>,
     step_output: Vec<Option<Vec<u8>>>,
 
@@ -1003,8 +1027,9 @@ struct Writes {
     outbox_kind: Vec<String>,
     outbox_body: Vec<String>,
 
-    /// Some step became runnable now or later: other nodes should look.
-    wake_others: bool,
+    /// The queues in which some step became runnable now or later: every
+    /// node's watchers hear of them.
+    woken: Vec<String>,
 }
 
 type WriteFuture<'a> = Pin<Box<dyn Future<Output = Result<u64>> + Send + 'a>>;
@@ -1013,7 +1038,7 @@ impl Writes {
     /// Binds the rows of a batch of changes, one array per column.
     fn from_rows(rows: &Rows) -> Result<Writes> {
         let mut w = Writes {
-            wake_others: rows.wake_others,
+            woken: rows.woken.clone(),
             ..Writes::default()
         };
         for r in &rows.steps {
@@ -1025,6 +1050,7 @@ impl Writes {
             w.step_epoch.push(to_i64(now.epoch, "epoch")?);
             w.step_due_at.push(now.due_at_us);
             w.step_error.push(now.last_error.as_deref().map(pg_text));
+            w.step_holder.push(now.holder.as_deref().map(pg_text));
             w.step_set_output.push(r.output.is_some());
             w.step_output.push(
                 r.output
@@ -1077,9 +1103,9 @@ impl Writes {
         Ok(())
     }
 
-    /// Runs the queued writes, pipelined on one connection, and the wake-up
-    /// notification when `notify` (or some step became runnable).
-    async fn execute(&self, conn: &Conn, notify: bool) -> Result<()> {
+    /// Runs the queued writes, pipelined on one connection, and a wake-up
+    /// notification per queue that got runnable work.
+    async fn execute(&self, conn: &Conn) -> Result<()> {
         let mut writes: Vec<WriteFuture<'_>> = Vec::new();
         // Prepare first: a statement prepared on first use would otherwise
         // cost a round trip inside the pipeline.
@@ -1088,11 +1114,12 @@ impl Writes {
                 .statement(
                     "UPDATE steps AS s SET status = u.status, attempts = u.attempts,
                             epoch = u.epoch, due_at = u.due_at, last_error = u.last_error,
+                            holder = u.holder,
                             output = CASE WHEN u.set_output THEN u.output ELSE s.output END
                      FROM UNNEST($1::bytea[], $2::int4[], $3::text[], $4::int8[], $5::int8[],
-                                 $6::int8[], $7::text[], $8::bool[], $9::bytea[])
+                                 $6::int8[], $7::text[], $8::bool[], $9::bytea[], $10::text[])
                           AS u(entity_id, idx, status, attempts, epoch, due_at, last_error,
-                               set_output, output)
+                               set_output, output, holder)
                      WHERE s.entity_id = u.entity_id AND s.idx = u.idx",
                 )
                 .await?;
@@ -1110,6 +1137,7 @@ impl Writes {
                             &self.step_error,
                             &self.step_set_output,
                             &self.step_output,
+                            &self.step_holder,
                         ],
                     )
                     .await
@@ -1195,11 +1223,13 @@ impl Writes {
                     .map_err(|e| conn.fail(e))
             }));
         }
-        if notify || self.wake_others {
-            let statement = conn.statement("SELECT pg_notify($1, '')").await?;
+        if !self.woken.is_empty() {
+            let statement = conn
+                .statement("SELECT pg_notify($1, q) FROM UNNEST($2::text[]) AS q")
+                .await?;
             writes.push(Box::pin(async move {
                 conn.client()
-                    .execute(&statement, &[&WORK_CHANNEL])
+                    .execute(&statement, &[&WORK_CHANNEL, &self.woken])
                     .await
                     .map_err(|e| conn.fail(e))
             }));
@@ -1267,22 +1297,21 @@ impl Shared {
         Ok(payloads)
     }
 
-    /// Writes what changed in `entities` (and wakes other nodes when
-    /// `notify` or when some step became runnable), then returns the
-    /// attempts they claimed.
+    /// Writes what changed in `entities` (waking every node's watchers of
+    /// the queues that got runnable work), then returns the attempts they
+    /// claimed.
     async fn save(
         &self,
         conn: &Conn,
         entities: &mut [Working],
         now_us: UnixMicros,
-        notify: bool,
     ) -> Result<Vec<Attempt>> {
         let mut rows = Rows::default();
         for w in entities.iter_mut() {
             w.flush(now_us, &mut rows);
         }
-        if !rows.is_empty() || notify {
-            Writes::from_rows(&rows)?.execute(conn, notify).await?;
+        if !rows.is_empty() {
+            Writes::from_rows(&rows)?.execute(conn).await?;
         }
         let ids: Vec<EntityId> = entities
             .iter()
@@ -1304,10 +1333,10 @@ impl Shared {
     async fn claim_due(
         &self,
         conn: &Conn,
-        queue: &str,
+        claim: &Claim<'_>,
         now_us: UnixMicros,
-        limit: usize,
     ) -> Result<ClaimBatch> {
+        let (queue, limit) = (claim.queue, claim.limit);
         let mut attempts = Vec::new();
         if limit > 0 {
             // Lock the entities of the earliest due steps, skipping those
@@ -1341,8 +1370,8 @@ impl Shared {
             ids.sort();
             let stored = self.read_entities(conn, &ids).await?;
             let mut entities = self.decider.schedulable(stored)?;
-            self.decider.claim_due(&mut entities, queue, limit, now_us);
-            attempts = self.save(conn, &mut entities, now_us, false).await?;
+            self.decider.claim_due(&mut entities, claim, now_us);
+            attempts = self.save(conn, &mut entities, now_us).await?;
         }
         let next_due_us = conn
             .query_opt(
@@ -1367,7 +1396,36 @@ impl Shared {
         claim_queue: Option<&str>,
         now_us: UnixMicros,
     ) -> Result<CompleteBatch> {
-        let mut ids: Vec<EntityId> = completions.iter().map(|c| c.entity_id).collect();
+        let ids = completions.iter().map(|c| c.entity_id);
+        let mut entities = self.load_locked(conn, ids).await?;
+        let results = self
+            .decider
+            .complete(&mut entities, completions, claim_queue, now_us);
+        let claimed = self.save(conn, &mut entities, now_us).await?;
+        Ok(CompleteBatch { results, claimed })
+    }
+
+    async fn heartbeat(
+        &self,
+        conn: &Conn,
+        beats: &[Heartbeat],
+        now_us: UnixMicros,
+    ) -> Result<Vec<Option<UnixMicros>>> {
+        let ids = beats.iter().map(|b| b.entity_id);
+        let mut entities = self.load_locked(conn, ids).await?;
+        let leases = self.decider.heartbeat(&mut entities, beats, now_us);
+        self.save(conn, &mut entities, now_us).await?;
+        Ok(leases)
+    }
+
+    /// Locks and loads each of `ids` once, in id order; unknown ones are
+    /// left out.
+    async fn load_locked(
+        &self,
+        conn: &Conn,
+        ids: impl Iterator<Item = EntityId>,
+    ) -> Result<Vec<Working>> {
+        let mut ids: Vec<EntityId> = ids.collect();
         ids.sort();
         ids.dedup();
         let locked = self.lock_entities(conn, &ids).await?;
@@ -1375,11 +1433,7 @@ impl Shared {
         for stored in self.read_entities(conn, &locked).await? {
             entities.push(self.decider.working(stored)?);
         }
-        let results = self
-            .decider
-            .complete(&mut entities, completions, claim_queue, now_us);
-        let claimed = self.save(conn, &mut entities, now_us, false).await?;
-        Ok(CompleteBatch { results, claimed })
+        Ok(entities)
     }
 
     async fn recover(&self, conn: &Conn, now_us: UnixMicros) -> Result<u64> {
@@ -1400,7 +1454,7 @@ impl Shared {
             entities.push(self.decider.working(stored)?);
         }
         let lost = self.decider.recover(&mut entities, now_us);
-        self.save(conn, &mut entities, now_us, false).await?;
+        self.save(conn, &mut entities, now_us).await?;
         Ok(lost)
     }
 
@@ -1426,8 +1480,7 @@ impl Shared {
         };
         let mut w = self.decider.working(stored)?;
         let refused = self.decider.command(&mut w, input, now_us)?;
-        let notify = refused.is_none();
-        self.save(conn, std::slice::from_mut(&mut w), now_us, notify)
+        self.save(conn, std::slice::from_mut(&mut w), now_us)
             .await?;
         Ok(working::command_outcome(w, refused))
     }
@@ -1599,6 +1652,11 @@ impl Shared {
             let job = jobs[j];
             let rows = NewRows::new(&job.pipeline, &job.entity, job.now_us);
             inserts.add(&job.entity, &rows)?;
+            for (queue, _) in &rows.due {
+                if !writes.woken.contains(queue) {
+                    writes.woken.push(queue.clone());
+                }
+            }
             let (id, created) = (job.entity.id, &rows.created);
             writes.event(id, created, &rows.detail)?;
             writes.outbox(
@@ -1612,7 +1670,7 @@ impl Shared {
         }
         if !creators.is_empty() {
             inserts.execute(conn).await?;
-            writes.execute(conn, true).await?;
+            writes.execute(conn).await?;
         }
 
         // The others found their key taken, by an earlier commit or by a
@@ -1825,11 +1883,11 @@ impl Inserts {
 // ---------------------------------------------------------------------------
 // Wake-ups from other nodes
 
-/// Listens for work notifications on a connection of its own and wakes
-/// `waker` for each. Reconnects with backoff when the connection drops, and
-/// wakes once after every (re)connection, since notifications sent while it
-/// was not listening are lost.
-async fn listen_for_work(config: Config, waker: Arc<tokio::sync::Notify>) {
+/// Listens for work notifications on a connection of its own and tells the
+/// watchers each queue named. Reconnects with backoff when the connection
+/// drops, and wakes every queue after every (re)connection, since
+/// notifications sent while it was not listening are lost.
+async fn listen_for_work(config: Config, watchers: Arc<WorkWatchers>) {
     let mut backoff_ms = LISTEN_BACKOFF_MIN_MS;
     loop {
         match config.connect(NoTls).await {
@@ -1845,7 +1903,7 @@ async fn listen_for_work(config: Config, waker: Arc<tokio::sync::Notify>) {
                         tokio::select! {
                             done = &mut listen => break done.is_ok(),
                             message = messages.next() => match message {
-                                Some(Ok(AsyncMessage::Notification(_))) => waker.notify_one(),
+                                Some(Ok(AsyncMessage::Notification(n))) => watchers.wake(Some(n.payload())),
                                 Some(Ok(_)) => {}
                                 _ => break false,
                             },
@@ -1855,10 +1913,10 @@ async fn listen_for_work(config: Config, waker: Arc<tokio::sync::Notify>) {
                 if listening {
                     backoff_ms = LISTEN_BACKOFF_MIN_MS;
                     tracing::debug!("listening for work notifications");
-                    waker.notify_one();
+                    watchers.wake(None);
                     while let Some(message) = messages.next().await {
                         match message {
-                            Ok(AsyncMessage::Notification(_)) => waker.notify_one(),
+                            Ok(AsyncMessage::Notification(n)) => watchers.wake(Some(n.payload())),
                             Ok(_) => {}
                             Err(e) => {
                                 tracing::warn!(error = %describe(&e), "the work notification connection failed");

@@ -52,9 +52,9 @@ use crate::decode::{entity_id, entity_status, step_status, to_i64, to_u32, to_u6
 use crate::history::HistoryEvent;
 use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
-    Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
-    EntityRecord, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result, StepRecord, Store,
-    StoreError,
+    Attempt, Claim, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
+    EntityRecord, Heartbeat, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result, StepRecord,
+    Store, StoreError, WorkWatcher, WorkWatchers,
 };
 
 /// The columns of one history row, in the order batched inserts bind them.
@@ -326,6 +326,7 @@ pub struct SqliteStore {
     writer: mpsc::Sender<Box<dyn Job>>,
     readers: Arc<Readers>,
     decider: Arc<Decider>,
+    watchers: Arc<WorkWatchers>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -361,12 +362,15 @@ impl SqliteStore {
             relay
         });
         let decider = Arc::new(Decider::new(catalog, opts.lease_grace_ms, opts.jitter));
+        let watchers = Arc::new(WorkWatchers::default());
         let writer = Writer {
             relay,
             conn,
             decider: decider.clone(),
             checkpointer: Some(checkpointer),
             sql_cache: HashMap::new(),
+            woken: Vec::new(),
+            watchers: watchers.clone(),
         };
         let batch_max = opts.batch_max.max(1);
         std::thread::Builder::new()
@@ -377,6 +381,7 @@ impl SqliteStore {
             writer: tx,
             readers,
             decider,
+            watchers,
         })
     }
 
@@ -456,10 +461,30 @@ impl Store for SqliteStore {
         })?
     }
 
-    async fn claim_due(&self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
-        let queue = queue.to_owned();
-        self.write(move |w| w.claim_due(&queue, now_us, limit))
-            .await
+    async fn claim_due(&self, claim: Claim<'_>, now_us: UnixMicros) -> Result<ClaimBatch> {
+        let queue = claim.queue.to_owned();
+        let holder = claim.holder.map(str::to_owned);
+        let limit = claim.limit;
+        self.write(move |w| {
+            let claim = Claim {
+                queue: &queue,
+                limit,
+                holder: holder.as_deref(),
+            };
+            w.claim_due(&claim, now_us)
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        beats: Vec<Heartbeat>,
+        now_us: UnixMicros,
+    ) -> Result<Vec<Option<UnixMicros>>> {
+        if beats.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(move |w| w.heartbeat(&beats, now_us)).await
     }
 
     async fn complete(
@@ -694,6 +719,10 @@ impl Store for SqliteStore {
 
     fn stale_completions(&self) -> u64 {
         self.decider.stale_completions()
+    }
+
+    fn watch_work(&self, watcher: WorkWatcher) {
+        self.watchers.add(watcher);
     }
 
     async fn clock_us(&self) -> Result<UnixMicros> {
@@ -998,10 +1027,12 @@ const OUTPUT_INLINE_MAX_BYTES: usize = 1_024;
 /// so no real output can look like it.
 const EXTERNAL_OUTPUT: &str = "\0external";
 
-/// One step in the `steps` column: name, critical, status, attempts, epoch,
-/// due time, last error, where the output is (0 none, 1 inline, 2 in
-/// `outputs`) and the inline output.
-type StepColumns = (
+/// One step in the `steps` column, an array: name, critical, status,
+/// attempts, epoch, due time, last error, where the output is (0 none, 1
+/// inline, 2 in `outputs`), the inline output and, only while a named
+/// holder runs it, the lease holder.
+#[derive(serde::Deserialize)]
+struct StepColumns(
     String,
     u8,
     String,
@@ -1011,6 +1042,7 @@ type StepColumns = (
     Option<String>,
     u8,
     Option<String>,
+    #[serde(default)] Option<String>,
 );
 
 /// The `steps` column of an entity: a JSON array with one array per step
@@ -1061,6 +1093,12 @@ fn encode_steps<'a>(
                 text.push_str("2,null]");
             }
         }
+        if let Some(holder) = &s.holder {
+            text.pop();
+            text.push(',');
+            text.push_str(&json_text(holder));
+            text.push(']');
+        }
     }
     text.push(']');
     (text, external)
@@ -1074,7 +1112,19 @@ fn decode_steps(id: EntityId, text: &str) -> Result<(Vec<StepRecord>, Vec<Option
     let mut steps = Vec::with_capacity(columns.len());
     let mut outputs = Vec::with_capacity(columns.len());
     let mut external = false;
-    for (name, critical, status, attempts, epoch, due_at_us, last_error, kept, output) in columns {
+    for StepColumns(
+        name,
+        critical,
+        status,
+        attempts,
+        epoch,
+        due_at_us,
+        last_error,
+        kept,
+        output,
+        holder,
+    ) in columns
+    {
         steps.push(StepRecord {
             name,
             critical: critical != 0,
@@ -1084,6 +1134,7 @@ fn decode_steps(id: EntityId, text: &str) -> Result<(Vec<StepRecord>, Vec<Option
                 epoch,
                 due_at_us,
                 last_error,
+                holder,
             },
         });
         outputs.push(match kept {
@@ -1338,6 +1389,10 @@ struct Writer {
     checkpointer: Option<Checkpointer>,
     /// The text of the multi-row inserts, by table and row count.
     sql_cache: HashMap<(&'static str, usize), String>,
+    /// The queues this batch may have given runnable work, told to the
+    /// watchers once it commits.
+    woken: Vec<String>,
+    watchers: Arc<WorkWatchers>,
 }
 
 impl Writer {
@@ -1371,6 +1426,9 @@ impl Writer {
             let ok = failure.is_none();
             self.answer(&mut batch, failure);
             if ok {
+                for queue in std::mem::take(&mut self.woken) {
+                    self.watchers.wake(Some(&queue));
+                }
                 self.after_commit();
             }
         }
@@ -1443,6 +1501,8 @@ impl Writer {
         savepoints: bool,
     ) -> Result<(), BatchError> {
         self.exec("BEGIN IMMEDIATE")?;
+        // A batch may run twice; only the run that commits wakes anyone.
+        self.woken.clear();
         if !savepoints {
             // The creates go first, together: they depend on nothing else in
             // the batch, and a claim later in the batch may take their steps.
@@ -1524,6 +1584,13 @@ impl Writer {
         Ok(())
     }
 
+    /// Notes that `queue` may have runnable work once this batch commits.
+    fn wake(&mut self, queue: &str) {
+        if !self.woken.iter().any(|q| q == queue) {
+            self.woken.push(queue.to_owned());
+        }
+    }
+
     #[cfg(test)]
     fn create(
         &mut self,
@@ -1602,6 +1669,9 @@ impl Writer {
                 ]);
                 for (queue, at) in &p.due {
                     due.extend([text(queue), int(*at), id.clone()]);
+                    if !self.woken.iter().any(|q| q == queue) {
+                        self.woken.push(queue.clone());
+                    }
                 }
                 if let Some(key) = &e.idempotency_key {
                     idempotency.extend([
@@ -1703,7 +1773,8 @@ impl Writer {
         Ok(Some(working::replay(&stored.record, &payload, entity)))
     }
 
-    fn claim_due(&mut self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
+    fn claim_due(&mut self, claim: &Claim<'_>, now_us: UnixMicros) -> Result<ClaimBatch> {
+        let (queue, limit) = (claim.queue, claim.limit);
         let ids = {
             let mut stmt = self.conn.prepare_cached(
                 "SELECT entity_id FROM due WHERE queue = ?1 AND due_at <= ?2
@@ -1728,7 +1799,7 @@ impl Writer {
             stored.extend(read_entity(&self.conn, id)?);
         }
         let mut entities = self.decider.schedulable(stored)?;
-        self.decider.claim_due(&mut entities, queue, limit, now_us);
+        self.decider.claim_due(&mut entities, claim, now_us);
         let attempts = self.save(&mut entities, now_us)?;
         let next_due_us = self
             .conn
@@ -1747,21 +1818,31 @@ impl Writer {
         claim_queue: Option<&str>,
         now_us: UnixMicros,
     ) -> Result<CompleteBatch> {
-        let mut entities: Vec<Working<i64>> = Vec::new();
-        let mut seen: HashSet<EntityId> = HashSet::new();
-        for c in completions {
-            if !seen.insert(c.entity_id) {
-                continue;
-            }
-            if let Some(w) = self.load(c.entity_id)? {
-                entities.push(w);
-            }
-        }
+        let mut entities = self.load_many(completions.iter().map(|c| c.entity_id))?;
         let results = self
             .decider
             .complete(&mut entities, completions, claim_queue, now_us);
         let claimed = self.save(&mut entities, now_us)?;
         Ok(CompleteBatch { results, claimed })
+    }
+
+    fn heartbeat(&mut self, beats: &[Heartbeat], now_us: UnixMicros) -> Result<Vec<Option<i64>>> {
+        let mut entities = self.load_many(beats.iter().map(|b| b.entity_id))?;
+        let leases = self.decider.heartbeat(&mut entities, beats, now_us);
+        self.save(&mut entities, now_us)?;
+        Ok(leases)
+    }
+
+    /// Loads each of `ids` once; unknown ones are left out.
+    fn load_many(&self, ids: impl Iterator<Item = EntityId>) -> Result<Vec<Working<i64>>> {
+        let mut entities = Vec::new();
+        let mut seen: HashSet<EntityId> = HashSet::new();
+        for id in ids {
+            if seen.insert(id) {
+                entities.extend(self.load(id)?);
+            }
+        }
+        Ok(entities)
     }
 
     fn recover(&mut self, now_us: UnixMicros) -> Result<u64> {
@@ -1826,6 +1907,9 @@ impl Writer {
             }
         }
         self.write_rows(&rows, &columns)?;
+        for queue in &rows.woken {
+            self.wake(queue);
+        }
         let mut attempts = Vec::new();
         for w in entities.iter_mut().filter(|w| w.has_claims()) {
             let payload = read_payload(&self.conn, w.extra)?;
@@ -2026,6 +2110,8 @@ mod tests {
             decider: Arc::new(Decider::new(catalog(), 0, Jitter::random())),
             checkpointer: None,
             sql_cache: HashMap::new(),
+            woken: Vec::new(),
+            watchers: Arc::new(WorkWatchers::default()),
         };
         let pipeline = catalog().get("single", 1).cloned().expect("pipeline");
         let (first, second) = (entity(), entity());
@@ -2140,7 +2226,7 @@ mod tests {
         store.create(e, T0).await.expect("create");
         store.create(entity(), T0).await.expect("create");
         store
-            .claim_due(ripen_core::HTTP_QUEUE, T0, 10)
+            .claim_due(Claim::local(ripen_core::HTTP_QUEUE, 10), T0)
             .await
             .expect("claim");
         store
@@ -2194,6 +2280,8 @@ mod tests {
             decider: Arc::new(Decider::new(catalog(), 0, Jitter::random())),
             checkpointer: None,
             sql_cache: HashMap::new(),
+            woken: Vec::new(),
+            watchers: Arc::new(WorkWatchers::default()),
         };
         let pipeline = catalog().get("w5", 1).cloned().expect("pipeline");
         let keyed = |key: &str, payload: &str| NewEntity {
@@ -2430,7 +2518,7 @@ mod tests {
         );
         // The earliest due step became the entity's due row.
         let batch = store
-            .claim_due(ripen_core::HTTP_QUEUE, T0 + 3, 10)
+            .claim_due(Claim::local(ripen_core::HTTP_QUEUE, 10), T0 + 3)
             .await
             .expect("claim");
         let claimed: Vec<&str> = batch
@@ -2467,6 +2555,7 @@ mod tests {
                     epoch: 9,
                     due_at_us: None,
                     last_error: Some("line\nbreak é".into()),
+                    holder: None,
                 },
             },
             StepRecord {
@@ -2478,6 +2567,7 @@ mod tests {
                     epoch: 1,
                     due_at_us: Some(T0),
                     last_error: None,
+                    holder: Some("worker \"7\"".into()),
                 },
             },
             StepRecord {
@@ -2489,6 +2579,7 @@ mod tests {
                     epoch: 0,
                     due_at_us: None,
                     last_error: None,
+                    holder: None,
                 },
             },
         ];

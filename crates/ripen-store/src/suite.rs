@@ -26,10 +26,11 @@ use ripen_core::{
 };
 use serde_json::json;
 
+use crate::Heartbeat;
 use crate::{
-    Attempt, ClaimBatch, CommandOutcome, CompleteBatch, Completion, CompletionResult, EntityData,
-    EntityId, EntityRecord, HistoryEvent, IntakeOutcome, ListQuery, NewEntity, Outcome, Result,
-    Store, StoreError, DEFAULT_TENANT,
+    Attempt, Claim, ClaimBatch, CommandOutcome, CompleteBatch, Completion, CompletionResult,
+    EntityData, EntityId, EntityRecord, HistoryEvent, IntakeOutcome, ListQuery, NewEntity, Outcome,
+    Result, Store, StoreError, WorkWatcher, DEFAULT_TENANT,
 };
 
 /// Generates one `#[tokio::test]` per conformance test, each on a fresh store
@@ -65,6 +66,9 @@ macro_rules! store_test_suite {
             claims_are_per_queue,
             degraded_after_ready_is_an_event,
             draining_records_results_without_claiming_more,
+            worker_leases_are_held_extended_and_fenced,
+            recover_keeps_the_leases_of_remote_workers,
+            watchers_hear_which_queue_got_work,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -166,8 +170,15 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     async fn create(&self, entity: NewEntity, now_us: UnixMicros) -> Result<IntakeOutcome> {
         self.store.create(entity, now_us).await
     }
-    async fn claim_due(&self, queue: &str, now_us: UnixMicros, limit: usize) -> Result<ClaimBatch> {
-        self.store.claim_due(queue, now_us, limit).await
+    async fn claim_due(&self, claim: Claim<'_>, now_us: UnixMicros) -> Result<ClaimBatch> {
+        self.store.claim_due(claim, now_us).await
+    }
+    async fn heartbeat(
+        &self,
+        beats: Vec<Heartbeat>,
+        now_us: UnixMicros,
+    ) -> Result<Vec<Option<UnixMicros>>> {
+        self.store.heartbeat(beats, now_us).await
     }
     async fn complete(
         &self,
@@ -229,8 +240,8 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     fn is_shared(&self) -> bool {
         self.store.is_shared()
     }
-    fn notify_on_work(&self, waker: Arc<tokio::sync::Notify>) {
-        self.store.notify_on_work(waker)
+    fn watch_work(&self, watcher: WorkWatcher) {
+        self.store.watch_work(watcher)
     }
 }
 
@@ -286,7 +297,7 @@ async fn events(store: &dyn Store, id: EntityId) -> Vec<HistoryEvent> {
 
 async fn claim(store: &dyn Store, now_us: UnixMicros, limit: usize) -> ClaimBatch {
     store
-        .claim_due(HTTP_QUEUE, now_us, limit)
+        .claim_due(Claim::local(HTTP_QUEUE, limit), now_us)
         .await
         .expect("claim_due")
 }
@@ -1630,7 +1641,10 @@ pub async fn claims_are_per_queue(store: Arc<dyn Store>) {
     let store = &*store;
     let scoring = "worker:scoring";
     let record = create(store, new_entity("mixed", BODY), T0).await;
-    let none = store.claim_due(scoring, T0, 10).await.expect("claim");
+    let none = store
+        .claim_due(Claim::local(scoring, 10), T0)
+        .await
+        .expect("claim");
     assert!(none.attempts.is_empty());
     assert_eq!(none.next_due_us, None, "nothing waits in the worker queue");
     let fetch = claim(store, T0, 10).await.attempts;
@@ -1642,7 +1656,10 @@ pub async fn claims_are_per_queue(store: Arc<dyn Store>) {
         StepStatus::Queued
     );
     assert!(claim(store, T0, 10).await.attempts.is_empty());
-    let score = store.claim_due(scoring, T0, 10).await.expect("claim");
+    let score = store
+        .claim_due(Claim::local(scoring, 10), T0)
+        .await
+        .expect("claim");
     assert_eq!(names(&score.attempts), BTreeSet::from(["score"]));
     let a = &score.attempts[0];
     assert_eq!(
@@ -1755,4 +1772,163 @@ pub fn catalog_without_w5() -> Arc<Catalog> {
         partial.insert(name, version, Pipeline::clone(pipeline));
     }
     Arc::new(partial)
+}
+
+/// Creates a `mixed` entity, runs `fetch`, and claims `score` for worker
+/// `w1` at `T0`.
+async fn score_claimed_by_w1(store: &dyn Store) -> (EntityRecord, Attempt) {
+    let record = create(store, new_entity("mixed", BODY), T0).await;
+    let fetch = claim(store, T0, 10).await.attempts;
+    finish(store, &fetch[0], succeeded(None), T0).await;
+    let claim = Claim {
+        queue: "worker:scoring",
+        limit: 100,
+        holder: Some("w1"),
+    };
+    let mut batch = store.claim_due(claim, T0).await.expect("claim");
+    let score = batch.attempts.pop().expect("score");
+    assert_eq!(score.step_name, "score");
+    (record, score)
+}
+
+/// A worker's claim names its holder, which the entity shows while the
+/// attempt runs; a heartbeat extends the lease (never after it expired);
+/// a result or heartbeat with a stale epoch changes nothing.
+pub async fn worker_leases_are_held_extended_and_fenced(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, score) = score_claimed_by_w1(store).await;
+    // Claimed at T0: the lease is the step's timeout plus the store's grace.
+    let lease_us = score.lease_expires_at_us - T0;
+    assert!(lease_us >= (TIMEOUT_MS as i64) * 1_000);
+    let s = step(&get(store, record.id).await, "score").state.clone();
+    assert_eq!(s.holder.as_deref(), Some("w1"));
+    assert_eq!(s.due_at_us, Some(score.lease_expires_at_us));
+    let started = events(store, record.id)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "step_started" && e.step.as_deref() == Some("score"))
+        .collect::<Vec<_>>();
+    assert_eq!(started.len(), 1);
+    assert_eq!(started[0].detail["worker"], "w1");
+
+    let beat = Heartbeat {
+        entity_id: record.id,
+        step: score.step,
+        epoch: score.epoch,
+    };
+    let t1 = T0 + SECOND_US / 2;
+    let before = events(store, record.id).await.len();
+    let leases = store.heartbeat(vec![beat], t1).await.expect("heartbeat");
+    assert_eq!(leases, vec![Some(t1 + lease_us)]);
+    let s = step(&get(store, record.id).await, "score").state.clone();
+    assert_eq!(s.due_at_us, Some(t1 + lease_us), "the lease moved");
+    assert_eq!(s.holder.as_deref(), Some("w1"));
+    assert_eq!(events(store, record.id).await.len(), before, "no history");
+    // The old expiry passed, the new one not: nothing to take over.
+    let scoring = Claim::local("worker:scoring", 10);
+    let early = store
+        .claim_due(scoring, score.lease_expires_at_us)
+        .await
+        .expect("claim");
+    assert!(early.attempts.is_empty(), "the extended lease holds");
+    assert_eq!(early.next_due_us, Some(t1 + lease_us));
+
+    let stale = Heartbeat {
+        epoch: score.epoch + 1,
+        ..beat
+    };
+    let unknown = Heartbeat {
+        entity_id: EntityId::new_v7(),
+        ..beat
+    };
+    let answers = store
+        .heartbeat(vec![stale, unknown], t1)
+        .await
+        .expect("heartbeat");
+    assert_eq!(answers, vec![None, None]);
+
+    // Past the lease, a heartbeat no longer holds; another claim takes over.
+    let expired = t1 + lease_us;
+    let late = store
+        .heartbeat(vec![beat], expired)
+        .await
+        .expect("heartbeat");
+    assert_eq!(late, vec![None]);
+    let other = Claim {
+        holder: Some("w2"),
+        ..scoring
+    };
+    let taken = store
+        .claim_due(other, expired)
+        .await
+        .expect("claim")
+        .attempts;
+    assert_eq!(taken.len(), 1);
+    assert_eq!((taken[0].attempt, taken[0].epoch), (2, score.epoch + 1));
+    let s = step(&get(store, record.id).await, "score").state.clone();
+    assert_eq!(s.holder.as_deref(), Some("w2"));
+    let refused = complete(store, vec![completion(&score, succeeded(None))], expired).await;
+    assert_eq!(refused.results, vec![CompletionResult::Stale]);
+    finish(store, &taken[0], succeeded(None), expired).await;
+    let s = step(&get(store, record.id).await, "score").state.clone();
+    assert_eq!((s.status, s.holder), (StepStatus::Succeeded, None));
+}
+
+/// A node that restarts loses its own running attempts, not those of
+/// remote workers: they outlive it, and their leases expire by themselves.
+pub async fn recover_keeps_the_leases_of_remote_workers(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, score) = score_claimed_by_w1(store).await;
+    if store.is_shared() {
+        // A shared store never recovers; nothing to check.
+        return;
+    }
+    assert_eq!(store.recover(T0 + 1).await.expect("recover"), 0);
+    let s = step(&get(store, record.id).await, "score").state.clone();
+    assert_eq!(s.status, StepStatus::Running);
+    finish(store, &score, succeeded(None), T0 + 2).await;
+}
+
+/// Every commit that makes a step runnable tells the watchers its queue,
+/// whichever consumer made it.
+pub async fn watchers_hear_which_queue_got_work(store: Arc<dyn Store>) {
+    let heard = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let (h, n) = (heard.clone(), notify.clone());
+    store.watch_work(Arc::new(move |queue: Option<&str>| {
+        if let Some(q) = queue {
+            h.lock().expect("heard").insert(q.to_owned());
+            n.notify_one();
+        }
+    }));
+    let hears = |queue: &'static str| {
+        let (heard, notify) = (heard.clone(), notify.clone());
+        async move {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                if heard.lock().expect("heard").remove(queue) {
+                    return true;
+                }
+                if tokio::time::timeout_at(deadline, notify.notified())
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+        }
+    };
+    let store = &*store;
+    let record = create(store, new_entity("mixed", BODY), T0).await;
+    assert!(
+        hears(HTTP_QUEUE).await,
+        "a create names the queue of its first step"
+    );
+    let fetch = claim(store, T0, 10).await.attempts;
+    finish(store, &fetch[0], succeeded(None), T0).await;
+    assert!(
+        hears("worker:scoring").await,
+        "a result names the queue it fed"
+    );
+    let _ = record;
 }

@@ -26,8 +26,8 @@ use ripen_core::{
 
 use crate::history::{self, HistoryEvent};
 use crate::{
-    Attempt, CommandOutcome, Completion, CompletionResult, EntityId, EntityRecord, IntakeOutcome,
-    NewEntity, Outcome, Result, StepRecord, StoreError,
+    Attempt, Claim, CommandOutcome, Completion, CompletionResult, EntityId, EntityRecord,
+    Heartbeat, IntakeOutcome, NewEntity, Outcome, Result, StepRecord, StoreError,
 };
 
 /// A source of jitter samples in `[0, 1)` for backoff. Stores draw from it
@@ -144,11 +144,20 @@ impl Decider {
     pub fn claim_due<X>(
         &self,
         entities: &mut [Working<X>],
-        queue: &str,
-        limit: usize,
+        claim: &Claim<'_>,
         now_us: UnixMicros,
     ) -> usize {
-        claim_due(entities, queue, limit, &self.ctxs, now_us)
+        claim_due(entities, claim, &self.ctxs, now_us)
+    }
+
+    /// See [`heartbeat`].
+    pub fn heartbeat<X>(
+        &self,
+        entities: &mut [Working<X>],
+        beats: &[Heartbeat],
+        now_us: UnixMicros,
+    ) -> Vec<Option<UnixMicros>> {
+        heartbeat(entities, beats, &self.ctxs, now_us)
     }
 
     /// See [`complete`].
@@ -346,9 +355,18 @@ pub struct Rows {
     pub due: Vec<DueRow>,
     pub events: Vec<EventRow>,
     pub outbox: Vec<OutboxRow>,
-    /// Some step became runnable, now or after a backoff: other nodes sharing
-    /// the store should look.
-    pub wake_others: bool,
+    /// The queues in which some step became runnable, now or after a
+    /// backoff: whoever consumes them (this node, other nodes sharing the
+    /// store, remote workers waiting in a claim) should look.
+    pub woken: Vec<String>,
+}
+
+impl Rows {
+    fn wake(&mut self, queue: &str) {
+        if !self.woken.iter().any(|q| q == queue) {
+            self.woken.push(queue.to_owned());
+        }
+    }
 }
 
 impl Rows {
@@ -552,6 +570,9 @@ pub struct Working<X = ()> {
     new_outputs: Vec<(usize, Option<String>)>,
     /// Steps claimed since the last `take_attempts`.
     claimed: Vec<usize>,
+    /// The state changed without history since the last flush (a lease
+    /// moved by a heartbeat).
+    touched: bool,
 }
 
 impl<X> Working<X> {
@@ -577,6 +598,7 @@ impl<X> Working<X> {
             dispatched: Vec::new(),
             new_outputs: Vec::new(),
             claimed: Vec::new(),
+            touched: false,
         })
     }
 
@@ -604,12 +626,12 @@ impl<X> Working<X> {
 
     /// Whether something changed since the last flush.
     pub fn is_dirty(&self) -> bool {
-        !self.events.is_empty()
+        !self.events.is_empty() || self.touched
     }
 
     fn apply(&mut self, input: Input, ctx: Ctx) -> Result<(), Refusal> {
         let claim = match input {
-            Input::Claim { step } => Some(step),
+            Input::Claim { step, .. } => Some(step),
             _ => None,
         };
         let t = apply(&self.pipeline, &mut self.state, input, ctx)?;
@@ -618,8 +640,9 @@ impl<X> Working<X> {
             match action {
                 Action::Dispatch { step } => self.dispatched.push(step),
                 Action::Notify { event } => self.notify.push(base + event),
-                // The step's timer is its `due_at`, which the backend indexes.
-                Action::WakeAt { .. } => {}
+                // The step's timer is its `due_at`, which the backend
+                // indexes; a timer moved without an event must be written.
+                Action::WakeAt { .. } => self.touched |= t.events.is_empty(),
             }
         }
         self.events.extend(t.events);
@@ -646,7 +669,13 @@ impl<X> Working<X> {
     /// Claims a due step. A running step is due when its lease ran out: that
     /// attempt is lost first, and the step claimed again if its backoff
     /// allows (else it stays for a later pass). True when it was claimed.
-    pub fn claim_due_step(&mut self, step: usize, ctxs: &CtxSource, now_us: UnixMicros) -> bool {
+    pub fn claim_due_step(
+        &mut self,
+        step: usize,
+        holder: Option<&str>,
+        ctxs: &CtxSource,
+        now_us: UnixMicros,
+    ) -> bool {
         let Some(s) = self.state.steps.get(step) else {
             return false;
         };
@@ -660,7 +689,8 @@ impl<X> Working<X> {
                 return false;
             }
         }
-        match self.apply(Input::Claim { step }, ctxs.ctx(now_us)) {
+        let holder = holder.map(str::to_owned);
+        match self.apply(Input::Claim { step, holder }, ctxs.ctx(now_us)) {
             Ok(()) => true,
             Err(_) => {
                 let s = &self.state.steps[step];
@@ -720,18 +750,35 @@ impl<X> Working<X> {
             if self.pipeline.queue(step) == queue
                 && self.state.steps[step].status == StepStatus::Queued
             {
-                let _ = self.apply(Input::Claim { step }, ctxs.ctx(now_us));
+                let _ = self.apply(Input::Claim { step, holder: None }, ctxs.ctx(now_us));
             }
         }
     }
 
-    /// Every running attempt of an entity whose node restarted is lost.
-    /// Returns how many.
+    /// Extends the lease of a running attempt whose holder is alive. The
+    /// new expiry, or `None` when the lease no longer holds (a stale epoch,
+    /// an expired lease, a step that is not running).
+    pub fn heartbeat(
+        &mut self,
+        step: usize,
+        epoch: u64,
+        ctxs: &CtxSource,
+        now_us: UnixMicros,
+    ) -> Option<UnixMicros> {
+        self.apply(Input::Heartbeat { step, epoch }, ctxs.ctx(now_us))
+            .ok()?;
+        self.state.steps[step].due_at_us
+    }
+
+    /// Every running attempt of this node's own executors is lost when the
+    /// node restarts; returns how many. A remote worker's attempt is not:
+    /// the worker outlives the node, and its lease runs out by itself if
+    /// the worker is gone too.
     pub fn recover(&mut self, ctxs: &CtxSource, now_us: UnixMicros) -> u64 {
         let mut lost = 0;
         for step in 0..self.state.steps.len() {
             let s = &self.state.steps[step];
-            if s.status != StepStatus::Running {
+            if s.status != StepStatus::Running || self.pipeline.is_remote(step) {
                 continue;
             }
             let input = Input::Lost {
@@ -768,9 +815,10 @@ impl<X> Working<X> {
     /// steps, the entity row, its history and its outbox rows. Afterwards the
     /// working set reads as written.
     pub fn flush(&mut self, now_us: UnixMicros, rows: &mut Rows) {
-        if self.events.is_empty() {
+        if !self.is_dirty() {
             return;
         }
+        self.touched = false;
         // Callers read the clock before they queue or wait for locks, so a
         // later change may carry an earlier time: an entity's history never
         // goes back in time.
@@ -788,7 +836,7 @@ impl<X> Working<X> {
             if stored.state.status != now.status
                 && matches!(now.status, StepStatus::Queued | StepStatus::Retrying)
             {
-                rows.wake_others = true;
+                rows.wake(self.pipeline.queue(i));
             }
             rows.steps.push(StepRow {
                 entity_id: id,
@@ -897,28 +945,46 @@ impl<X> Working<X> {
 // ---------------------------------------------------------------------------
 // Batches
 
-/// Claims up to `limit` due steps of `queue` among `entities`, the earliest
-/// due first (expired leases are lost on the way), and returns how many it
-/// claimed.
+/// Claims up to `claim.limit` due steps of `claim.queue` among `entities`,
+/// the earliest due first (expired leases are lost on the way), for
+/// `claim.holder`, and returns how many it claimed.
 pub fn claim_due<X>(
     entities: &mut [Working<X>],
-    queue: &str,
-    limit: usize,
+    claim: &Claim<'_>,
     ctxs: &CtxSource,
     now_us: UnixMicros,
 ) -> usize {
+    let queue = claim.queue;
     let mut due: Vec<(UnixMicros, usize, usize)> = entities
         .iter()
         .enumerate()
         .flat_map(|(k, w)| w.due_steps(queue, now_us).map(move |(at, i)| (at, k, i)))
         .collect();
     due.sort_unstable();
-    due.truncate(limit);
+    due.truncate(claim.limit);
     // Each entity's steps in step order, so that its events read naturally.
     due.sort_unstable_by_key(|&(_, k, i)| (k, i));
     due.into_iter()
-        .filter(|&(_, k, step)| entities[k].claim_due_step(step, ctxs, now_us))
+        .filter(|&(_, k, step)| entities[k].claim_due_step(step, claim.holder, ctxs, now_us))
         .count()
+}
+
+/// Applies `beats`, in order, to the loaded `entities` (a beat for an
+/// entity not among them does not hold). One answer per beat: the new lease
+/// expiry, or `None`.
+pub fn heartbeat<X>(
+    entities: &mut [Working<X>],
+    beats: &[Heartbeat],
+    ctxs: &CtxSource,
+    now_us: UnixMicros,
+) -> Vec<Option<UnixMicros>> {
+    beats
+        .iter()
+        .map(|b| {
+            let w = entities.iter_mut().find(|w| w.id() == b.entity_id)?;
+            w.heartbeat(b.step, b.epoch, ctxs, now_us)
+        })
+        .collect()
 }
 
 /// Applies `completions`, in order, to the loaded `entities` (a completion

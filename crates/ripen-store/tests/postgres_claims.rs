@@ -110,7 +110,10 @@ async fn concurrent_claimers_claim_each_step_exactly_once() {
                 // Time stands still at T0, so no lease ever expires: a step
                 // claimed twice would be two live leases at once.
                 let batch = store
-                    .claim_due(ripen_core::HTTP_QUEUE, T0, CLAIM_LIMIT)
+                    .claim_due(
+                        ripen_store::Claim::local(ripen_core::HTTP_QUEUE, CLAIM_LIMIT),
+                        T0,
+                    )
                     .await
                     .expect("claim_due");
                 if batch.attempts.is_empty() {
@@ -182,7 +185,7 @@ async fn concurrent_claimers_claim_each_step_exactly_once() {
         assert_eq!(store.stale_completions(), 0);
     }
     let left = creator
-        .claim_due(ripen_core::HTTP_QUEUE, T0, 100)
+        .claim_due(ripen_store::Claim::local(ripen_core::HTTP_QUEUE, 100), T0)
         .await
         .expect("claim_due");
     assert!(left.attempts.is_empty());
@@ -303,7 +306,9 @@ async fn the_store_works_again_after_the_database_restarts() {
         Err(StoreError::Unavailable(_))
     ));
     assert!(matches!(
-        store.claim_due(ripen_core::HTTP_QUEUE, T0, 10).await,
+        store
+            .claim_due(ripen_store::Claim::local(ripen_core::HTTP_QUEUE, 10), T0)
+            .await,
         Err(StoreError::Unavailable(_))
     ));
     assert!(matches!(
@@ -323,7 +328,7 @@ async fn the_store_works_again_after_the_database_restarts() {
         .expect("create");
     assert!(matches!(replay, IntakeOutcome::Replayed(r) if r.id == before.id));
     let claimed = store
-        .claim_due(ripen_core::HTTP_QUEUE, T0, 10)
+        .claim_due(ripen_store::Claim::local(ripen_core::HTTP_QUEUE, 10), T0)
         .await
         .expect("claim_due");
     assert_eq!(claimed.attempts.len(), 2, "{claimed:?}");
@@ -379,20 +384,34 @@ async fn a_newer_schema_is_refused() {
     assert!(err.to_string().contains("schema version 99"), "{err}");
 }
 
+/// Watches `store` for work: a notify woken on every call, and the queues heard.
+#[allow(clippy::type_complexity)]
+fn watch(store: &PostgresStore) -> (Arc<tokio::sync::Notify>, Arc<Mutex<Vec<Option<String>>>>) {
+    let waker = Arc::new(tokio::sync::Notify::new());
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let (w, h) = (waker.clone(), heard.clone());
+    store.watch_work(Arc::new(move |queue: Option<&str>| {
+        h.lock().unwrap().push(queue.map(str::to_owned));
+        w.notify_one();
+    }));
+    (waker, heard)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_wake_each_other() {
     let url = PgCluster::shared().create_database();
     let listening = connect(&url, 2, catalog()).await;
     let other = connect(&url, 2, catalog()).await;
-    let waker = Arc::new(tokio::sync::Notify::new());
-    listening.notify_on_work(waker.clone());
+    let (waker, heard) = watch(&listening);
     let woken = || async {
         tokio::time::timeout(Duration::from_secs(10), waker.notified())
             .await
             .is_ok()
     };
-    // The listener wakes once as soon as it listens (it may have missed work).
+    // The listener wakes every queue as soon as it listens (it may have
+    // missed work).
     assert!(woken().await, "no wake-up once listening");
+    assert_eq!(heard.lock().unwrap().pop(), Some(None), "any queue");
 
     let created = other
         .create(entity("single", "{}", None), T0)
@@ -402,9 +421,14 @@ async fn nodes_wake_each_other() {
         panic!("expected Created, got {created:?}");
     };
     assert!(woken().await, "a create on another node wakes this one");
+    assert_eq!(
+        heard.lock().unwrap().pop(),
+        Some(Some(ripen_core::HTTP_QUEUE.to_owned())),
+        "the notification names the queue of the runnable step"
+    );
 
     let attempt = other
-        .claim_due(ripen_core::HTTP_QUEUE, T0, 10)
+        .claim_due(ripen_store::Claim::local(ripen_core::HTTP_QUEUE, 10), T0)
         .await
         .expect("claim_due")
         .attempts
@@ -440,8 +464,7 @@ async fn the_listener_reconnects_after_a_restart() {
     let url = cluster.create_database();
     let listening = connect(&url, 1, catalog()).await;
     let other = connect(&url, 1, catalog()).await;
-    let waker = Arc::new(tokio::sync::Notify::new());
-    listening.notify_on_work(waker.clone());
+    let (waker, _heard) = watch(&listening);
     let woken = || async {
         tokio::time::timeout(Duration::from_secs(20), waker.notified())
             .await
@@ -476,7 +499,7 @@ async fn stale_completions_are_counted() {
         .await
         .expect("create");
     let attempt = store
-        .claim_due(ripen_core::HTTP_QUEUE, T0, 10)
+        .claim_due(ripen_store::Claim::local(ripen_core::HTTP_QUEUE, 10), T0)
         .await
         .expect("claim_due")
         .attempts

@@ -40,7 +40,7 @@ async fn data_survives_reopening_the_file() {
         panic!("expected Created");
     };
     let claimed = store
-        .claim_due(ripen_core::HTTP_QUEUE, T0, 10)
+        .claim_due(ripen_store::Claim::local(ripen_core::HTTP_QUEUE, 10), T0)
         .await
         .expect("claim");
     assert_eq!(claimed.attempts.len(), 1);

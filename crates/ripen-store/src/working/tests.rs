@@ -86,12 +86,12 @@ fn claims_take_the_earliest_due_steps_of_the_queue_up_to_the_limit() {
     // The second entity's first step became due earlier than the others'.
     entities[1].state.steps[0].due_at_us = Some(T0 - 10 * MS);
     entities[2].state.steps[0].due_at_us = Some(T0 + 10 * MS);
-    let claimed = claim_due(&mut entities, HTTP_QUEUE, 1, &ctxs(), T0);
+    let claimed = claim_due(&mut entities, &Claim::local(HTTP_QUEUE, 1), &ctxs(), T0);
     assert_eq!(claimed, 1);
     assert_eq!(status(&entities[1], 0), StepStatus::Running);
     assert_eq!(status(&entities[0], 0), StepStatus::Queued);
     // Not yet due: never claimed, whatever the limit.
-    let claimed = claim_due(&mut entities, HTTP_QUEUE, 10, &ctxs(), T0);
+    let claimed = claim_due(&mut entities, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0);
     assert_eq!(claimed, 1);
     assert_eq!(status(&entities[0], 0), StepStatus::Running);
     assert_eq!(status(&entities[2], 0), StepStatus::Queued);
@@ -101,8 +101,14 @@ fn claims_take_the_earliest_due_steps_of_the_queue_up_to_the_limit() {
 #[test]
 fn claims_serve_only_the_queue_asked_for() {
     let mut w = vec![fresh("mixed")];
-    assert_eq!(claim_due(&mut w, SCORING, 10, &ctxs(), T0), 0);
-    assert_eq!(claim_due(&mut w, HTTP_QUEUE, 10, &ctxs(), T0), 1);
+    assert_eq!(
+        claim_due(&mut w, &Claim::local(SCORING, 10), &ctxs(), T0),
+        0
+    );
+    assert_eq!(
+        claim_due(&mut w, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0),
+        1
+    );
     let done = success(&w[0], 0, None);
     // The HTTP consumer records the result: the worker step it unblocked is
     // left for the workers' queue.
@@ -116,22 +122,34 @@ fn claims_serve_only_the_queue_asked_for() {
     );
     assert_eq!(results, vec![CompletionResult::Applied]);
     assert_eq!(status(&w[0], 1), StepStatus::Queued);
-    assert_eq!(claim_due(&mut w, HTTP_QUEUE, 10, &ctxs(), T0), 0);
-    assert_eq!(claim_due(&mut w, SCORING, 10, &ctxs(), T0), 1);
+    assert_eq!(
+        claim_due(&mut w, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0),
+        0
+    );
+    assert_eq!(
+        claim_due(&mut w, &Claim::local(SCORING, 10), &ctxs(), T0),
+        1
+    );
     assert_eq!(status(&w[0], 1), StepStatus::Running);
 }
 
 #[test]
 fn an_expired_lease_is_lost_then_claimed_again() {
     let mut w = vec![fresh("single")];
-    claim_due(&mut w, HTTP_QUEUE, 1, &ctxs(), T0);
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 1), &ctxs(), T0);
     let lease = w[0].state().steps[0].due_at_us.expect("lease");
     assert_eq!(lease, T0 + (TIMEOUT_MS as i64 + 500) * MS);
     // Before the lease runs out the step is not due at all.
-    assert_eq!(claim_due(&mut w, HTTP_QUEUE, 1, &ctxs(), lease - 1), 0);
+    assert_eq!(
+        claim_due(&mut w, &Claim::local(HTTP_QUEUE, 1), &ctxs(), lease - 1),
+        0
+    );
     // After it, the attempt is lost (it counts) and the step, without
     // backoff, is claimed again at once with a new epoch.
-    assert_eq!(claim_due(&mut w, HTTP_QUEUE, 1, &ctxs(), lease), 1);
+    assert_eq!(
+        claim_due(&mut w, &Claim::local(HTTP_QUEUE, 1), &ctxs(), lease),
+        1
+    );
     let s = &w[0].state().steps[0];
     assert_eq!((s.status, s.attempts, s.epoch), (StepStatus::Running, 2, 2));
     let rows = flushed(&mut w[0], lease);
@@ -150,9 +168,12 @@ fn an_expired_lease_is_lost_then_claimed_again() {
 #[test]
 fn a_lost_lease_with_backoff_waits_for_a_later_pass() {
     let mut w = vec![fresh("w5")];
-    claim_due(&mut w, HTTP_QUEUE, 1, &ctxs(), T0);
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 1), &ctxs(), T0);
     let lease = w[0].state().steps[0].due_at_us.expect("lease");
-    assert_eq!(claim_due(&mut w, HTTP_QUEUE, 1, &ctxs(), lease), 0);
+    assert_eq!(
+        claim_due(&mut w, &Claim::local(HTTP_QUEUE, 1), &ctxs(), lease),
+        0
+    );
     assert_eq!(status(&w[0], 0), StepStatus::Retrying);
     let due = w[0].state().steps[0].due_at_us.expect("backoff");
     assert_eq!(due, lease + 500 * MS, "half of the 1 s ceiling");
@@ -162,7 +183,7 @@ fn a_lost_lease_with_backoff_waits_for_a_later_pass() {
 fn results_apply_once_and_stale_ones_are_counted() {
     let tally = Tally::default();
     let mut w = vec![fresh("single")];
-    claim_due(&mut w, HTTP_QUEUE, 1, &ctxs(), T0);
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 1), &ctxs(), T0);
     let done = success(&w[0], 0, Some(r#"{"ok":true}"#));
     let mut stale = done.clone();
     stale.epoch += 7;
@@ -185,7 +206,7 @@ fn results_apply_once_and_stale_ones_are_counted() {
 #[test]
 fn results_claim_what_they_unblock_in_the_claim_queue_only() {
     let mut w = vec![fresh("w5")];
-    claim_due(&mut w, HTTP_QUEUE, 10, &ctxs(), T0);
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0);
     let _ = flushed(&mut w[0], T0);
     let a = w[0].take_attempts("{}").expect("attempts");
     assert_eq!(a.len(), 1);
@@ -204,7 +225,7 @@ fn results_claim_what_they_unblock_in_the_claim_queue_only() {
     assert_eq!(waiting, [Queued, Queued, Blocked, Queued], "b, c, d, e");
     assert!(!w[0].has_claims());
     let mut again = vec![fresh("w5")];
-    claim_due(&mut again, HTTP_QUEUE, 10, &ctxs(), T0);
+    claim_due(&mut again, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0);
     let _ = flushed(&mut again[0], T0);
     let _ = again[0].take_attempts("{}");
     let done = success(&again[0], 0, Some("1"));
@@ -230,7 +251,7 @@ fn results_claim_what_they_unblock_in_the_claim_queue_only() {
 #[test]
 fn recovery_loses_every_running_attempt() {
     let mut w = vec![fresh("w5")];
-    claim_due(&mut w, HTTP_QUEUE, 10, &ctxs(), T0);
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0);
     let done = success(&w[0], 0, None);
     complete(
         &mut w,
@@ -278,7 +299,7 @@ fn operator_commands_apply_or_name_the_refusing_status() {
 fn a_flush_writes_only_what_changed_and_numbers_the_history_on() {
     let mut w = vec![fresh("w5")];
     assert!(flushed(&mut w[0], T0).is_empty(), "nothing changed yet");
-    claim_due(&mut w, HTTP_QUEUE, 10, &ctxs(), T0);
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0);
     let rows = flushed(&mut w[0], T0 + MS);
     assert_eq!(rows.steps.len(), 1, "only the claimed step");
     assert_eq!(
@@ -289,7 +310,7 @@ fn a_flush_writes_only_what_changed_and_numbers_the_history_on() {
     assert_eq!(rows.entities[0].next_seq, 3);
     assert_eq!(rows.events[0].event.seq, 2, "created was 1");
     assert!(rows.outbox.is_empty(), "a claim is no status change");
-    assert!(!rows.wake_others, "a claim makes nothing runnable");
+    assert!(rows.woken.is_empty(), "a claim makes nothing runnable");
 
     let done = success(&w[0], 0, Some(r#"{"id":7}"#));
     complete(
@@ -304,7 +325,7 @@ fn a_flush_writes_only_what_changed_and_numbers_the_history_on() {
     let a = rows.steps.iter().find(|s| s.idx == 0).expect("a");
     assert_eq!(a.output, Some(Some(r#"{"id":7}"#.to_owned())));
     assert_eq!(rows.steps.len(), 4, "a and the three steps it unblocked");
-    assert!(rows.wake_others, "steps became runnable");
+    assert_eq!(rows.woken, [HTTP_QUEUE], "steps became runnable");
     assert_eq!(rows.events[0].event.seq, 3);
     assert_eq!(w[0].record().steps[0].state.status, StepStatus::Succeeded);
 }
@@ -312,7 +333,7 @@ fn a_flush_writes_only_what_changed_and_numbers_the_history_on() {
 #[test]
 fn history_times_never_go_back() {
     let mut w = vec![fresh("single")];
-    claim_due(&mut w, HTTP_QUEUE, 1, &ctxs(), T0 + 5 * MS);
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 1), &ctxs(), T0 + 5 * MS);
     let rows = flushed(&mut w[0], T0 + 5 * MS);
     assert_eq!(rows.events[0].event.at_us, T0 + 5 * MS);
     // A result whose caller read the clock earlier, before it queued.
@@ -334,7 +355,7 @@ fn status_changes_and_degradation_reach_the_outbox() {
         };
         complete(w, &[c], Some(HTTP_QUEUE), &ctxs(), &Tally::default(), now);
     };
-    claim_due(&mut w, HTTP_QUEUE, 10, &ctxs(), T0);
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0);
     run(&mut w, 0, true, T0);
     run(&mut w, 1, true, T0);
     run(&mut w, 2, true, T0);
@@ -454,4 +475,120 @@ fn a_stored_entity_must_match_its_pipeline() {
     )
     .expect_err("no such pipeline");
     assert!(matches!(err, StoreError::UnknownPipeline { .. }), "{err:?}");
+}
+
+/// Claims the `score` step of a fresh `mixed` entity for worker `w1`.
+fn scoring_claimed() -> Vec<Working> {
+    let mut w = vec![fresh("mixed")];
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0);
+    let done = success(&w[0], 0, None);
+    complete(&mut w, &[done], None, &ctxs(), &Tally::default(), T0);
+    let claim = Claim {
+        queue: SCORING,
+        limit: 10,
+        holder: Some("w1"),
+    };
+    assert_eq!(claim_due(&mut w, &claim, &ctxs(), T0), 1);
+    w
+}
+
+#[test]
+fn a_named_claim_records_its_holder_until_the_attempt_ends() {
+    let mut w = scoring_claimed();
+    assert_eq!(w[0].state().steps[1].holder.as_deref(), Some("w1"));
+    let rows = flushed(&mut w[0], T0);
+    let started = rows
+        .events
+        .iter()
+        .find(|e| e.event.kind == "step_started" && e.event.step.as_deref() == Some("score"))
+        .expect("score started");
+    assert_eq!(started.event.detail["worker"], "w1");
+    let done = success(&w[0], 1, None);
+    complete(&mut w, &[done], None, &ctxs(), &Tally::default(), T0 + MS);
+    assert_eq!(w[0].state().steps[1].holder, None, "not running any more");
+}
+
+#[test]
+fn a_heartbeat_extends_a_live_lease_and_writes_no_history() {
+    let mut w = scoring_claimed();
+    flushed(&mut w[0], T0);
+    let epoch = w[0].state().steps[1].epoch;
+    let lease_ms = (TIMEOUT_MS + 500) as i64;
+    let beat = Heartbeat {
+        entity_id: w[0].id(),
+        step: 1,
+        epoch,
+    };
+    let later = T0 + 700 * MS;
+    let leases = heartbeat(&mut w, &[beat], &ctxs(), later);
+    assert_eq!(leases, vec![Some(later + lease_ms * MS)]);
+    let rows = flushed(&mut w[0], later);
+    assert!(rows.events.is_empty(), "a heartbeat is not history");
+    assert_eq!(rows.entities.len(), 1, "the moved lease is written");
+    let step = rows.steps.iter().find(|s| s.idx == 1).expect("score row");
+    assert_eq!(step.state.due_at_us, Some(later + lease_ms * MS));
+    assert_eq!(
+        rows.due,
+        vec![DueRow {
+            entity_id: w[0].id(),
+            queue: SCORING.into(),
+            from: Some(T0 + lease_ms * MS),
+            to: Some(later + lease_ms * MS),
+        }],
+        "the queue's timer moves with the lease"
+    );
+}
+
+#[test]
+fn a_heartbeat_does_not_hold_for_a_stale_epoch_an_expired_lease_or_an_unknown_entity() {
+    let mut w = scoring_claimed();
+    flushed(&mut w[0], T0);
+    let s = w[0].state().steps[1].clone();
+    let beat = |entity_id, epoch| Heartbeat {
+        entity_id,
+        step: 1,
+        epoch,
+    };
+    let id = w[0].id();
+    let expiry = s.due_at_us.expect("lease");
+    let answers = heartbeat(
+        &mut w,
+        &[
+            beat(id, s.epoch + 1),
+            beat(EntityId::new_v7(), s.epoch),
+            beat(id, s.epoch),
+        ],
+        &ctxs(),
+        expiry,
+    );
+    assert_eq!(answers, vec![None, None, None]);
+    assert!(!w[0].is_dirty(), "nothing changed");
+}
+
+#[test]
+fn a_restart_keeps_the_leases_of_remote_workers() {
+    let mut w = scoring_claimed();
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0);
+    let lost = w[0].recover(&ctxs(), T0 + MS);
+    assert_eq!(lost, 0, "the worker outlives the node");
+    assert_eq!(status(&w[0], 1), StepStatus::Running);
+    // Its lease still runs out by itself.
+    let expiry = w[0].state().steps[1].due_at_us.expect("lease");
+    assert_eq!(
+        claim_due(&mut w, &Claim::local(SCORING, 10), &ctxs(), expiry),
+        1
+    );
+    assert_eq!(w[0].state().steps[1].attempts, 2);
+    assert_eq!(w[0].state().steps[1].holder, None, "an unnamed claim");
+}
+
+#[test]
+fn a_flush_names_the_queues_that_got_runnable_work() {
+    let mut w = vec![fresh("mixed")];
+    claim_due(&mut w, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0);
+    flushed(&mut w[0], T0);
+    let done = success(&w[0], 0, None);
+    complete(&mut w, &[done], None, &ctxs(), &Tally::default(), T0);
+    let rows = flushed(&mut w[0], T0);
+    assert_eq!(rows.woken, [SCORING]);
 }
