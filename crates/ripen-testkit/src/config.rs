@@ -9,11 +9,14 @@ use serde_json::Value;
 
 use crate::downstream::Downstream;
 
-/// One `[[types.T.steps]]` entry with an `http` executor.
+/// One `[[types.T.steps]]` entry: an `http` step, or a `worker` step when
+/// `worker` names a queue.
 #[derive(Clone, Debug)]
 pub struct Step {
     pub name: String,
     pub url: String,
+    /// The worker queue that runs the step instead of `url`.
+    pub worker: Option<String>,
     pub needs: Vec<String>,
     pub critical: bool,
     pub timeout: String,
@@ -30,12 +33,22 @@ impl Step {
         Step {
             name: name.to_owned(),
             url: url.into(),
+            worker: None,
             needs: Vec::new(),
             critical: true,
             timeout: "5s".to_owned(),
             max_attempts: Some(3),
             initial_backoff: Some("10ms".to_owned()),
             max_backoff: Some("50ms".to_owned()),
+        }
+    }
+
+    /// A step remote workers of `queue` run, with the small timeouts and
+    /// backoffs of [`Step::http`].
+    pub fn worker(name: &str, queue: &str) -> Step {
+        Step {
+            worker: Some(queue.to_owned()),
+            ..Step::http(name, String::new())
         }
     }
 
@@ -267,7 +280,14 @@ impl Config {
             for s in &t.steps {
                 let _ = writeln!(out, "\n[[types.{}.steps]]", t.name);
                 let _ = writeln!(out, "name = {}", toml_str(&s.name));
-                let _ = writeln!(out, "http = {}", toml_str(&s.url));
+                match &s.worker {
+                    Some(queue) => {
+                        let _ = writeln!(out, "worker = {}", toml_str(queue));
+                    }
+                    None => {
+                        let _ = writeln!(out, "http = {}", toml_str(&s.url));
+                    }
+                }
                 let needs: Vec<String> = s.needs.iter().map(|n| toml_str(n)).collect();
                 let _ = writeln!(out, "needs = [{}]", needs.join(", "));
                 let _ = writeln!(out, "critical = {}", s.critical);
