@@ -1493,3 +1493,71 @@ fn restarting_a_node_under_load_is_quick_and_deadlock_free() {
         },
     );
 }
+
+/// Workers attached to different nodes: a worker long-polling node B is
+/// woken by a submission to node A (the notification names its queue), and
+/// its result, recorded through B, lets A's scheduler run the next step.
+#[test]
+fn workers_on_different_nodes() {
+    run("workers_on_different_nodes", async {
+        let db = shared_database().await;
+        let ds = Downstream::start().await;
+        let config = |node: &str| {
+            Config::new()
+                .with_type(TypeDef::new(
+                    "wk",
+                    vec![
+                        Step::worker("bill", "billing"),
+                        Step::http("c", ds.url(&format!("/{node}/wk/c"))).needs(&["bill"]),
+                    ],
+                ))
+                // Polling every 30 s: only notifications can be this quick.
+                .poll_interval("30s")
+        };
+        // A takes intake and runs HTTP steps; B serves only workers.
+        let a = Server::start_on(&config("A"), &db).await;
+        let b = Server::start_on(&config("B").execute(false), &db).await;
+        let mut wakeups = Vec::new();
+        for _ in 0..5 {
+            let waiting = {
+                let b = b.api().clone();
+                tokio::spawn(async move {
+                    let r = b
+                        .post(
+                            "/v1/queues/billing/claim",
+                            &json!({"wait_ms": 10_000, "worker_id": "on-b"}),
+                        )
+                        .await;
+                    (Instant::now(), r)
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let id = a.submit_ok("wk", &json!({})).await;
+            let acked = Instant::now();
+            let (answered, r) = waiting.await.expect("claim");
+            assert_eq!(r.status, 200, "{r}");
+            let tasks = r.json()["tasks"].as_array().expect("tasks").clone();
+            assert_eq!(tasks.len(), 1, "{tasks:#?}");
+            assert_eq!(tasks[0]["entity_id"], id.as_str());
+            wakeups.push(answered.saturating_duration_since(acked));
+            let task_id = tasks[0]["task_id"].as_str().expect("task id");
+            let done = b
+                .post(
+                    &format!("/v1/tasks/{task_id}/complete"),
+                    &json!({"lease": tasks[0]["lease"], "output": {"node": "B"}}),
+                )
+                .await;
+            assert_eq!(done.status, 200, "{done}");
+            let view = a.wait_terminal(&id, SLACK).await;
+            assert_eq!(view["status"], "ready", "{view:#}");
+            assert_eq!(ds.calls_to("/A/wk/c").len(), wakeups.len(), "A ran c");
+        }
+        wakeups.sort();
+        eprintln!("cross-node long-poll wake-ups: {wakeups:?}");
+        assert!(
+            wakeups[wakeups.len() - 1] < Duration::from_secs(2),
+            "{wakeups:?}"
+        );
+        assert!(ds.calls_to("/B/wk/c").is_empty(), "B runs no steps");
+    });
+}
