@@ -54,8 +54,9 @@ async function detail() {
   document.getElementById("detail").innerHTML =
     `<h3><code>${esc(e.id)}</code> <span class="${esc(e.status)}">${esc(e.status)}</span></h3>` +
     `<button onclick="act('retry')">retry</button><button onclick="act('cancel')">cancel</button>` +
-    `<table><tr><th>step</th><th>status</th><th>attempts</th><th>last error</th></tr>` +
-    e.steps.map(s => `<tr><td>${esc(s.name)}${s.critical ? "" : " (non-critical)"}</td><td class="${esc(s.status)}">${esc(s.status)}</td>` +
+    `<table><tr><th>step</th><th>executor</th><th>status</th><th>attempts</th><th>last error</th></tr>` +
+    e.steps.map(s => `<tr><td>${esc(s.name)}${s.critical ? "" : " (non-critical)"}</td>` +
+      `<td>${esc(s.executor)}${s.worker ? ` (held by ${esc(s.worker)})` : ""}</td><td class="${esc(s.status)}">${esc(s.status)}</td>` +
       `<td>${s.attempts}</td><td>${esc(s.last_error)}</td></tr>`).join("") + `</table>` +
     `<h4>history</h4><table>` + (Array.isArray(ev) ? ev : []).map(x =>
       `<tr><td>${x.seq}</td><td>${esc(x.at.slice(11, 26))}</td><td>${esc(x.kind)}</td><td>${esc(x.step)}</td>` +
