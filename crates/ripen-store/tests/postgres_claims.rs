@@ -364,6 +364,74 @@ async fn concurrent_migrations_all_succeed() {
     assert_eq!(listed.len(), NODES, "every node writes the same tables");
 }
 
+/// A database of schema version 1 (before lease holders) is brought to the
+/// current version in place, its entities kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_schema_gains_lease_holders() {
+    let url = PgCluster::shared().create_database();
+    let store = connect(&url, 1, catalog()).await;
+    let created = store
+        .create(entity("mixed", "{}", None), T0)
+        .await
+        .expect("create");
+    let IntakeOutcome::Created(record) = created else {
+        panic!("expected Created, got {created:?}");
+    };
+    drop(store);
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect raw");
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute("ALTER TABLE steps DROP COLUMN holder; UPDATE ripen_schema SET version = 1")
+        .await
+        .expect("go back to version 1");
+    let store = connect(&url, 1, catalog()).await;
+    let version: i32 = client
+        .query_one("SELECT version FROM ripen_schema", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, 2);
+    drop(client);
+    let _ = driver.await;
+    let fetch = store
+        .claim_due(ripen_store::Claim::local(ripen_core::HTTP_QUEUE, 10), T0)
+        .await
+        .expect("claim")
+        .attempts;
+    let done = Completion {
+        entity_id: record.id,
+        step: fetch[0].step,
+        epoch: fetch[0].epoch,
+        outcome: Outcome::Succeeded { output: None },
+    };
+    store
+        .complete(vec![done], None, T0)
+        .await
+        .expect("complete");
+    let claim = ripen_store::Claim {
+        queue: "worker:scoring",
+        limit: 1,
+        holder: Some("w1"),
+    };
+    assert_eq!(
+        store
+            .claim_due(claim, T0)
+            .await
+            .expect("claim")
+            .attempts
+            .len(),
+        1
+    );
+    let got = store
+        .get(DEFAULT_TENANT, record.id)
+        .await
+        .expect("get")
+        .expect("kept");
+    assert_eq!(got.steps[1].state.holder.as_deref(), Some("w1"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_schema_is_refused() {
     let url = PgCluster::shared().create_database();
