@@ -13,6 +13,7 @@
 
 mod decode;
 pub mod history;
+pub mod metrics;
 pub mod postgres;
 pub mod sqlite;
 pub mod suite;
@@ -26,6 +27,7 @@ use ripen_core::{EntityState, EntityStatus, StepState, UnixMicros};
 use uuid::Uuid;
 
 pub use history::HistoryEvent;
+pub use metrics::{DecisionMetrics, Instrumented};
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
@@ -291,6 +293,16 @@ pub struct ListQuery {
     pub after: Option<EntityId>,
 }
 
+/// What the gauges of the metrics show, counted by the database.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Counts {
+    /// Stored entities by tenant-wide type and status.
+    pub entities: Vec<(String, EntityStatus, u64)>,
+    /// Entities with a step due now, by queue: the work waiting for a
+    /// consumer of that queue.
+    pub due: Vec<(String, u64)>,
+}
+
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or written now; the caller may retry later.
@@ -368,6 +380,10 @@ pub trait Store: Send + Sync + 'static {
     /// dispatcher reads.
     async fn outbox(&self, after_id: u64, limit: u32) -> Result<Vec<OutboxEntry>>;
 
+    /// Entities by type and status, and entities with due steps by queue.
+    /// Served from indexes; the caller bounds how often it asks.
+    async fn counts(&self, now_us: UnixMicros) -> Result<Counts>;
+
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> Result<()>;
 
@@ -378,6 +394,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Completions refused as stale since the store opened.
     fn stale_completions(&self) -> u64;
+
+    /// Adds the store's metric families (its decisions, its commits) to
+    /// `registry`.
+    fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()>;
 
     /// Whether the store is shared by several nodes. A single-node store
     /// lets its owner `recover` attempts at start; a shared one never does,

@@ -56,9 +56,9 @@ use crate::decode::{entity_id, entity_status, step_status, to_i64, to_u32, to_u6
 use crate::history::HistoryEvent;
 use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
-    Attempt, Claim, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
-    EntityRecord, Heartbeat, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result, StepRecord,
-    Store, StoreError, WorkWatcher, WorkWatchers,
+    Attempt, Claim, ClaimBatch, CommandOutcome, CompleteBatch, Completion, Counts, EntityData,
+    EntityId, EntityRecord, Heartbeat, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result,
+    StepRecord, Store, StoreError, WorkWatcher, WorkWatchers,
 };
 
 /// The schema this build writes, kept in `ripen_schema`.
@@ -574,6 +574,45 @@ impl Store for PostgresStore {
 
     fn stale_completions(&self) -> u64 {
         self.shared.decider.stale_completions()
+    }
+
+    fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        self.shared.decider.metrics().register(registry)
+    }
+
+    async fn counts(&self, now_us: UnixMicros) -> Result<Counts> {
+        let conn = self.shared.pool.get().await?;
+        let mut counts = Counts::default();
+        let rows = conn
+            .query(
+                "SELECT type, status, COUNT(*) FROM entities GROUP BY type, status",
+                &[],
+            )
+            .await?;
+        for r in rows {
+            let status: &str = r.try_get(1).map_err(decode_error)?;
+            let n: i64 = r.try_get(2).map_err(decode_error)?;
+            crate::sqlite::merge_count(
+                &mut counts.entities,
+                r.try_get(0).map_err(decode_error)?,
+                entity_status(status)?,
+                n,
+            );
+        }
+        let rows = conn
+            .query(
+                "SELECT queue, COUNT(DISTINCT entity_id) FROM steps
+                 WHERE due_at IS NOT NULL AND due_at <= $1 GROUP BY queue",
+                &[&now_us],
+            )
+            .await?;
+        for r in rows {
+            let n: i64 = r.try_get(1).map_err(decode_error)?;
+            counts
+                .due
+                .push((r.try_get(0).map_err(decode_error)?, to_u64(n, "count")?));
+        }
+        Ok(counts)
     }
 
     fn is_shared(&self) -> bool {

@@ -50,11 +50,12 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::decode::{entity_id, entity_status, step_status, to_i64, to_u32, to_u64};
 use crate::history::HistoryEvent;
+use crate::metrics::CommitMetrics;
 use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
-    Attempt, Claim, ClaimBatch, CommandOutcome, CompleteBatch, Completion, EntityData, EntityId,
-    EntityRecord, Heartbeat, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result, StepRecord,
-    Store, StoreError, WorkWatcher, WorkWatchers,
+    Attempt, Claim, ClaimBatch, CommandOutcome, CompleteBatch, Completion, Counts, EntityData,
+    EntityId, EntityRecord, Heartbeat, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result,
+    StepRecord, Store, StoreError, WorkWatcher, WorkWatchers,
 };
 
 /// The columns of one history row, in the order batched inserts bind them.
@@ -327,6 +328,7 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     decider: Arc<Decider>,
     watchers: Arc<WorkWatchers>,
+    commits: CommitMetrics,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -363,6 +365,7 @@ impl SqliteStore {
         });
         let decider = Arc::new(Decider::new(catalog, opts.lease_grace_ms, opts.jitter));
         let watchers = Arc::new(WorkWatchers::default());
+        let commits = CommitMetrics::default();
         let writer = Writer {
             relay,
             conn,
@@ -371,6 +374,7 @@ impl SqliteStore {
             sql_cache: HashMap::new(),
             woken: Vec::new(),
             watchers: watchers.clone(),
+            commits: Some(commits.clone()),
         };
         let batch_max = opts.batch_max.max(1);
         std::thread::Builder::new()
@@ -382,6 +386,7 @@ impl SqliteStore {
             readers,
             decider,
             watchers,
+            commits,
         })
     }
 
@@ -719,6 +724,35 @@ impl Store for SqliteStore {
 
     fn stale_completions(&self) -> u64 {
         self.decider.stale_completions()
+    }
+
+    fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        self.decider.metrics().register(registry)?;
+        self.commits.register(registry)
+    }
+
+    async fn counts(&self, now_us: UnixMicros) -> Result<Counts> {
+        self.read(move |conn| {
+            let mut counts = Counts::default();
+            let mut stmt = conn.prepare_cached(
+                "SELECT type, status, COUNT(*) FROM entities GROUP BY tenant, type, status",
+            )?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let status: String = r.get(1)?;
+                let n: i64 = r.get(2)?;
+                merge_count(&mut counts.entities, r.get(0)?, entity_status(&status)?, n);
+            }
+            let mut stmt = conn.prepare_cached(
+                "SELECT queue, COUNT(*) FROM due WHERE due_at <= ?1 GROUP BY queue",
+            )?;
+            let mut rows = stmt.query([now_us])?;
+            while let Some(r) = rows.next()? {
+                counts.due.push((r.get(0)?, to_u64(r.get(1)?, "count")?));
+            }
+            Ok(counts)
+        })
+        .await
     }
 
     fn watch_work(&self, watcher: WorkWatcher) {
@@ -1149,6 +1183,23 @@ fn decode_steps(id: EntityId, text: &str) -> Result<(Vec<StepRecord>, Vec<Option
     Ok((steps, outputs, external))
 }
 
+/// Adds `n` entities of `type_name` in `status` (summed over tenants).
+pub(crate) fn merge_count(
+    counts: &mut Vec<(String, EntityStatus, u64)>,
+    type_name: String,
+    status: EntityStatus,
+    n: i64,
+) {
+    let n = u64::try_from(n).unwrap_or(0);
+    match counts
+        .iter_mut()
+        .find(|(t, s, _)| *t == type_name && *s == status)
+    {
+        Some((_, _, total)) => *total += n,
+        None => counts.push((type_name, status, n)),
+    }
+}
+
 /// `s` as a JSON string literal.
 fn json_text(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
@@ -1393,6 +1444,8 @@ struct Writer {
     /// watchers once it commits.
     woken: Vec<String>,
     watchers: Arc<WorkWatchers>,
+    /// `None` in unit tests.
+    commits: Option<CommitMetrics>,
 }
 
 impl Writer {
@@ -1419,7 +1472,11 @@ impl Writer {
                 backlog.push(job, is_create, now);
             }
             let mut batch = backlog.next_batch(batch_max, now);
+            let started = std::time::Instant::now();
             let failure = self.commit_batch(&mut batch).err();
+            if let (Some(commits), None) = (&self.commits, &failure) {
+                commits.observe(started.elapsed().as_secs_f64(), batch.len());
+            }
             if let Some(e) = &failure {
                 tracing::warn!(error = %e, commands = batch.len(), "sqlite write batch failed");
             }
@@ -2112,6 +2169,7 @@ mod tests {
             sql_cache: HashMap::new(),
             woken: Vec::new(),
             watchers: Arc::new(WorkWatchers::default()),
+            commits: None,
         };
         let pipeline = catalog().get("single", 1).cloned().expect("pipeline");
         let (first, second) = (entity(), entity());
@@ -2282,6 +2340,7 @@ mod tests {
             sql_cache: HashMap::new(),
             woken: Vec::new(),
             watchers: Arc::new(WorkWatchers::default()),
+            commits: None,
         };
         let pipeline = catalog().get("w5", 1).cloned().expect("pipeline");
         let keyed = |key: &str, payload: &str| NewEntity {

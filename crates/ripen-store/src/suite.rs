@@ -69,6 +69,7 @@ macro_rules! store_test_suite {
             worker_leases_are_held_extended_and_fenced,
             recover_keeps_the_leases_of_remote_workers,
             watchers_hear_which_queue_got_work,
+            counts_and_metrics_follow_the_decisions,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -236,6 +237,12 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     }
     fn stale_completions(&self) -> u64 {
         self.store.stale_completions()
+    }
+    async fn counts(&self, now_us: UnixMicros) -> Result<crate::Counts> {
+        self.store.counts(now_us).await
+    }
+    fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        self.store.register_metrics(registry)
     }
     fn is_shared(&self) -> bool {
         self.store.is_shared()
@@ -1931,4 +1938,92 @@ pub async fn watchers_hear_which_queue_got_work(store: Arc<dyn Store>) {
         "a result names the queue it fed"
     );
     let _ = record;
+}
+
+/// The value of the sample of `family` whose labels are exactly `labels`,
+/// in what `store` registered; 0 when there is none.
+pub fn metric(store: &dyn Store, family: &str, labels: &[(&str, &str)]) -> f64 {
+    let registry = prometheus::Registry::new();
+    store.register_metrics(&registry).expect("register");
+    for f in registry.gather() {
+        if f.name() != family {
+            continue;
+        }
+        for m in f.get_metric() {
+            let got: Vec<(&str, &str)> = m
+                .get_label()
+                .iter()
+                .map(|l| (l.name(), l.value()))
+                .collect();
+            if got.len() == labels.len() && labels.iter().all(|l| got.contains(l)) {
+                return match f.get_field_type() {
+                    prometheus::proto::MetricType::HISTOGRAM => {
+                        m.get_histogram().get_sample_count() as f64
+                    }
+                    _ => m.get_counter().get_value(),
+                };
+            }
+        }
+    }
+    0.0
+}
+
+/// The gauges' counts follow the entities, and the decision counters count
+/// each attempt's outcome once, by type, step and outcome.
+pub async fn counts_and_metrics_follow_the_decisions(store: Arc<dyn Store>) {
+    let store = &*store;
+    let one = create(store, new_entity("single", BODY), T0).await;
+    create(store, new_entity("single", BODY), T0).await;
+    create(store, new_entity("w5", BODY), T0).await;
+    let counts = store.counts(T0).await.expect("counts");
+    let mut entities = counts.entities.clone();
+    entities.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        entities,
+        vec![
+            ("single".to_owned(), EntityStatus::Pending, 2),
+            ("w5".to_owned(), EntityStatus::Pending, 1),
+        ]
+    );
+    assert_eq!(counts.due, vec![(HTTP_QUEUE.to_owned(), 3)]);
+
+    let attempts = claim(store, T0, 10).await.attempts;
+    let only = attempts
+        .iter()
+        .find(|a| a.entity_id == one.id)
+        .expect("one's attempt");
+    finish(store, only, failed("503", true, None), T0).await;
+    let again = claim(store, T0, 10).await.attempts;
+    assert_eq!(again.len(), 1, "no backoff: due again at once");
+    finish(store, &again[0], failed("400", false, None), T0).await;
+    let w5_a = by_name(&attempts, "a");
+    finish(store, w5_a, succeeded(None), T0).await;
+
+    let m = |outcome: &str, ty: &str, step: &str| {
+        metric(
+            store,
+            "ripen_step_attempts_total",
+            &[("type", ty), ("step", step), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(m("retryable_error", "single", "only"), 1.0);
+    assert_eq!(m("permanent_error", "single", "only"), 1.0);
+    assert_eq!(m("succeeded", "w5", "a"), 1.0);
+    assert_eq!(m("succeeded", "single", "only"), 0.0);
+    let retries = metric(
+        store,
+        "ripen_retries_scheduled_total",
+        &[("type", "single"), ("step", "only")],
+    );
+    assert_eq!(retries, 1.0);
+    let failed_entities = metric(
+        store,
+        "ripen_entity_status_changes_total",
+        &[("type", "single"), ("status", "failed")],
+    );
+    assert_eq!(failed_entities, 1.0);
+    let counts = store.counts(T0).await.expect("counts");
+    assert!(counts
+        .entities
+        .contains(&("single".to_owned(), EntityStatus::Failed, 1)));
 }

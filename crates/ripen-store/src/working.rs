@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ripen_core::{
@@ -25,6 +24,7 @@ use ripen_core::{
 };
 
 use crate::history::{self, HistoryEvent};
+use crate::metrics::DecisionMetrics;
 use crate::{
     Attempt, Claim, CommandOutcome, Completion, CompletionResult, EntityId, EntityRecord,
     Heartbeat, IntakeOutcome, NewEntity, Outcome, Result, StepRecord, StoreError,
@@ -147,7 +147,9 @@ impl Decider {
         claim: &Claim<'_>,
         now_us: UnixMicros,
     ) -> usize {
-        claim_due(entities, claim, &self.ctxs, now_us)
+        let claimed = claim_due(entities, claim, &self.ctxs, now_us);
+        self.observe(entities);
+        claimed
     }
 
     /// See [`heartbeat`].
@@ -157,7 +159,32 @@ impl Decider {
         beats: &[Heartbeat],
         now_us: UnixMicros,
     ) -> Vec<Option<UnixMicros>> {
-        heartbeat(entities, beats, &self.ctxs, now_us)
+        let leases = heartbeat(entities, beats, &self.ctxs, now_us);
+        for (b, lease) in beats.iter().zip(&leases) {
+            if lease.is_none() {
+                self.tally.stale(b.entity_id, b.step, b.epoch);
+            }
+        }
+        leases
+    }
+
+    /// Counts the decisions taken on `entities` since they were last
+    /// counted: every decision method calls it before the rows are written.
+    fn observe<X>(&self, entities: &mut [Working<X>]) {
+        for w in entities.iter_mut() {
+            let new = &w.events[w.observed..];
+            if !new.is_empty() {
+                self.tally
+                    .metrics
+                    .observe(&w.pipeline, &w.record, w.state.ready_at_us, new);
+                w.observed = w.events.len();
+            }
+        }
+    }
+
+    /// The counters of this store's decisions.
+    pub fn metrics(&self) -> &DecisionMetrics {
+        &self.tally.metrics
     }
 
     /// See [`complete`].
@@ -169,15 +196,19 @@ impl Decider {
         now_us: UnixMicros,
     ) -> Vec<CompletionResult> {
         let (ctxs, tally) = (&self.ctxs, &self.tally);
-        complete(entities, completions, claim_queue, ctxs, tally, now_us)
+        let results = complete(entities, completions, claim_queue, ctxs, tally, now_us);
+        self.observe(entities);
+        results
     }
 
     /// Loses every running attempt of the entities: their node restarted.
     pub fn recover<X>(&self, entities: &mut [Working<X>], now_us: UnixMicros) -> u64 {
-        entities
+        let lost = entities
             .iter_mut()
             .map(|w| w.recover(&self.ctxs, now_us))
-            .sum()
+            .sum();
+        self.observe(entities);
+        lost
     }
 
     /// Applies an operator command; see [`Working::command`].
@@ -187,7 +218,9 @@ impl Decider {
         input: Input,
         now_us: UnixMicros,
     ) -> Result<Option<EntityStatus>> {
-        w.command(input, &self.ctxs, now_us)
+        let refused = w.command(input, &self.ctxs, now_us)?;
+        self.observe(std::slice::from_mut(w));
+        Ok(refused)
     }
 
     pub fn stale_completions(&self) -> u64 {
@@ -198,16 +231,17 @@ impl Decider {
 /// Counters every backend keeps the same way.
 #[derive(Debug, Default)]
 pub struct Tally {
-    stale_completions: AtomicU64,
+    metrics: DecisionMetrics,
 }
 
 impl Tally {
     pub fn stale_completions(&self) -> u64 {
-        self.stale_completions.load(Ordering::Relaxed)
+        self.metrics.stale_count()
     }
 
     fn stale(&self, entity: EntityId, step: usize, epoch: u64) {
-        let stale = self.stale_completions.fetch_add(1, Ordering::Relaxed) + 1;
+        self.metrics.stale();
+        let stale = self.metrics.stale_count();
         tracing::info!(
             entity = %entity,
             step,
@@ -570,6 +604,8 @@ pub struct Working<X = ()> {
     new_outputs: Vec<(usize, Option<String>)>,
     /// Steps claimed since the last `take_attempts`.
     claimed: Vec<usize>,
+    /// How many of `events` the metrics have counted.
+    observed: usize,
     /// The state changed without history since the last flush (a lease
     /// moved by a heartbeat).
     touched: bool,
@@ -598,6 +634,7 @@ impl<X> Working<X> {
             dispatched: Vec::new(),
             new_outputs: Vec::new(),
             claimed: Vec::new(),
+            observed: 0,
             touched: false,
         })
     }
@@ -904,6 +941,7 @@ impl<X> Working<X> {
             }
         }
         self.events.clear();
+        self.observed = 0;
     }
 
     /// Whether steps were claimed since the last `take_attempts`.
