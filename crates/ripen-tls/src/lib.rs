@@ -20,7 +20,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore,
+};
 
 pub use rustls;
 
@@ -372,7 +374,9 @@ pub fn is_permanent(e: &rustls::Error) -> bool {
 pub fn describe(e: &rustls::Error) -> String {
     match e {
         rustls::Error::AlertReceived(AlertDescription::CertificateRequired) => {
-            format!("{e} (the server asks for a client certificate: set client_cert and client_key)")
+            format!(
+                "{e} (the server asks for a client certificate: set client_cert and client_key)"
+            )
         }
         rustls::Error::AlertReceived(
             AlertDescription::BadCertificate
@@ -467,7 +471,10 @@ mod tests {
     fn certificate_failures_are_permanent_and_others_are_not() {
         let unknown = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
         assert!(is_permanent(&unknown));
-        assert_eq!(describe(&unknown), "invalid peer certificate: UnknownIssuer");
+        assert_eq!(
+            describe(&unknown),
+            "invalid peer certificate: UnknownIssuer"
+        );
         let required = rustls::Error::AlertReceived(AlertDescription::CertificateRequired);
         assert!(is_permanent(&required));
         assert!(describe(&required).contains("set client_cert and client_key"));
