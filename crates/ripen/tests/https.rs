@@ -213,3 +213,46 @@ async fn a_refused_https_connection_is_still_retried() {
     let error = only["last_error"].as_str().unwrap_or_default();
     assert!(error.starts_with("request failed"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_on_postgres_over_verified_tls() {
+    let pki = Pki::new();
+    let cluster = ripen_testkit::PgCluster::start_tls(&pki.server_cert, &pki.server_key);
+    let database = |root: &str| {
+        let plain = cluster.create_database();
+        let db = plain.rsplit('/').next().unwrap().to_owned();
+        format!(
+            "postgres://postgres@localhost:{}/{db}?sslmode=verify-full&sslrootcert={}",
+            cluster.port(),
+            pki.file(root)
+        )
+    };
+    let ds = Downstream::start().await;
+    let cfg = Config::new().with_type(single("t", &ds));
+
+    let server = Server::start_on(&cfg, &database("ca.pem")).await;
+    let id = server.submit_ok("t", &json!({})).await;
+    let view = server.wait_terminal(&id, WAIT).await;
+    assert_eq!(view["status"], "ready", "{view:#}");
+    drop(server);
+
+    // A root that did not sign the server's certificate stops the server at
+    // once, saying why.
+    let toml = format!(
+        "[storage]\nurl = {}\n\n[[types.t.steps]]\nname = \"only\"\nhttp = \"http://127.0.0.1:9/x\"\n",
+        ripen_testkit::toml_str(&database("other-ca.pem"))
+    );
+    let started = std::time::Instant::now();
+    let (out, _dir) = serve_bad_config(&toml, &[]).await;
+    assert!(!out.success(), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "not waited for like an unreachable database: {out}"
+    );
+    assert!(
+        out.stderr
+            .contains("TLS handshake with localhost failed (sslmode=verify-full)")
+            && out.stderr.contains("UnknownIssuer"),
+        "{out}"
+    );
+}
