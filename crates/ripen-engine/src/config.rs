@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ripen_core::{Executor, Pipeline, RetryPolicy, StepDef};
+use ripen_tls::ClientFiles;
 use serde::Deserialize;
 
 use crate::schema::Schema;
@@ -35,6 +36,21 @@ pub struct Config {
     pub storage: StorageUrl,
     pub engine: EngineConfig,
     pub types: Vec<TypeConfig>,
+    /// How `https` steps connect.
+    pub tls: HttpTls,
+}
+
+/// The TLS settings of `https` steps: the `[tls]` table, and the steps that
+/// set a `ca_file` or a client certificate of their own. Every file named
+/// here was read and found usable when the configuration was loaded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HttpTls {
+    /// `[tls]`: for every https step without settings of its own. No
+    /// `ca_file` means the system's root certificates.
+    pub default: ClientFiles,
+    /// The steps with settings of their own, by type and step name; what
+    /// they do not set comes from `default`.
+    pub steps: BTreeMap<(String, String), ClientFiles>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +136,7 @@ impl Config {
             }
             StorageUrl::Sqlite(base.join(rest))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            ripen_store::postgres::PgTls::from_url(&url).map_err(|p| err("storage.url", p))?;
             StorageUrl::Postgres(url)
         } else {
             return Err(err(
@@ -156,6 +173,20 @@ impl Config {
         }
         if engine.poll_interval_ms == 0 {
             return Err(err("engine.poll_interval", "must be more than zero".into()));
+        }
+
+        let mut tls = HttpTls::default();
+        if let Some(t) = raw.tls {
+            let files = RawTlsFiles {
+                ca_file: t.ca_file,
+                client_cert: t.client_cert,
+                client_key: t.client_key,
+            };
+            tls.default = client_files(files, base, &ClientFiles::default())
+                .map_err(|(k, p)| err(&format!("tls.{k}"), p))?;
+            tls.default
+                .client_config()
+                .map_err(|e| err(&format!("tls.{}", e.key.as_str()), e.problem))?;
         }
 
         if raw.types.is_empty() {
@@ -195,9 +226,20 @@ impl Config {
                 }
             };
             let mut defs = Vec::with_capacity(t.steps.len());
-            for (i, s) in t.steps.into_iter().enumerate() {
+            for (i, mut s) in t.steps.into_iter().enumerate() {
                 let skey = format!("{key}.steps[{i}]");
+                let step_files = RawTlsFiles {
+                    ca_file: s.ca_file.take(),
+                    client_cert: s.client_cert.take(),
+                    client_key: s.client_key.take(),
+                };
+                let (step_name, https) = (s.name.clone(), s.http.as_deref().is_some_and(is_https));
                 defs.push(step_def(s).map_err(|(k, p)| err(&format!("{skey}{k}"), p))?);
+                if let Some(files) = step_tls(step_files, https, base, &tls.default)
+                    .map_err(|(k, p)| err(&format!("{skey}.{k}"), p))?
+                {
+                    tls.steps.insert((name.clone(), step_name), files);
+                }
             }
             let pipeline =
                 Pipeline::new(defs).map_err(|p| err(&format!("{key}.steps"), p.to_string()))?;
@@ -215,6 +257,7 @@ impl Config {
             storage,
             engine,
             types,
+            tls,
         })
     }
 }
@@ -292,18 +335,78 @@ fn check_http_url(url: &str) -> Result<(), String> {
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "{url:?}: https is not supported by this build yet; use http"
-            ))
-        }
-        _ => return Err(format!("{url:?} must start with http://")),
+        Some("http" | "https") => {}
+        _ => return Err(format!("{url:?} must start with http:// or https://")),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("{url:?} names no host"));
     }
     Ok(())
+}
+
+fn is_https(url: &str) -> bool {
+    url.parse::<hyper::Uri>()
+        .is_ok_and(|uri| uri.scheme_str() == Some("https"))
+}
+
+/// The files of a `[tls]` table or a step, relative to `base`; what a step
+/// does not set comes from `inherit`. Errors are `(key, problem)`.
+fn client_files(
+    raw: RawTlsFiles,
+    base: &Path,
+    inherit: &ClientFiles,
+) -> Result<ClientFiles, (String, String)> {
+    let identity = match (raw.client_cert, raw.client_key) {
+        (Some(cert), Some(key)) => Some((base.join(cert), base.join(key))),
+        (None, None) => inherit.identity.clone(),
+        (Some(_), None) => {
+            return Err((
+                "client_key".into(),
+                "client_cert is set, so client_key must be too".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err((
+                "client_cert".into(),
+                "client_key is set, so client_cert must be too".into(),
+            ))
+        }
+    };
+    Ok(ClientFiles {
+        ca_file: raw
+            .ca_file
+            .map(|f| base.join(f))
+            .or_else(|| inherit.ca_file.clone()),
+        identity,
+    })
+}
+
+/// A step's own TLS settings, read and checked; `None` when it has none.
+fn step_tls(
+    raw: RawTlsFiles,
+    https: bool,
+    base: &Path,
+    default: &ClientFiles,
+) -> Result<Option<ClientFiles>, (String, String)> {
+    let set = [
+        ("ca_file", raw.ca_file.is_some()),
+        ("client_cert", raw.client_cert.is_some()),
+        ("client_key", raw.client_key.is_some()),
+    ];
+    let Some((first, _)) = set.iter().find(|(_, is_set)| *is_set) else {
+        return Ok(None);
+    };
+    if !https {
+        return Err((
+            (*first).to_owned(),
+            "applies to https steps only, and this step's executor is not an https:// URL".into(),
+        ));
+    }
+    let files = client_files(raw, base, default)?;
+    files
+        .client_config()
+        .map_err(|e| (e.key.as_str().to_owned(), e.problem))?;
+    Ok(Some(files))
 }
 
 /// Parses `"250ms"`, `"5s"`, `"2m"`; at most one day.
@@ -325,8 +428,25 @@ struct RawConfig {
     server: Option<RawServer>,
     storage: Option<RawStorage>,
     engine: Option<RawEngine>,
+    tls: Option<RawTls>,
     #[serde(default)]
     types: BTreeMap<String, RawType>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+/// The TLS keys of `[tls]` and of a step.
+#[derive(Default)]
+struct RawTlsFiles {
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -374,6 +494,9 @@ struct RawStep {
     worker: Option<String>,
     timeout: Option<String>,
     retry: Option<RawRetry>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -464,6 +587,129 @@ mod tests {
         for (text, want) in cases {
             let got = parse(&text).unwrap_err();
             assert!(got.contains(want), "{got:?} should contain {want:?}");
+        }
+    }
+
+    /// A CA, a client certificate it signed with that certificate's key, and
+    /// another key, as PEM files in a fresh directory.
+    fn tls_files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let client_key = rcgen::KeyPair::generate().unwrap();
+        let client = rcgen::CertificateParams::new(vec!["client".into()])
+            .unwrap()
+            .signed_by(&client_key, &ca, &ca_key)
+            .unwrap();
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let dir_path = dir.path();
+        std::fs::create_dir(dir_path.join("certs")).unwrap();
+        for (name, text) in [
+            ("certs/ca.pem", ca.pem()),
+            ("certs/client.pem", client.pem()),
+            ("certs/client.key", client_key.serialize_pem()),
+            ("certs/other.key", other_key.serialize_pem()),
+            ("certs/junk.pem", "no PEM here\n".to_owned()),
+        ] {
+            std::fs::write(dir_path.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    const HTTPS_STEP: &str = "[[types.t.steps]]\nname = \"a\"\nhttp = \"https://localhost:9/a\"\n";
+
+    #[test]
+    fn https_steps_and_tls_files() {
+        let dir = tls_files();
+        let base = dir.path();
+        let parse_in = |text: &str| Config::parse(text, Path::new("ripen.toml"), base);
+
+        // No [tls]: https steps trust the system's roots, no client certificate.
+        let c = parse_in(HTTPS_STEP).unwrap();
+        assert_eq!(c.tls, HttpTls::default());
+
+        // [tls] paths are relative to the configuration's directory.
+        let c = parse_in(&format!(
+            "[tls]\nca_file = \"certs/ca.pem\"\nclient_cert = \"certs/client.pem\"\nclient_key = \"certs/client.key\"\n{HTTPS_STEP}"
+        ))
+        .unwrap();
+        assert_eq!(c.tls.default.ca_file, Some(base.join("certs/ca.pem")));
+        assert_eq!(
+            c.tls.default.identity,
+            Some((base.join("certs/client.pem"), base.join("certs/client.key")))
+        );
+        assert!(c.tls.steps.is_empty());
+
+        // A step's own ca_file replaces the global one; the client
+        // certificate it does not set comes from [tls].
+        let c = parse_in(&format!(
+            "[tls]\nclient_cert = \"certs/client.pem\"\nclient_key = \"certs/client.key\"\n{HTTPS_STEP}ca_file = \"certs/ca.pem\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.tls.default.ca_file, None);
+        let own = &c.tls.steps[&("t".to_owned(), "a".to_owned())];
+        assert_eq!(own.ca_file, Some(base.join("certs/ca.pem")));
+        assert_eq!(own.identity, c.tls.default.identity);
+    }
+
+    #[test]
+    fn tls_errors_name_file_key_and_problem() {
+        let dir = tls_files();
+        let base = dir.path();
+        let d = base.display();
+        let cases = [
+            (
+                format!("[tls]\nca_file = \"certs/missing.pem\"\n{HTTPS_STEP}"),
+                format!("ripen.toml: tls.ca_file: cannot read {d}/certs/missing.pem"),
+            ),
+            (
+                format!("[tls]\nca_file = \"certs/junk.pem\"\n{HTTPS_STEP}"),
+                format!("ripen.toml: tls.ca_file: {d}/certs/junk.pem holds no PEM certificate"),
+            ),
+            (
+                format!("[tls]\nclient_cert = \"certs/client.pem\"\n{HTTPS_STEP}"),
+                "ripen.toml: tls.client_key: client_cert is set, so client_key must be too"
+                    .to_owned(),
+            ),
+            (
+                format!("{HTTPS_STEP}client_key = \"certs/client.key\"\n"),
+                "ripen.toml: types.t.steps[0].client_cert: client_key is set, so client_cert must be too"
+                    .to_owned(),
+            ),
+            (
+                format!("{HTTPS_STEP}ca_file = \"certs/client.key\"\n"),
+                format!("ripen.toml: types.t.steps[0].ca_file: {d}/certs/client.key holds no PEM certificate"),
+            ),
+            (
+                format!("{HTTPS_STEP}client_cert = \"certs/client.pem\"\nclient_key = \"certs/other.key\"\n"),
+                format!("ripen.toml: types.t.steps[0].client_key: {d}/certs/other.key is not the key of the certificate in {d}/certs/client.pem"),
+            ),
+            (
+                format!("{HTTPS_STEP}client_cert = \"certs/client.pem\"\nclient_key = \"certs/ca.pem\"\n"),
+                format!("ripen.toml: types.t.steps[0].client_key: {d}/certs/ca.pem holds no PEM private key"),
+            ),
+            (
+                format!("{STEP}ca_file = \"certs/ca.pem\"\n"),
+                "ripen.toml: types.t.steps[0].ca_file: applies to https steps only".to_owned(),
+            ),
+            (
+                format!("[tls]\nca = \"x\"\n{HTTPS_STEP}"),
+                "ripen.toml:2: unknown field `ca`".to_owned(),
+            ),
+            (
+                format!("[storage]\nurl = \"postgres://u@h/db?sslmode=verify-full&sslrootcert=certs/none.pem\"\n{HTTPS_STEP}"),
+                "ripen.toml: storage.url: sslrootcert: cannot read certs/none.pem".to_owned(),
+            ),
+            (
+                format!("[storage]\nurl = \"postgres://u@h/db?sslmode=allow\"\n{HTTPS_STEP}"),
+                "ripen.toml: storage.url: sslmode: \"allow\" is not supported".to_owned(),
+            ),
+        ];
+        for (text, want) in cases {
+            let got = Config::parse(&text, Path::new("ripen.toml"), base).unwrap_err();
+            assert!(got.starts_with(&want), "{got:?} should start with {want:?}");
         }
     }
 

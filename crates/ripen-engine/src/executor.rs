@@ -80,6 +80,21 @@ impl ExecutorRegistry {
         registry
     }
 
+    /// Like [`ExecutorRegistry::standard`], with the TLS settings of the
+    /// configuration for `https` steps.
+    pub fn standard_with_tls(
+        concurrency: usize,
+        tls: &crate::config::HttpTls,
+    ) -> Result<ExecutorRegistry, ripen_tls::FileError> {
+        let mut registry = ExecutorRegistry::empty();
+        registry.register(
+            ExecutorKind::Http,
+            [HTTP_QUEUE],
+            Arc::new(HttpExecutor::with_tls(concurrency, tls)?),
+        );
+        Ok(registry)
+    }
+
     /// Makes `executor` run every step of `kind`, and this node consume
     /// `queues`. A second registration of a kind replaces the first.
     pub fn register<Q: Into<String>>(

@@ -149,11 +149,11 @@ impl Engine {
                 );
             }
         }
-        let executors = Arc::new(
-            parts
-                .executors
-                .unwrap_or_else(|| ExecutorRegistry::standard(config.engine.concurrency)),
-        );
+        let executors = Arc::new(match parts.executors {
+            Some(executors) => executors,
+            None => ExecutorRegistry::standard_with_tls(config.engine.concurrency, &config.tls)
+                .map_err(|e| anyhow::anyhow!("{}: tls: {e}", config.path.display()))?,
+        });
         let load = Arc::new(intake::IntakeLoad::new(!store.is_shared()));
         let local_queues: Vec<String> = executors
             .local_queues()

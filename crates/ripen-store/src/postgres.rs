@@ -50,7 +50,11 @@ use ripen_core::{Catalog, Input, Pipeline, StepState, UnixMicros};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{AsyncMessage, Client, Config, Row, Statement};
+
+mod tls;
+
+pub use tls::PgTls;
 
 use crate::decode::{entity_id, entity_status, step_status, to_i64, to_u32, to_u64};
 use crate::history::HistoryEvent;
@@ -228,8 +232,9 @@ impl PostgresStore {
         opts: PostgresOptions,
         catalog: Arc<Catalog>,
     ) -> Result<PostgresStore, StoreError> {
-        let mut config: Config = opts
-            .url
+        let (url, tls) = PgTls::from_url(&opts.url)
+            .map_err(|e| StoreError::Internal(format!("the postgres url: {e}")))?;
+        let mut config: Config = url
             .parse()
             .map_err(|e| StoreError::Internal(format!("parse the postgres url: {e}")))?;
         // A node that stalls inside a transaction (stopped, partitioned) holds
@@ -250,6 +255,7 @@ impl PostgresStore {
         let pool_size = opts.pool_size.max(1);
         let pool = Arc::new(Pool {
             config,
+            tls,
             idle: Mutex::new(Vec::with_capacity(pool_size)),
             permits: Arc::new(Semaphore::new(pool_size)),
         });
@@ -624,8 +630,9 @@ impl Store for PostgresStore {
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         if listeners.is_empty() {
             let config = self.shared.pool.config.clone();
+            let tls = self.shared.pool.tls.clone();
             let watchers = self.watchers.clone();
-            listeners.push(self.runtime.spawn(listen_for_work(config, watchers)));
+            listeners.push(self.runtime.spawn(listen_for_work(config, tls, watchers)));
         }
     }
 }
@@ -653,6 +660,8 @@ impl PostgresStore {
 /// same way); the next caller opens a new one.
 struct Pool {
     config: Config,
+    /// How every connection, the listener's too, negotiates TLS.
+    tls: PgTls,
     idle: Mutex<Vec<Conn>>,
     permits: Arc<Semaphore>,
 }
@@ -679,7 +688,7 @@ impl Pool {
                 None => break,
             }
         }
-        let conn = Conn::open(&self.config).await?;
+        let conn = Conn::open(&self.config, &self.tls).await?;
         Ok(PooledConn {
             conn: Some(conn),
             pool: self.clone(),
@@ -701,15 +710,13 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(config: &Config) -> Result<Conn> {
-        let connecting = config.connect(NoTls);
+    async fn open(config: &Config, tls: &PgTls) -> Result<Conn> {
+        let connecting = config.connect(tls.connector());
         let (client, connection) =
             tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connecting)
                 .await
                 .map_err(|_| StoreError::Unavailable("connect to postgres: timed out".into()))?
-                .map_err(|e| {
-                    StoreError::Unavailable(format!("connect to postgres: {}", describe(&e)))
-                })?;
+                .map_err(|e| connect_error(config, tls, &e))?;
         // The connection task ends when the client is dropped or the server
         // goes away; the client then reports itself closed.
         tokio::spawn(async move {
@@ -882,6 +889,26 @@ fn describe(e: &tokio_postgres::Error) -> String {
     match std::error::Error::source(e) {
         Some(source) => format!("{e}: {source}"),
         None => e.to_string(),
+    }
+}
+
+/// A failed connection attempt. A certificate that is not trusted (or a
+/// client that is refused) fails the same way on every attempt, so it is not
+/// `Unavailable`.
+fn connect_error(config: &Config, tls: &PgTls, e: &tokio_postgres::Error) -> StoreError {
+    match std::error::Error::source(e).and_then(ripen_tls::find_tls_error) {
+        Some(tls_error) if ripen_tls::is_permanent(tls_error) => {
+            let host = match config.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+                _ => "the server".to_owned(),
+            };
+            StoreError::Internal(format!(
+                "connect to postgres: TLS handshake with {host} failed (sslmode={}): {}",
+                tls.mode,
+                ripen_tls::describe(tls_error)
+            ))
+        }
+        _ => StoreError::Unavailable(format!("connect to postgres: {}", describe(e))),
     }
 }
 
@@ -1926,10 +1953,10 @@ impl Inserts {
 /// watchers each queue named. Reconnects with backoff when the connection
 /// drops, and wakes every queue after every (re)connection, since
 /// notifications sent while it was not listening are lost.
-async fn listen_for_work(config: Config, watchers: Arc<WorkWatchers>) {
+async fn listen_for_work(config: Config, tls: PgTls, watchers: Arc<WorkWatchers>) {
     let mut backoff_ms = LISTEN_BACKOFF_MIN_MS;
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.connector()).await {
             Ok((client, mut connection)) => {
                 let mut messages =
                     futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -2001,7 +2028,7 @@ mod tests {
     async fn every_connection_commits_synchronously() {
         let url = PgCluster::shared().create_database();
         let db = url.rsplit('/').next().expect("database name").to_owned();
-        let (client, connection) = tokio_postgres::connect(&url, NoTls)
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
             .expect("connect raw");
         let driver = tokio::spawn(connection);

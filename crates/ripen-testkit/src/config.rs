@@ -24,6 +24,46 @@ pub struct Step {
     pub max_attempts: Option<u32>,
     pub initial_backoff: Option<String>,
     pub max_backoff: Option<String>,
+    /// The step's own `ca_file`, `client_cert` and `client_key`.
+    pub tls: TlsFiles,
+}
+
+/// The TLS keys of `[tls]` or of a step: paths as written into the file
+/// (relative ones resolve against the configuration's directory).
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    pub ca_file: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+}
+
+impl TlsFiles {
+    pub fn ca_file(mut self, path: impl Into<String>) -> TlsFiles {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    pub fn client(mut self, cert: impl Into<String>, key: impl Into<String>) -> TlsFiles {
+        self.client_cert = Some(cert.into());
+        self.client_key = Some(key.into());
+        self
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ca_file.is_none() && self.client_cert.is_none() && self.client_key.is_none()
+    }
+
+    fn render(&self, out: &mut String) {
+        for (key, value) in [
+            ("ca_file", &self.ca_file),
+            ("client_cert", &self.client_cert),
+            ("client_key", &self.client_key),
+        ] {
+            if let Some(value) = value {
+                let _ = writeln!(out, "{key} = {}", toml_str(value));
+            }
+        }
+    }
 }
 
 impl Step {
@@ -40,6 +80,7 @@ impl Step {
             max_attempts: Some(3),
             initial_backoff: Some("10ms".to_owned()),
             max_backoff: Some("50ms".to_owned()),
+            tls: TlsFiles::default(),
         }
     }
 
@@ -50,6 +91,12 @@ impl Step {
             worker: Some(queue.to_owned()),
             ..Step::http(name, String::new())
         }
+    }
+
+    /// The step's own TLS settings.
+    pub fn tls(mut self, tls: TlsFiles) -> Step {
+        self.tls = tls;
+        self
     }
 
     pub fn needs(mut self, needs: &[&str]) -> Step {
@@ -172,6 +219,8 @@ pub struct Config {
     pub execute: Option<bool>,
     /// A comment written at the top of the file, for a human who opens it.
     pub comment: Option<String>,
+    /// The `[tls]` table; written only when it sets something.
+    pub tls: TlsFiles,
 }
 
 impl Default for Config {
@@ -202,6 +251,7 @@ impl Config {
             lease_grace: None,
             execute: None,
             comment: None,
+            tls: TlsFiles::default(),
         }
     }
 
@@ -233,6 +283,12 @@ impl Config {
     /// `[engine] execute`: `false` makes an intake-only node.
     pub fn execute(mut self, execute: bool) -> Config {
         self.execute = Some(execute);
+        self
+    }
+
+    /// The `[tls]` table of https steps.
+    pub fn tls(mut self, tls: TlsFiles) -> Config {
+        self.tls = tls;
         self
     }
 
@@ -268,6 +324,10 @@ impl Config {
             if let Some(g) = &self.lease_grace {
                 let _ = writeln!(out, "lease_grace = {}", toml_str(g));
             }
+        }
+        if !self.tls.is_empty() {
+            out.push_str("\n[tls]\n");
+            self.tls.render(&mut out);
         }
         for t in &self.types {
             let _ = writeln!(out, "\n[types.{}]", t.name);
@@ -305,6 +365,7 @@ impl Config {
                 if !retry.is_empty() {
                     let _ = writeln!(out, "retry = {{ {} }}", retry.join(", "));
                 }
+                s.tls.render(&mut out);
             }
         }
         Ok(out)

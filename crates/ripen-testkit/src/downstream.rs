@@ -9,7 +9,8 @@
 //! [`Stats`], so that a bench or a demo can tell a wrong call from a slow one.
 //! A recording downstream ([`Downstream::start`], for tests) also keeps every
 //! [`Call`]; one started with [`Downstream::with_profile`] keeps nothing, so
-//! that a bench's millions of calls cost no memory.
+//! that a bench's millions of calls cost no memory. One started with
+//! [`Downstream::start_tls`] serves `https` and counts its TLS handshakes.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -28,7 +29,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde::de::IgnoredAny;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 /// How long the accept loop waits after a failed accept (usually: out of
 /// file descriptors) before it tries again, rather than spin.
@@ -313,6 +315,9 @@ struct Counters {
     injected_failures: AtomicU64,
     contract_violations: AtomicU64,
     first_violation: Mutex<Option<String>>,
+    tls_handshakes: AtomicU64,
+    tls_failures: AtomicU64,
+    last_tls_failure: Mutex<Option<String>>,
 }
 
 impl Stats {
@@ -335,6 +340,21 @@ impl Stats {
     /// A description of the first contract violation, if any.
     pub fn first_violation(&self) -> Option<String> {
         lock(&self.inner.first_violation).clone()
+    }
+
+    /// TLS handshakes a client began (an https downstream only).
+    pub fn tls_handshakes(&self) -> u64 {
+        self.inner.tls_handshakes.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes that failed, as the server saw them.
+    pub fn tls_failures(&self) -> u64 {
+        self.inner.tls_failures.load(Ordering::Relaxed)
+    }
+
+    /// Why the last failed TLS handshake failed, as the server saw it.
+    pub fn last_tls_failure(&self) -> Option<String> {
+        lock(&self.inner.last_tls_failure).clone()
     }
 
     fn violation(&self, what: String) {
@@ -373,6 +393,8 @@ struct Shared {
 /// A fake downstream on `127.0.0.1` with a free port, served until dropped.
 pub struct Downstream {
     addr: SocketAddr,
+    /// Whether it serves https (on `localhost`).
+    tls: bool,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -381,18 +403,31 @@ impl Downstream {
     /// A downstream for tests: it records every call, and paths without a
     /// behavior succeed with `{"from": path}`. Panics if it cannot bind.
     pub async fn start() -> Downstream {
-        Downstream::spawn(None, true)
+        Downstream::spawn(None, true, None)
             .await
             .unwrap_or_else(|e| panic!("start the fake downstream: {e}"))
+    }
+
+    /// Like [`Downstream::start`], serving https with `config` (see
+    /// [`crate::tls::server_config`]); its URLs name `localhost`, the name
+    /// a test's certificate is for.
+    pub async fn start_tls(config: Arc<tokio_rustls::rustls::ServerConfig>) -> Downstream {
+        Downstream::spawn(None, true, Some(TlsAcceptor::from(config)))
+            .await
+            .unwrap_or_else(|e| panic!("start the fake https downstream: {e}"))
     }
 
     /// A downstream where every path is the synthetic service of `profile`,
     /// recording nothing but [`Stats`]: the demo's and the bench's.
     pub async fn with_profile(profile: Profile) -> std::io::Result<Downstream> {
-        Downstream::spawn(Some(Behavior::Synthetic(profile)), false).await
+        Downstream::spawn(Some(Behavior::Synthetic(profile)), false, None).await
     }
 
-    async fn spawn(fallback: Option<Behavior>, record: bool) -> std::io::Result<Downstream> {
+    async fn spawn(
+        fallback: Option<Behavior>,
+        record: bool,
+        tls: Option<TlsAcceptor>,
+    ) -> std::io::Result<Downstream> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -402,8 +437,14 @@ impl Downstream {
             recorded: Mutex::new(Recorded::default()),
             stats: Stats::default(),
         });
-        let task = tokio::spawn(accept_loop(listener, shared.clone()));
-        Ok(Downstream { addr, shared, task })
+        let is_tls = tls.is_some();
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), tls));
+        Ok(Downstream {
+            addr,
+            tls: is_tls,
+            shared,
+            task,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -411,7 +452,11 @@ impl Downstream {
     }
 
     pub fn base(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -462,7 +507,7 @@ impl Drop for Downstream {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -478,21 +523,44 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
+        let tls = tls.clone();
         // The connections live in the set, so that aborting this loop (the
         // downstream dropped) closes them too.
         connections.spawn(async move {
-            let service = service_fn(move |request| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(answer(&shared, request).await) }
-            });
-            // A client closing its keep-alive connection is not an error
-            // worth reporting.
-            let _ = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            match tls {
+                None => serve(TokioIo::new(stream), shared).await,
+                Some(acceptor) => serve_tls(acceptor, stream, shared).await,
+            }
         });
     }
+}
+
+async fn serve_tls(acceptor: TlsAcceptor, stream: TcpStream, shared: Arc<Shared>) {
+    let stats = &shared.stats.inner;
+    stats.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+    match acceptor.accept(stream).await {
+        Ok(stream) => serve(TokioIo::new(stream), shared).await,
+        Err(e) => {
+            stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+            *lock(&stats.last_tls_failure) = Some(e.to_string());
+        }
+    }
+}
+
+async fn serve<I>(io: I, shared: Arc<Shared>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(answer(&shared, request).await) }
+    });
+    // A client closing its keep-alive connection is not an error worth
+    // reporting.
+    let _ = http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, service)
+        .await;
 }
 
 async fn answer(shared: &Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {

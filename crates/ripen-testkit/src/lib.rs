@@ -8,15 +8,18 @@
 //! - [`Config`] writes a `ripen.toml` with its schema files;
 //! - [`TempDir`] is a temporary directory removed on drop;
 //! - [`PgCluster`] is a private, throwaway PostgreSQL cluster for the tests
-//!   that need one.
+//!   that need one (with TLS on, if asked);
+//! - [`tls`] builds the server side of TLS for the fake downstream
+//!   ([`Downstream::start_tls`]) from PEM text.
 
 mod config;
 mod downstream;
 mod pg;
 mod server;
 mod tempdir;
+pub mod tls;
 
-pub use config::{single, sqlite_url, step_path, toml_str, w5, Config, Step, TypeDef};
+pub use config::{single, sqlite_url, step_path, toml_str, w5, Config, Step, TlsFiles, TypeDef};
 pub use downstream::{Behavior, Call, Downstream, Profile, Reply, Stats};
 pub use pg::{PgCluster, SUPERUSER};
 pub use server::{cpu_ticks, tail_of_file, ServerProcess};

@@ -14,6 +14,9 @@
 //! process is gone, even after a panic or `SIGKILL` (statics such as the
 //! shared cluster are never dropped, so the watchdog is what cleans them up).
 //!
+//! [`PgCluster::start_tls`] starts one with `ssl = on` and a given server
+//! certificate, for the tests of TLS to PostgreSQL.
+//!
 //! `initdb` refuses to run as root. As root, the PostgreSQL binaries run as
 //! the `postgres` OS user (created by the Debian package), or as a system
 //! user `ripen-pg` created on demand, through `runuser` (or `su`).
@@ -77,6 +80,17 @@ impl PgCluster {
     /// installed or does not start: a test that needs it must not pass
     /// without it.
     pub fn start() -> PgCluster {
+        PgCluster::start_with(None)
+    }
+
+    /// Like [`PgCluster::start`], with `ssl = on` and the server presenting
+    /// `cert_pem` (its certificate, then any intermediates) with `key_pem`.
+    /// Clients may still connect without TLS.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> PgCluster {
+        PgCluster::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> PgCluster {
         let bin_dir = find_bin_dir().unwrap_or_else(|| {
             panic!("PostgreSQL is not installed: run scripts/test, which installs it with apt-get")
         });
@@ -115,6 +129,9 @@ impl PgCluster {
             )
             .output();
         cluster.check("initdb", initdb);
+        if let Some((cert, key)) = tls {
+            cluster.enable_ssl(cert, key);
+        }
 
         let mut last_failure = String::new();
         for _ in 0..START_TRIES {
@@ -136,6 +153,30 @@ impl PgCluster {
     /// One cluster for the whole test binary, started on first use.
     pub fn shared() -> &'static PgCluster {
         SHARED.get_or_init(PgCluster::start)
+    }
+
+    /// Writes the server's certificate and key into the data directory (the
+    /// key readable by the server's OS user only, as PostgreSQL demands) and
+    /// turns `ssl` on.
+    fn enable_ssl(&self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let cert = self.data_dir.join("server.crt");
+        let key = self.data_dir.join("server.key");
+        let write = |path: &Path, text: &str, mode: u32| {
+            fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+            if let Some(user) = &self.run_as {
+                chown_to(path, user);
+            }
+        };
+        write(&cert, cert_pem, 0o644);
+        write(&key, key_pem, 0o600);
+        let conf = self.data_dir.join("postgresql.conf");
+        let mut text =
+            fs::read_to_string(&conf).unwrap_or_else(|e| panic!("read {}: {e}", conf.display()));
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        fs::write(&conf, text).unwrap_or_else(|e| panic!("write {}: {e}", conf.display()));
     }
 
     /// Creates a fresh, uniquely named database and returns its URL.

@@ -5,48 +5,96 @@
 //! and `traceparent`. A 2xx succeeds and its JSON body is the output; 408,
 //! 425, 429, 5xx, timeouts and connection errors are retried (honouring
 //! `Retry-After`); any other status fails the step for good.
+//!
+//! `https://` URLs are called over rustls (`ripen-tls`): the system's roots
+//! or the configured `ca_file`, and a client certificate where one is set.
+//! A certificate that is not trusted, or a client certificate the server
+//! refuses, fails the step for good: the next attempt would meet the same
+//! certificate.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use hyper::{Request, StatusCode};
+use hyper::{Request, StatusCode, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use ripen_core::{Executor, StepSpec};
 use ripen_store::{Attempt, Outcome};
+use ripen_tls::{ClientFiles, FileError};
 
 use super::{ExecutorKind, StepExecutor};
+use crate::config::HttpTls;
 
 /// The largest step output accepted; a larger one fails the attempt for good.
 pub const OUTPUT_BYTES_MAX: usize = 1024 * 1024;
 /// How much of an error answer's body is kept as the step's error.
 const ERROR_BODY_CHARS_MAX: usize = 256;
 
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 #[derive(Clone)]
 pub struct HttpExecutor {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpsClient,
+    /// The clients of the steps with TLS settings of their own, by type and
+    /// step name. Steps with the same settings share a client.
+    step_clients: Arc<HashMap<String, HashMap<String, HttpsClient>>>,
 }
 
 impl HttpExecutor {
-    /// `idle_per_host_max` bounds the keep-alive connections kept per downstream.
+    /// `idle_per_host_max` bounds the keep-alive connections kept per
+    /// downstream. `https` URLs trust the system's root certificates.
     pub fn new(idle_per_host_max: usize) -> HttpExecutor {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(idle_per_host_max)
-            .build(connector);
-        HttpExecutor { client }
+        HttpExecutor::with_tls(idle_per_host_max, &HttpTls::default())
+            .expect("the system's roots need no file")
+    }
+
+    /// Like [`HttpExecutor::new`], with the TLS settings of the
+    /// configuration; fails if one of its files cannot be used.
+    pub fn with_tls(idle_per_host_max: usize, tls: &HttpTls) -> Result<HttpExecutor, FileError> {
+        let client = https_client(idle_per_host_max, &tls.default)?;
+        let mut shared: HashMap<&ClientFiles, HttpsClient> = HashMap::new();
+        let mut step_clients: HashMap<String, HashMap<String, HttpsClient>> = HashMap::new();
+        for ((type_name, step), files) in &tls.steps {
+            let client = match shared.get(files) {
+                Some(client) => client.clone(),
+                None => {
+                    let client = https_client(idle_per_host_max, files)?;
+                    shared.insert(files, client.clone());
+                    client
+                }
+            };
+            step_clients
+                .entry(type_name.clone())
+                .or_default()
+                .insert(step.clone(), client);
+        }
+        Ok(HttpExecutor {
+            client,
+            step_clients: Arc::new(step_clients),
+        })
+    }
+
+    /// The client of one attempt's step.
+    fn client_for(&self, a: &Attempt) -> &HttpsClient {
+        if self.step_clients.is_empty() {
+            return &self.client;
+        }
+        self.step_clients
+            .get(&a.type_name)
+            .and_then(|steps| steps.get(&a.step_name))
+            .unwrap_or(&self.client)
     }
 
     /// Posts one attempt to `url` under its timeout. Never fails: every
     /// problem is an outcome.
     pub async fn post(&self, url: &str, attempt: &Attempt, timeout_ms: u64) -> Outcome {
-        let call = self.call(url, attempt);
+        let call = self.call(self.client_for(attempt), url, attempt);
         match tokio::time::timeout(Duration::from_millis(timeout_ms), call).await {
             Ok(outcome) => outcome,
             Err(_) => Outcome::Failed {
@@ -57,14 +105,14 @@ impl HttpExecutor {
         }
     }
 
-    async fn call(&self, url: &str, a: &Attempt) -> Outcome {
+    async fn call(&self, client: &HttpsClient, url: &str, a: &Attempt) -> Outcome {
         let request = match build_request(url, a) {
             Ok(r) => r,
             Err(e) => return failed(format!("cannot build the request: {e}"), false, None),
         };
-        let response = match self.client.request(request).await {
+        let response = match client.request(request).await {
             Ok(r) => r,
-            Err(e) => return failed(format!("request failed: {}", error_chain(&e)), true, None),
+            Err(e) => return request_failed(url, &e),
         };
         let status = response.status();
         let retry_after_ms = response
@@ -152,6 +200,48 @@ fn failed(error: String, retryable: bool, retry_after_ms: Option<u64>) -> Outcom
 /// 408, 425, 429 and 5xx may succeed later; other statuses will not.
 pub fn is_retryable(status: StatusCode) -> bool {
     matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error()
+}
+
+/// A client that calls `http://` and `https://` URLs, the latter with the
+/// trust and the client certificate of `files`.
+fn https_client(idle_per_host_max: usize, files: &ClientFiles) -> Result<HttpsClient, FileError> {
+    let tls = files.client_config()?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    // The TLS layer above takes the https URLs.
+    connector.enforce_http(false);
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(idle_per_host_max)
+        .build(connector))
+}
+
+/// A request that got no answer. A TLS failure that would happen again
+/// (an untrusted certificate, a refused client) fails for good; every
+/// other failure, a refused connection say, may heal.
+fn request_failed(url: &str, e: &hyper_util::client::legacy::Error) -> Outcome {
+    if let Some(tls) = ripen_tls::find_tls_error(e) {
+        let host = url
+            .parse::<Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_owned))
+            .unwrap_or_else(|| url.to_owned());
+        return failed(
+            format!(
+                "TLS handshake with {host} failed: {}",
+                ripen_tls::describe(tls)
+            ),
+            !ripen_tls::is_permanent(tls),
+            None,
+        );
+    }
+    failed(format!("request failed: {}", error_chain(e)), true, None)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
