@@ -13,7 +13,8 @@ pub mod state;
 
 pub use machine::{apply, Action, Ctx, Event, Input, LostReason, Refusal, Transition};
 pub use pipeline::{
-    Catalog, Executor, Pipeline, PipelineError, RetryPolicy, StepDef, StepSpec, HTTP_QUEUE,
+    Catalog, Executor, Pipeline, PipelineError, RetryPolicy, StepDef, StepSpec, BUILTIN_QUEUE,
+    HTTP_QUEUE,
 };
 pub use state::{EntityState, EntityStatus, StepState, StepStatus};
 
