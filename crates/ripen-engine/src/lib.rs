@@ -6,7 +6,8 @@
 //! - `scheduler` claims runnable steps, runs them on tasks it owns, records
 //!   results, and drains on shutdown;
 //! - [`executor`] runs attempts: the [`StepExecutor`] trait, the registry of
-//!   executors by kind, and the HTTP executor of the step contract;
+//!   executors by kind, the HTTP executor of the step contract, and the
+//!   built-in connectors (`executor::builtin`);
 //! - [`feed`] follows one entity's history live;
 //! - [`time`] is the [`Clock`] every part reads.
 //!
@@ -35,6 +36,7 @@ use ripen_store::{
 };
 
 pub use config::{Config, StorageUrl, TypeConfig};
+pub use executor::builtin::ConfigRefused;
 pub use executor::{ExecutorKind, ExecutorRegistry, StepExecutor};
 pub use feed::EntityFeed;
 pub use intake::{SubmitError, IDEMPOTENCY_KEY_LEN_MAX};
@@ -92,6 +94,13 @@ impl Engine {
     /// Like [`Engine::start`], with the parts an embedder or a test replaces.
     pub async fn start_with(config: Config, parts: EngineParts) -> Result<Engine> {
         let config = Arc::new(config);
+        // Built-in connectors check their tables before anything else is
+        // opened: one that does not fit refuses the configuration
+        // ([`ConfigRefused`]). A node that runs no step does not check.
+        let builtin = match parts.executors {
+            None if config.engine.execute => executor::BuiltinExecutor::start(&config).await?,
+            _ => None,
+        };
         let mut catalog = Catalog::default();
         for t in &config.types {
             catalog.insert(&t.name, t.version, t.pipeline.clone());
@@ -144,11 +153,17 @@ impl Engine {
                 );
             }
         }
-        let executors = Arc::new(
-            parts
-                .executors
-                .unwrap_or_else(|| ExecutorRegistry::standard(config.engine.concurrency)),
-        );
+        let executors = Arc::new(parts.executors.unwrap_or_else(|| {
+            let mut registry = ExecutorRegistry::standard(config.engine.concurrency);
+            if let Some(builtin) = builtin {
+                registry.register(
+                    ExecutorKind::Builtin,
+                    [executor::BUILTIN_QUEUE],
+                    Arc::new(builtin),
+                );
+            }
+            registry
+        }));
         let load = Arc::new(intake::IntakeLoad::new(!store.is_shared()));
         let scheduler = Scheduler::start(
             store.clone(),
