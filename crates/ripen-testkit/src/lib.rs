@@ -8,16 +8,20 @@
 //! - [`Config`] writes a `ripen.toml` with its schema files;
 //! - [`TempDir`] is a temporary directory removed on drop;
 //! - [`PgCluster`] is a private, throwaway PostgreSQL cluster for the tests
-//!   that need one.
+//!   that need one;
+//! - [`RedisServer`] is a private, throwaway Redis server that can be
+//!   stopped and started again.
 
 mod config;
 mod downstream;
 mod pg;
+mod redis;
 mod server;
 mod tempdir;
 
 pub use config::{single, sqlite_url, step_path, toml_str, w5, Config, Step, TypeDef};
 pub use downstream::{Behavior, Call, Downstream, Profile, Reply, Stats};
 pub use pg::{PgCluster, SUPERUSER};
+pub use redis::RedisServer;
 pub use server::{cpu_ticks, tail_of_file, ServerProcess};
 pub use tempdir::TempDir;
