@@ -43,7 +43,9 @@ impl RedisServer {
     /// does not start: a test that needs it must not pass without it.
     pub fn start() -> RedisServer {
         if !binary("redis-server").is_file() {
-            panic!("redis-server is not installed: run scripts/test, which installs it with apt-get");
+            panic!(
+                "redis-server is not installed: run scripts/test, which installs it with apt-get"
+            );
         }
         let dir = TempDir::new("ripen-redis-").expect("create a temp dir for Redis");
         let mut server = RedisServer {
@@ -156,7 +158,10 @@ impl RedisServer {
             }
             if Instant::now() > deadline {
                 self.stop();
-                return Err(format!("no answer on port {} within {START_PATIENCE:?}", self.port));
+                return Err(format!(
+                    "no answer on port {} within {START_PATIENCE:?}",
+                    self.port
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -257,8 +257,8 @@ pub enum StartCheck {
 }
 
 enum Connector {
-    Postgres(postgres::Upsert),
-    Redis(redis::Set),
+    Postgres(Box<postgres::Upsert>),
+    Redis(Box<redis::Set>),
 }
 
 impl Connector {
@@ -314,20 +314,20 @@ impl BuiltinExecutor {
                 let key = format!("types.{}.steps[{i}]", t.name);
                 let spec = BuiltinSpec::from_executor(connector, config)
                     .map_err(|p| ConfigRefused(format!("{file}: {key}.builtin: {p}")))?;
+                // Where the messages about this connector's keys point.
                 let base = format!("{file}: {key}.builtin.{connector}");
                 let connector = match spec {
-                    BuiltinSpec::PostgresUpsert(s) => {
-                        Connector::Postgres(postgres::Upsert::new(s, base, step.timeout_ms))
-                    }
-                    BuiltinSpec::RedisSet(s) => Connector::Redis(redis::Set::new(s, base)),
+                    BuiltinSpec::PostgresUpsert(s) => Connector::Postgres(Box::new(
+                        postgres::Upsert::new(s, base.clone(), step.timeout_ms),
+                    )),
+                    BuiltinSpec::RedisSet(s) => Connector::Redis(Box::new(redis::Set::new(s))),
                 };
                 let prepared = Arc::new(Prepared {
                     connector,
                     upstream: upstream_names(&t.pipeline, i),
                 });
                 steps.insert((t.name.clone(), t.version, i), prepared.clone());
-                let where_ = format!("{file}: {key}");
-                checks.spawn(async move { (where_, prepared.connector.start_check().await) });
+                checks.spawn(async move { (base, prepared.connector.start_check().await) });
             }
         }
         if steps.is_empty() {

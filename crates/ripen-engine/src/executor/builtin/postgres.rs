@@ -597,7 +597,8 @@ mod tests {
     #[test]
     fn settings_are_checked() {
         assert_eq!(spec().check(), Ok(()));
-        let cases: Vec<(Box<dyn Fn(&mut UpsertSpec)>, &str, &str)> = vec![
+        type Change = Box<dyn Fn(&mut UpsertSpec)>;
+        let cases: Vec<(Change, &str, &str)> = vec![
             (
                 Box::new(|s| s.url = "mysql://x".into()),
                 ".url",

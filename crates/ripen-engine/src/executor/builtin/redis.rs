@@ -606,13 +606,11 @@ pub struct Set {
     template: KeyTemplate,
     ttl_ms: Option<u64>,
     pool: Pool,
-    /// `FILE: types.T.steps[i].builtin.redis_set`, for start-time messages.
-    base: String,
 }
 
 impl Set {
     /// `spec` passed [`SetSpec::check`] when the configuration was parsed.
-    pub fn new(spec: SetSpec, base: String) -> Set {
+    pub fn new(spec: SetSpec) -> Set {
         let url = RedisUrl::parse(&spec.url).expect("checked at load");
         let template = KeyTemplate::parse(&spec.key).expect("checked at load");
         let ttl_ms = spec
@@ -629,7 +627,6 @@ impl Set {
             template,
             ttl_ms,
             pool,
-            base,
         }
     }
 
@@ -717,11 +714,6 @@ impl Set {
             },
             Err(e) => failure(format!("{CONNECTOR} {key}: {}", e.describe()), e.retryable),
         }
-    }
-
-    /// Where start-time messages point.
-    pub fn base(&self) -> &str {
-        &self.base
     }
 }
 
@@ -936,7 +928,7 @@ mod tests {
         s.fields.insert("gone".into(), "/payload/missing".into());
         s.ttl = Some("1m".into());
         assert_eq!(s.check(), Ok(()));
-        let set = Set::new(s, String::new());
+        let set = Set::new(s);
         let doc =
             serde_json::json!({"payload": {"name": "Ada"}, "outputs": {"kyc": {"score": 0.5}}});
         assert_eq!(
@@ -954,7 +946,7 @@ mod tests {
     #[test]
     fn json_commands_store_the_document_or_a_pointer() {
         let doc = serde_json::json!({"id": "1", "payload": {"a": [1, 2]}});
-        let set = Set::new(spec(ValueMode::Json), String::new());
+        let set = Set::new(spec(ValueMode::Json));
         assert_eq!(
             strings(&set.commands(&doc, "k")),
             [vec!["SET".to_owned(), "k".into(), doc.to_string()]]
@@ -962,7 +954,7 @@ mod tests {
         let mut s = spec(ValueMode::Json);
         s.pointer = Some("/payload".into());
         s.ttl = Some("2s".into());
-        let set = Set::new(s, String::new());
+        let set = Set::new(s);
         assert_eq!(
             strings(&set.commands(&doc, "k")),
             [vec!["SET", "k", r#"{"a":[1,2]}"#, "PX", "2000"]]
