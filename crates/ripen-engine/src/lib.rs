@@ -52,7 +52,9 @@ use scheduler::Scheduler;
 pub struct EngineParts {
     /// The clock every decision reads; the standard one is the store's clock.
     pub clock: Option<Arc<dyn Clock>>,
-    /// The executors of this node; the standard registry has HTTP.
+    /// The executors of this node; the standard registry has HTTP, and the
+    /// built-in connectors when the configuration has built-in steps. A
+    /// registry given here is used as it is: no connector is checked.
     pub executors: Option<ExecutorRegistry>,
 }
 
