@@ -13,8 +13,8 @@ pub mod state;
 
 pub use machine::{apply, Action, Ctx, Event, Input, LostReason, Refusal, Transition};
 pub use pipeline::{
-    Catalog, Executor, Pipeline, PipelineError, RetryPolicy, StepDef, StepSpec, HTTP_QUEUE,
-    STEPS_MAX,
+    Catalog, Executor, Pipeline, PipelineError, RetryPolicy, StepDef, StepSpec, BUILTIN_QUEUE,
+    HTTP_QUEUE, STEPS_MAX,
 };
 pub use state::{EntityState, EntityStatus, StepState, StepStatus};
 

@@ -18,10 +18,16 @@ pub enum Executor {
     Http { url: String },
     /// Remote workers pull the step from a named queue over HTTP.
     Worker { queue: String },
+    /// A connector built into Ripen that writes to a store itself.
+    /// `connector` names it (`postgres_upsert`, `redis_set`); `config` is its
+    /// settings as canonical JSON, which the engine reads.
+    Builtin { connector: String, config: String },
 }
 
 /// The queue of the steps this node runs itself over HTTP.
 pub const HTTP_QUEUE: &str = "http";
+/// The queue of the steps this node runs with a built-in connector.
+pub const BUILTIN_QUEUE: &str = "builtin";
 
 impl Executor {
     /// The queue a runnable step of this executor waits in: whoever consumes
@@ -30,6 +36,7 @@ impl Executor {
         match self {
             Executor::Http { .. } => HTTP_QUEUE.to_owned(),
             Executor::Worker { queue } => format!("worker:{queue}"),
+            Executor::Builtin { .. } => BUILTIN_QUEUE.to_owned(),
         }
     }
 
@@ -249,6 +256,19 @@ impl Pipeline {
         &self.dependents[i]
     }
 
+    /// Every step that step `i` needs, directly or through other steps, in
+    /// step order: the steps whose outputs it can be sure to see.
+    pub fn upstream(&self, i: usize) -> Vec<usize> {
+        let mut seen = vec![false; self.steps.len()];
+        let mut todo = self.steps[i].needs.clone();
+        while let Some(j) = todo.pop() {
+            if !std::mem::replace(&mut seen[j], true) {
+                todo.extend_from_slice(&self.steps[j].needs);
+            }
+        }
+        (0..seen.len()).filter(|&j| seen[j]).collect()
+    }
+
     /// The queue step `i` waits in when it is runnable.
     pub fn queue(&self, i: usize) -> &str {
         &self.queues[i]
@@ -315,6 +335,9 @@ mod tests {
         .unwrap();
         assert_eq!(p.dependents(0), &[1, 2, 4]);
         assert_eq!(p.step(3).needs, vec![1, 2]);
+        assert_eq!(p.upstream(3), vec![0, 1, 2]);
+        assert_eq!(p.upstream(4), vec![0]);
+        assert!(p.upstream(0).is_empty());
     }
 
     #[test]

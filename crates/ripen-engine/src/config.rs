@@ -12,6 +12,7 @@ use ripen_core::{Executor, Pipeline, RetryPolicy, StepDef};
 use ripen_tls::ClientFiles;
 use serde::Deserialize;
 
+use crate::executor::builtin::{self, BuiltinSpec};
 use crate::schema::Schema;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -243,6 +244,10 @@ impl Config {
             }
             let pipeline =
                 Pipeline::new(defs).map_err(|p| err(&format!("{key}.steps"), p.to_string()))?;
+            for i in 0..pipeline.len() {
+                builtin::check_upstream(&pipeline, i)
+                    .map_err(|(k, p)| err(&format!("{key}.steps[{i}]{k}"), p))?;
+            }
             types.push(TypeConfig {
                 name,
                 version,
@@ -272,6 +277,17 @@ fn valid_type_name(name: &str) -> bool {
 
 fn step_def(s: RawStep) -> Result<StepDef, (String, String)> {
     let executor = match (s.http, s.worker) {
+        (None, None) if s.builtin.is_some() => {
+            let spec = s.builtin.expect("checked by the guard");
+            spec.check()?;
+            spec.executor()
+        }
+        _ if s.builtin.is_some() => {
+            return Err((
+                "".into(),
+                "a step has one executor: http, worker or builtin, not two".into(),
+            ))
+        }
         (Some(url), None) => {
             check_http_url(&url).map_err(|p| (".http".to_owned(), p))?;
             Executor::Http { url }
@@ -288,14 +304,14 @@ fn step_def(s: RawStep) -> Result<StepDef, (String, String)> {
         (Some(_), Some(_)) => {
             return Err((
                 "".into(),
-                "a step has one executor: http or worker, not both".into(),
+                "a step has one executor: http, worker or builtin, not two".into(),
             ))
         }
         (None, None) => {
             return Err((
                 "".into(),
                 format!(
-                    "step {:?} has no executor; set http = \"http://…\" or worker = \"queue\"",
+                    "step {:?} has no executor; set http = \"http://…\", worker = \"queue\" or builtin = {{ … }}",
                     s.name
                 ),
             ))
@@ -492,6 +508,7 @@ struct RawStep {
     critical: Option<bool>,
     http: Option<String>,
     worker: Option<String>,
+    builtin: Option<BuiltinSpec>,
     timeout: Option<String>,
     retry: Option<RawRetry>,
     ca_file: Option<PathBuf>,
@@ -710,6 +727,84 @@ mod tests {
         for (text, want) in cases {
             let got = Config::parse(&text, Path::new("ripen.toml"), base).unwrap_err();
             assert!(got.starts_with(&want), "{got:?} should start with {want:?}");
+        }
+    }
+
+    const KYC: &str = "[[types.t.steps]]\nname = \"kyc\"\nhttp = \"http://127.0.0.1:9/kyc\"\n";
+
+    #[test]
+    fn builtin_steps() {
+        let c = parse(&format!(
+            "{KYC}[[types.t.steps]]\nname = \"row\"\nneeds = [\"kyc\"]\n\
+             builtin = {{ postgres_upsert = {{ url = \"postgres://u@h/db\", table = \"m\", \
+             columns = {{ score = \"/outputs/kyc/score\", name = \"/payload/name\" }} }} }}\n\
+             [[types.t.steps]]\nname = \"cache\"\n\
+             [types.t.steps.builtin.redis_set]\nurl = \"redis://127.0.0.1:6379\"\nkey = \"t:{{id}}\"\n\
+             value = \"json\"\npointer = \"/payload\"\n"
+        ))
+        .unwrap();
+        let p = &c.type_config("t").unwrap().pipeline;
+        assert_eq!(p.queue(1), "builtin");
+        match &p.step(1).executor {
+            Executor::Builtin { connector, config } => {
+                assert_eq!(connector, "postgres_upsert");
+                assert_eq!(
+                    config,
+                    r#"{"url":"postgres://u@h/db","table":"m","key":"id","columns":{"name":"/payload/name","score":"/outputs/kyc/score"},"pool_size":4}"#
+                );
+            }
+            other => panic!("not builtin: {other:?}"),
+        }
+        assert!(
+            matches!(&p.step(2).executor, Executor::Builtin { connector, .. } if connector == "redis_set")
+        );
+    }
+
+    #[test]
+    fn builtin_errors_name_file_key_and_problem() {
+        let pg = |columns: &str, needs: &str| {
+            format!(
+                "{KYC}[[types.t.steps]]\nname = \"row\"\nneeds = [{needs}]\n\
+                 builtin = {{ postgres_upsert = {{ url = \"postgres://u@h/db\", table = \"m\", columns = {{ {columns} }} }} }}\n"
+            )
+        };
+        let cases = [
+            (
+                pg("score = \"outputs/kyc/score\"", "\"kyc\""),
+                "ripen.toml: types.t.steps[1].builtin.postgres_upsert.columns.score: \"outputs/kyc/score\" is not a JSON pointer",
+            ),
+            (
+                pg("score = \"/outputs/kyc/score\"", ""),
+                "ripen.toml: types.t.steps[1].builtin.postgres_upsert.columns.score: \"/outputs/kyc/score\" reads the output of step \"kyc\", which step \"row\" does not need",
+            ),
+            (
+                pg("score = \"/outputs/nope\"", "\"kyc\""),
+                "which is not a step of this pipeline",
+            ),
+            (
+                pg("name = \"/name\"", ""),
+                "ripen.toml: types.t.steps[1].builtin.postgres_upsert.columns.name: \"/name\" points at nothing",
+            ),
+            (
+                pg("name = \"/payload/name\", colour = 1", ""),
+                "ripen.toml:7: invalid type: integer `1`, expected a string",
+            ),
+            (
+                "[[types.t.steps]]\nname = \"c\"\nbuiltin = { redis_set = { url = \"redis://h\", key = \"static\", fields = { a = \"/id\" } } }\n".to_owned(),
+                "ripen.toml: types.t.steps[0].builtin.redis_set.key: \"static\" has no {id}",
+            ),
+            (
+                "[[types.t.steps]]\nname = \"c\"\nbuiltin = { mongo_insert = {} }\n".to_owned(),
+                "unknown variant `mongo_insert`, expected `postgres_upsert` or `redis_set`",
+            ),
+            (
+                "[[types.t.steps]]\nname = \"c\"\nhttp = \"http://h/c\"\nbuiltin = { redis_set = { url = \"redis://h\", key = \"{id}\", fields = { a = \"/id\" } } }\n".to_owned(),
+                "ripen.toml: types.t.steps[0]: a step has one executor: http, worker or builtin, not two",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = parse(&text).unwrap_err();
+            assert!(got.contains(want), "{got:?} should contain {want:?}");
         }
     }
 

@@ -6,6 +6,7 @@
 //! from exactly those, so a kind with no local executor (a remote worker
 //! queue, say) is left to whoever serves it.
 
+pub mod builtin;
 pub mod http;
 
 use std::sync::Arc;
@@ -14,9 +15,10 @@ use async_trait::async_trait;
 use ripen_core::{Executor, StepSpec};
 use ripen_store::{Attempt, Outcome};
 
+pub use builtin::BuiltinExecutor;
 pub use http::HttpExecutor;
 
-pub use ripen_core::HTTP_QUEUE;
+pub use ripen_core::{BUILTIN_QUEUE, HTTP_QUEUE};
 
 /// Runs one attempt of one step.
 #[async_trait]
@@ -31,6 +33,7 @@ pub trait StepExecutor: Send + Sync {
 pub enum ExecutorKind {
     Http,
     Worker,
+    Builtin,
 }
 
 impl ExecutorKind {
@@ -38,6 +41,7 @@ impl ExecutorKind {
         match executor {
             Executor::Http { .. } => ExecutorKind::Http,
             Executor::Worker { .. } => ExecutorKind::Worker,
+            Executor::Builtin { .. } => ExecutorKind::Builtin,
         }
     }
 
@@ -45,6 +49,7 @@ impl ExecutorKind {
         match self {
             ExecutorKind::Http => "http",
             ExecutorKind::Worker => "worker",
+            ExecutorKind::Builtin => "builtin",
         }
     }
 }
@@ -254,6 +259,12 @@ mod tests {
             .queue(),
             "worker:billing"
         );
+        let builtin = Executor::Builtin {
+            connector: "redis_set".into(),
+            config: "{}".into(),
+        };
+        assert_eq!(builtin.queue(), "builtin");
+        assert_eq!(ExecutorKind::of(&builtin), ExecutorKind::Builtin);
         let mut registry = ExecutorRegistry::standard(1);
         assert_eq!(registry.local_queues(), ["http"]);
         // A second registration of a kind replaces the first, queues included.

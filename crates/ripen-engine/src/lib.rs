@@ -6,7 +6,8 @@
 //! - `scheduler` claims runnable steps, runs them on tasks it owns, records
 //!   results, and drains on shutdown;
 //! - [`executor`] runs attempts: the [`StepExecutor`] trait, the registry of
-//!   executors by kind, and the HTTP executor of the step contract;
+//!   executors by kind, the HTTP executor of the step contract, and the
+//!   built-in connectors (`executor::builtin`);
 //! - [`workers`] serves worker queues to remote workers: long-poll claims,
 //!   heartbeats and results;
 //! - [`feed`] follows one entity's history live;
@@ -38,6 +39,7 @@ use ripen_store::{
 };
 
 pub use config::{Config, StorageUrl, TypeConfig};
+pub use executor::builtin::ConfigRefused;
 pub use executor::{ExecutorKind, ExecutorRegistry, StepExecutor};
 pub use feed::EntityFeed;
 pub use intake::{SubmitError, IDEMPOTENCY_KEY_LEN_MAX};
@@ -54,7 +56,9 @@ use scheduler::Scheduler;
 pub struct EngineParts {
     /// The clock every decision reads; the standard one is the store's clock.
     pub clock: Option<Arc<dyn Clock>>,
-    /// The executors of this node; the standard registry has HTTP.
+    /// The executors of this node; the standard registry has HTTP, and the
+    /// built-in connectors when the configuration has built-in steps. A
+    /// registry given here is used as it is: no connector is checked.
     pub executors: Option<ExecutorRegistry>,
 }
 
@@ -97,6 +101,13 @@ impl Engine {
     /// Like [`Engine::start`], with the parts an embedder or a test replaces.
     pub async fn start_with(config: Config, parts: EngineParts) -> Result<Engine> {
         let config = Arc::new(config);
+        // Built-in connectors check their tables before anything else is
+        // opened: one that does not fit refuses the configuration
+        // ([`ConfigRefused`]). A node that runs no step does not check.
+        let builtin = match parts.executors {
+            None if config.engine.execute => executor::BuiltinExecutor::start(&config).await?,
+            _ => None,
+        };
         let mut catalog = Catalog::default();
         for t in &config.types {
             catalog.insert(&t.name, t.version, t.pipeline.clone());
@@ -151,8 +162,19 @@ impl Engine {
         }
         let executors = Arc::new(match parts.executors {
             Some(executors) => executors,
-            None => ExecutorRegistry::standard_with_tls(config.engine.concurrency, &config.tls)
-                .map_err(|e| anyhow::anyhow!("{}: tls: {e}", config.path.display()))?,
+            None => {
+                let mut registry =
+                    ExecutorRegistry::standard_with_tls(config.engine.concurrency, &config.tls)
+                        .map_err(|e| anyhow::anyhow!("{}: tls: {e}", config.path.display()))?;
+                if let Some(builtin) = builtin {
+                    registry.register(
+                        ExecutorKind::Builtin,
+                        [executor::BUILTIN_QUEUE],
+                        Arc::new(builtin),
+                    );
+                }
+                registry
+            }
         });
         let load = Arc::new(intake::IntakeLoad::new(!store.is_shared()));
         let local_queues: Vec<String> = executors

@@ -101,7 +101,7 @@ async fn verify_full_with_the_right_root_encrypts_every_connection() {
     let store = connect(&url)
         .await
         .expect("verify-full with the right root");
-    store.notify_on_work(Arc::new(tokio::sync::Notify::new()));
+    store.watch_work(Arc::new(|_: Option<&str>| {}));
     let created = store.create(new_entity("single", "{}"), T0).await;
     assert!(created.is_ok(), "{created:?}");
     // The listener connects on its own task; wait for its LISTEN.

@@ -10,11 +10,14 @@
 //! - [`PgCluster`] is a private, throwaway PostgreSQL cluster for the tests
 //!   that need one (with TLS on, if asked);
 //! - [`tls`] builds the server side of TLS for the fake downstream
-//!   ([`Downstream::start_tls`]) from PEM text.
+//!   ([`Downstream::start_tls`]) from PEM text;
+//! - [`RedisServer`] is a private, throwaway Redis server that can be
+//!   stopped and started again.
 
 mod config;
 mod downstream;
 mod pg;
+mod redis;
 mod server;
 mod tempdir;
 pub mod tls;
@@ -22,5 +25,6 @@ pub mod tls;
 pub use config::{single, sqlite_url, step_path, toml_str, w5, Config, Step, TlsFiles, TypeDef};
 pub use downstream::{Behavior, Call, Downstream, Profile, Reply, Stats};
 pub use pg::{PgCluster, SUPERUSER};
+pub use redis::RedisServer;
 pub use server::{cpu_ticks, tail_of_file, ServerProcess};
 pub use tempdir::TempDir;

@@ -198,7 +198,19 @@ async fn cli_serve(config_path: PathBuf) -> Result<()> {
         shutdown_signal().await;
     };
     tokio::select! {
-        served = ripen_server::serve(config, first_signal) => served,
+        served = ripen_server::serve(config, first_signal) => {
+            // A configuration the engine refused at start (a table that
+            // does not fit a connector) exits like one refused at load.
+            if let Some(refused) = served
+                .as_ref()
+                .err()
+                .and_then(|e| e.downcast_ref::<ripen_engine::ConfigRefused>())
+            {
+                eprintln!("error: {refused}");
+                std::process::exit(2);
+            }
+            served
+        }
         () = second_signal => {
             tracing::warn!("second signal: exiting without waiting for the drain");
             std::process::exit(1);

@@ -482,7 +482,9 @@ impl Server {
         Server::start_with(|dir| cfg.render_on(dir, storage_url)).await
     }
 
-    async fn start_with(render: impl FnOnce(&Path) -> std::io::Result<String>) -> Server {
+    /// Starts a server on the configuration text `render` writes for its
+    /// directory.
+    pub async fn start_with(render: impl FnOnce(&Path) -> std::io::Result<String>) -> Server {
         let dir = TempDir::new("ripen-e2e-").expect("create a temporary directory");
         let config_path = dir.path().join("ripen.toml");
         let toml = render(dir.path()).expect("render the configuration");
