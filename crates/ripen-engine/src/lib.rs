@@ -22,6 +22,7 @@ pub mod config;
 pub mod executor;
 pub mod feed;
 mod intake;
+pub mod metrics;
 mod scheduler;
 pub mod schema;
 pub mod time;
@@ -34,8 +35,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use ripen_core::Catalog;
 use ripen_store::{
-    CommandOutcome, EntityData, EntityId, EntityRecord, HistoryEvent, IntakeOutcome, ListQuery,
-    PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError,
+    CommandOutcome, EntityData, EntityId, EntityRecord, HistoryEvent, Instrumented, IntakeOutcome,
+    ListQuery, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError,
 };
 
 pub use config::{Config, StorageUrl, TypeConfig};
@@ -82,6 +83,7 @@ pub struct Engine {
     intake: Intake,
     scheduler: Scheduler,
     workers: Arc<Workers>,
+    metrics: Arc<metrics::EngineMetrics>,
     clock: Arc<dyn Clock>,
     shutting_down: AtomicBool,
     /// Tasks that live as long as the engine, aborted when it is dropped.
@@ -120,11 +122,11 @@ impl Engine {
                 opts.lease_grace_ms = config.engine.lease_grace_ms;
                 let store = SqliteStore::open(opts, catalog.clone())
                     .with_context(|| format!("open the database {}", path.display()))?;
-                (Arc::new(store), Some(lock))
+                (Arc::new(Instrumented::new(store)), Some(lock))
             }
             StorageUrl::Postgres(url) => {
                 let store = connect_postgres(url, &config, catalog.clone()).await?;
-                (Arc::new(store), None)
+                (Arc::new(Instrumented::new(store)), None)
             }
         };
         let mut background = tokio::task::JoinSet::new();
@@ -176,6 +178,8 @@ impl Engine {
                 registry
             }
         });
+        let metrics =
+            Arc::new(metrics::EngineMetrics::new(store.as_ref()).context("register the metrics")?);
         let load = Arc::new(intake::IntakeLoad::new(!store.is_shared()));
         let local_queues: Vec<String> = executors
             .local_queues()
@@ -188,6 +192,7 @@ impl Engine {
             executors,
             clock.clone(),
             load.clone(),
+            metrics.clone(),
             &config.engine,
         );
         let workers = Workers::new(
@@ -216,6 +221,7 @@ impl Engine {
             intake,
             scheduler,
             workers,
+            metrics,
             clock,
             shutting_down: AtomicBool::new(false),
             _background: background,
@@ -237,8 +243,42 @@ impl Engine {
         body: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<IntakeOutcome, SubmitError> {
-        self.intake
+        let started = std::time::Instant::now();
+        let result = self
+            .intake
             .submit(tenant, type_name, body, idempotency_key)
+            .await;
+        let outcome = match &result {
+            Ok(IntakeOutcome::Created(_)) => "created",
+            Ok(IntakeOutcome::Replayed(_)) => "replayed",
+            Ok(IntakeOutcome::KeyReused { .. }) => "key_reused",
+            Err(SubmitError::UnknownType(_)) => "unknown_type",
+            Err(SubmitError::Malformed(_)) => "malformed",
+            Err(SubmitError::Invalid(_)) => "invalid",
+            Err(SubmitError::BadKey) => "bad_key",
+            Err(SubmitError::KeyInFlight) => "in_flight",
+            Err(SubmitError::Store(StoreError::Unavailable(_))) => "unavailable",
+            Err(SubmitError::Store(_)) => "error",
+        };
+        // The label is bounded by the configuration: a type that does not
+        // exist is counted as `unknown`.
+        let type_label = match self.config.type_config(type_name) {
+            Some(t) => t.name.as_str(),
+            None => "unknown",
+        };
+        self.metrics.intake(type_label, outcome, started.elapsed());
+        result
+    }
+
+    /// Every metric of this node in the Prometheus text format; see
+    /// [`metrics`].
+    pub async fn metrics_text(&self) -> String {
+        self.metrics
+            .render(
+                self.store.as_ref(),
+                self.clock.as_ref(),
+                self.workers.waiting_claims(),
+            )
             .await
     }
 

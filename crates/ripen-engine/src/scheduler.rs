@@ -29,6 +29,8 @@ use std::time::Duration;
 
 use ripen_core::Catalog;
 use ripen_store::{Attempt, Claim, Completion, CompletionResult, Outcome, Store};
+
+use crate::metrics::EngineMetrics;
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -108,6 +110,7 @@ struct Shared {
     concurrency: usize,
     /// Submissions being accepted; while it is busy, pipeline work waits.
     intake: Arc<IntakeLoad>,
+    metrics: Arc<EngineMetrics>,
     wake: Arc<Notify>,
     results: mpsc::Sender<Completion>,
     attempts: Attempts,
@@ -136,6 +139,7 @@ impl Scheduler {
         executors: Arc<ExecutorRegistry>,
         clock: Arc<dyn Clock>,
         intake: Arc<IntakeLoad>,
+        metrics: Arc<EngineMetrics>,
         config: &EngineConfig,
     ) -> Scheduler {
         let (results_tx, results_rx) = mpsc::channel(config.concurrency.max(COMPLETE_BATCH_MAX));
@@ -147,6 +151,7 @@ impl Scheduler {
             slots: Arc::new(Semaphore::new(config.concurrency)),
             concurrency: config.concurrency,
             intake,
+            metrics,
             wake: Arc::new(Notify::new()),
             results: results_tx,
             attempts: Attempts {
@@ -364,7 +369,9 @@ async fn run_and_report(shared: Arc<Shared>, attempt: Attempt) -> Ran {
     if shared.attempts.draining.load(Ordering::SeqCst) {
         return Ran::No;
     }
+    let started = std::time::Instant::now();
     let outcome = run_attempt(&shared, &attempt).await;
+    report(&shared, &attempt, &outcome, started.elapsed());
     let completion = Completion {
         entity_id: attempt.entity_id,
         step: attempt.step,
@@ -379,6 +386,32 @@ async fn run_and_report(shared: Arc<Shared>, attempt: Attempt) -> Ran {
         tracing::debug!("the completer has ended; the result is dropped and its lease will expire");
     }
     Ran::Yes
+}
+
+/// Counts and logs how an attempt ended. The store decides what the result
+/// does to the entity; this only says what the executor saw.
+fn report(shared: &Shared, a: &Attempt, outcome: &Outcome, elapsed: Duration) {
+    let label = match outcome {
+        Outcome::Succeeded { .. } => "succeeded",
+        Outcome::Failed {
+            retryable: true, ..
+        } => "retryable_error",
+        Outcome::Failed { .. } => "permanent_error",
+    };
+    shared
+        .metrics
+        .attempt(&a.type_name, &a.step_name, label, elapsed);
+    if let Outcome::Failed {
+        error, retryable, ..
+    } = outcome
+    {
+        let trace_id = a.entity_id.0.simple();
+        if *retryable {
+            tracing::info!(entity_id = %a.entity_id, r#type = %a.type_name, step = %a.step_name, attempt = a.attempt, %trace_id, error = %error, "attempt failed; the step's retry policy decides what follows");
+        } else {
+            tracing::warn!(entity_id = %a.entity_id, r#type = %a.type_name, step = %a.step_name, attempt = a.attempt, %trace_id, error = %error, "attempt failed for good");
+        }
+    }
 }
 
 async fn run_attempt(shared: &Shared, a: &Attempt) -> Outcome {
@@ -583,6 +616,7 @@ mod tests {
             Arc::new(executors),
             clock,
             Arc::default(),
+            Arc::new(EngineMetrics::new(store.as_ref()).expect("metrics")),
             &config,
         );
         let running = entities.min(concurrency);

@@ -101,6 +101,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/", get(dashboard::page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/v1/entities", get(list))
         .route("/v1/entities/{key}", post(submit).get(get_entity))
         .route("/v1/entities/{id}/data", get(get_data))
@@ -138,6 +139,17 @@ async fn readyz(State(state): Shared) -> Response {
         Ok(()) => json_response(StatusCode::OK, json!({"status": "ready"})),
         Err(e) => Problem::unavailable(e.to_string()).into_response(),
     }
+}
+
+/// Prometheus text exposition (version 0.0.4), whatever the scraper asks
+/// for: every Prometheus reads it.
+async fn metrics(State(state): Shared) -> Response {
+    let mut r = (StatusCode::OK, state.engine.metrics_text().await).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(ripen_engine::metrics::CONTENT_TYPE),
+    );
+    r
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response {

@@ -58,6 +58,7 @@ pub use tls::PgTls;
 
 use crate::decode::{entity_id, entity_status, step_status, to_i64, to_u32, to_u64};
 use crate::history::HistoryEvent;
+use crate::metrics::CommitMetrics;
 use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
     Attempt, Claim, ClaimBatch, CommandOutcome, CompleteBatch, Completion, Counts, EntityData,
@@ -258,6 +259,7 @@ impl PostgresStore {
             tls,
             idle: Mutex::new(Vec::with_capacity(pool_size)),
             permits: Arc::new(Semaphore::new(pool_size)),
+            commits: CommitMetrics::default(),
         });
         {
             let conn = pool.get().await?;
@@ -583,7 +585,8 @@ impl Store for PostgresStore {
     }
 
     fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
-        self.shared.decider.metrics().register(registry)
+        self.shared.decider.metrics().register(registry)?;
+        self.shared.pool.commits.register(registry)
     }
 
     async fn counts(&self, now_us: UnixMicros) -> Result<Counts> {
@@ -664,6 +667,8 @@ struct Pool {
     tls: PgTls,
     idle: Mutex<Vec<Conn>>,
     permits: Arc<Semaphore>,
+    /// Shared by every connection: how their transactions commit.
+    commits: CommitMetrics,
 }
 
 impl Pool {
@@ -688,7 +693,7 @@ impl Pool {
                 None => break,
             }
         }
-        let conn = Conn::open(&self.config, &self.tls).await?;
+        let conn = Conn::open(&self.config, &self.tls, self.commits.clone()).await?;
         Ok(PooledConn {
             conn: Some(conn),
             pool: self.clone(),
@@ -707,10 +712,13 @@ struct Conn {
     /// dropped in that state (its caller was cancelled) is closed, which
     /// rolls the transaction back, instead of going back to the pool.
     in_tx: AtomicBool,
+    /// When the open transaction began, for the commit metrics.
+    began: Mutex<Option<std::time::Instant>>,
+    commits: CommitMetrics,
 }
 
 impl Conn {
-    async fn open(config: &Config, tls: &PgTls) -> Result<Conn> {
+    async fn open(config: &Config, tls: &PgTls, commits: CommitMetrics) -> Result<Conn> {
         let connecting = config.connect(tls.connector());
         let (client, connection) =
             tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connecting)
@@ -732,6 +740,8 @@ impl Conn {
             statements: Mutex::new(HashMap::new()),
             broken: AtomicBool::new(false),
             in_tx: AtomicBool::new(false),
+            began: Mutex::new(None),
+            commits,
         })
     }
 
@@ -792,16 +802,27 @@ impl Conn {
 
     async fn begin(&self) -> Result<()> {
         self.in_tx.store(true, Ordering::Relaxed);
+        *self.began.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
         self.simple("BEGIN").await
     }
 
     /// Commits when `result` is `Ok`, rolls back otherwise, and returns
     /// `result` (or the commit's error).
     async fn finish<T>(&self, result: Result<T>) -> Result<T> {
+        self.finish_batch(result, 1).await
+    }
+
+    /// [`Conn::finish`] for a transaction that carried `commands` commands.
+    async fn finish_batch<T>(&self, result: Result<T>, commands: usize) -> Result<T> {
+        let began = self.began.lock().unwrap_or_else(|e| e.into_inner()).take();
         match result {
             Ok(value) => {
                 self.simple("COMMIT").await?;
                 self.in_tx.store(false, Ordering::Relaxed);
+                if let Some(began) = began {
+                    self.commits
+                        .observe(began.elapsed().as_secs_f64(), commands);
+                }
                 Ok(value)
             }
             Err(e) => {
@@ -1651,7 +1672,7 @@ impl Shared {
     ) -> Result<Vec<Result<IntakeOutcome>>> {
         conn.begin().await?;
         let result = self.create_batch(conn, jobs).await;
-        conn.finish(result).await
+        conn.finish_batch(result, jobs.len()).await
     }
 
     async fn create_batch(
