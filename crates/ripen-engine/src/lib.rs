@@ -202,6 +202,13 @@ impl Engine {
             config.engine.waiting_claims_max,
             scheduler.waker(),
         );
+        if !workers.is_empty() {
+            background.spawn(
+                workers
+                    .clone()
+                    .expire_leases(Duration::from_millis(config.engine.poll_interval_ms)),
+            );
+        }
         watch_work(
             store.as_ref(),
             &workers,

@@ -34,6 +34,8 @@ pub const CLAIM_MAX: usize = 100;
 pub const WAIT_MAX_MS: u64 = 60_000;
 /// The longest worker id kept.
 pub const WORKER_ID_LEN_MAX: usize = 128;
+/// The most expired leases one pass of [`Workers::expire_leases`] loses per queue.
+const EXPIRE_BATCH_MAX: usize = 1_000;
 /// The longest error text a worker may report; longer ones are refused.
 pub const ERROR_LEN_MAX: usize = 4_096;
 
@@ -163,6 +165,11 @@ impl Workers {
         })
     }
 
+    /// Whether no pipeline has a worker step.
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+
     /// Whether `queue` (`worker:{name}`) is served here.
     pub fn is_worker_queue(&self, queue: &str) -> bool {
         self.known.contains(queue)
@@ -241,11 +248,7 @@ impl Workers {
             tokio::pin!(closed);
             woken.as_mut().enable();
             closed.as_mut().enable();
-            let claim = Claim {
-                queue: &queue,
-                limit: max,
-                holder: worker,
-            };
+            let claim = Claim::by(&queue, max, worker);
             let batch = self.store.claim_due(claim, self.clock.now_us()).await?;
             if !batch.attempts.is_empty() {
                 return Ok(batch.attempts.into_iter().map(task).collect());
@@ -264,6 +267,27 @@ impl Workers {
                 _ = &mut woken => {}
                 _ = &mut closed => {}
                 _ = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    /// Every `every`, loses the attempts of worker queues whose lease
+    /// expired, so that a silent worker's task is retried (or fails for
+    /// good) even while no worker claims from its queue. A waiting claim
+    /// does the same for its own queue at once.
+    pub async fn expire_leases(self: Arc<Self>, every: Duration) {
+        let mut queues: Vec<&String> = self.known.iter().collect();
+        queues.sort();
+        loop {
+            tokio::time::sleep(every).await;
+            if self.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            for queue in &queues {
+                let claim = Claim::expiring(queue, EXPIRE_BATCH_MAX);
+                if let Err(e) = self.store.claim_due(claim, self.clock.now_us()).await {
+                    tracing::warn!(queue = %queue, error = %e, "expire the leases of a worker queue");
+                }
             }
         }
     }

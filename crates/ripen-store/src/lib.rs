@@ -152,6 +152,10 @@ pub struct Claim<'a> {
     pub queue: &'a str,
     pub limit: usize,
     pub holder: Option<&'a str>,
+    /// Only lose the attempts of `queue` whose lease expired (up to
+    /// `limit`), and claim nothing: what keeps a worker queue's leases
+    /// honest while no worker claims from it.
+    pub expire_only: bool,
 }
 
 impl<'a> Claim<'a> {
@@ -161,6 +165,23 @@ impl<'a> Claim<'a> {
             queue,
             limit,
             holder: None,
+            expire_only: false,
+        }
+    }
+
+    /// A claim for a remote worker that names itself (or not).
+    pub fn by(queue: &'a str, limit: usize, holder: Option<&'a str>) -> Claim<'a> {
+        Claim {
+            holder,
+            ..Claim::local(queue, limit)
+        }
+    }
+
+    /// See [`Claim::expire_only`].
+    pub fn expiring(queue: &'a str, limit: usize) -> Claim<'a> {
+        Claim {
+            expire_only: true,
+            ..Claim::local(queue, limit)
         }
     }
 }

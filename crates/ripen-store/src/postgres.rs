@@ -1438,6 +1438,7 @@ impl Shared {
                      JOIN (SELECT entity_id, min(due_at) AS due
                            FROM (SELECT entity_id, due_at FROM steps
                                  WHERE queue = $1 AND due_at IS NOT NULL AND due_at <= $2
+                                   AND (NOT $5 OR status = 'running')
                                  ORDER BY due_at LIMIT $3) AS due_steps
                            GROUP BY entity_id) AS d ON d.entity_id = e.id
                      ORDER BY d.due, e.id LIMIT $4
@@ -1447,6 +1448,7 @@ impl Shared {
                         &now_us,
                         &i64::try_from(scan).unwrap_or(i64::MAX),
                         &i64::try_from(limit).unwrap_or(i64::MAX),
+                        &claim.expire_only,
                     ],
                 )
                 .await?;

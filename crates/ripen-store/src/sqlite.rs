@@ -469,12 +469,13 @@ impl Store for SqliteStore {
     async fn claim_due(&self, claim: Claim<'_>, now_us: UnixMicros) -> Result<ClaimBatch> {
         let queue = claim.queue.to_owned();
         let holder = claim.holder.map(str::to_owned);
-        let limit = claim.limit;
+        let (limit, expire_only) = (claim.limit, claim.expire_only);
         self.write(move |w| {
             let claim = Claim {
                 queue: &queue,
                 limit,
                 holder: holder.as_deref(),
+                expire_only,
             };
             w.claim_due(&claim, now_us)
         })

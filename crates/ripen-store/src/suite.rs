@@ -70,6 +70,7 @@ macro_rules! store_test_suite {
             recover_keeps_the_leases_of_remote_workers,
             watchers_hear_which_queue_got_work,
             counts_and_metrics_follow_the_decisions,
+            expiring_loses_expired_leases_and_claims_nothing,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -1787,11 +1788,7 @@ async fn score_claimed_by_w1(store: &dyn Store) -> (EntityRecord, Attempt) {
     let record = create(store, new_entity("mixed", BODY), T0).await;
     let fetch = claim(store, T0, 10).await.attempts;
     finish(store, &fetch[0], succeeded(None), T0).await;
-    let claim = Claim {
-        queue: "worker:scoring",
-        limit: 100,
-        holder: Some("w1"),
-    };
+    let claim = Claim::by("worker:scoring", 100, Some("w1"));
     let mut batch = store.claim_due(claim, T0).await.expect("claim");
     let score = batch.attempts.pop().expect("score");
     assert_eq!(score.step_name, "score");
@@ -2026,4 +2023,50 @@ pub async fn counts_and_metrics_follow_the_decisions(store: Arc<dyn Store>) {
     assert!(counts
         .entities
         .contains(&("single".to_owned(), EntityStatus::Failed, 1)));
+}
+
+/// An expire-only claim loses the attempts whose lease ran out and takes
+/// nothing: the step is retried by the next real claim.
+pub async fn expiring_loses_expired_leases_and_claims_nothing(store: Arc<dyn Store>) {
+    let store = &*store;
+    let (record, score) = score_claimed_by_w1(store).await;
+    let scoring = "worker:scoring";
+    let early = store
+        .claim_due(Claim::expiring(scoring, 10), score.lease_expires_at_us - 1)
+        .await
+        .expect("expire");
+    assert!(early.attempts.is_empty());
+    let s = step(&get(store, record.id).await, "score").state.clone();
+    assert_eq!(s.status, StepStatus::Running, "the lease still holds");
+    let at = score.lease_expires_at_us;
+    let swept = store
+        .claim_due(Claim::expiring(scoring, 10), at)
+        .await
+        .expect("expire");
+    assert!(swept.attempts.is_empty(), "nothing is claimed");
+    let s = step(&get(store, record.id).await, "score").state.clone();
+    assert_eq!(
+        (s.status, s.attempts, s.holder),
+        (StepStatus::Retrying, 1, None)
+    );
+    let lost = events(store, record.id)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "attempt_failed")
+        .collect::<Vec<_>>();
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0].detail["lost"], "lease_expired");
+    // A retrying step is not running: expiring again changes nothing.
+    let again = store
+        .claim_due(Claim::expiring(scoring, 10), at)
+        .await
+        .expect("expire");
+    assert!(again.attempts.is_empty());
+    let taken = store
+        .claim_due(Claim::by(scoring, 10, Some("w2")), at)
+        .await
+        .expect("claim")
+        .attempts;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].attempt, 2);
 }

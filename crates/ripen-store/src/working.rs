@@ -177,6 +177,7 @@ impl Decider {
                 self.tally
                     .metrics
                     .observe(&w.pipeline, &w.record, w.state.ready_at_us, new);
+                log_notable(&w.pipeline, &w.record, new);
                 w.observed = w.events.len();
             }
         }
@@ -225,6 +226,30 @@ impl Decider {
 
     pub fn stale_completions(&self) -> u64 {
         self.tally.stale_completions()
+    }
+}
+
+/// Logs each status change and degradation of one entity at `info`.
+fn log_notable(pipeline: &Pipeline, record: &EntityRecord, events: &[Event]) {
+    for e in events {
+        match e {
+            Event::StatusChanged { from, to } => tracing::info!(
+                entity_id = %record.id,
+                r#type = %record.type_name,
+                trace_id = %record.id.0.simple(),
+                from = from.as_str(),
+                to = to.as_str(),
+                "entity status changed"
+            ),
+            Event::Degraded { step } => tracing::info!(
+                entity_id = %record.id,
+                r#type = %record.type_name,
+                trace_id = %record.id.0.simple(),
+                step = %pipeline.step(*step).name,
+                "entity degraded: a non-critical step failed for good"
+            ),
+            _ => {}
+        }
     }
 }
 
@@ -741,6 +766,20 @@ impl<X> Working<X> {
         }
     }
 
+    /// Loses the attempt of a running step whose lease expired. True when
+    /// it did.
+    pub fn lose_expired(&mut self, step: usize, ctxs: &CtxSource, now_us: UnixMicros) -> bool {
+        let Some(s) = self.state.steps.get(step) else {
+            return false;
+        };
+        let lost = Input::Lost {
+            step,
+            epoch: s.epoch,
+            reason: LostReason::LeaseExpired,
+        };
+        self.apply(lost, ctxs.ctx(now_us)).is_ok()
+    }
+
     /// Applies one attempt's result. A result that does not belong to the
     /// live attempt (a stale epoch, an unknown step) changes nothing.
     pub fn complete(&mut self, c: &Completion, ctxs: &CtxSource, now_us: UnixMicros) -> bool {
@@ -997,8 +1036,18 @@ pub fn claim_due<X>(
         .iter()
         .enumerate()
         .flat_map(|(k, w)| w.due_steps(queue, now_us).map(move |(at, i)| (at, k, i)))
+        .filter(|&(_, k, i)| {
+            !claim.expire_only || entities[k].state.steps[i].status == StepStatus::Running
+        })
         .collect();
     due.sort_unstable();
+    if claim.expire_only {
+        due.truncate(claim.limit);
+        return due
+            .into_iter()
+            .filter(|&(_, k, step)| entities[k].lose_expired(step, ctxs, now_us))
+            .count();
+    }
     due.truncate(claim.limit);
     // Each entity's steps in step order, so that its events read naturally.
     due.sort_unstable_by_key(|&(_, k, i)| (k, i));

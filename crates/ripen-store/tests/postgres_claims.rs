@@ -410,11 +410,7 @@ async fn a_version_1_schema_gains_lease_holders() {
         .complete(vec![done], None, T0)
         .await
         .expect("complete");
-    let claim = ripen_store::Claim {
-        queue: "worker:scoring",
-        limit: 1,
-        holder: Some("w1"),
-    };
+    let claim = ripen_store::Claim::by("worker:scoring", 1, Some("w1"));
     assert_eq!(
         store
             .claim_due(claim, T0)

@@ -473,3 +473,23 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A worker that goes silent loses its lease at expiry even when no worker
+/// claims from the queue any more: the attempt counts, and with no attempt
+/// left the entity fails instead of staying pending.
+#[tokio::test]
+async fn a_silent_worker_loses_its_lease_without_any_claim() {
+    let cfg = worker_only("500ms", 1)
+        .lease_grace("100ms")
+        .poll_interval("100ms");
+    let server = Server::start(&cfg).await;
+    let id = server.submit_ok(TYPE, &json!({})).await;
+    let task = claim_one(&server, "w").await;
+    let view = server.wait_terminal(&id, Duration::from_secs(10)).await;
+    assert_eq!(view["status"], "failed", "{view:#}");
+    let bill = step(&view, "bill");
+    assert_eq!(bill["attempts"], 1);
+    assert!(bill.get("worker").is_none());
+    let late = task_call(&server, &task, "complete", json!({})).await;
+    assert_problem(&late, 409);
+}

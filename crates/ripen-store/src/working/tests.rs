@@ -483,11 +483,7 @@ fn scoring_claimed() -> Vec<Working> {
     claim_due(&mut w, &Claim::local(HTTP_QUEUE, 10), &ctxs(), T0);
     let done = success(&w[0], 0, None);
     complete(&mut w, &[done], None, &ctxs(), &Tally::default(), T0);
-    let claim = Claim {
-        queue: SCORING,
-        limit: 10,
-        holder: Some("w1"),
-    };
+    let claim = Claim::by(SCORING, 10, Some("w1"));
     assert_eq!(claim_due(&mut w, &claim, &ctxs(), T0), 1);
     w
 }
