@@ -1,4 +1,4 @@
-//! A `ripen.toml` writer: the types, their HTTP steps and the few server
+//! A `ripen.toml` writer: the types, their HTTP and worker steps and the few server
 //! settings that the tests, the demo and the bench vary, rendered into a
 //! directory with one schema file per type that has a schema.
 
@@ -9,11 +9,15 @@ use serde_json::Value;
 
 use crate::downstream::Downstream;
 
-/// One `[[types.T.steps]]` entry with an `http` executor.
+/// One `[[types.T.steps]]` entry, run by the `http` executor or, with
+/// `worker` set, by the remote workers of that queue.
 #[derive(Clone, Debug)]
 pub struct Step {
     pub name: String,
+    /// The downstream URL of an HTTP step; unused by a worker step.
     pub url: String,
+    /// `worker = "…"`: the worker queue that serves the step.
+    pub worker: Option<String>,
     pub needs: Vec<String>,
     pub critical: bool,
     pub timeout: String,
@@ -30,12 +34,22 @@ impl Step {
         Step {
             name: name.to_owned(),
             url: url.into(),
+            worker: None,
             needs: Vec::new(),
             critical: true,
             timeout: "5s".to_owned(),
             max_attempts: Some(3),
             initial_backoff: Some("10ms".to_owned()),
             max_backoff: Some("50ms".to_owned()),
+        }
+    }
+
+    /// A worker step of queue `queue`, with the same test-sized timeout and
+    /// retry policy as [`Step::http`].
+    pub fn worker(name: &str, queue: &str) -> Step {
+        Step {
+            worker: Some(queue.to_owned()),
+            ..Step::http(name, String::new())
         }
     }
 
@@ -267,7 +281,14 @@ impl Config {
             for s in &t.steps {
                 let _ = writeln!(out, "\n[[types.{}.steps]]", t.name);
                 let _ = writeln!(out, "name = {}", toml_str(&s.name));
-                let _ = writeln!(out, "http = {}", toml_str(&s.url));
+                match &s.worker {
+                    Some(queue) => {
+                        let _ = writeln!(out, "worker = {}", toml_str(queue));
+                    }
+                    None => {
+                        let _ = writeln!(out, "http = {}", toml_str(&s.url));
+                    }
+                }
                 let needs: Vec<String> = s.needs.iter().map(|n| toml_str(n)).collect();
                 let _ = writeln!(out, "needs = [{}]", needs.join(", "));
                 let _ = writeln!(out, "critical = {}", s.critical);
@@ -325,6 +346,7 @@ mod tests {
                     .needs(&["a"])
                     .non_critical()
                     .default_retry(),
+                Step::worker("c", "billing").needs(&["a"]).timeout("1s"),
             ],
         )
         .schema(serde_json::json!({"type": "object"}));
@@ -341,7 +363,8 @@ mod tests {
         assert!(text.contains(
             "name = \"a\"\nhttp = \"http://127.0.0.1:9/a\"\nneeds = []\ncritical = true\ntimeout = \"5s\"\nretry = { max_attempts = 3, initial_backoff = \"10ms\", max_backoff = \"50ms\" }\n"
         ));
-        assert!(text.ends_with("needs = [\"a\"]\ncritical = false\ntimeout = \"5s\"\n"));
+        assert!(text.contains("needs = [\"a\"]\ncritical = false\ntimeout = \"5s\"\n\n"));
+        assert!(text.contains("name = \"c\"\nworker = \"billing\"\nneeds = [\"a\"]\ncritical = true\ntimeout = \"1s\"\n"));
         assert!(dir.path().join("schemas/shop.json").is_file());
     }
 }

@@ -8,16 +8,21 @@
 //! - [`Config`] writes a `ripen.toml` with its schema files;
 //! - [`TempDir`] is a temporary directory removed on drop;
 //! - [`PgCluster`] is a private, throwaway PostgreSQL cluster for the tests
-//!   that need one.
+//!   that need one;
+//! - [`WorkerProcess`] runs a remote worker (such as the Rust SDK's example)
+//!   as a child process, and [`workspace_binary`] builds the binaries of
+//!   other packages that a test runs.
 
 mod config;
 mod downstream;
 mod pg;
 mod server;
 mod tempdir;
+mod worker;
 
 pub use config::{single, sqlite_url, step_path, toml_str, w5, Config, Step, TypeDef};
 pub use downstream::{Behavior, Call, Downstream, Profile, Reply, Stats};
 pub use pg::{PgCluster, SUPERUSER};
 pub use server::{cpu_ticks, tail_of_file, ServerProcess};
 pub use tempdir::TempDir;
+pub use worker::{workspace_binary, Target, WorkerProcess};
