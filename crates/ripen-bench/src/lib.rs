@@ -15,9 +15,11 @@
 //! - W5 with workers: the same pipeline with `b` and `c` run by remote
 //!   workers (the Rust SDK, `ripen_worker::Worker`, in this process) that
 //!   long-poll their queue: `worker_entities` entities, ready/s, and the
-//!   long-poll wake-up latency (from the commit of `a`'s success, which
+//!   time from runnable to claimed (from the commit of `a`'s success, which
 //!   makes `b` and `c` runnable, to the commit of their claims, both the
-//!   server's own history timestamps); then an unloaded probe;
+//!   server's own history timestamps): under load mostly the wait behind
+//!   the burst; in the unloaded probe, one entity at a time, the long-poll
+//!   wake-up itself;
 //! - with `million`: a store preloaded with `preload` settled entities, then
 //!   intake and W5 on top of it, the server's RSS, and the time from spawning
 //!   a server after `kill -9` to its first `/readyz` 200.
@@ -914,7 +916,8 @@ struct WorkerFigures {
     p50: Duration,
     p99: Duration,
     /// From the commit that made `b` or `c` runnable to the commit of its
-    /// claim, under load.
+    /// claim, under load: mostly the wait in the queue behind the burst,
+    /// since the workers are busy; the unloaded figures are the wake-up.
     wake_p50: Duration,
     wake_p99: Duration,
     unloaded_p50: Duration,
@@ -925,7 +928,7 @@ struct WorkerFigures {
 impl WorkerFigures {
     fn line(&self) -> String {
         format!(
-            "ready {}/s (submit->ready p50 {}, p99 {}) | wake-up p50 {}, p99 {} | unloaded: submit->ready p50 {}, wake-up p50 {}, p99 {}",
+            "ready {}/s (submit->ready p50 {}, p99 {}) | runnable->claimed p50 {}, p99 {} | unloaded: submit->ready p50 {}, wake-up p50 {}, p99 {}",
             group(self.ready_per_s),
             ms(self.p50),
             ms(self.p99),
@@ -1843,12 +1846,12 @@ fn print_summary(f: &Figures, postgres: bool) {
             2,
         ),
         Row::new(
-            "  worker wake-up p50 loaded (ms)",
+            "  worker claim wait p50 loaded (ms)",
             workers(&|r| msf(r.wake_p50)),
             2,
         ),
         Row::new(
-            "  worker wake-up p99 loaded (ms)",
+            "  worker claim wait p99 loaded (ms)",
             workers(&|r| msf(r.wake_p99)),
             2,
         ),

@@ -128,9 +128,13 @@ impl Env {
         }
     }
 
+    /// Waits until the entity settles, and asserts it settled as `status`.
     async fn wait_status(&self, id: &str, status: EntityStatus) -> EntityView {
-        self.wait_for(id, status.as_str(), |v| v.status == status)
-            .await
+        let view = self
+            .wait_for(id, "settled", |v| v.status.is_terminal())
+            .await;
+        assert_eq!(view.status, status, "entity {id}: {view:#?}");
+        view
     }
 
     /// Waits until step `bill` is held by worker `worker`.
