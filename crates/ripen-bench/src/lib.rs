@@ -12,6 +12,14 @@
 //!   `entities` entities from `clients` clients, measured from the server's
 //!   own timestamps, with the server's CPU time per entity; then an unloaded
 //!   probe, one entity at a time;
+//! - W5 with workers: the same pipeline with `b` and `c` run by remote
+//!   workers (the Rust SDK, `ripen_worker::Worker`, in this process) that
+//!   long-poll their queue: `worker_entities` entities, ready/s, and the
+//!   time from runnable to claimed (from the commit of `a`'s success, which
+//!   makes `b` and `c` runnable, to the commit of their claims, both the
+//!   server's own history timestamps): under load mostly the wait behind
+//!   the burst; in the unloaded probe, one entity at a time, the long-poll
+//!   wake-up itself;
 //! - with `million`: a store preloaded with `preload` settled entities, then
 //!   intake and W5 on top of it, the server's RSS, and the time from spawning
 //!   a server after `kill -9` to its first `/readyz` 200.
@@ -38,6 +46,7 @@ use ripen_testkit::{
     cpu_ticks, sqlite_url, Config, Downstream, Profile, ServerProcess, Stats, Step, TempDir,
     TypeDef,
 };
+use ripen_worker::{Task, TaskError, Worker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -84,6 +93,17 @@ const READYZ_TIMEOUT: Duration = Duration::from_secs(120);
 const ANSWER_HEAD_BYTES_MAX: usize = 16 * 1024;
 /// The largest answer body the load client accepts.
 const ANSWER_BODY_BYTES_MAX: usize = 1024 * 1024;
+/// The W5 type whose steps `b` and `c` are worker steps, and their queue.
+const WORKER_TYPE: &str = "w5w";
+const WORKER_QUEUE: &str = "bench";
+/// In-process SDK workers of the workers row, and the tasks each runs at once.
+const WORKERS: usize = 4;
+const WORKER_CONCURRENCY: usize = 64;
+/// Entities of the workers row whose histories are read for the wake-up
+/// latency, spread evenly over the run.
+const WAKE_SAMPLE_MAX: usize = 2_000;
+/// Concurrent history reads.
+const WAKE_SAMPLE_READERS: usize = 8;
 
 /// What to measure and how; `ripen bench` fills it from its flags.
 #[derive(Debug, Clone)]
@@ -113,6 +133,10 @@ pub struct Options {
     pub intake_only: bool,
     /// Run only the W5 rows.
     pub w5_only: bool,
+    /// Run only the W5 row with worker steps.
+    pub workers_only: bool,
+    /// Entities of the W5 row with worker steps.
+    pub worker_entities: usize,
     /// Also run the 1,000,000-entity row (takes several minutes).
     pub million: bool,
     /// Settled entities preloaded for the `million` row.
@@ -130,11 +154,15 @@ pub struct Options {
 
 impl Options {
     fn runs_intake(&self) -> bool {
-        !self.w5_only
+        !self.w5_only && !self.workers_only
     }
 
     fn runs_w5(&self) -> bool {
-        !self.intake_only
+        !self.intake_only && !self.workers_only
+    }
+
+    fn runs_workers(&self) -> bool {
+        !self.intake_only && !self.w5_only && self.worker_entities > 0
     }
 
     fn postgres(&self) -> bool {
@@ -205,6 +233,13 @@ pub async fn run(args: Options) -> Result<()> {
             args.clients
         );
     }
+    if args.runs_workers() {
+        println!(
+            "w5 with workers: the same pipeline, b and c served by {WORKERS} Rust SDK workers (concurrency {WORKER_CONCURRENCY} each, long polls); {} entities from {} clients",
+            group(args.worker_entities as f64),
+            args.clients
+        );
+    }
     println!(
         "machine: {} cores, load average {}",
         cores(),
@@ -248,6 +283,16 @@ pub async fn run(args: Options) -> Result<()> {
                 .with_context(|| format!("w5 run {run}"))?;
             println!("w5 run {run}/{}: {}", args.runs, r.line());
             figures.w5.push(r);
+            settle_disk();
+        }
+        if args.runs_workers() {
+            let fresh = Bench::fresh(&args, &pad, true).await?;
+            let r = fresh
+                .workers_row(&mut errors)
+                .await
+                .with_context(|| format!("w5 with workers run {run}"))?;
+            println!("w5 with workers run {run}/{}: {}", args.runs, r.line());
+            figures.workers.push(r);
             settle_disk();
         }
     }
@@ -692,6 +737,100 @@ impl<'a> Bench<'a> {
         })
     }
 
+    /// W5 with `b` and `c` served by in-process SDK workers: throughput,
+    /// submit-to-ready, and how long a runnable worker step waits for a
+    /// long-polling claim to take it.
+    async fn workers_row(mut self, errors: &mut Errors) -> Result<WorkerFigures> {
+        let addr = self.server.addr()?;
+        let client = self.server.client().clone();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut workers = JoinSet::new();
+        for i in 0..WORKERS {
+            let mut stopped = stopped.clone();
+            let worker = Worker::with_client(client.clone(), WORKER_QUEUE)
+                .concurrency(WORKER_CONCURRENCY)
+                .worker_id(format!("bench-{i}"));
+            workers.spawn(worker.run_until(
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+                |_task: Task| async { Ok::<_, TaskError>(serde_json::json!({})) },
+            ));
+        }
+        wait_until_settled(&mut self.server).await?;
+        let started_at = SystemTime::now();
+        let phase = submit_phase(
+            vec![addr],
+            SubmitPlan {
+                type_name: WORKER_TYPE,
+                key_prefix: self.key_prefix("workers"),
+                count: self.args.worker_entities,
+                clients: self.args.clients,
+                rate_per_s: None,
+            },
+            self.pad.clone(),
+            self.args.payload_bytes,
+        )
+        .await;
+        errors.merge(phase.errors);
+        wait_until_settled(&mut self.server).await?;
+
+        let mut entities = list_newest(&client, WORKER_TYPE, phase.accepted, errors).await?;
+        let since = started_at - Duration::from_secs(1);
+        entities.retain(|e| parse_time(&e.created_at).is_ok_and(|t| t >= since));
+        if entities.len() != phase.accepted {
+            errors.add(
+                "entity count mismatch",
+                format!(
+                    "GET /v1/entities?type={WORKER_TYPE} listed {} entities created by this row, {} were acknowledged with 202",
+                    entities.len(),
+                    phase.accepted
+                ),
+            );
+        }
+        let (ready_per_s, mut latencies) = pipeline_figures(&entities, errors);
+        latencies.sort_unstable();
+        let step = (entities.len() / WAKE_SAMPLE_MAX).max(1);
+        let sample: Vec<String> = entities
+            .iter()
+            .step_by(step)
+            .map(|e| e.id.clone())
+            .collect();
+        let mut loaded_wake_ups = wake_ups(&client, sample, errors).await?;
+        loaded_wake_ups.sort_unstable();
+
+        let probes = probe_unloaded_on(&client, WORKER_TYPE, errors).await?;
+        let mut unloaded: Vec<Duration> = probes.iter().map(|(_, l)| *l).collect();
+        unloaded.sort_unstable();
+        let ids = probes.into_iter().map(|(id, _)| id).collect();
+        let mut unloaded_wake_ups = wake_ups(&client, ids, errors).await?;
+        unloaded_wake_ups.sort_unstable();
+
+        let _ = stop.send(true);
+        while let Some(done) = workers.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.add("worker stopped", e.to_string()),
+                Err(e) => errors.add("worker panicked", e.to_string()),
+            }
+        }
+        self.server.check_alive()?;
+        self.server.stop();
+        if let Some(downstream) = &self.downstream {
+            add_violations(errors, downstream.stats());
+        }
+        Ok(WorkerFigures {
+            ready_per_s,
+            p50: percentile(&latencies, 0.50),
+            p99: percentile(&latencies, 0.99),
+            wake_p50: percentile(&loaded_wake_ups, 0.50),
+            wake_p99: percentile(&loaded_wake_ups, 0.99),
+            unloaded_p50: percentile(&unloaded, 0.50),
+            unloaded_wake_p50: percentile(&unloaded_wake_ups, 0.50),
+            unloaded_wake_p99: percentile(&unloaded_wake_ups, 0.99),
+        })
+    }
+
     /// Intake on a node that executes: a burst of W5 entities as fast as the
     /// clients can send them, while the pipelines start on the first ones;
     /// then the time from the last ack until every entity has settled.
@@ -769,6 +908,91 @@ impl BurstFigures {
             self.catch_up.as_secs_f64()
         )
     }
+}
+
+/// The figures of one run of W5 with worker steps.
+struct WorkerFigures {
+    ready_per_s: f64,
+    p50: Duration,
+    p99: Duration,
+    /// From the commit that made `b` or `c` runnable to the commit of its
+    /// claim, under load: mostly the wait in the queue behind the burst,
+    /// since the workers are busy; the unloaded figures are the wake-up.
+    wake_p50: Duration,
+    wake_p99: Duration,
+    unloaded_p50: Duration,
+    unloaded_wake_p50: Duration,
+    unloaded_wake_p99: Duration,
+}
+
+impl WorkerFigures {
+    fn line(&self) -> String {
+        format!(
+            "ready {}/s (submit->ready p50 {}, p99 {}) | runnable->claimed p50 {}, p99 {} | unloaded: submit->ready p50 {}, wake-up p50 {}, p99 {}",
+            group(self.ready_per_s),
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.wake_p50),
+            ms(self.wake_p99),
+            ms(self.unloaded_p50),
+            ms(self.unloaded_wake_p50),
+            ms(self.unloaded_wake_p99)
+        )
+    }
+}
+
+/// The long-poll wake-ups of the worker steps `b` and `c` of the given
+/// entities, from their histories: each first claim (`step_started`,
+/// attempt 1) minus the success of `a`, the commit that made it runnable.
+async fn wake_ups(client: &Client, ids: Vec<String>, errors: &mut Errors) -> Result<Vec<Duration>> {
+    let mut readers = JoinSet::new();
+    let chunk = ids.len().div_ceil(WAKE_SAMPLE_READERS).max(1);
+    for part in ids.chunks(chunk) {
+        let client = client.clone();
+        let part = part.to_vec();
+        readers.spawn(async move {
+            let mut histories = Vec::with_capacity(part.len());
+            for id in part {
+                let events = client
+                    .events(&id, None, None)
+                    .await
+                    .with_context(|| format!("GET /v1/entities/{id}/events"))?;
+                histories.push((id, events));
+            }
+            anyhow::Ok(histories)
+        });
+    }
+    let mut wake_ups = Vec::new();
+    while let Some(done) = readers.join_next().await {
+        for (id, events) in done.context("join a history reader")?? {
+            let at = |kind: &str, step: &str| {
+                events
+                    .iter()
+                    .find(|e| {
+                        e.kind == kind && e.step.as_deref() == Some(step) && e.attempt == Some(1)
+                    })
+                    .and_then(|e| parse_time(&e.at).ok())
+            };
+            let Some(runnable) = at("step_succeeded", "a") else {
+                errors.add("no success of a", format!("entity {id}"));
+                continue;
+            };
+            for step in ["b", "c"] {
+                match at("step_started", step).map(|t| t.duration_since(runnable)) {
+                    Some(Ok(wait)) => wake_ups.push(wait),
+                    Some(Err(_)) => errors.add(
+                        "claimed before runnable",
+                        format!("entity {id}: {step} started before a succeeded"),
+                    ),
+                    None => errors.add(
+                        "worker step never claimed",
+                        format!("entity {id} step {step}"),
+                    ),
+                }
+            }
+        }
+    }
+    Ok(wake_ups)
 }
 
 /// CPU cores busy over `wall`: the server's and the bench's own (its clients
@@ -941,6 +1165,7 @@ struct Figures {
     million_intake: Vec<IntakeFigures>,
     million_w5: Vec<W5Figures>,
     million_restart: Vec<Restart>,
+    workers: Vec<WorkerFigures>,
 }
 
 /// Errors by kind, each with its first example.
@@ -1300,12 +1525,28 @@ async fn list_newest(
 /// Submits entities one at a time, each after the previous one settled, and
 /// returns their server-side submit-to-ready latencies, sorted.
 async fn probe_unloaded(client: &Client, errors: &mut Errors) -> Result<Vec<Duration>> {
+    let mut latencies: Vec<Duration> = probe_unloaded_on(client, "w5", errors)
+        .await?
+        .into_iter()
+        .map(|(_, latency)| latency)
+        .collect();
+    latencies.sort_unstable();
+    Ok(latencies)
+}
+
+/// [`probe_unloaded`] on entity type `type_name`: each ready entity's id and
+/// submit-to-ready latency, in submission order.
+async fn probe_unloaded_on(
+    client: &Client,
+    type_name: &str,
+    errors: &mut Errors,
+) -> Result<Vec<(String, Duration)>> {
     let mut latencies = Vec::with_capacity(UNLOADED_PROBE_ENTITIES);
     let nonce = fastrand::u64(..);
     for seq in 0..UNLOADED_PROBE_ENTITIES {
         let key = format!("bench-{nonce:016x}-probe-{seq}");
         let body = serde_json::json!({"seq": seq, "name": "probe"}).to_string();
-        let accepted = match client.submit("w5", body, Some(&key)).await {
+        let accepted = match client.submit(type_name, body, Some(&key)).await {
             Ok(submitted) => submitted.view,
             Err(error) if error.response().is_some() => {
                 errors.add(
@@ -1313,7 +1554,7 @@ async fn probe_unloaded(client: &Client, errors: &mut Errors) -> Result<Vec<Dura
                         "intake answered {}",
                         error.status().map_or(0, |s| s.as_u16())
                     ),
-                    format!("POST /v1/entities/w5 (probe): {error}"),
+                    format!("POST /v1/entities/{type_name} (probe): {error}"),
                 );
                 continue;
             }
@@ -1337,11 +1578,10 @@ async fn probe_unloaded(client: &Client, errors: &mut Errors) -> Result<Vec<Dura
             tokio::time::sleep(UNLOADED_PROBE_POLL_INTERVAL).await;
         };
         match submit_to_ready(&entity) {
-            Ok(latency) => latencies.push(latency),
+            Ok(latency) => latencies.push((entity.id, latency)),
             Err(error) => errors.add("probe entity not ready", format!("{error:#}")),
         }
     }
-    latencies.sort_unstable();
     Ok(latencies)
 }
 
@@ -1366,10 +1606,27 @@ fn bench_config(downstream: SocketAddr, payload_bytes: usize, execute: bool) -> 
         ],
     );
     let bulk = TypeDef::new("bulk", vec![step("a", &[])]);
+    let worker_step = |name: &str| {
+        Step::worker(name, WORKER_QUEUE)
+            .needs(&["a"])
+            .timeout("10s")
+            .default_retry()
+    };
+    let w5w = TypeDef::new(
+        WORKER_TYPE,
+        vec![
+            step("a", &[]),
+            worker_step("b"),
+            worker_step("c"),
+            step("d", &["b", "c"]),
+            step("e", &["a"]).non_critical(),
+        ],
+    );
     let mut config = Config::bare()
         .execute(execute)
         .with_type(w5)
-        .with_type(bulk);
+        .with_type(bulk)
+        .with_type(w5w);
     // Leave room for the JSON around the padding.
     let body_limit_bytes = payload_bytes * 2 + 4096;
     if body_limit_bytes > DEFAULT_BODY_LIMIT_BYTES {
@@ -1574,6 +1831,46 @@ fn print_summary(f: &Figures, postgres: bool) {
             1,
         ),
     ];
+    let workers =
+        |g: &dyn Fn(&WorkerFigures) -> f64| -> Vec<f64> { f.workers.iter().map(g).collect() };
+    rows.extend([
+        Row::new("W5 with workers: ready/s", workers(&|r| r.ready_per_s), 0),
+        Row::new(
+            "  workers submit->ready p50 (ms)",
+            workers(&|r| msf(r.p50)),
+            2,
+        ),
+        Row::new(
+            "  workers submit->ready p99 (ms)",
+            workers(&|r| msf(r.p99)),
+            2,
+        ),
+        Row::new(
+            "  worker claim wait p50 loaded (ms)",
+            workers(&|r| msf(r.wake_p50)),
+            2,
+        ),
+        Row::new(
+            "  worker claim wait p99 loaded (ms)",
+            workers(&|r| msf(r.wake_p99)),
+            2,
+        ),
+        Row::new(
+            "  worker wake-up p50 unloaded (ms)",
+            workers(&|r| msf(r.unloaded_wake_p50)),
+            2,
+        ),
+        Row::new(
+            "  worker wake-up p99 unloaded (ms)",
+            workers(&|r| msf(r.unloaded_wake_p99)),
+            2,
+        ),
+        Row::new(
+            "  workers submit->ready p50 unl. (ms)",
+            workers(&|r| msf(r.unloaded_p50)),
+            2,
+        ),
+    ]);
     if !f.million_intake.is_empty() || !f.million_w5.is_empty() {
         let empty_intake = median(&intake(&f.intake, &|r| r.acks_per_s));
         let empty_ready = median(&w5(&f.w5, &|r| r.ready_per_s));
@@ -1814,6 +2111,8 @@ mod tests {
         assert!(config.contains(
             "name = \"e\"\nhttp = \"http://127.0.0.1:9000/e\"\nneeds = [\"a\"]\ncritical = false"
         ));
+        assert!(config.contains("[types.w5w]"));
+        assert!(config.contains("name = \"b\"\nworker = \"bench\"\nneeds = [\"a\"]"));
         assert!(!config.contains("body_limit_bytes"));
         assert!(!config.contains("retry"));
         assert!(bench_config(addr, 4 << 20, true)

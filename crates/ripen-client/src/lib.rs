@@ -8,6 +8,7 @@
 
 mod raw;
 mod views;
+mod worker;
 
 use std::fmt;
 use std::sync::{Arc, RwLock};
@@ -27,6 +28,7 @@ pub use hyper::{Method, StatusCode};
 pub use views::{
     EntityData, EntityStatus, EntityView, Event, ListPage, Problem, StepStatus, StepView,
 };
+pub use worker::{Failure, TaskView, CLAIM_MAX};
 
 /// How long one exchange may take unless [`Client::with_timeout`] says
 /// otherwise: long enough for a server under a bench's full load.
@@ -98,6 +100,12 @@ impl Error {
             Error::Problem { problem, .. } => Some(problem),
             _ => None,
         }
+    }
+
+    /// The server's `Retry-After`, in whole seconds, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        let value = self.response()?.header("retry-after")?;
+        value.trim().parse::<u64>().ok().map(Duration::from_secs)
     }
 }
 
@@ -302,6 +310,20 @@ impl Client {
         headers: &[(&str, &str)],
         body: Option<Bytes>,
     ) -> Result<Response> {
+        self.request_within(method, path, headers, body, self.timeout)
+            .await
+    }
+
+    /// [`Client::request`] with its own limit on the exchange, for a call
+    /// that the server may hold open on purpose (a long-poll claim).
+    async fn request_within(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<Response> {
         let url = format!("{}{}", self.base(), path);
         let mut req = Request::builder().method(method.clone()).uri(&url);
         let has_content_type = headers
@@ -343,12 +365,12 @@ impl Client {
                 body,
             })
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(Error::Timeout {
                 method: method.to_string(),
                 url,
-                timeout: self.timeout,
+                timeout,
             }),
         }
     }

@@ -1,4 +1,4 @@
-//! A `ripen.toml` writer: the types, their HTTP steps and the few server
+//! A `ripen.toml` writer: the types, their HTTP and worker steps and the few server
 //! settings that the tests, the demo and the bench vary, rendered into a
 //! directory with one schema file per type that has a schema.
 
@@ -14,6 +14,7 @@ use crate::downstream::Downstream;
 #[derive(Clone, Debug)]
 pub struct Step {
     pub name: String,
+    /// The downstream URL of an HTTP step; unused by a worker step.
     pub url: String,
     /// The worker queue that runs the step instead of `url`.
     pub worker: Option<String>,
@@ -406,6 +407,7 @@ mod tests {
                     .needs(&["a"])
                     .non_critical()
                     .default_retry(),
+                Step::worker("c", "billing").needs(&["a"]).timeout("1s"),
             ],
         )
         .schema(serde_json::json!({"type": "object"}));
@@ -422,7 +424,8 @@ mod tests {
         assert!(text.contains(
             "name = \"a\"\nhttp = \"http://127.0.0.1:9/a\"\nneeds = []\ncritical = true\ntimeout = \"5s\"\nretry = { max_attempts = 3, initial_backoff = \"10ms\", max_backoff = \"50ms\" }\n"
         ));
-        assert!(text.ends_with("needs = [\"a\"]\ncritical = false\ntimeout = \"5s\"\n"));
+        assert!(text.contains("needs = [\"a\"]\ncritical = false\ntimeout = \"5s\"\n\n"));
+        assert!(text.contains("name = \"c\"\nworker = \"billing\"\nneeds = [\"a\"]\ncritical = true\ntimeout = \"1s\"\n"));
         assert!(dir.path().join("schemas/shop.json").is_file());
     }
 }

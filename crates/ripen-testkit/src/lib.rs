@@ -12,7 +12,10 @@
 //! - [`tls`] builds the server side of TLS for the fake downstream
 //!   ([`Downstream::start_tls`]) from PEM text;
 //! - [`RedisServer`] is a private, throwaway Redis server that can be
-//!   stopped and started again.
+//!   stopped and started again;
+//! - [`WorkerProcess`] runs a remote worker (such as the Rust SDK's example)
+//!   as a child process, and [`workspace_binary`] builds the binaries of
+//!   other packages that a test runs.
 
 mod config;
 mod downstream;
@@ -21,6 +24,7 @@ mod redis;
 mod server;
 mod tempdir;
 pub mod tls;
+mod worker;
 
 pub use config::{single, sqlite_url, step_path, toml_str, w5, Config, Step, TlsFiles, TypeDef};
 pub use downstream::{Behavior, Call, Downstream, Profile, Reply, Stats};
@@ -28,3 +32,4 @@ pub use pg::{PgCluster, SUPERUSER};
 pub use redis::RedisServer;
 pub use server::{cpu_ticks, tail_of_file, ServerProcess};
 pub use tempdir::TempDir;
+pub use worker::{workspace_binary, Target, WorkerProcess};

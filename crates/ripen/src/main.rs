@@ -98,11 +98,18 @@ struct BenchArgs {
     #[arg(long)]
     no_keys: bool,
     /// Run only the intake rows (intake-only node and burst).
-    #[arg(long, conflicts_with = "w5_only")]
+    #[arg(long, conflicts_with_all = ["w5_only", "workers_only"])]
     intake_only: bool,
     /// Run only the W5 rows.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "workers_only")]
     w5_only: bool,
+    /// Run only the W5 row whose steps b and c are served by remote
+    /// workers (the Rust SDK, long-polling).
+    #[arg(long)]
+    workers_only: bool,
+    /// Entities of the W5 row with worker steps; 0 skips it.
+    #[arg(long, default_value_t = 10_000)]
+    worker_entities: usize,
     /// Also run the 1,000,000-entity row (takes several minutes).
     #[arg(long)]
     million: bool,
@@ -139,6 +146,8 @@ impl BenchArgs {
             no_keys: self.no_keys,
             intake_only: self.intake_only,
             w5_only: self.w5_only,
+            workers_only: self.workers_only,
+            worker_entities: self.worker_entities,
             million: self.million,
             preload: self.preload,
             storage: self.storage,
