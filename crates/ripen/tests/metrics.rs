@@ -204,3 +204,102 @@ async fn a_known_run_gives_exact_counts_and_a_scrape_promtool_accepts() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The `ripen_…` family names `text` mentions, histogram series folded
+/// into their family.
+fn families_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("ripen_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let name = &text[start..end];
+        let family = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.insert(family.to_owned());
+        i = end;
+    }
+    names
+}
+
+/// The families docs/observability.md documents, from its table.
+fn documented() -> std::collections::BTreeSet<String> {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/observability.md"
+    ))
+    .expect("read docs/observability.md");
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `ripen_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|n| format!("ripen_{n}"))
+        .collect()
+}
+
+/// The alert rules pass `promtool check rules`, and they, the Grafana
+/// dashboard and every family a live node serves are all documented.
+#[tokio::test]
+async fn alerts_dashboard_and_docs_agree_with_what_is_served() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let rules = format!("{root}/deploy/prometheus/alerts.yml");
+    let out = promtool()
+        .args(["check", "rules", &rules])
+        .output()
+        .expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let documented = documented();
+    assert!(documented.len() >= 15, "{documented:?}");
+
+    let dashboard = std::fs::read_to_string(format!("{root}/deploy/grafana/ripen.json"))
+        .expect("read the dashboard");
+    let parsed: serde_json::Value =
+        serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let exprs: Vec<&str> = parsed["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().expect("targets").iter())
+        .map(|t| t["expr"].as_str().expect("expr"))
+        .collect();
+    assert!(exprs.len() >= 10);
+    let rules_text = std::fs::read_to_string(&rules).expect("read the rules");
+    for (what, text) in [("alerts.yml", rules_text), ("ripen.json", exprs.join("\n"))] {
+        for family in families_in(&text) {
+            assert!(
+                documented.contains(&family),
+                "{what} reads {family}, which docs/observability.md does not list"
+            );
+        }
+    }
+
+    let ds = Downstream::start().await;
+    let cfg = Config::new().with_type(single("s", &ds));
+    let server = Server::start(&cfg).await;
+    let id = server.submit_ok("s", &json!({})).await;
+    server.wait_terminal(&id, Duration::from_secs(10)).await;
+    let served = server.get("/metrics").await.text();
+    let served: Vec<String> = served
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect();
+    assert!(served.len() >= 10, "{served:?}");
+    for family in served {
+        assert!(
+            documented.contains(&family),
+            "the node serves {family}, which docs/observability.md does not list"
+        );
+    }
+}
