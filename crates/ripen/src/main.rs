@@ -235,7 +235,7 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(false);
     if std::env::var("RIPEN_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().init();
+        builder.json().flatten_event(true).init();
     } else {
         builder.init();
     }
