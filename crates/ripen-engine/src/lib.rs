@@ -26,6 +26,7 @@ pub mod metrics;
 mod scheduler;
 pub mod schema;
 pub mod time;
+pub mod trace;
 pub mod workers;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,6 +85,7 @@ pub struct Engine {
     scheduler: Scheduler,
     workers: Arc<Workers>,
     metrics: Arc<metrics::EngineMetrics>,
+    tracer: Option<trace::Tracer>,
     clock: Arc<dyn Clock>,
     shutting_down: AtomicBool,
     /// Tasks that live as long as the engine, aborted when it is dropped.
@@ -180,6 +182,10 @@ impl Engine {
         });
         let metrics =
             Arc::new(metrics::EngineMetrics::new(store.as_ref()).context("register the metrics")?);
+        let tracer = trace::Tracer::from_env().map(|(tracer, export)| {
+            background.spawn(export);
+            tracer
+        });
         let load = Arc::new(intake::IntakeLoad::new(!store.is_shared()));
         let local_queues: Vec<String> = executors
             .local_queues()
@@ -192,7 +198,10 @@ impl Engine {
             executors,
             clock.clone(),
             load.clone(),
-            metrics.clone(),
+            scheduler::Observers {
+                metrics: metrics.clone(),
+                tracer: tracer.clone(),
+            },
             &config.engine,
         );
         let workers = Workers::new(
@@ -229,6 +238,7 @@ impl Engine {
             scheduler,
             workers,
             metrics,
+            tracer,
             clock,
             shutting_down: AtomicBool::new(false),
             _background: background,
@@ -250,7 +260,23 @@ impl Engine {
         body: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<IntakeOutcome, SubmitError> {
+        self.submit_traced(tenant, type_name, body, idempotency_key, None)
+            .await
+    }
+
+    /// [`Engine::submit`] on behalf of a caller whose own trace is
+    /// `caller` (`(trace id, span id)` of its `traceparent`): the entity's
+    /// trace links to it.
+    pub async fn submit_traced(
+        &self,
+        tenant: &str,
+        type_name: &str,
+        body: &[u8],
+        idempotency_key: Option<&str>,
+        caller: Option<([u8; 16], [u8; 8])>,
+    ) -> Result<IntakeOutcome, SubmitError> {
         let started = std::time::Instant::now();
+        let wall = std::time::SystemTime::now();
         let result = self
             .intake
             .submit(tenant, type_name, body, idempotency_key)
@@ -274,6 +300,30 @@ impl Engine {
             None => "unknown",
         };
         self.metrics.intake(type_label, outcome, started.elapsed());
+        if let (Some(tracer), Ok(IntakeOutcome::Created(record))) = (&self.tracer, &result) {
+            tracer.record(trace::Span {
+                trace_id: trace::trace_id(record.id),
+                span_id: trace::root_span_id(record.id),
+                parent: None,
+                name: format!("intake {type_label}"),
+                kind: trace::Kind::Server,
+                start: wall,
+                end: wall + started.elapsed(),
+                attributes: vec![
+                    ("ripen.entity_id", trace::Value::Str(record.id.to_string())),
+                    (
+                        "ripen.entity_type",
+                        trace::Value::Str(type_label.to_owned()),
+                    ),
+                    (
+                        "ripen.entity_version",
+                        trace::Value::Int(i64::from(record.version)),
+                    ),
+                ],
+                error: None,
+                links: caller.into_iter().collect(),
+            });
+        }
         result
     }
 

@@ -31,6 +31,7 @@ use ripen_core::Catalog;
 use ripen_store::{Attempt, Claim, Completion, CompletionResult, Outcome, Store};
 
 use crate::metrics::EngineMetrics;
+use crate::trace::{self, Span, Tracer};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -111,6 +112,7 @@ struct Shared {
     /// Submissions being accepted; while it is busy, pipeline work waits.
     intake: Arc<IntakeLoad>,
     metrics: Arc<EngineMetrics>,
+    tracer: Option<Tracer>,
     wake: Arc<Notify>,
     results: mpsc::Sender<Completion>,
     attempts: Attempts,
@@ -120,6 +122,13 @@ struct Shared {
 struct Loops {
     claim: JoinSet<()>,
     completer: JoinSet<()>,
+}
+
+/// What the scheduler tells about the attempts it runs.
+pub struct Observers {
+    pub metrics: Arc<EngineMetrics>,
+    /// Exports a span per attempt when set.
+    pub tracer: Option<Tracer>,
 }
 
 pub struct Scheduler {
@@ -139,9 +148,10 @@ impl Scheduler {
         executors: Arc<ExecutorRegistry>,
         clock: Arc<dyn Clock>,
         intake: Arc<IntakeLoad>,
-        metrics: Arc<EngineMetrics>,
+        observers: Observers,
         config: &EngineConfig,
     ) -> Scheduler {
+        let Observers { metrics, tracer } = observers;
         let (results_tx, results_rx) = mpsc::channel(config.concurrency.max(COMPLETE_BATCH_MAX));
         let shared = Arc::new(Shared {
             store,
@@ -152,6 +162,7 @@ impl Scheduler {
             concurrency: config.concurrency,
             intake,
             metrics,
+            tracer,
             wake: Arc::new(Notify::new()),
             results: results_tx,
             attempts: Attempts {
@@ -370,8 +381,12 @@ async fn run_and_report(shared: Arc<Shared>, attempt: Attempt) -> Ran {
         return Ran::No;
     }
     let started = std::time::Instant::now();
+    let wall = std::time::SystemTime::now();
     let outcome = run_attempt(&shared, &attempt).await;
     report(&shared, &attempt, &outcome, started.elapsed());
+    if let Some(tracer) = &shared.tracer {
+        tracer.record(attempt_span(&attempt, &outcome, wall, started.elapsed()));
+    }
     let completion = Completion {
         entity_id: attempt.entity_id,
         step: attempt.step,
@@ -386,6 +401,59 @@ async fn run_and_report(shared: Arc<Shared>, attempt: Attempt) -> Ran {
         tracing::debug!("the completer has ended; the result is dropped and its lease will expire");
     }
     Ran::Yes
+}
+
+/// The span of one attempt: a child of the entity's intake span, with the
+/// id its step call's `traceparent` carried.
+fn attempt_span(
+    a: &Attempt,
+    outcome: &Outcome,
+    start: std::time::SystemTime,
+    took: Duration,
+) -> Span {
+    let mut attributes = vec![
+        (
+            "ripen.entity_id",
+            trace::Value::Str(a.entity_id.to_string()),
+        ),
+        ("ripen.entity_type", trace::Value::Str(a.type_name.clone())),
+        ("ripen.step", trace::Value::Str(a.step_name.clone())),
+        ("ripen.attempt", trace::Value::Int(i64::from(a.attempt))),
+    ];
+    let (label, error) = match outcome {
+        Outcome::Succeeded { .. } => ("succeeded", None),
+        Outcome::Failed {
+            error, retryable, ..
+        } => {
+            // The HTTP executor's errors start with the answer's status.
+            if let Some(code) = error
+                .strip_prefix("HTTP ")
+                .and_then(|r| r.get(..3))
+                .and_then(|c| c.parse::<i64>().ok())
+            {
+                attributes.push(("http.response.status_code", trace::Value::Int(code)));
+            }
+            let label = if *retryable {
+                "retryable_error"
+            } else {
+                "permanent_error"
+            };
+            (label, Some(error.clone()))
+        }
+    };
+    attributes.push(("ripen.outcome", trace::Value::Str(label.to_owned())));
+    Span {
+        trace_id: trace::trace_id(a.entity_id),
+        span_id: trace::attempt_span_id(a.entity_id, a.step, a.epoch),
+        parent: Some(trace::root_span_id(a.entity_id)),
+        name: format!("attempt {}", a.step_name),
+        kind: trace::Kind::Client,
+        start,
+        end: start + took,
+        attributes,
+        error,
+        links: Vec::new(),
+    }
 }
 
 /// Counts and logs how an attempt ended. The store decides what the result
@@ -616,7 +684,10 @@ mod tests {
             Arc::new(executors),
             clock,
             Arc::default(),
-            Arc::new(EngineMetrics::new(store.as_ref()).expect("metrics")),
+            Observers {
+                metrics: Arc::new(EngineMetrics::new(store.as_ref()).expect("metrics")),
+                tracer: None,
+            },
             &config,
         );
         let running = entities.min(concurrency);

@@ -214,9 +214,13 @@ async fn submit(
         })?),
     };
     let bytes = read_body(body, limit).await?;
+    let caller = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(ripen_engine::trace::parse_traceparent);
     let outcome = state
         .engine
-        .submit(DEFAULT_TENANT, &type_name, &bytes, key)
+        .submit_traced(DEFAULT_TENANT, &type_name, &bytes, key, caller)
         .await
         .map_err(|e| match e {
             SubmitError::UnknownType(t) => {

@@ -290,10 +290,11 @@ fn json_string(s: &str) -> String {
 
 /// A W3C trace context: one trace per entity (its id), one span per attempt.
 pub fn traceparent(a: &Attempt) -> String {
+    let span = crate::trace::attempt_span_id(a.entity_id, a.step, a.epoch);
     format!(
         "00-{}-{:016x}-01",
         a.entity_id.0.simple(),
-        fastrand::u64(1..)
+        u64::from_be_bytes(span)
     )
 }
 

@@ -1,0 +1,175 @@
+//! OpenTelemetry traces through the real binary: a test OTLP/HTTP receiver
+//! (`support/otlp_receiver.py`, decoding with the official
+//! `opentelemetry-proto` definitions) gets one trace per entity whose id is
+//! the entity id: the intake span (linked to the caller's trace) and one
+//! child span per attempt, with its outcome, HTTP status and error.
+//!
+//! The receiver needs a Python with `opentelemetry-proto`: `scripts/test`
+//! makes a virtual environment and passes it in `RIPEN_TEST_PYTHON`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+struct Receiver {
+    child: Child,
+    port: u16,
+    spans: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_receiver() -> Receiver {
+    let python = std::env::var("RIPEN_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args([
+            "-c",
+            "import opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+        ])
+        .output();
+    assert!(
+        probe.is_ok_and(|o| o.status.success()),
+        "{python} cannot import opentelemetry-proto: run scripts/test, which makes a \
+         virtual environment with it, or set RIPEN_TEST_PYTHON to a Python that has it"
+    );
+    let dir = TempDir::new("ripen-otlp-").expect("temp dir");
+    let spans = dir.path().join("spans.jsonl");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/otlp_receiver.py"
+    );
+    let mut child = Command::new(&python)
+        .arg(script)
+        .arg(&spans)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the OTLP receiver");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the receiver's port");
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("the receiver said {line:?}"));
+    Receiver {
+        child,
+        port,
+        spans,
+        _dir: dir,
+    }
+}
+
+fn spans_of(receiver: &Receiver, trace_id: &str) -> Vec<Value> {
+    std::fs::read_to_string(&receiver.spans)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("a span"))
+        .filter(|s| s["trace_id"] == trace_id)
+        .collect()
+}
+
+#[tokio::test]
+async fn one_entity_with_a_retry_is_one_trace_of_intake_and_attempts() {
+    let receiver = start_receiver();
+    // This binary holds this one test: the server inherits these.
+    std::env::set_var(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        format!("http://127.0.0.1:{}", receiver.port),
+    );
+    std::env::set_var("OTEL_SERVICE_NAME", "ripen-under-test");
+    let ds = Downstream::start().await;
+    ds.set(
+        &step_path("t", "a"),
+        Behavior::fail_first(503, 1, json!({"ok": true})),
+    );
+    let cfg = Config::new().with_type(TypeDef::new(
+        "t",
+        vec![Step::http("a", ds.url(&step_path("t", "a")))],
+    ));
+    let server = Server::start(&cfg).await;
+    let caller = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let traceparent = format!("00-{}-{}-01", caller.0, caller.1);
+    let r = server
+        .request(
+            hyper::Method::POST,
+            "/v1/entities/t",
+            &[("traceparent", traceparent.as_str())],
+            Some(br#"{"n": 1}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{r}");
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let view = server.wait_terminal(&id, Duration::from_secs(10)).await;
+    assert_eq!(view["status"], "ready");
+    let trace_id = id.replace('-', "");
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let spans = loop {
+        let spans = spans_of(&receiver, &trace_id);
+        if spans.len() >= 3 || Instant::now() > deadline {
+            break spans;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    for s in &spans {
+        assert_eq!(s["path"], "/v1/traces");
+        assert_eq!(s["content_type"], "application/x-protobuf");
+        assert_eq!(s["resource"]["service.name"], "ripen-under-test");
+        assert_eq!(s["scope"], "ripen");
+        assert!(s["end"].as_u64() >= s["start"].as_u64());
+    }
+    let intake = spans
+        .iter()
+        .find(|s| s["parent_span_id"] == "")
+        .expect("a root span");
+    assert_eq!(intake["name"], "intake t");
+    assert_eq!(intake["kind"], 2, "server");
+    assert_eq!(intake["attributes"]["ripen.entity_id"], id.as_str());
+    assert_eq!(intake["links"], json!([[caller.0, caller.1]]));
+    let mut attempts: Vec<&Value> = spans
+        .iter()
+        .filter(|s| s["parent_span_id"] == intake["span_id"])
+        .collect();
+    attempts.sort_by_key(|s| s["attributes"]["ripen.attempt"].as_i64());
+    assert_eq!(attempts.len(), 2, "{spans:#?}");
+    let (first, second) = (attempts[0], attempts[1]);
+    assert_eq!(first["name"], "attempt a");
+    assert_eq!(first["kind"], 3, "client");
+    assert_eq!(first["attributes"]["ripen.outcome"], "retryable_error");
+    assert_eq!(first["attributes"]["http.response.status_code"], 503);
+    assert_eq!(first["status_code"], 2, "error");
+    assert!(first["status_message"].as_str().unwrap().contains("503"));
+    assert_eq!(second["attributes"]["ripen.outcome"], "succeeded");
+    assert_eq!(second["status_code"], 1, "ok");
+    assert!(second["start"].as_u64() >= first["end"].as_u64());
+
+    // Each call's traceparent names its attempt's span, so the service's
+    // own spans hang below it.
+    let calls = ds.calls_to(&step_path("t", "a"));
+    assert_eq!(calls.len(), 2);
+    let mut sent: Vec<String> = calls
+        .iter()
+        .map(|c| c.header("traceparent").expect("traceparent").to_owned())
+        .collect();
+    sent.sort();
+    let mut want: Vec<String> = attempts
+        .iter()
+        .map(|s| format!("00-{trace_id}-{}-01", s["span_id"].as_str().unwrap()))
+        .collect();
+    want.sort();
+    assert_eq!(sent, want);
+}
