@@ -1900,10 +1900,11 @@ pub async fn watchers_hear_which_queue_got_work(store: Arc<dyn Store>) {
     let notify = Arc::new(tokio::sync::Notify::new());
     let (h, n) = (heard.clone(), notify.clone());
     store.watch_work(Arc::new(move |queue: Option<&str>| {
-        if let Some(q) = queue {
-            h.lock().expect("heard").insert(q.to_owned());
-            n.notify_one();
-        }
+        // `None`: any queue (a shared store's listener, once it listens).
+        h.lock()
+            .expect("heard")
+            .insert(queue.unwrap_or("*").to_owned());
+        n.notify_one();
     }));
     let hears = |queue: &'static str| {
         let (heard, notify) = (heard.clone(), notify.clone());
@@ -1923,6 +1924,11 @@ pub async fn watchers_hear_which_queue_got_work(store: Arc<dyn Store>) {
         }
     };
     let store = &*store;
+    if store.is_shared() {
+        // Commits before the listener listens are not heard (it wakes
+        // every queue once it does), so wait for it.
+        assert!(hears("*").await, "the listener listens");
+    }
     let record = create(store, new_entity("mixed", BODY), T0).await;
     assert!(
         hears(HTTP_QUEUE).await,
