@@ -456,6 +456,37 @@ fn attempt_span(
     }
 }
 
+/// The span of the store commit that recorded an attempt's result: a child
+/// of the attempt's span.
+fn commit_span(
+    c: &Completion,
+    result: CompletionResult,
+    batch: usize,
+    start: std::time::SystemTime,
+    end: std::time::SystemTime,
+) -> Span {
+    let recorded = result == CompletionResult::Applied;
+    Span {
+        trace_id: trace::trace_id(c.entity_id),
+        span_id: trace::commit_span_id(c.entity_id, c.step, c.epoch),
+        parent: Some(trace::attempt_span_id(c.entity_id, c.step, c.epoch)),
+        name: "store commit".to_owned(),
+        kind: trace::Kind::Internal,
+        start,
+        end,
+        attributes: vec![
+            (
+                "ripen.entity_id",
+                trace::Value::Str(c.entity_id.to_string()),
+            ),
+            ("ripen.recorded", trace::Value::Bool(recorded)),
+            ("ripen.batch_size", trace::Value::Int(batch as i64)),
+        ],
+        error: (!recorded).then(|| "the result was stale: its lease no longer held".to_owned()),
+        links: Vec::new(),
+    }
+}
+
 /// Counts and logs how an attempt ended. The store decides what the result
 /// does to the entity; this only says what the executor saw.
 fn report(shared: &Shared, a: &Attempt, outcome: &Outcome, elapsed: Duration) {
@@ -551,12 +582,20 @@ async fn record(shared: Arc<Shared>, batch: Vec<Completion>) {
         } else {
             shared.executors.completion_queue()
         };
+        let started = std::time::Instant::now();
+        let wall = std::time::SystemTime::now();
         match shared
             .store
             .complete(batch.clone(), claim_queue, shared.clock.now_us())
             .await
         {
             Ok(done) => {
+                if let Some(tracer) = &shared.tracer {
+                    let end = wall + started.elapsed();
+                    for (c, result) in batch.iter().zip(&done.results) {
+                        tracer.record(commit_span(c, *result, batch.len(), wall, end));
+                    }
+                }
                 let stale = done
                     .results
                     .iter()

@@ -229,7 +229,8 @@ impl Decider {
     }
 }
 
-/// Logs each status change and degradation of one entity at `info`.
+/// Logs each status change and degradation of one entity at `info`, and
+/// each lost attempt at `warn`.
 fn log_notable(pipeline: &Pipeline, record: &EntityRecord, events: &[Event]) {
     for e in events {
         match e {
@@ -240,6 +241,23 @@ fn log_notable(pipeline: &Pipeline, record: &EntityRecord, events: &[Event]) {
                 from = from.as_str(),
                 to = to.as_str(),
                 "entity status changed"
+            ),
+            Event::AttemptFailed {
+                step,
+                attempt,
+                lost: Some(reason),
+                ..
+            } => tracing::warn!(
+                entity_id = %record.id,
+                r#type = %record.type_name,
+                step = %pipeline.step(*step).name,
+                attempt,
+                trace_id = %record.id.0.simple(),
+                reason = match reason {
+                    LostReason::LeaseExpired => "lease_expired",
+                    LostReason::NodeRestarted => "node_restarted",
+                },
+                "attempt lost: it reported no result before its lease ended"
             ),
             Event::Degraded { step } => tracing::info!(
                 entity_id = %record.id,

@@ -119,12 +119,13 @@ async fn one_entity_with_a_retry_is_one_trace_of_intake_and_attempts() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let spans = loop {
         let spans = spans_of(&receiver, &trace_id);
-        if spans.len() >= 3 || Instant::now() > deadline {
+        if spans.len() >= 5 || Instant::now() > deadline {
             break spans;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(spans.len(), 3, "{spans:#?}");
+    // Intake, two attempts, and the commit that recorded each result.
+    assert_eq!(spans.len(), 5, "{spans:#?}");
     for s in &spans {
         assert_eq!(s["path"], "/v1/traces");
         assert_eq!(s["content_type"], "application/x-protobuf");
@@ -156,6 +157,16 @@ async fn one_entity_with_a_retry_is_one_trace_of_intake_and_attempts() {
     assert_eq!(second["attributes"]["ripen.outcome"], "succeeded");
     assert_eq!(second["status_code"], 1, "ok");
     assert!(second["start"].as_u64() >= first["end"].as_u64());
+    for attempt in [first, second] {
+        let commits: Vec<&Value> = spans
+            .iter()
+            .filter(|s| s["parent_span_id"] == attempt["span_id"])
+            .collect();
+        assert_eq!(commits.len(), 1, "{spans:#?}");
+        assert_eq!(commits[0]["name"], "store commit");
+        assert_eq!(commits[0]["attributes"]["ripen.recorded"], true);
+        assert!(commits[0]["start"].as_u64() >= attempt["end"].as_u64());
+    }
 
     // Each call's traceparent names its attempt's span, so the service's
     // own spans hang below it.

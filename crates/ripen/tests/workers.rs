@@ -492,4 +492,13 @@ async fn a_silent_worker_loses_its_lease_without_any_claim() {
     assert!(bill.get("worker").is_none());
     let late = task_call(&server, &task, "complete", json!({})).await;
     assert_problem(&late, 409);
+    let log = server.log();
+    let lost = log
+        .lines()
+        .find(|l| l.contains("attempt lost") && l.contains(id.as_str()))
+        .unwrap_or_else(|| panic!("no log line of the lost attempt:\n{log}"));
+    assert!(
+        lost.contains("WARN") && lost.contains("lease_expired"),
+        "{lost}"
+    );
 }
