@@ -210,6 +210,7 @@ impl Engine {
             clock.clone(),
             config.engine.waiting_claims_max,
             scheduler.waker(),
+            tracer.clone(),
         );
         if !workers.is_empty() {
             background.spawn(

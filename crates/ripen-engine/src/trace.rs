@@ -40,6 +40,8 @@ pub enum Kind {
     Internal = 1,
     Server = 2,
     Client = 3,
+    /// A remote worker's attempt: it pulled the work.
+    Consumer = 5,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -8,7 +8,7 @@
 //! backoff ending, a lease running out), or until the wait is over. Nothing
 //! polls in a loop.
 //!
-//! Each task carries a lease: its token is the attempt's epoch, which fences
+//! Each task carries a lease: its token holds the attempt's epoch, which fences
 //! a worker whose lease ran out and whose step another worker took over.
 //! `heartbeat` extends the lease; `complete` and `fail` record the result
 //! like any executor's, and a stale token changes nothing.
@@ -27,6 +27,7 @@ use ripen_store::{
 use tokio::sync::Notify;
 
 use crate::time::Clock;
+use crate::trace::{self, Span, Tracer};
 
 /// The most tasks one claim returns.
 pub const CLAIM_MAX: usize = 100;
@@ -73,16 +74,23 @@ impl FromStr for TaskId {
     }
 }
 
-/// A lease token, as a worker holds it: the attempt's epoch.
-pub fn lease_token(epoch: u64) -> String {
-    epoch.to_string()
+/// A lease token, as a worker holds it: the attempt's epoch, then when it
+/// was claimed (Unix milliseconds, for the attempt's trace span).
+pub fn lease_token(epoch: u64, claimed_at_ms: u64) -> String {
+    format!("{epoch}.{claimed_at_ms}")
 }
 
-fn parse_lease(lease: &str) -> Option<u64> {
-    if lease.is_empty() || lease.len() > 20 || !lease.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+/// The epoch of a lease token, and when it was claimed if it says.
+fn parse_lease(lease: &str) -> Option<(u64, Option<u64>)> {
+    let digits = |s: &str| {
+        (!s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    match lease.split_once('.') {
+        None => Some((digits(lease)?, None)),
+        Some((epoch, at)) => Some((digits(epoch)?, Some(digits(at)?))),
     }
-    lease.parse().ok()
 }
 
 /// A claimed task, as handed to a worker.
@@ -133,6 +141,8 @@ pub struct Workers {
     /// Wakes this node's scheduler: a worker's result may make one of its
     /// steps runnable.
     scheduler: Arc<Notify>,
+    /// Exports a span per reported attempt when set.
+    tracer: Option<Tracer>,
 }
 
 impl Workers {
@@ -142,6 +152,7 @@ impl Workers {
         clock: Arc<dyn Clock>,
         open_max: usize,
         scheduler: Arc<Notify>,
+        tracer: Option<Tracer>,
     ) -> Arc<Workers> {
         let known = catalog
             .pipelines()
@@ -162,6 +173,7 @@ impl Workers {
             closing: AtomicBool::new(false),
             closed: Notify::new(),
             scheduler,
+            tracer,
         })
     }
 
@@ -294,7 +306,7 @@ impl Workers {
 
     /// Extends the lease of task `id`; the new expiry.
     pub async fn heartbeat(&self, id: TaskId, lease: &str) -> Result<UnixMicros, WorkerError> {
-        let epoch = parse_lease(lease).ok_or(WorkerError::StaleLease)?;
+        let (epoch, _) = parse_lease(lease).ok_or(WorkerError::StaleLease)?;
         let beat = Heartbeat {
             entity_id: id.entity_id,
             step: id.step,
@@ -309,7 +321,20 @@ impl Workers {
 
     /// Records a worker's result for task `id`.
     pub async fn report(&self, id: TaskId, lease: &str, report: Report) -> Result<(), WorkerError> {
-        let epoch = parse_lease(lease).ok_or(WorkerError::StaleLease)?;
+        let (epoch, claimed_at_ms) = parse_lease(lease).ok_or(WorkerError::StaleLease)?;
+        let (label, error) = match &report {
+            Report::Succeeded { .. } => ("succeeded", None),
+            Report::Failed {
+                error, retryable, ..
+            } => (
+                if *retryable {
+                    "retryable_error"
+                } else {
+                    "permanent_error"
+                },
+                Some(error.clone()),
+            ),
+        };
         let outcome = match report {
             Report::Succeeded { output } => Outcome::Succeeded { output },
             Report::Failed {
@@ -328,17 +353,73 @@ impl Workers {
             epoch,
             outcome,
         };
+        let committing = std::time::SystemTime::now();
         let batch = self
             .store
             .complete(vec![completion], None, self.clock.now_us())
             .await?;
-        match batch.results.first() {
-            Some(CompletionResult::Applied) => {
-                // Steps of this node's queues may have become runnable.
-                self.scheduler.notify_one();
-                Ok(())
-            }
-            _ => Err(WorkerError::StaleLease),
+        let applied = batch.results.first() == Some(&CompletionResult::Applied);
+        if applied {
+            // Steps of this node's queues may have become runnable.
+            self.scheduler.notify_one();
+        }
+        if let (Some(tracer), Some(at)) = (&self.tracer, claimed_at_ms) {
+            let step = self.step_name(id).await;
+            let start = std::time::UNIX_EPOCH + Duration::from_millis(at);
+            let attempt = trace::attempt_span_id(id.entity_id, id.step, epoch);
+            tracer.record(Span {
+                trace_id: trace::trace_id(id.entity_id),
+                span_id: attempt,
+                parent: Some(trace::root_span_id(id.entity_id)),
+                name: format!("attempt {step}"),
+                kind: trace::Kind::Consumer,
+                start,
+                end: committing,
+                attributes: vec![
+                    (
+                        "ripen.entity_id",
+                        trace::Value::Str(id.entity_id.to_string()),
+                    ),
+                    ("ripen.step", trace::Value::Str(step)),
+                    ("ripen.executor", trace::Value::Str("worker".into())),
+                    ("ripen.outcome", trace::Value::Str(label.into())),
+                ],
+                error,
+                links: Vec::new(),
+            });
+            tracer.record(Span {
+                trace_id: trace::trace_id(id.entity_id),
+                span_id: trace::commit_span_id(id.entity_id, id.step, epoch),
+                parent: Some(attempt),
+                name: "store commit".into(),
+                kind: trace::Kind::Internal,
+                start: committing,
+                end: std::time::SystemTime::now(),
+                attributes: vec![("ripen.recorded", trace::Value::Bool(applied))],
+                error: (!applied).then(|| "the result was stale: its lease no longer held".into()),
+                links: Vec::new(),
+            });
+        }
+        if applied {
+            Ok(())
+        } else {
+            Err(WorkerError::StaleLease)
+        }
+    }
+
+    /// The name of a task's step, for its span; read only when tracing.
+    async fn step_name(&self, id: TaskId) -> String {
+        match self
+            .store
+            .get(ripen_store::DEFAULT_TENANT, id.entity_id)
+            .await
+        {
+            Ok(Some(r)) => r
+                .steps
+                .get(id.step)
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
+            _ => format!("step {}", id.step),
         }
     }
 }
@@ -353,12 +434,16 @@ impl Drop for OpenClaim<'_> {
 }
 
 fn task(attempt: Attempt) -> Task {
+    let claimed_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     Task {
         id: TaskId {
             entity_id: attempt.entity_id,
             step: attempt.step,
         },
-        lease: lease_token(attempt.epoch),
+        lease: lease_token(attempt.epoch, claimed_at_ms),
         attempt,
     }
 }
@@ -391,9 +476,21 @@ mod tests {
     }
 
     #[test]
-    fn leases_are_plain_epochs() {
-        assert_eq!(parse_lease(&lease_token(7)), Some(7));
-        for bad in ["", "-1", "1.0", " 1", "a", "99999999999999999999999"] {
+    fn leases_hold_an_epoch_and_a_claim_time() {
+        assert_eq!(parse_lease(&lease_token(7, 1_700)), Some((7, Some(1_700))));
+        assert_eq!(parse_lease("7"), Some((7, None)));
+        for bad in [
+            "7.",
+            ".7",
+            "7.x",
+            "7.1.2",
+            "",
+            "-1",
+            "1.-0",
+            " 1",
+            "a",
+            "99999999999999999999999",
+        ] {
             assert_eq!(parse_lease(bad), None, "{bad:?}");
         }
     }

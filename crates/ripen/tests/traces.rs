@@ -95,10 +95,12 @@ async fn one_entity_with_a_retry_is_one_trace_of_intake_and_attempts() {
         &step_path("t", "a"),
         Behavior::fail_first(503, 1, json!({"ok": true})),
     );
-    let cfg = Config::new().with_type(TypeDef::new(
-        "t",
-        vec![Step::http("a", ds.url(&step_path("t", "a")))],
-    ));
+    let cfg = Config::new()
+        .with_type(TypeDef::new(
+            "t",
+            vec![Step::http("a", ds.url(&step_path("t", "a")))],
+        ))
+        .with_type(TypeDef::new("w", vec![Step::worker("bill", "billing")]));
     let server = Server::start(&cfg).await;
     let caller = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let traceparent = format!("00-{}-{}-01", caller.0, caller.1);
@@ -183,4 +185,49 @@ async fn one_entity_with_a_retry_is_one_trace_of_intake_and_attempts() {
         .collect();
     want.sort();
     assert_eq!(sent, want);
+
+    // A worker step: its span runs from the claim to the report, and the
+    // commit that recorded the result hangs below it.
+    let wid = server.submit_ok("w", &json!({})).await;
+    let claimed = server
+        .post("/v1/queues/billing/claim", &json!({"wait_ms": 5_000}))
+        .await;
+    let task = claimed.json()["tasks"][0].clone();
+    let task_id = task["task_id"].as_str().expect("a task");
+    let done = server
+        .post(
+            &format!("/v1/tasks/{task_id}/complete"),
+            &json!({"lease": task["lease"], "output": {"ok": 1}}),
+        )
+        .await;
+    assert_eq!(done.status, 200, "{done}");
+    let wtrace = wid.replace('-', "");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let spans = loop {
+        let spans = spans_of(&receiver, &wtrace);
+        if spans.len() >= 3 || Instant::now() > deadline {
+            break spans;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    let root = spans
+        .iter()
+        .find(|s| s["parent_span_id"] == "")
+        .expect("intake");
+    let bill = spans
+        .iter()
+        .find(|s| s["name"] == "attempt bill")
+        .expect("the worker's attempt");
+    assert_eq!(bill["parent_span_id"], root["span_id"]);
+    assert_eq!(bill["kind"], 5, "consumer");
+    assert_eq!(bill["attributes"]["ripen.executor"], "worker");
+    assert_eq!(bill["attributes"]["ripen.outcome"], "succeeded");
+    assert!(bill["start"].as_u64() <= bill["end"].as_u64());
+    let commit = spans
+        .iter()
+        .find(|s| s["name"] == "store commit")
+        .expect("the commit");
+    assert_eq!(commit["parent_span_id"], bill["span_id"]);
+    assert_eq!(commit["attributes"]["ripen.recorded"], true);
 }
