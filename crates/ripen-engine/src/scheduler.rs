@@ -299,6 +299,8 @@ async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiv
             if free == 0 {
                 break;
             }
+            let started = std::time::Instant::now();
+            let wall = std::time::SystemTime::now();
             match shared
                 .store
                 .claim_due(Claim::local(queue, free), shared.clock.now_us())
@@ -306,6 +308,12 @@ async fn claim_loop(shared: Arc<Shared>, poll: Duration, mut stop: watch::Receiv
             {
                 Ok(batch) => {
                     filled |= batch.attempts.len() >= free;
+                    if let Some(tracer) = &shared.tracer {
+                        let end = wall + started.elapsed();
+                        for a in &batch.attempts {
+                            tracer.record(claim_span(a, batch.attempts.len(), wall, end));
+                        }
+                    }
                     for attempt in batch.attempts {
                         dispatch(&shared, attempt);
                     }
@@ -452,6 +460,36 @@ fn attempt_span(
         end: start + took,
         attributes,
         error,
+        links: Vec::new(),
+    }
+}
+
+/// The span of the store commit that claimed an attempt: a child of the
+/// entity's intake span, just before the attempt's own.
+fn claim_span(
+    a: &Attempt,
+    batch: usize,
+    start: std::time::SystemTime,
+    end: std::time::SystemTime,
+) -> Span {
+    Span {
+        trace_id: trace::trace_id(a.entity_id),
+        span_id: trace::claim_span_id(a.entity_id, a.step, a.epoch),
+        parent: Some(trace::root_span_id(a.entity_id)),
+        name: format!("store commit: claim {}", a.step_name),
+        kind: trace::Kind::Internal,
+        start,
+        end,
+        attributes: vec![
+            (
+                "ripen.entity_id",
+                trace::Value::Str(a.entity_id.to_string()),
+            ),
+            ("ripen.step", trace::Value::Str(a.step_name.clone())),
+            ("ripen.attempt", trace::Value::Int(i64::from(a.attempt))),
+            ("ripen.batch_size", trace::Value::Int(batch as i64)),
+        ],
+        error: None,
         links: Vec::new(),
     }
 }

@@ -97,6 +97,16 @@ pub fn commit_span_id(entity: EntityId, step: usize, epoch: u64) -> [u8; 8] {
     ])
 }
 
+/// The span id of the store commit that claimed an attempt.
+pub fn claim_span_id(entity: EntityId, step: usize, epoch: u64) -> [u8; 8] {
+    span_id_of(&[
+        entity.as_bytes().as_slice(),
+        &(step as u64).to_le_bytes(),
+        &epoch.to_le_bytes(),
+        b"claim",
+    ])
+}
+
 /// A non-zero span id from a hash (FNV-1a, then a finaliser) of `parts`.
 fn span_id_of(parts: &[&[u8]]) -> [u8; 8] {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
