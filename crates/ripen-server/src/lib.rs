@@ -224,7 +224,18 @@ async fn submit(
         .await
         .map_err(|e| match e {
             SubmitError::UnknownType(t) => {
-                Problem::not_found(format!("no entity type named {t:?}"))
+                let known: Vec<&str> = state
+                    .engine
+                    .config()
+                    .types
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect();
+                Problem::not_found(format!(
+                    "no entity type named {t:?}; the types are {}",
+                    known.join(", ")
+                ))
+                .with("known_types", json!(known))
             }
             SubmitError::Malformed(m) => Problem::new(
                 StatusCode::BAD_REQUEST,

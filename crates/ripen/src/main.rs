@@ -1,10 +1,11 @@
 //! The `ripen` binary: the server and the commands that talk to it.
 
+mod cli;
 mod demo;
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ripen_client::{Client, EntityStatus, StepStatus};
 
@@ -53,6 +54,13 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Read and operate entities: list, get, events, retry, cancel.
+    Entities {
+        #[command(subcommand)]
+        command: cli::EntitiesCommand,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Run a server with an example pipeline and a fake downstream, and submit entities to it.
     Demo(demo::DemoArgs),
     /// Measure intake and pipeline throughput against a real server on loopback.
@@ -61,8 +69,13 @@ enum Command {
 
 #[derive(clap::Args)]
 struct ServerArg {
-    /// The server's root URL.
-    #[arg(long, env = "RIPEN_SERVER", default_value = "http://127.0.0.1:8080")]
+    /// The server's root URL (`http://` is assumed without a scheme).
+    #[arg(
+        long,
+        global = true,
+        env = "RIPEN_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     server: String,
 }
 
@@ -157,8 +170,17 @@ impl BenchArgs {
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
     let cli = Cli::parse();
+    // A user's error is one line, never a backtrace, whatever
+    // RUST_BACKTRACE says.
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -177,6 +199,7 @@ fn main() -> Result<()> {
                 interval_ms,
                 server,
             } => cli_watch(&server.server, &id, interval_ms).await,
+            Command::Entities { command, server } => cli::entities(&server.server, command).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => ripen_bench::run(args.into_options()?).await,
         }
@@ -268,13 +291,14 @@ async fn cli_submit(
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
         buf
     } else {
-        std::fs::read(file).with_context(|| format!("read {}", file.display()))?
+        std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?
     };
-    let client = Client::new(server);
+    let url = cli::server_url(server);
+    let client = Client::new(&url);
     let submitted = client
         .submit(type_name, body, key)
         .await
-        .or_else(print_refusal)?;
+        .or_else(|e| print_refusal(&url, e))?;
     if submitted.replayed {
         eprintln!("this key was used before: the answer is the entity it created");
     }
@@ -282,33 +306,37 @@ async fn cli_submit(
     Ok(())
 }
 
-/// Prints the server's answer to a refused request on standard error and
-/// makes the command fail; an error without an answer is returned as it is.
-fn print_refusal<T>(error: ripen_client::Error) -> Result<T> {
-    let Some(response) = error.response() else {
-        return Err(error.into());
-    };
-    let text = match serde_json::from_slice::<serde_json::Value>(&response.body) {
-        Ok(v) => serde_json::to_string_pretty(&v)?,
-        Err(_) => response.text(),
-    };
-    eprintln!("{text}");
-    bail!("the server answered {}", response.status)
+/// Prints the server's answer to a refused request on standard error (a
+/// schema violation's `errors` in full) and
+/// makes the command fail with its detail; an error without an answer says
+/// why the server could not be reached.
+fn print_refusal<T>(url: &str, error: ripen_client::Error) -> Result<T> {
+    if let Some(response) = error.response() {
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&response.body) {
+            // A schema violation's list says what to fix; print it whole.
+            if let Some(errors) = v.get("errors") {
+                eprintln!("{}", serde_json::to_string_pretty(errors)?);
+            }
+        }
+    }
+    Err(cli::friendly(url, error))
 }
 
 async fn cli_status(server: &str, id: &str) -> Result<()> {
-    let client = Client::new(server);
-    let view = client.get(id).await.or_else(print_refusal)?;
+    let url = cli::server_url(server);
+    let client = Client::new(&url);
+    let view = client.get(id).await.or_else(|e| print_refusal(&url, e))?;
     println!("{}", serde_json::to_string_pretty(&view)?);
     Ok(())
 }
 
 async fn cli_watch(server: &str, id: &str, interval_ms: u64) -> Result<()> {
-    let client = Client::new(server);
+    let url = cli::server_url(server);
+    let client = Client::new(&url);
     let mut seen: Vec<(String, StepStatus, u32)> = Vec::new();
     let interval = std::time::Duration::from_millis(interval_ms.max(10));
     loop {
-        let view = client.get(id).await.or_else(print_refusal)?;
+        let view = client.get(id).await.or_else(|e| print_refusal(&url, e))?;
         for (i, step) in view.steps.iter().enumerate() {
             let now = (step.name.clone(), step.status, step.attempts);
             if seen.get(i) != Some(&now) {

@@ -263,3 +263,144 @@ async fn watch_of_a_failing_entity_exits_non_zero() {
         "watch output does not name the failed step:\n{out}"
     );
 }
+
+/// `ripen entities list|get|events|retry|cancel`, as tables and as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entities_commands_list_get_events_retry_and_cancel() {
+    let ds = Downstream::start().await;
+    let srv = Server::start(&Config::new().with_type(merchant(&ds, Behavior::always(400)))).await;
+    let failed = srv.submit_ok("merchant", &json!({"n": 1})).await;
+    let view = srv.wait_terminal(&failed, Duration::from_secs(20)).await;
+    assert_eq!(view["status"], "failed");
+    // The address without its scheme works too.
+    let addr = srv.base().trim_start_matches("http://").to_owned();
+    let ripen = |list: &[&str]| {
+        let mut a = args(&["entities"]);
+        a.extend(args(list));
+        a.extend(args(&["--server", &addr]));
+        run_ripen(a, srv.dir().to_owned(), CLI_TIMEOUT)
+    };
+
+    let out = ripen(&["list"]).await;
+    assert!(out.success(), "{out}");
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&failed))
+        .unwrap_or_else(|| panic!("the entity is not listed:\n{out}"));
+    assert!(
+        line.contains("merchant") && line.contains("failed") && line.contains("0/2"),
+        "{line}"
+    );
+    let out = ripen(&["list", "--status", "ready", "--output", "json"]).await;
+    assert!(out.success(), "{out}");
+    let page: Value = serde_json::from_str(&out.stdout).expect("list JSON");
+    assert_eq!(page["items"], json!([]), "{out}");
+    let out = ripen(&["list", "--status", "done"]).await;
+    assert!(!out.success());
+    assert!(
+        out.stderr.contains("pending, ready, failed or cancelled"),
+        "{out}"
+    );
+
+    let out = ripen(&["get", &failed]).await;
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stdout.contains("failed") && out.stdout.contains("kyc"),
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("HTTP 400"),
+        "the step's error is shown:\n{out}"
+    );
+
+    let out = ripen(&["events", &failed, "-o", "json"]).await;
+    assert!(out.success(), "{out}");
+    let events: Value = serde_json::from_str(&out.stdout).expect("events JSON");
+    assert_eq!(events[0]["kind"], "created");
+    let out = ripen(&["events", &failed]).await;
+    assert!(out.stdout.contains("step_failed"), "{out}");
+
+    // Cancel is refused for a failed entity, with the server's reason.
+    let out = ripen(&["cancel", &failed]).await;
+    assert!(!out.success());
+    assert!(
+        out.stderr
+            .contains("only a pending entity can be cancelled"),
+        "{out}"
+    );
+    assert!(!out.stderr.contains("backtrace"), "{out}");
+
+    ds.set("/merchant/kyc", Behavior::ok(json!({})));
+    let out = ripen(&["retry", &failed, "-o", "json"]).await;
+    assert!(out.success(), "{out}");
+    let retried: Value = serde_json::from_str(&out.stdout).expect("view JSON");
+    assert_eq!(retried["status"], "pending");
+    let view = srv.wait_terminal(&failed, Duration::from_secs(20)).await;
+    assert_eq!(view["status"], "ready");
+
+    let unknown = ripen(&["get", "0193c5b2-0000-7000-8000-000000000000"]).await;
+    assert!(!unknown.success());
+    assert!(unknown.stderr.contains("no entity with id"), "{unknown}");
+}
+
+/// Errors a user can act on: no server, no such type, no such file, a
+/// file that is not JSON; one line each, never a backtrace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_friendly() {
+    let ds = Downstream::start().await;
+    let srv = Server::start(&Config::new().with_type(merchant(&ds, Behavior::ok(json!({}))))).await;
+    let dir = srv.dir().to_owned();
+    let good = dir.join("good.json");
+    std::fs::write(&good, r#"{"n": 1}"#).unwrap();
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, "name = acme").unwrap();
+    let (good, bad) = (good.display().to_string(), bad.display().to_string());
+    let base = srv.base();
+    // A port nothing listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let nowhere = format!("127.0.0.1:{closed}");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            args(&["entities", "list", "--server", &nowhere]),
+            "cannot reach the server at http://127.0.0.1:",
+        ),
+        (
+            args(&["status", "x", "--server", &nowhere]),
+            "connection refused (is `ripen serve` running?)",
+        ),
+        (
+            args(&["submit", "nope", &good, "--server", &base]),
+            "no entity type named \"nope\"; the types are merchant",
+        ),
+        (
+            args(&["submit", "merchant", "missing.json", "--server", &base]),
+            "cannot read missing.json",
+        ),
+        (
+            args(&["submit", "merchant", &bad, "--server", &base]),
+            "Malformed JSON (400)",
+        ),
+    ];
+    for (a, want) in cases {
+        let out = std::process::Command::new(RIPEN)
+            .args(&a)
+            .current_dir(&dir)
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("RIPEN_SERVER")
+            .output()
+            .expect("run ripen");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{a:?} succeeded");
+        assert!(stderr.contains(want), "{a:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{a:?}: {stderr}");
+        assert!(
+            !stderr.contains("Stack backtrace") && !stderr.contains("stack backtrace"),
+            "{a:?}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{a:?}: one line: {stderr}");
+    }
+}
