@@ -36,6 +36,9 @@ enum Command {
         /// An idempotency key, so that submitting again is safe.
         #[arg(long)]
         key: Option<String>,
+        /// Then follow its steps until it settles, as `ripen watch` does.
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -191,8 +194,15 @@ fn run(cli: Cli) -> Result<()> {
                 type_name,
                 file,
                 key,
+                watch,
                 server,
-            } => cli_submit(&server.server, &type_name, &file, key.as_deref()).await,
+            } => {
+                let id = cli_submit(&server.server, &type_name, &file, key.as_deref()).await?;
+                if watch {
+                    cli_watch(&server.server, &id, 250).await?;
+                }
+                Ok(())
+            }
             Command::Status { id, server } => cli_status(&server.server, &id).await,
             Command::Watch {
                 id,
@@ -285,7 +295,7 @@ async fn cli_submit(
     type_name: &str,
     file: &std::path::Path,
     key: Option<&str>,
-) -> Result<()> {
+) -> Result<String> {
     let body = if file.as_os_str() == "-" {
         let mut buf = Vec::new();
         std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
@@ -303,7 +313,7 @@ async fn cli_submit(
         eprintln!("this key was used before: the answer is the entity it created");
     }
     println!("{}", serde_json::to_string_pretty(&submitted.view)?);
-    Ok(())
+    Ok(submitted.view.id)
 }
 
 /// Prints the server's answer to a refused request on standard error (a
