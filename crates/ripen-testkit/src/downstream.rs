@@ -133,6 +133,14 @@ pub enum Behavior {
         fail_percent: u32,
         ok: Value,
     },
+    /// See [`Behavior::refuse_some`].
+    Refuse {
+        percent: u32,
+        status: u16,
+        times: Option<usize>,
+        max_delay_ms: u64,
+        ok: Value,
+    },
     /// A synthetic service: the profile's latency and failures; a success
     /// is `{}` for the no-op profile, else an output naming the step.
     Synthetic(Profile),
@@ -196,15 +204,52 @@ impl Behavior {
         Behavior::Script { first, then }
     }
 
+    /// Refuses `percent` of the entities with `status`: each refused
+    /// entity's first `times` calls (every call when `None`), chosen by its
+    /// idempotency key so that the same entities are refused on every
+    /// attempt. The others succeed with `ok` after up to `max_delay_ms`.
+    pub fn refuse_some(
+        percent: u32,
+        status: u16,
+        times: Option<usize>,
+        max_delay_ms: u64,
+        ok: Value,
+    ) -> Behavior {
+        Behavior::Refuse {
+            percent,
+            status,
+            times,
+            max_delay_ms,
+            ok,
+        }
+    }
+
     /// Whether the answer depends on how many calls came before.
     fn counts_calls(&self) -> bool {
         matches!(self, Behavior::Script { first, .. } if !first.is_empty())
+            || matches!(self, Behavior::Refuse { times: Some(_), .. })
     }
 
     /// The answer to the `n`th call (from 1) about one entity and step, and
     /// whether it is an injected failure.
-    fn reply(&self, n: usize, step: Option<&str>) -> (Reply, bool) {
+    fn reply(&self, n: usize, step: Option<&str>, key: Option<&str>) -> (Reply, bool) {
         match self {
+            Behavior::Refuse {
+                percent,
+                status,
+                times,
+                max_delay_ms,
+                ok,
+            } => {
+                let delay = Duration::from_millis(fastrand::u64(0..=*max_delay_ms));
+                let chosen = key.is_some_and(|k| fnv(k) % 100 < u64::from(*percent));
+                if chosen && times.is_none_or(|t| n <= t) {
+                    let body = json!({"error": format!("refused by the demo's rule ({status})")});
+                    (Reply::json(*status, &body).delay(delay), true)
+                } else {
+                    (Reply::ok(ok).delay(delay), false)
+                }
+            }
             Behavior::Script { first, then } => {
                 (first.get(n.wrapping_sub(1)).unwrap_or(then).clone(), false)
             }
@@ -223,6 +268,13 @@ impl Behavior {
             Behavior::Synthetic(profile) => synthetic(profile, step),
         }
     }
+}
+
+/// FNV-1a of `s`: a stable choice per idempotency key.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn synthetic(profile: &Profile, step: Option<&str>) -> (Reply, bool) {
@@ -605,7 +657,7 @@ async fn answer(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
         0
     };
     let (reply, injected) = match behavior {
-        Some(b) => b.reply(n, step.as_deref()),
+        Some(b) => b.reply(n, step.as_deref(), key),
         None => (Reply::ok(&json!({ "from": path })), false),
     };
     if injected {
@@ -826,5 +878,36 @@ mod tests {
         );
         check_contract("/a", None, b"[1]", &stats);
         assert_eq!(stats.contract_violations(), 2);
+    }
+}
+
+#[cfg(test)]
+mod refuse_tests {
+    use super::*;
+
+    #[test]
+    fn refuse_some_picks_the_same_entities_and_lets_them_through_after_times() {
+        let once = Behavior::refuse_some(50, 422, Some(1), 0, json!({"ok": true}));
+        let always = Behavior::refuse_some(50, 400, None, 0, json!({"ok": true}));
+        let keys: Vec<String> = (0..200).map(|i| format!("entity-{i}:kyc")).collect();
+        let refused: Vec<&String> = keys
+            .iter()
+            .filter(|k| once.reply(1, None, Some(k.as_str())).1)
+            .collect();
+        assert!((60..=140).contains(&refused.len()), "{}", refused.len());
+        for k in &refused {
+            let (reply, injected) = once.reply(1, None, Some(k.as_str()));
+            assert!(injected && reply.status == 422);
+            assert!(
+                !once.reply(2, None, Some(k.as_str())).1,
+                "the second call passes"
+            );
+            assert!(
+                always.reply(1, None, Some(k.as_str())).1,
+                "the same entities"
+            );
+            assert!(always.reply(7, None, Some(k.as_str())).1, "every call");
+        }
+        assert!(once.counts_calls() && !always.counts_calls());
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{ensure, Context, Result};
 use ripen_client::{Client, EntityStatus, EntityView, ListQuery};
 use ripen_testkit::{
-    sqlite_url, Config, Downstream, Profile, ServerProcess, Step, TempDir, TypeDef,
+    sqlite_url, Behavior, Config, Downstream, Profile, ServerProcess, Step, TempDir, TypeDef,
 };
 
 /// How often the demo asks the server which entities settled.
@@ -41,6 +41,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let downstream = Downstream::with_profile(Profile::realistic())
         .await
         .context("start the fake downstream")?;
+    // Beyond the transient 503s of every service: KYC refuses one merchant
+    // in twenty once (the entity fails; an operator retry then gets it
+    // through), and the welcome email bounces for one in ten (the merchant
+    // is ready but degraded).
+    downstream.set(
+        "/kyc",
+        Behavior::refuse_some(5, 422, Some(1), 60, serde_json::json!({"kyc": "passed"})),
+    );
+    downstream.set(
+        "/welcome_email",
+        Behavior::refuse_some(10, 400, None, 60, serde_json::json!({"sent": true})),
+    );
     let downstream_addr = downstream.addr();
     let downstream_stats = downstream.stats().clone();
     let data_dir = prepare_data_dir(args.data_dir.as_deref())?;
@@ -201,6 +213,17 @@ fn print_banner(
     );
     println!("  server log  {}", server.log_path().display());
     println!("  downstream  http://{downstream} (fake: 5-60 ms per call, ~8% transient 503s)");
+    println!();
+    println!("Not every merchant gets through: KYC refuses about 1 in 20 once (422), and");
+    println!("the welcome email bounces for about 1 in 10 (400, a non-critical step).");
+    println!("  - a refused merchant ends `failed`: open the dashboard, set the status filter");
+    println!("    to failed, click the merchant, then Retry: this time KYC lets it through;");
+    println!("  - a bounced one ends `ready` but degraded (its welcome_email step failed);");
+    println!("  - transient 503s show as retries in each entity's history.");
+    println!(
+        "  The same from the command line: ripen entities list --status failed --server {url}"
+    );
+    println!("                                  ripen entities retry ID --server {url}");
     println!();
     println!("Try, in another terminal:");
     println!("  curl -i -X POST {url}/v1/entities/merchant \\");
