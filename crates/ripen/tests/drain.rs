@@ -103,7 +103,19 @@ async fn sigterm_waits_for_running_attempts_and_records_their_results() {
         {
             Ok(r) if r.status == 503 => {
                 assert_problem(&r, 503);
-                let view = server.entity(&ids[0]).await;
+                let path = format!("/v1/entities/{}", ids[0]);
+                let read = server
+                    .api()
+                    .try_request(hyper::Method::GET, &path, &[], None)
+                    .await;
+                let view = match read {
+                    Ok(r) => r.json(),
+                    Err(e) => panic!(
+                        "a read while draining failed: {e:#}\nexited: {:?}\nserver log:\n{}",
+                        server.exited(),
+                        server.log_tail(60)
+                    ),
+                };
                 assert_eq!(view["status"], "pending", "{view}");
                 saw_draining = true;
                 break;
