@@ -47,7 +47,7 @@ pub use feed::EntityFeed;
 pub use intake::{SubmitError, IDEMPOTENCY_KEY_LEN_MAX};
 pub use scheduler::Drained;
 pub use time::{Clock, ManualClock, StoreClock};
-pub use workers::{Report, Task, TaskId, WorkerError, Workers};
+pub use workers::{Task, TaskId, WorkerError, Workers};
 
 use intake::Intake;
 use scheduler::Scheduler;
@@ -443,9 +443,9 @@ impl Engine {
         &self,
         id: TaskId,
         lease: &str,
-        report: Report,
+        outcome: ripen_store::Outcome,
     ) -> Result<(), WorkerError> {
-        self.workers.report(id, lease, report).await
+        self.workers.report(id, lease, outcome).await
     }
 
     /// The pipeline of a type version this node knows.

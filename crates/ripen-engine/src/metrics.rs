@@ -16,7 +16,7 @@ use prometheus::{
     TextEncoder,
 };
 use ripen_store::metrics::LATENCY_BUCKETS;
-use ripen_store::{Counts, Store};
+use ripen_store::{Counts, Outcome, Store};
 
 use crate::time::Clock;
 
@@ -25,6 +25,17 @@ pub const COUNTS_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// The content type of the classic text exposition format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The `outcome` label of an attempt, as an executor or a worker reported it.
+pub fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Succeeded { .. } => "succeeded",
+        Outcome::Failed {
+            retryable: true, ..
+        } => "retryable_error",
+        Outcome::Failed { .. } => "permanent_error",
+    }
+}
 
 pub struct EngineMetrics {
     registry: Registry,

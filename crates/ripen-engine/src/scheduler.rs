@@ -30,7 +30,7 @@ use std::time::Duration;
 use ripen_core::Catalog;
 use ripen_store::{Attempt, Claim, Completion, CompletionResult, Outcome, Store};
 
-use crate::metrics::EngineMetrics;
+use crate::metrics::{outcome_label, EngineMetrics};
 use crate::trace::{self, Span, Tracer};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -428,11 +428,9 @@ fn attempt_span(
         ("ripen.step", trace::Value::Str(a.step_name.clone())),
         ("ripen.attempt", trace::Value::Int(i64::from(a.attempt))),
     ];
-    let (label, error) = match outcome {
-        Outcome::Succeeded { .. } => ("succeeded", None),
-        Outcome::Failed {
-            error, retryable, ..
-        } => {
+    let error = match outcome {
+        Outcome::Succeeded { .. } => None,
+        Outcome::Failed { error, .. } => {
             // The HTTP executor's errors start with the answer's status.
             if let Some(code) = error
                 .strip_prefix("HTTP ")
@@ -441,14 +439,10 @@ fn attempt_span(
             {
                 attributes.push(("http.response.status_code", trace::Value::Int(code)));
             }
-            let label = if *retryable {
-                "retryable_error"
-            } else {
-                "permanent_error"
-            };
-            (label, Some(error.clone()))
+            Some(error.clone())
         }
     };
+    let label = outcome_label(outcome);
     attributes.push(("ripen.outcome", trace::Value::Str(label.to_owned())));
     Span {
         trace_id: trace::trace_id(a.entity_id),
@@ -494,47 +488,10 @@ fn claim_span(
     }
 }
 
-/// The span of the store commit that recorded an attempt's result: a child
-/// of the attempt's span.
-fn commit_span(
-    c: &Completion,
-    result: CompletionResult,
-    batch: usize,
-    start: std::time::SystemTime,
-    end: std::time::SystemTime,
-) -> Span {
-    let recorded = result == CompletionResult::Applied;
-    Span {
-        trace_id: trace::trace_id(c.entity_id),
-        span_id: trace::commit_span_id(c.entity_id, c.step, c.epoch),
-        parent: Some(trace::attempt_span_id(c.entity_id, c.step, c.epoch)),
-        name: "store commit".to_owned(),
-        kind: trace::Kind::Internal,
-        start,
-        end,
-        attributes: vec![
-            (
-                "ripen.entity_id",
-                trace::Value::Str(c.entity_id.to_string()),
-            ),
-            ("ripen.recorded", trace::Value::Bool(recorded)),
-            ("ripen.batch_size", trace::Value::Int(batch as i64)),
-        ],
-        error: (!recorded).then(|| "the result was stale: its lease no longer held".to_owned()),
-        links: Vec::new(),
-    }
-}
-
 /// Counts and logs how an attempt ended. The store decides what the result
 /// does to the entity; this only says what the executor saw.
 fn report(shared: &Shared, a: &Attempt, outcome: &Outcome, elapsed: Duration) {
-    let label = match outcome {
-        Outcome::Succeeded { .. } => "succeeded",
-        Outcome::Failed {
-            retryable: true, ..
-        } => "retryable_error",
-        Outcome::Failed { .. } => "permanent_error",
-    };
+    let label = outcome_label(outcome);
     shared
         .metrics
         .attempt(&a.type_name, &a.step_name, label, elapsed);
@@ -631,7 +588,14 @@ async fn record(shared: Arc<Shared>, batch: Vec<Completion>) {
                 if let Some(tracer) = &shared.tracer {
                     let end = wall + started.elapsed();
                     for (c, result) in batch.iter().zip(&done.results) {
-                        tracer.record(commit_span(c, *result, batch.len(), wall, end));
+                        tracer.record(trace::commit_span(
+                            c.entity_id,
+                            c.step,
+                            c.epoch,
+                            *result == CompletionResult::Applied,
+                            batch.len(),
+                            (wall, end),
+                        ));
                     }
                 }
                 let stale = done

@@ -107,6 +107,35 @@ pub fn claim_span_id(entity: EntityId, step: usize, epoch: u64) -> [u8; 8] {
     ])
 }
 
+/// The span of the store commit that recorded the result of attempt
+/// `epoch` of `step` (`recorded`: it was not stale), one of `batch`: a
+/// child of the attempt's span.
+pub fn commit_span(
+    entity: EntityId,
+    step: usize,
+    epoch: u64,
+    recorded: bool,
+    batch: usize,
+    (start, end): (SystemTime, SystemTime),
+) -> Span {
+    Span {
+        trace_id: trace_id(entity),
+        span_id: commit_span_id(entity, step, epoch),
+        parent: Some(attempt_span_id(entity, step, epoch)),
+        name: "store commit".to_owned(),
+        kind: Kind::Internal,
+        start,
+        end,
+        attributes: vec![
+            ("ripen.entity_id", Value::Str(entity.to_string())),
+            ("ripen.recorded", Value::Bool(recorded)),
+            ("ripen.batch_size", Value::Int(batch as i64)),
+        ],
+        error: (!recorded).then(|| "the result was stale: its lease no longer held".to_owned()),
+        links: Vec::new(),
+    }
+}
+
 /// A non-zero span id from a hash (FNV-1a, then a finaliser) of `parts`.
 fn span_id_of(parts: &[&[u8]]) -> [u8; 8] {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

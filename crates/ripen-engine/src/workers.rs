@@ -26,6 +26,7 @@ use ripen_store::{
 };
 use tokio::sync::Notify;
 
+use crate::metrics::outcome_label;
 use crate::time::Clock;
 use crate::trace::{self, Span, Tracer};
 
@@ -99,18 +100,6 @@ pub struct Task {
     pub id: TaskId,
     pub lease: String,
     pub attempt: Attempt,
-}
-
-/// A worker's result.
-#[derive(Clone, Debug)]
-pub enum Report {
-    /// `output` is raw JSON, already checked.
-    Succeeded { output: Option<String> },
-    Failed {
-        error: String,
-        retryable: bool,
-        retry_after_ms: Option<u64>,
-    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -320,32 +309,17 @@ impl Workers {
     }
 
     /// Records a worker's result for task `id`.
-    pub async fn report(&self, id: TaskId, lease: &str, report: Report) -> Result<(), WorkerError> {
+    pub async fn report(
+        &self,
+        id: TaskId,
+        lease: &str,
+        outcome: Outcome,
+    ) -> Result<(), WorkerError> {
         let (epoch, claimed_at_ms) = parse_lease(lease).ok_or(WorkerError::StaleLease)?;
-        let (label, error) = match &report {
-            Report::Succeeded { .. } => ("succeeded", None),
-            Report::Failed {
-                error, retryable, ..
-            } => (
-                if *retryable {
-                    "retryable_error"
-                } else {
-                    "permanent_error"
-                },
-                Some(error.clone()),
-            ),
-        };
-        let outcome = match report {
-            Report::Succeeded { output } => Outcome::Succeeded { output },
-            Report::Failed {
-                error,
-                retryable,
-                retry_after_ms,
-            } => Outcome::Failed {
-                error,
-                retryable,
-                retry_after_ms,
-            },
+        let label = outcome_label(&outcome);
+        let error = match &outcome {
+            Outcome::Failed { error, .. } => Some(error.clone()),
+            Outcome::Succeeded { .. } => None,
         };
         let completion = Completion {
             entity_id: id.entity_id,
@@ -387,18 +361,14 @@ impl Workers {
                 error,
                 links: Vec::new(),
             });
-            tracer.record(Span {
-                trace_id: trace::trace_id(id.entity_id),
-                span_id: trace::commit_span_id(id.entity_id, id.step, epoch),
-                parent: Some(attempt),
-                name: "store commit".into(),
-                kind: trace::Kind::Internal,
-                start: committing,
-                end: std::time::SystemTime::now(),
-                attributes: vec![("ripen.recorded", trace::Value::Bool(applied))],
-                error: (!applied).then(|| "the result was stale: its lease no longer held".into()),
-                links: Vec::new(),
-            });
+            tracer.record(trace::commit_span(
+                id.entity_id,
+                id.step,
+                epoch,
+                applied,
+                1,
+                (committing, std::time::SystemTime::now()),
+            ));
         }
         if applied {
             Ok(())

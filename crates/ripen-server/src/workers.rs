@@ -10,7 +10,8 @@ use axum::response::Response;
 use ripen_engine::executor::http::{request_body, OUTPUT_BYTES_MAX};
 use ripen_engine::time::rfc3339;
 use ripen_engine::workers::{ERROR_LEN_MAX, WORKER_ID_LEN_MAX};
-use ripen_engine::{Report, Task, TaskId, WorkerError};
+use ripen_engine::{Task, TaskId, WorkerError};
+use ripen_store::Outcome;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
@@ -163,7 +164,7 @@ pub async fn complete(
     }
     state
         .engine
-        .report_task(id, &body.lease, Report::Succeeded { output })
+        .report_task(id, &body.lease, Outcome::Succeeded { output })
         .await
         .map_err(worker_problem)?;
     Ok(json_response(StatusCode::OK, json!({"recorded": true})))
@@ -180,7 +181,7 @@ pub async fn fail(
     if body.error.len() > ERROR_LEN_MAX {
         return Err(invalid(format!("error is at most {ERROR_LEN_MAX} bytes")));
     }
-    let report = Report::Failed {
+    let report = Outcome::Failed {
         error: body.error,
         retryable: body.retryable.unwrap_or(true),
         retry_after_ms: body.retry_after_ms,

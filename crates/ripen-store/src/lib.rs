@@ -324,6 +324,22 @@ pub struct Counts {
     pub due: Vec<(String, u64)>,
 }
 
+impl Counts {
+    /// Adds `n` entities of `type_name` in `status`: rows counted per
+    /// tenant sum up by type.
+    pub fn add_entities(&mut self, type_name: String, status: EntityStatus, n: i64) {
+        let n = u64::try_from(n).unwrap_or(0);
+        match self
+            .entities
+            .iter_mut()
+            .find(|(t, s, _)| *t == type_name && *s == status)
+        {
+            Some((_, _, total)) => *total += n,
+            None => self.entities.push((type_name, status, n)),
+        }
+    }
+}
+
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or written now; the caller may retry later.

@@ -601,8 +601,7 @@ impl Store for PostgresStore {
         for r in rows {
             let status: &str = r.try_get(1).map_err(decode_error)?;
             let n: i64 = r.try_get(2).map_err(decode_error)?;
-            crate::sqlite::merge_count(
-                &mut counts.entities,
+            counts.add_entities(
                 r.try_get(0).map_err(decode_error)?,
                 entity_status(status)?,
                 n,

@@ -742,7 +742,7 @@ impl Store for SqliteStore {
             while let Some(r) = rows.next()? {
                 let status: String = r.get(1)?;
                 let n: i64 = r.get(2)?;
-                merge_count(&mut counts.entities, r.get(0)?, entity_status(&status)?, n);
+                counts.add_entities(r.get(0)?, entity_status(&status)?, n);
             }
             let mut stmt = conn.prepare_cached(
                 "SELECT queue, COUNT(*) FROM due WHERE due_at <= ?1 GROUP BY queue",
@@ -1182,23 +1182,6 @@ fn decode_steps(id: EntityId, text: &str) -> Result<(Vec<StepRecord>, Vec<Option
         });
     }
     Ok((steps, outputs, external))
-}
-
-/// Adds `n` entities of `type_name` in `status` (summed over tenants).
-pub(crate) fn merge_count(
-    counts: &mut Vec<(String, EntityStatus, u64)>,
-    type_name: String,
-    status: EntityStatus,
-    n: i64,
-) {
-    let n = u64::try_from(n).unwrap_or(0);
-    match counts
-        .iter_mut()
-        .find(|(t, s, _)| *t == type_name && *s == status)
-    {
-        Some((_, _, total)) => *total += n,
-        None => counts.push((type_name, status, n)),
-    }
 }
 
 /// `s` as a JSON string literal.
