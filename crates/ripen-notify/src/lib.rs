@@ -1,0 +1,6 @@
+//! Ripen's outgoing notifications.
+//!
+//! Everything here talks to the world outside the pipeline: webhook
+//! receivers and mail servers. The dispatcher in `ripen-engine` reads the
+//! outbox and decides what to send and when; this crate knows how to send
+//! it safely.
