@@ -30,8 +30,8 @@ use uuid::Uuid;
 pub use history::HistoryEvent;
 pub use metrics::{DecisionMetrics, Instrumented};
 pub use notify::{
-    Delivery, DeliveryCounts, DeliveryOutcome, DeliveryQuery, DeliveryResult, DeliveryStatus,
-    FanOut, Notification, RedeliverOutcome, SinkKind, Subscription,
+    Delivery, DeliveryClaim, DeliveryCounts, DeliveryOutcome, DeliveryQuery, DeliveryResult,
+    DeliveryStatus, FanOut, Notification, RedeliverOutcome, SinkKind, Subscription,
 };
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
@@ -507,15 +507,13 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes a subscription and its deliveries; false if there was none.
     async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool>;
 
-    /// Claims up to `limit` due deliveries for `lease_us`, skipping the
-    /// subscriptions in `busy`. A delivery is due when it is pending, its
-    /// time has come, and no earlier notification of the same entity to the
-    /// same subscription is still pending: per-entity order.
+    /// Claims due deliveries for `claim.lease_us`. A delivery is due when it
+    /// is pending, its time has come, and no earlier notification of the
+    /// same entity to the same subscription is still pending: per-entity
+    /// order.
     async fn claim_deliveries(
         &self,
-        limit: u32,
-        lease_us: i64,
-        busy: &[String],
+        claim: DeliveryClaim,
         now_us: UnixMicros,
     ) -> Result<Vec<Delivery>>;
 

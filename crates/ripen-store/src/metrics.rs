@@ -426,14 +426,12 @@ impl<S: Store> Store for Instrumented<S> {
     }
     async fn claim_deliveries(
         &self,
-        limit: u32,
-        lease_us: i64,
-        busy: &[String],
+        claim: crate::DeliveryClaim,
         now_us: UnixMicros,
     ) -> Result<Vec<crate::Delivery>> {
         self.timed(
             "claim_deliveries",
-            self.inner.claim_deliveries(limit, lease_us, busy, now_us),
+            self.inner.claim_deliveries(claim, now_us),
         )
         .await
     }

@@ -268,6 +268,32 @@ pub enum RedeliverOutcome {
     NotDead(DeliveryStatus),
 }
 
+/// What one claim of deliveries may take.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeliveryClaim {
+    /// The most deliveries in all.
+    pub limit: u32,
+    /// How long the claimer holds them.
+    pub lease_us: i64,
+    /// The most deliveries of any one subscription.
+    pub per_subscription: u32,
+    /// Subscriptions with fewer free places than `per_subscription` (their
+    /// deliveries in flight take the rest), and how many they have.
+    pub room: Vec<(String, u32)>,
+}
+
+impl DeliveryClaim {
+    /// `room` as a JSON object, for the backends' queries.
+    pub fn room_json(&self) -> String {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .room
+            .iter()
+            .map(|(s, n)| (s.clone(), serde_json::Value::from(*n)))
+            .collect();
+        serde_json::Value::Object(map).to_string()
+    }
+}
+
 /// How the deliveries of one subscription are listed: newest first.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DeliveryQuery {

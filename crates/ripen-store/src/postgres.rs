@@ -63,10 +63,10 @@ use crate::metrics::CommitMetrics;
 use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
     Attempt, ChangeWatcher, ChangeWatchers, Changes, Claim, ClaimBatch, CommandOutcome,
-    CompleteBatch, Completion, Counts, Delivery, DeliveryCounts, DeliveryQuery, DeliveryResult,
-    EntityData, EntityId, EntityRecord, FanOut, Heartbeat, IntakeOutcome, ListQuery, NewEntity,
-    OutboxEntry, RedeliverOutcome, Result, StepRecord, Store, StoreError, Subscription,
-    WorkWatcher, WorkWatchers,
+    CompleteBatch, Completion, Counts, Delivery, DeliveryClaim, DeliveryCounts, DeliveryQuery,
+    DeliveryResult, EntityData, EntityId, EntityRecord, FanOut, Heartbeat, IntakeOutcome,
+    ListQuery, NewEntity, OutboxEntry, RedeliverOutcome, Result, StepRecord, Store, StoreError,
+    Subscription, WorkWatcher, WorkWatchers,
 };
 
 /// The schema this build writes, kept in `ripen_schema`.
@@ -581,13 +581,11 @@ impl Store for PostgresStore {
 
     async fn claim_deliveries(
         &self,
-        limit: u32,
-        lease_us: i64,
-        busy: &[String],
+        claim: DeliveryClaim,
         now_us: UnixMicros,
     ) -> Result<Vec<Delivery>> {
         let conn = self.shared.pool.get().await?;
-        notify::claim_deliveries(&conn, limit, lease_us, busy, now_us).await
+        notify::claim_deliveries(&conn, &claim, now_us).await
     }
 
     async fn finish_deliveries(

@@ -54,10 +54,10 @@ use crate::metrics::CommitMetrics;
 use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
     Attempt, ChangeWatcher, ChangeWatchers, Changes, Claim, ClaimBatch, CommandOutcome,
-    CompleteBatch, Completion, Counts, Delivery, DeliveryCounts, DeliveryQuery, DeliveryResult,
-    EntityData, EntityId, EntityRecord, FanOut, Heartbeat, IntakeOutcome, ListQuery, NewEntity,
-    OutboxEntry, RedeliverOutcome, Result, StepRecord, Store, StoreError, Subscription,
-    WorkWatcher, WorkWatchers,
+    CompleteBatch, Completion, Counts, Delivery, DeliveryClaim, DeliveryCounts, DeliveryQuery,
+    DeliveryResult, EntityData, EntityId, EntityRecord, FanOut, Heartbeat, IntakeOutcome,
+    ListQuery, NewEntity, OutboxEntry, RedeliverOutcome, Result, StepRecord, Store, StoreError,
+    Subscription, WorkWatcher, WorkWatchers,
 };
 
 mod notify;
@@ -716,13 +716,10 @@ impl Store for SqliteStore {
 
     async fn claim_deliveries(
         &self,
-        limit: u32,
-        lease_us: i64,
-        busy: &[String],
+        claim: DeliveryClaim,
         now_us: UnixMicros,
     ) -> Result<Vec<Delivery>> {
-        let busy = busy.to_vec();
-        self.write(move |w| notify::claim_deliveries(&w.conn, limit, lease_us, &busy, now_us))
+        self.write(move |w| notify::claim_deliveries(&w.conn, &claim, now_us))
             .await
     }
 

@@ -76,6 +76,7 @@ macro_rules! store_test_suite {
             deliveries_keep_each_entitys_order,
             deliveries_retry_die_and_are_redelivered,
             claimed_deliveries_come_back_when_their_lease_ends,
+            no_subscription_takes_more_than_its_room,
             subscriptions_hear_from_their_creation_on,
             pruning_keeps_the_newest_and_what_is_not_fanned_out,
             change_watchers_hear_commits,
@@ -267,14 +268,10 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     }
     async fn claim_deliveries(
         &self,
-        limit: u32,
-        lease_us: i64,
-        busy: &[String],
+        claim: crate::DeliveryClaim,
         now_us: UnixMicros,
     ) -> Result<Vec<crate::Delivery>> {
-        self.store
-            .claim_deliveries(limit, lease_us, busy, now_us)
-            .await
+        self.store.claim_deliveries(claim, now_us).await
     }
     async fn finish_deliveries(
         &self,

@@ -18,8 +18,9 @@ use tokio_postgres::Row;
 use super::{decode_error, pg_text, Conn};
 use crate::decode::{entity_id, to_i64, to_u32, to_u64};
 use crate::notify::{
-    names_from_json, names_json, outcome_columns, Delivery, DeliveryCounts, DeliveryQuery,
-    DeliveryResult, DeliveryStatus, FanOut, Notification, RedeliverOutcome, SinkKind, Subscription,
+    names_from_json, names_json, outcome_columns, Delivery, DeliveryClaim, DeliveryCounts,
+    DeliveryQuery, DeliveryResult, DeliveryStatus, FanOut, Notification, RedeliverOutcome,
+    SinkKind, Subscription,
 };
 use crate::{OutboxEntry, Result, StoreError};
 
@@ -420,34 +421,44 @@ fn delivery(r: &Row) -> Result<Delivery> {
 
 pub(super) async fn claim_deliveries(
     conn: &Conn,
-    limit: u32,
-    lease_us: i64,
-    busy: &[String],
+    claim: &DeliveryClaim,
     now_us: UnixMicros,
 ) -> Result<Vec<Delivery>> {
-    let busy = busy.to_vec();
+    let returning = DELIVERY_COLUMNS
+        .split(", ")
+        .map(|c| format!("deliveries.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Each subscription's due deliveries, ranked, so that none takes more
+    // than its room; then those still unlocked are taken.
     let rows = conn
         .query(
             &format!(
-                "WITH due AS (
-                     SELECT d.id FROM deliveries d
+                "WITH ranked AS (
+                     SELECT d.id, ROW_NUMBER() OVER (PARTITION BY d.subscription_id
+                                                     ORDER BY d.next_at, d.id) AS rank,
+                            d.subscription_id
+                     FROM deliveries d
                      WHERE d.status = 'pending' AND d.next_at <= $1
-                       AND NOT (d.subscription_id = ANY($2))
                        AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.status = 'pending'
                             AND p.subscription_id = d.subscription_id
-                            AND p.entity_id = d.entity_id AND p.seq < d.seq)
-                     ORDER BY d.next_at LIMIT $3
-                     FOR UPDATE SKIP LOCKED)
-                 UPDATE deliveries SET attempts = attempts + 1, next_at = $4, updated_at = $1
+                            AND p.entity_id = d.entity_id AND p.seq < d.seq)),
+                 due AS (
+                     SELECT x.id FROM deliveries x JOIN ranked r ON r.id = x.id
+                     WHERE r.rank <= COALESCE(($2::text::jsonb ->> r.subscription_id)::int8, $3)
+                     ORDER BY x.next_at, x.id LIMIT $4
+                     FOR UPDATE OF x SKIP LOCKED)
+                 UPDATE deliveries SET attempts = attempts + 1, next_at = $5, updated_at = $1
                  FROM due WHERE deliveries.id = due.id
-                 RETURNING {}",
-                DELIVERY_COLUMNS
-                    .split(", ")
-                    .map(|c| format!("deliveries.{}", c.trim()))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                 RETURNING {returning}"
             ),
-            &[&now_us, &busy, &i64::from(limit), &(now_us + lease_us)],
+            &[
+                &now_us,
+                &claim.room_json(),
+                &i64::from(claim.per_subscription),
+                &i64::from(claim.limit),
+                &(now_us + claim.lease_us),
+            ],
         )
         .await?;
     let mut claimed = rows.iter().map(delivery).collect::<Result<Vec<_>>>()?;

@@ -11,8 +11,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::decode::{entity_id, to_i64, to_u32, to_u64};
 use crate::notify::{
-    names_from_json, names_json, outcome_columns, Delivery, DeliveryCounts, DeliveryQuery,
-    DeliveryResult, DeliveryStatus, FanOut, Notification, RedeliverOutcome, SinkKind, Subscription,
+    names_from_json, names_json, outcome_columns, Delivery, DeliveryClaim, DeliveryCounts,
+    DeliveryQuery, DeliveryResult, DeliveryStatus, FanOut, Notification, RedeliverOutcome,
+    SinkKind, Subscription,
 };
 use crate::working;
 use crate::{OutboxEntry, Result, StoreError};
@@ -318,22 +319,29 @@ fn delivery(r: &rusqlite::Row<'_>) -> Result<Delivery> {
 
 pub(super) fn claim_deliveries(
     conn: &Connection,
-    limit: u32,
-    lease_us: i64,
-    busy: &[String],
+    claim: &DeliveryClaim,
     now_us: UnixMicros,
 ) -> Result<Vec<Delivery>> {
-    let busy = names_json(busy);
+    let lease_us = claim.lease_us;
+    // Each subscription's due deliveries, ranked, so that none takes more
+    // than its room.
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {DELIVERY_COLUMNS} FROM deliveries d
-         WHERE status = 'pending' AND next_at <= ?1
-           AND subscription_id NOT IN (SELECT value FROM json_each(?2))
-           AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.status = 'pending'
-                AND p.subscription_id = d.subscription_id AND p.entity_id = d.entity_id
-                AND p.seq < d.seq)
-         ORDER BY next_at LIMIT ?3"
+        "SELECT {DELIVERY_COLUMNS} FROM (
+             SELECT d.*, ROW_NUMBER() OVER (PARTITION BY subscription_id ORDER BY next_at, id) AS rank
+             FROM deliveries d
+             WHERE status = 'pending' AND next_at <= ?1
+               AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.status = 'pending'
+                    AND p.subscription_id = d.subscription_id AND p.entity_id = d.entity_id
+                    AND p.seq < d.seq))
+         WHERE rank <= COALESCE(json_extract(?2, '$.\"' || subscription_id || '\"'), ?3)
+         ORDER BY next_at, id LIMIT ?4"
     ))?;
-    let mut rows = stmt.query(params![now_us, busy, i64::from(limit)])?;
+    let mut rows = stmt.query(params![
+        now_us,
+        claim.room_json(),
+        i64::from(claim.per_subscription),
+        i64::from(claim.limit)
+    ])?;
     let mut claimed = Vec::new();
     while let Some(r) = rows.next()? {
         claimed.push(delivery(r)?);

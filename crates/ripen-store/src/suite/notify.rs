@@ -6,8 +6,8 @@ use std::sync::Arc;
 use super::*;
 use crate::notify::ANY_TENANT;
 use crate::{
-    Changes, DeliveryOutcome, DeliveryQuery, DeliveryResult, DeliveryStatus, RedeliverOutcome,
-    SinkKind, Subscription,
+    Changes, DeliveryClaim, DeliveryOutcome, DeliveryQuery, DeliveryResult, DeliveryStatus,
+    RedeliverOutcome, SinkKind, Subscription,
 };
 
 const LEASE_US: i64 = 10 * SECOND_US;
@@ -42,9 +42,18 @@ async fn fan_out_all(store: &dyn Store, now_us: UnixMicros) -> usize {
     }
 }
 
+fn claim_of(per_subscription: u32, room: &[(&str, u32)]) -> DeliveryClaim {
+    DeliveryClaim {
+        limit: 100,
+        lease_us: LEASE_US,
+        per_subscription,
+        room: room.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
+    }
+}
+
 async fn claim_deliveries(store: &dyn Store, now_us: UnixMicros) -> Vec<crate::Delivery> {
     store
-        .claim_deliveries(100, LEASE_US, &[], now_us)
+        .claim_deliveries(claim_of(100, &[]), now_us)
         .await
         .expect("claim deliveries")
 }
@@ -326,23 +335,41 @@ pub async fn claimed_deliveries_come_back_when_their_lease_ends(store: Arc<dyn S
     put(store, subscription("busy", TENANT, &[], &[])).await;
     create(store, new_entity("single", BODY), T0).await;
     fan_out_all(store, T0).await;
-    let busy = vec!["busy".to_owned()];
+    let claim = claim_of(5, &[("busy", 0)]);
     let first = store
-        .claim_deliveries(100, LEASE_US, &busy, T0)
+        .claim_deliveries(claim.clone(), T0)
         .await
         .expect("claim");
-    assert_eq!(first.len(), 1, "the busy subscription is skipped");
+    assert_eq!(first.len(), 1, "the subscription without room is skipped");
     assert_eq!(first[0].subscription_id, "s");
     assert!(store
-        .claim_deliveries(100, LEASE_US, &busy, T0 + LEASE_US - 1)
+        .claim_deliveries(claim.clone(), T0 + LEASE_US - 1)
         .await
         .expect("claim")
         .is_empty());
     let again = store
-        .claim_deliveries(100, LEASE_US, &busy, T0 + LEASE_US)
+        .claim_deliveries(claim, T0 + LEASE_US)
         .await
         .expect("claim");
     assert_eq!((again[0].id, again[0].attempts), (first[0].id, 2));
+}
+
+pub async fn no_subscription_takes_more_than_its_room(store: Arc<dyn Store>) {
+    let store = &*store;
+    put(store, subscription("a", TENANT, &["entity.created"], &[])).await;
+    put(store, subscription("b", TENANT, &["entity.created"], &[])).await;
+    for _ in 0..5 {
+        create(store, new_entity("single", BODY), T0).await;
+    }
+    fan_out_all(store, T0).await;
+    let taken = store
+        .claim_deliveries(claim_of(2, &[("b", 1)]), T0)
+        .await
+        .expect("claim");
+    let count = |sub: &str| taken.iter().filter(|d| d.subscription_id == sub).count();
+    assert_eq!((count("a"), count("b")), (2, 1));
+    let rest = claim_deliveries(store, T0).await;
+    assert_eq!(rest.len(), 10 - 3);
 }
 
 pub async fn subscriptions_hear_from_their_creation_on(store: Arc<dyn Store>) {
