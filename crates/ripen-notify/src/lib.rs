@@ -5,4 +5,5 @@
 //! outbox and decides what to send and when; this crate knows how to send
 //! it safely.
 
+pub mod client;
 pub mod ssrf;
