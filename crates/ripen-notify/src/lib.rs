@@ -5,5 +5,7 @@
 //! outbox and decides what to send and when; this crate knows how to send
 //! it safely.
 
+pub mod client;
 pub mod seal;
+pub mod ssrf;
 pub mod webhook;
