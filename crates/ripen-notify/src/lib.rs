@@ -4,3 +4,5 @@
 //! receivers and mail servers. The dispatcher in `ripen-engine` reads the
 //! outbox and decides what to send and when; this crate knows how to send
 //! it safely.
+
+pub mod email;
