@@ -285,3 +285,15 @@ fn a_missing_password_variable_is_a_config_error() {
          not set; set it to the SMTP password of \"ripen\""
     );
 }
+
+#[test]
+fn a_mailer_can_be_shared_by_tasks() {
+    fn shareable<T: Send + Sync>() {}
+    fn sendable<T: Send>(_: &T) {}
+    shareable::<Mailer>();
+    shareable::<Mail>();
+    let cfg = config("smtp://127.0.0.1:2525", "tls = \"none\"");
+    let mailer = Mailer::new(&cfg).unwrap();
+    let mail = mail(&cfg, "ops@example.org");
+    sendable(&mailer.send(&mail));
+}
