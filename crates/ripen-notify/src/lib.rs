@@ -6,6 +6,7 @@
 //! it safely.
 
 pub mod client;
+pub mod email;
 pub mod seal;
 pub mod ssrf;
 pub mod webhook;
