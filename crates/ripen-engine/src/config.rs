@@ -44,7 +44,7 @@ pub struct Config {
 }
 
 /// `[notify]`: how notifications are delivered. See docs/notifications.md.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct NotifyConfig {
     /// CIDR ranges webhooks may reach although they are private (loopback,
     /// RFC 1918, ...); empty by default.
@@ -64,6 +64,8 @@ pub struct NotifyConfig {
     /// environment's `RIPEN_MASTER_KEY` wins over it. On SQLite it defaults
     /// to the database file's name with `.key` added.
     pub master_key_file: Option<PathBuf>,
+    /// `[notify.email]`: mail when entities settle; off when absent.
+    pub email: Option<ripen_notify::email::EmailConfig>,
 }
 
 pub const DEFAULT_NOTIFY_RETRY_FOR_MS: u64 = 24 * 3_600_000;
@@ -81,6 +83,7 @@ impl Default for NotifyConfig {
             per_subscription: DEFAULT_NOTIFY_PER_SUBSCRIPTION,
             outbox_retention_ms: 24 * 3_600_000,
             master_key_file: None,
+            email: None,
         }
     }
 }
@@ -501,6 +504,18 @@ fn notify_config(raw: RawNotify, base: &Path) -> Result<NotifyConfig, (String, S
         .map_err(|p| (key("outbox_retention"), p))?,
         master_key_file: raw.master_key_file.map(|f| base.join(f)),
         allow_networks: raw.allow_networks,
+        email: match raw.email {
+            Some(mut email) => {
+                email.resolve_paths(base);
+                // Its messages name their key (notify.email.KEY) already.
+                email.validate().map_err(|p| {
+                    let (k, p) = p.split_once(": ").unwrap_or(("notify.email", &p));
+                    (k.to_owned(), p.to_owned())
+                })?;
+                Some(email)
+            }
+            None => None,
+        },
     };
     if c.retry_for_ms == 0 {
         return Err((key("retry_for"), "must be more than zero".into()));
@@ -564,6 +579,7 @@ struct RawNotify {
     per_subscription: Option<u32>,
     outbox_retention: Option<String>,
     master_key_file: Option<PathBuf>,
+    email: Option<ripen_notify::email::EmailConfig>,
 }
 
 #[derive(Deserialize)]

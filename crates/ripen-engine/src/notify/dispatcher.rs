@@ -22,7 +22,7 @@ use ripen_core::{retry::backoff_ms, RetryPolicy, UnixMicros};
 use ripen_store::{
     Delivery, DeliveryClaim, DeliveryOutcome, DeliveryResult, SinkKind, Store, Subscription,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::hub::Hub;
 use crate::config::NotifyConfig;
@@ -186,9 +186,9 @@ struct Done {
 }
 
 impl Dispatcher {
-    /// Runs until `stopping` turns true. Deliveries in flight then are left
-    /// to their leases.
-    pub async fn run(self: Arc<Dispatcher>, mut stopping: watch::Receiver<bool>) {
+    /// Runs as long as the engine: when it stops, deliveries in flight are
+    /// left to their leases.
+    pub async fn run(self: Arc<Dispatcher>) {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut in_flight: HashMap<String, u32> = HashMap::new();
         let mut total = 0usize;
@@ -196,9 +196,6 @@ impl Dispatcher {
         let mut subs_read: Option<tokio::time::Instant> = None;
         let mut last_prune = tokio::time::Instant::now();
         loop {
-            if *stopping.borrow() {
-                return;
-            }
             self.fan_out().await;
             let mut results = Vec::new();
             while let Ok(done) = done_rx.try_recv() {
@@ -292,7 +289,6 @@ impl Dispatcher {
                     // Put it back for the next round: handled above.
                     let _ = done_tx.send(done);
                 }
-                _ = stopping.changed() => {}
             }
         }
     }
@@ -440,7 +436,12 @@ mod tests {
         );
         let failed = Attempted::failed(Some(503), "HTTP 503".into(), true);
         // Full jitter: the draw scales the ceiling, which doubles per attempt.
-        for (attempts, jitter, wait_ms) in [(1, 1.0, 1_000), (2, 1.0, 2_000), (3, 0.5, 2_000), (9, 1.0, 8_000)] {
+        for (attempts, jitter, wait_ms) in [
+            (1, 1.0, 1_000),
+            (2, 1.0, 2_000),
+            (3, 0.5, 2_000),
+            (9, 1.0, 8_000),
+        ] {
             let outcome = decide(&failed, &delivery(attempts, 0), &c, 1_000_000, jitter);
             assert_eq!(
                 outcome,
@@ -454,17 +455,32 @@ mod tests {
         }
         // Never past the end of the period; dead once it is over.
         let near_end = decide(&failed, &delivery(9, 0), &c, 59_000_000, 1.0);
-        assert!(matches!(near_end, DeliveryOutcome::Retry { at_us: 60_000_000, .. }), "{near_end:?}");
+        assert!(
+            matches!(
+                near_end,
+                DeliveryOutcome::Retry {
+                    at_us: 60_000_000,
+                    ..
+                }
+            ),
+            "{near_end:?}"
+        );
         let over = decide(&failed, &delivery(9, 0), &c, 60_000_000, 1.0);
         assert!(matches!(over, DeliveryOutcome::Dead { .. }), "{over:?}");
         // A refusal is dead at once; a Retry-After is a floor.
         let refused = Attempted::failed(None, "refused".into(), false);
-        assert!(matches!(decide(&refused, &d, &c, 5, 0.5), DeliveryOutcome::Dead { .. }));
+        assert!(matches!(
+            decide(&refused, &d, &c, 5, 0.5),
+            DeliveryOutcome::Dead { .. }
+        ));
         let mut later = Attempted::failed(Some(429), "HTTP 429".into(), true);
         later.failure.as_mut().expect("failure").retry_after_ms = Some(30_000);
         assert!(matches!(
             decide(&later, &d, &c, 0, 0.0),
-            DeliveryOutcome::Retry { at_us: 30_000_000, .. }
+            DeliveryOutcome::Retry {
+                at_us: 30_000_000,
+                ..
+            }
         ));
     }
 }

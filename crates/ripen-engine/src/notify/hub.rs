@@ -186,7 +186,7 @@ mod tests {
         let hub = Arc::new(Hub::default());
         let (a, b) = (EntityId::new_v7(), EntityId::new_v7());
         let mut fa = hub.follow(a);
-        let mut fb = hub.follow(b);
+        let fb = hub.follow(b);
         hub.heard(&Changes {
             entities: Some(&[a]),
             outbox_written: false,
