@@ -230,7 +230,7 @@ impl Dispatcher {
                     Err(e) => tracing::warn!(error = %e, "read the subscriptions"),
                 }
             }
-            if total < IN_FLIGHT_MAX && !subs.is_empty() {
+            if total < IN_FLIGHT_MAX {
                 let per = self.config.per_subscription;
                 let claim = DeliveryClaim {
                     limit: (IN_FLIGHT_MAX - total) as u32,
@@ -247,11 +247,23 @@ impl Dispatcher {
                     .await
                 {
                     Ok(claimed) => {
+                        if claimed
+                            .iter()
+                            .any(|d| !subs.contains_key(&d.subscription_id))
+                        {
+                            // Created since this node last looked.
+                            if let Ok(list) = self.store.subscriptions(None).await {
+                                subs = list
+                                    .into_iter()
+                                    .map(|(s, _)| (s.id.clone(), Arc::new(s)))
+                                    .collect();
+                                subs_read = Some(tokio::time::Instant::now());
+                            }
+                        }
                         for delivery in claimed {
                             let Some(sub) = subs.get(&delivery.subscription_id).cloned() else {
                                 // Deleted since: its lease runs out, and the
                                 // row goes with the subscription.
-                                subs_read = None;
                                 continue;
                             };
                             let sink = match sub.kind {
