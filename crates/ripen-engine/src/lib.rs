@@ -74,11 +74,14 @@ async fn start_notifications(
     metrics: &metrics::EngineMetrics,
     background: &mut tokio::task::JoinSet<()>,
 ) -> Result<(Arc<notify::Hub>, notify::Notifications)> {
-    let hub = Arc::new(notify::Hub::default());
+    let hub = Arc::new(notify::Hub::new(config.notify.stream_buffer));
     let heard = hub.clone();
     store.watch_changes(Arc::new(move |c: &ripen_store::Changes<'_>| heard.heard(c)));
     let poll = Duration::from_millis(config.engine.poll_interval_ms);
-    background.spawn(hub.clone().run(store.clone(), poll));
+    // Live streams start from here; read before the node serves, so that
+    // a stream opened at once misses nothing.
+    let head = store.outbox_head().await.context("read the outbox head")?;
+    background.spawn(hub.clone().run(store.clone(), head, poll));
     let n = &config.notify;
     let key = notify::master_key(n.master_key_file.as_deref(), &config.storage)
         .map_err(|e| anyhow::anyhow!("{}: notify: {e}", config.path.display()))?

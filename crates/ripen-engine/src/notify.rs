@@ -367,7 +367,7 @@ impl Notifications {
         }
         let key = self.key.as_ref().ok_or(SubscriptionError::NoMasterKey)?;
         let id = format!("sub_{}", uuid_simple());
-        let secret = webhook::new_secret().map_err(|e| StoreError::Internal(e))?;
+        let secret = webhook::new_secret().map_err(StoreError::Internal)?;
         let sealed = key
             .seal(secret.as_bytes(), &id)
             .map_err(StoreError::Internal)?;
