@@ -84,8 +84,8 @@ pub enum PayloadError {
 
 /// Parses the body, checks it is a JSON object and validates it.
 ///
-/// Typed and schema-less types read the body with the same rules (see
-/// [`json`]): it must be UTF-8 JSON, with numbers in range, no lone
+/// Typed and schema-less types read the body with the same rules (one
+/// reader, in `schema/json.rs`): it must be UTF-8 JSON, with numbers in range, no lone
 /// surrogates, no nesting deeper than [`JSON_DEPTH_MAX`] and no key twice in
 /// one object (`Malformed`), and it must be an object (`Invalid`). Without a
 /// schema the body is only read, never built into a value: intake keeps the

@@ -560,8 +560,7 @@ impl Cx<'_> {
         };
         let message = format!(
             "{}: {change}; payloads the previous version accepted may have {what} there",
-            subject_cap(path),
-            what = what
+            subject_cap(path)
         );
         self.report(path, Rule::TightenedBound, message);
     }
