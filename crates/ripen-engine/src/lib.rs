@@ -18,6 +18,7 @@
 //! the transaction that persists them. The runtime only acts on what was
 //! committed.
 
+pub mod compat;
 pub mod config;
 pub mod executor;
 pub mod feed;
