@@ -16,7 +16,7 @@ pub use pipeline::{
     Catalog, Executor, Pipeline, PipelineError, RetryPolicy, StepDef, StepSpec, BUILTIN_QUEUE,
     HTTP_QUEUE, STEPS_MAX,
 };
-pub use state::{EntityState, EntityStatus, StepState, StepStatus};
+pub use state::{Dependency, EntityState, EntityStatus, StepState, StepStatus};
 
 /// A point in time as microseconds since the Unix epoch.
 pub type UnixMicros = i64;

@@ -71,7 +71,20 @@ pub enum Input {
     /// Operator: stop a pending entity.
     Cancel,
     /// Operator: re-queue the failed and skipped steps of a failed entity.
+    /// The entities it depends on that it has not seen ready are awaited
+    /// again: until each is announced ready, its steps stay blocked.
     Retry,
+    /// An entity this one awaits became ready. The last one releases the
+    /// steps whose needs are met.
+    DependencyReady {
+        parent: u128,
+    },
+    /// An entity this one awaits failed or was cancelled (`status`): this
+    /// one fails too.
+    DependencyFailed {
+        parent: u128,
+        status: EntityStatus,
+    },
 }
 
 /// What the caller must do once the transition is durable.
@@ -159,6 +172,16 @@ pub enum Event {
     Degraded {
         step: usize,
     },
+    /// An awaited entity became ready.
+    DependencyReady {
+        parent: u128,
+    },
+    /// An awaited entity failed or was cancelled; the status change to
+    /// `failed` follows.
+    DependencyFailed {
+        parent: u128,
+        status: EntityStatus,
+    },
 }
 
 /// Why an input was refused. A refused input leaves the state untouched.
@@ -174,6 +197,10 @@ pub enum Refusal {
     WrongStatus(EntityStatus),
     #[error("no such step")]
     NoSuchStep,
+    #[error("the entity does not wait for that entity")]
+    NotAwaited,
+    #[error("a dependency fails only when its entity failed or was cancelled")]
+    NotAFailure,
 }
 
 fn cut(mut s: String) -> String {
@@ -206,7 +233,8 @@ pub fn apply(
                 StepStatus::Retrying => s.due_at_us.is_some_and(|due| due <= ctx.now_us),
                 _ => false,
             };
-            if !runnable || matches!(state.status, EntityStatus::Failed | EntityStatus::Cancelled) {
+            let stopped = matches!(state.status, EntityStatus::Failed | EntityStatus::Cancelled);
+            if !runnable || stopped || state.is_waiting() {
                 return Err(Refusal::NotRunnable);
             }
             let lease_ms = spec.timeout_ms.saturating_add(ctx.lease_grace_ms);
@@ -325,15 +353,22 @@ pub fn apply(
             }
             change_status(state, EntityStatus::Pending, &mut t);
             state.degraded = false;
+            for d in &mut state.deps {
+                if d.status != EntityStatus::Ready {
+                    d.status = EntityStatus::Pending;
+                }
+            }
+            let waiting = state.is_waiting();
             for (i, spec) in pipeline.steps().iter().enumerate() {
                 let s = &state.steps[i];
                 if !matches!(s.status, StepStatus::Failed | StepStatus::Skipped) {
                     continue;
                 }
-                let ready = spec
-                    .needs
-                    .iter()
-                    .all(|&n| state.steps[n].status == StepStatus::Succeeded);
+                let ready = !waiting
+                    && spec
+                        .needs
+                        .iter()
+                        .all(|&n| state.steps[n].status == StepStatus::Succeeded);
                 state.steps[i].attempts = 0;
                 if ready {
                     set_step(state, i, StepStatus::Queued, Some(ctx.now_us));
@@ -346,11 +381,63 @@ pub fn apply(
                 }
             }
             // A failed entity keeps no live steps, so everything re-queued
-            // above is either runnable or waits on something re-queued too.
+            // above is either runnable, waits on something re-queued too, or
+            // waits for the entities it depends on.
             settle(pipeline, state, ctx, &mut t);
+        }
+        Input::DependencyReady { parent } => {
+            check_awaited(state, parent)?;
+            for d in state.deps.iter_mut().filter(|d| d.parent == parent) {
+                d.status = EntityStatus::Ready;
+            }
+            t.event(Event::DependencyReady { parent });
+            if !state.is_waiting() {
+                release(pipeline, state, ctx, &mut t);
+            }
+        }
+        Input::DependencyFailed { parent, status } => {
+            if !matches!(status, EntityStatus::Failed | EntityStatus::Cancelled) {
+                return Err(Refusal::NotAFailure);
+            }
+            check_awaited(state, parent)?;
+            for d in state.deps.iter_mut().filter(|d| d.parent == parent) {
+                d.status = status;
+            }
+            t.event(Event::DependencyFailed { parent, status });
+            change_status(state, EntityStatus::Failed, &mut t);
+            skip_all_live(state, &mut t);
         }
     }
     Ok(t)
+}
+
+/// Refuses a dependency input for an entity that does not await `parent`
+/// (it is settled, it never depended on it, or it has seen it settle).
+fn check_awaited(state: &EntityState, parent: u128) -> Result<(), Refusal> {
+    if state.status != EntityStatus::Pending {
+        return Err(Refusal::WrongStatus(state.status));
+    }
+    if !state.awaited().any(|p| p == parent) {
+        return Err(Refusal::NotAwaited);
+    }
+    Ok(())
+}
+
+/// The last awaited entity is ready: every blocked step whose needs have
+/// succeeded becomes runnable.
+fn release(pipeline: &Pipeline, state: &mut EntityState, ctx: Ctx, t: &mut Transition) {
+    for (i, spec) in pipeline.steps().iter().enumerate() {
+        let unblocked = state.steps[i].status == StepStatus::Blocked
+            && spec
+                .needs
+                .iter()
+                .all(|&n| state.steps[n].status == StepStatus::Succeeded);
+        if unblocked {
+            set_step(state, i, StepStatus::Queued, Some(ctx.now_us));
+            t.act(Action::Dispatch { step: i });
+        }
+    }
+    settle(pipeline, state, ctx, t);
 }
 
 /// `now_us` plus `ms` milliseconds, saturating.

@@ -154,6 +154,16 @@ impl StepState {
     }
 }
 
+/// An entity this one depends on (a reference of its type), as this entity
+/// last saw it. `parent` is the other entity's id as the store names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependency {
+    pub parent: u128,
+    /// `Pending` while it is awaited; `Ready` once it was; `Failed` or
+    /// `Cancelled` when it settled so and failed this entity.
+    pub status: EntityStatus,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntityState {
     pub status: EntityStatus,
@@ -161,6 +171,9 @@ pub struct EntityState {
     pub degraded: bool,
     pub ready_at_us: Option<UnixMicros>,
     pub steps: Vec<StepState>,
+    /// The entities this one depends on, in the order of its references.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deps: Vec<Dependency>,
 }
 
 impl EntityState {
@@ -183,7 +196,54 @@ impl EntityState {
             degraded: false,
             ready_at_us: None,
             steps,
+            deps: Vec::new(),
         }
+    }
+
+    /// A freshly submitted entity that depends on `deps`. Every dependency
+    /// not `Ready` is awaited (its status becomes `Pending`), and while one
+    /// is, every step is blocked and nothing is due: the entity waits
+    /// without a timer until the last one is ready.
+    pub fn depending(
+        pipeline: &Pipeline,
+        now_us: UnixMicros,
+        deps: Vec<Dependency>,
+    ) -> EntityState {
+        let mut state = EntityState::new(pipeline, now_us);
+        state.deps = deps
+            .into_iter()
+            .map(|d| Dependency {
+                parent: d.parent,
+                status: if d.status == EntityStatus::Ready {
+                    EntityStatus::Ready
+                } else {
+                    EntityStatus::Pending
+                },
+            })
+            .collect();
+        if state.is_waiting() {
+            for s in &mut state.steps {
+                s.status = StepStatus::Blocked;
+                s.due_at_us = None;
+            }
+        }
+        state
+    }
+
+    /// True while the entity is pending and some entity it depends on is not
+    /// ready yet: none of its steps may start.
+    pub fn is_waiting(&self) -> bool {
+        self.status == EntityStatus::Pending
+            && self.deps.iter().any(|d| d.status == EntityStatus::Pending)
+    }
+
+    /// The entities it waits for now (none unless it [is waiting](Self::is_waiting)).
+    pub fn awaited(&self) -> impl Iterator<Item = u128> + '_ {
+        let waiting = self.status == EntityStatus::Pending;
+        self.deps
+            .iter()
+            .filter(move |d| waiting && d.status == EntityStatus::Pending)
+            .map(|d| d.parent)
     }
 
     /// True while some step may still run: the engine has work for this entity.

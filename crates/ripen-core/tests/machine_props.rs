@@ -20,6 +20,14 @@
 //! reachable states, and scripted drivers check the end states the lifecycle
 //! promises: all succeed -> ready; a critical step fails for good -> failed;
 //! only a non-critical step fails for good -> ready and degraded.
+//!
+//! Entities may depend on others (up to three references, two of which may
+//! name the same entity, some of them ready at submission): the operations
+//! then include the awaited entities becoming ready, failing or being
+//! cancelled, in any order and repeated (a replayed wake-up), and the model
+//! and the invariants cover guarantee 4's second half: nothing starts before
+//! every dependency is ready, and a waiting entity has nothing due. The fair
+//! driver settles the dependencies too, with random outcomes.
 
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -28,8 +36,8 @@ use proptest::test_runner::{Config, TestCaseError};
 use ripen_core::machine::ERROR_LEN_MAX;
 use ripen_core::retry::{backoff_ms, RETRY_AFTER_MAX_MS};
 use ripen_core::{
-    apply, Action, Ctx, EntityState, EntityStatus, Event, Executor, Input, LostReason, Pipeline,
-    Refusal, RetryPolicy, StepDef, StepStatus, Transition, UnixMicros,
+    apply, Action, Ctx, Dependency, EntityState, EntityStatus, Event, Executor, Input, LostReason,
+    Pipeline, Refusal, RetryPolicy, StepDef, StepStatus, Transition, UnixMicros,
 };
 
 type TestResult<T = ()> = Result<T, TestCaseError>;
@@ -101,6 +109,33 @@ fn raw_step() -> impl Strategy<Value = RawStep> {
 struct Case {
     pipeline: Pipeline,
     lease_grace_ms: u64,
+    /// The entities it depends on at submission (ids 1 to 3), as seen then.
+    deps: Vec<Dependency>,
+}
+
+/// The id of an entity no test entity depends on.
+const STRANGER: u128 = 9;
+
+fn deps() -> impl Strategy<Value = Vec<Dependency>> {
+    prop_oneof![
+        2 => Just(Vec::new()),
+        3 => prop::collection::vec(1u128..=3, 1..=3),
+    ]
+    .prop_flat_map(|parents| (Just(parents), any::<[bool; 4]>()))
+    .prop_map(|(parents, ready)| {
+        // One entity is seen the same way through every reference to it.
+        parents
+            .into_iter()
+            .map(|parent| Dependency {
+                parent,
+                status: if ready[parent as usize] {
+                    EntityStatus::Ready
+                } else {
+                    EntityStatus::Pending
+                },
+            })
+            .collect()
+    })
 }
 
 /// Builds a pipeline from steps in topological order, placed at the indexes
@@ -156,11 +191,13 @@ fn case_with(min_steps: usize, force_non_critical: bool) -> impl Strategy<Value 
                 prop::collection::vec(raw_step(), n),
                 Just((0..n).collect::<Vec<usize>>()).prop_shuffle(),
                 0u64..=20,
+                deps(),
             )
         })
-        .prop_map(move |(raw, perm, lease_grace_ms)| Case {
+        .prop_map(move |(raw, perm, lease_grace_ms, deps)| Case {
             pipeline: build(&raw, &perm, force_non_critical),
             lease_grace_ms,
+            deps,
         })
 }
 
@@ -225,6 +262,11 @@ enum Op {
     Crash,
     Cancel,
     Retry,
+    /// An entity becomes ready: one this entity depends on (by index into
+    /// its dependencies), or now and then one it does not.
+    ParentReady(u8),
+    /// An entity fails (or is cancelled, when set).
+    ParentFailed(u8, bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -255,6 +297,8 @@ fn op() -> impl Strategy<Value = Op> {
         8 => Just(Op::Crash),
         2 => Just(Op::Cancel),
         10 => Just(Op::Retry),
+        12 => any::<u8>().prop_map(Op::ParentReady),
+        4 => (any::<u8>(), any::<bool>()).prop_map(|(p, c)| Op::ParentFailed(p, c)),
     ]
 }
 
@@ -372,6 +416,27 @@ fn model_skip(m: &mut EntityState, which: impl Fn(usize) -> bool) {
             s.due_at_us = None;
         }
     }
+}
+
+/// Whether the entity waits: pending, with a dependency not seen ready.
+fn model_waiting(m: &EntityState) -> bool {
+    m.status == EntityStatus::Pending && m.deps.iter().any(|d| d.status != EntityStatus::Ready)
+}
+
+/// A dependency input counts only for a pending entity that still awaits
+/// that entity.
+fn model_awaits(m: &EntityState, parent: u128) -> Result<(), Refusal> {
+    if m.status != EntityStatus::Pending {
+        return Err(Refusal::WrongStatus(m.status));
+    }
+    let awaited = m
+        .deps
+        .iter()
+        .any(|d| d.parent == parent && d.status == EntityStatus::Pending);
+    if !awaited {
+        return Err(Refusal::NotAwaited);
+    }
+    Ok(())
 }
 
 fn model_live_attempt(m: &EntityState, step: usize, epoch: u64) -> Result<(), Refusal> {
@@ -514,8 +579,37 @@ fn model_apply(
                     s.due_at_us = None;
                 }
             }
-            model_unblock(p, &mut m, now);
+            // What it has not seen ready is awaited again.
+            for d in &mut m.deps {
+                if d.status != EntityStatus::Ready {
+                    d.status = EntityStatus::Pending;
+                }
+            }
+            if !model_waiting(&m) {
+                model_unblock(p, &mut m, now);
+            }
             model_settle(p, &mut m, now);
+        }
+        Input::DependencyReady { parent } => {
+            model_awaits(&m, *parent)?;
+            for d in m.deps.iter_mut().filter(|d| d.parent == *parent) {
+                d.status = EntityStatus::Ready;
+            }
+            if !model_waiting(&m) {
+                model_unblock(p, &mut m, now);
+                model_settle(p, &mut m, now);
+            }
+        }
+        Input::DependencyFailed { parent, status } => {
+            if !matches!(status, EntityStatus::Failed | EntityStatus::Cancelled) {
+                return Err(Refusal::NotAFailure);
+            }
+            model_awaits(&m, *parent)?;
+            for d in m.deps.iter_mut().filter(|d| d.parent == *parent) {
+                d.status = *status;
+            }
+            m.status = EntityStatus::Failed;
+            model_skip(&mut m, |_| true);
         }
     }
     // Only a running attempt has a holder.
@@ -571,8 +665,43 @@ fn check_state(p: &Pipeline, st: &EntityState) -> TestResult {
         crit_done,
         "ready <=> all critical steps succeeded"
     );
+    let dep_failed = st
+        .deps
+        .iter()
+        .any(|d| matches!(d.status, EntityStatus::Failed | EntityStatus::Cancelled));
     if st.status == EntityStatus::Failed {
-        prop_assert!(crit_failed, "a failed entity has a failed critical step");
+        prop_assert!(
+            crit_failed || dep_failed,
+            "a failed entity has a failed critical step or dependency"
+        );
+    }
+    if dep_failed {
+        prop_assert_eq!(
+            st.status,
+            EntityStatus::Failed,
+            "a failed dependency fails it"
+        );
+    }
+    // Guarantee 4: nothing starts before every dependency is ready, and a
+    // waiting entity has nothing due (it costs no polling).
+    let waiting = model_waiting(st);
+    let all_deps_ready = st.deps.iter().all(|d| d.status == EntityStatus::Ready);
+    for (i, s) in st.steps.iter().enumerate() {
+        if s.epoch > 0 || s.status != StepStatus::Blocked && s.status != StepStatus::Skipped {
+            prop_assert!(
+                all_deps_ready,
+                "step {} is {:?} (epoch {}) before every dependency is ready",
+                i,
+                s.status,
+                s.epoch
+            );
+        }
+        if waiting {
+            prop_assert_eq!(s.due_at_us, None, "a waiting entity's step {} is due", i);
+        }
+    }
+    if st.status == EntityStatus::Ready {
+        prop_assert!(all_deps_ready, "ready before its dependencies");
     }
     // degraded <=> a non-critical step failed for good.
     prop_assert_eq!(
@@ -607,9 +736,14 @@ fn check_state(p: &Pipeline, st: &EntityState) -> TestResult {
         ) {
             prop_assert!(needs_done, "step {} is {:?} before its needs", i, s.status);
         }
-        // A blocked step can still be unblocked: no need is dead, one is pending.
+        // A blocked step can still be unblocked: no need is dead, one is
+        // pending, or the entity waits for its dependencies.
         if s.status == StepStatus::Blocked {
-            prop_assert!(!needs_done, "step {} is blocked with all needs done", i);
+            prop_assert!(
+                !needs_done || waiting,
+                "step {} is blocked with all needs done",
+                i
+            );
             prop_assert!(
                 spec.needs.iter().all(|&j| !matches!(
                     st.steps[j].status,
@@ -717,9 +851,10 @@ fn check_transition(
             (EntityStatus::Pending, EntityStatus::Ready) => {
                 matches!(input, Input::Succeeded { .. })
             }
-            (EntityStatus::Pending, EntityStatus::Failed) => {
-                matches!(input, Input::Failed { .. } | Input::Lost { .. })
-            }
+            (EntityStatus::Pending, EntityStatus::Failed) => matches!(
+                input,
+                Input::Failed { .. } | Input::Lost { .. } | Input::DependencyFailed { .. }
+            ),
             _ => false,
         };
         prop_assert!(
@@ -918,6 +1053,38 @@ fn check_transition(
                 s.status = StepStatus::Skipped;
                 s.due_at_us = None;
             }
+            Event::DependencyReady { parent } => {
+                prop_assert!(
+                    matches!(input, Input::DependencyReady { parent: p } if p == parent),
+                    "DependencyReady by {:?}",
+                    input
+                );
+                for d in sim.deps.iter_mut().filter(|d| d.parent == *parent) {
+                    prop_assert_eq!(d.status, EntityStatus::Pending, "it was awaited");
+                    d.status = EntityStatus::Ready;
+                }
+            }
+            Event::DependencyFailed { parent, status } => {
+                prop_assert!(
+                    matches!(input, Input::DependencyFailed { parent: p, status: s } if p == parent && s == status),
+                    "DependencyFailed by {:?}",
+                    input
+                );
+                prop_assert!(
+                    matches!(
+                        events.get(k + 1),
+                        Some(Event::StatusChanged {
+                            to: EntityStatus::Failed,
+                            ..
+                        })
+                    ),
+                    "the entity fails right after its dependency"
+                );
+                for d in sim.deps.iter_mut().filter(|d| d.parent == *parent) {
+                    prop_assert_eq!(d.status, EntityStatus::Pending, "it was awaited");
+                    d.status = *status;
+                }
+            }
             Event::StepRequeued { step } => {
                 prop_assert!(matches!(input, Input::Retry));
                 let s = &mut sim.steps[*step];
@@ -931,7 +1098,24 @@ fn check_transition(
         }
     }
     // Changes without an event of their own: a step that stops running has
-    // no holder; a heartbeat moves its lease; a success unblocks dependents.
+    // no holder; a heartbeat moves its lease; a success unblocks dependents,
+    // and so does the last awaited dependency; a retry awaits again what it
+    // had not seen ready.
+    if matches!(input, Input::Retry) {
+        for (s, a) in sim.deps.iter_mut().zip(&after.deps) {
+            let want = if s.status == EntityStatus::Ready {
+                EntityStatus::Ready
+            } else {
+                EntityStatus::Pending
+            };
+            prop_assert_eq!(a.status, want, "a retry awaits what it had not seen ready");
+            s.status = a.status;
+        }
+    }
+    let released = events
+        .iter()
+        .any(|e| matches!(e, Event::DependencyReady { .. }))
+        && !model_waiting(after);
     for (i, (s, a)) in sim.steps.iter_mut().zip(&after.steps).enumerate() {
         if s.status != StepStatus::Running {
             s.holder = None;
@@ -946,7 +1130,11 @@ fn check_transition(
             }
         }
         if s.status == StepStatus::Blocked && a.status == StepStatus::Queued {
-            prop_assert!(succeeded_any, "step {} unblocked without a success", i);
+            prop_assert!(
+                succeeded_any || released,
+                "step {} unblocked without a success or the last dependency",
+                i
+            );
             prop_assert_eq!(a.due_at_us, Some(ctx.now_us));
             s.status = StepStatus::Queued;
             s.due_at_us = a.due_at_us;
@@ -1026,11 +1214,14 @@ struct Harness<'a> {
     lease_grace_ms: u64,
     /// Every input applied, for failure messages.
     log: Vec<String>,
+    /// How often, in percent, the fair driver lets an awaited entity fail
+    /// or be cancelled rather than become ready.
+    parent_failure_pct: u64,
 }
 
 impl<'a> Harness<'a> {
     fn new(case: &'a Case) -> TestResult<Harness<'a>> {
-        let state = EntityState::new(&case.pipeline, T0);
+        let state = EntityState::depending(&case.pipeline, T0, case.deps.clone());
         check_state(&case.pipeline, &state)?;
         Ok(Harness {
             p: &case.pipeline,
@@ -1038,6 +1229,7 @@ impl<'a> Harness<'a> {
             now: T0,
             lease_grace_ms: case.lease_grace_ms,
             log: Vec::new(),
+            parent_failure_pct: 0,
         })
     }
 
@@ -1214,8 +1406,33 @@ impl<'a> Harness<'a> {
             Op::Retry => {
                 self.try_apply(Input::Retry, jitter)?;
             }
+            Op::ParentReady(sel) => {
+                let parent = self.parent(*sel);
+                self.try_apply(Input::DependencyReady { parent }, jitter)?;
+            }
+            Op::ParentFailed(sel, cancelled) => {
+                let parent = self.parent(*sel);
+                let status = match (*sel % 16, cancelled) {
+                    // Now and then a status that is no failure at all.
+                    (15, _) => EntityStatus::Ready,
+                    (_, true) => EntityStatus::Cancelled,
+                    (_, false) => EntityStatus::Failed,
+                };
+                self.try_apply(Input::DependencyFailed { parent, status }, jitter)?;
+            }
         }
         Ok(())
+    }
+
+    /// One of the entities this one depends on, or now and then one it
+    /// does not.
+    fn parent(&self, sel: u8) -> u128 {
+        let deps = &self.state.deps;
+        if deps.is_empty() || sel % 8 == 7 {
+            STRANGER
+        } else {
+            deps[usize::from(sel) % deps.len()].parent
+        }
     }
 }
 
@@ -1300,6 +1517,30 @@ fn drive(
                     break;
                 }
             }
+        }
+        if h.state.is_waiting() {
+            // The entities it awaits settle, in a random order, and now and
+            // then a wake-up is delivered twice: the second one changes
+            // nothing.
+            let awaited: Vec<u128> = h.state.awaited().collect();
+            let parent = awaited[rng.below(awaited.len())];
+            let input = if rng.below(100) < h.parent_failure_pct as usize {
+                let status = if rng.below(2) == 0 {
+                    EntityStatus::Failed
+                } else {
+                    EntityStatus::Cancelled
+                };
+                Input::DependencyFailed { parent, status }
+            } else {
+                Input::DependencyReady { parent }
+            };
+            h.apply_ok(input.clone(), rng.unit())?;
+            if rng.below(4) == 0 {
+                let replayed = h.apply(input, rng.unit())?;
+                prop_assert!(replayed.is_err(), "a replayed wake-up was applied again");
+            }
+            ops += 1;
+            continue;
         }
         for step in 0..n {
             let s = &h.state.steps[step];
@@ -1408,6 +1649,7 @@ proptest! {
         retries in 0u32..=2,
     ) {
         let mut h = Harness::new(&case)?;
+        h.parent_failure_pct = 20;
         for (i, (op, jitter)) in prefix.iter().enumerate() {
             h.run_op(op, *jitter, i)?;
         }
@@ -1568,6 +1810,7 @@ fn w5_walkthrough() -> TestResult {
             def("e", &["a"], false),
         ])
         .unwrap(),
+        deps: Vec::new(),
         lease_grace_ms: 5,
     };
     let (a, b, c, d, e) = (0, 1, 2, 3, 4);
