@@ -73,6 +73,7 @@ async fn start_notifications(
     store: &Arc<dyn Store>,
     clock: &Arc<dyn Clock>,
     metrics: &metrics::EngineMetrics,
+    tracer: &Option<trace::Tracer>,
     background: &mut tokio::task::JoinSet<()>,
 ) -> Result<(Arc<notify::Hub>, notify::Notifications)> {
     let hub = Arc::new(notify::Hub::new(config.notify.stream_buffer));
@@ -126,6 +127,7 @@ async fn start_notifications(
         email,
         metrics: notify::dispatcher::DispatchMetrics::new(metrics.registry())
             .context("register the notification metrics")?,
+        tracer: tracer.clone(),
     });
     background.spawn(dispatcher.run());
     let types = config.types.iter().map(|t| t.name.clone()).collect();
@@ -305,7 +307,8 @@ impl Engine {
             load,
         );
         let (hub, notifications) =
-            start_notifications(&config, &store, &clock, &metrics, &mut background).await?;
+            start_notifications(&config, &store, &clock, &metrics, &tracer, &mut background)
+                .await?;
         Ok(Engine {
             config,
             store,
