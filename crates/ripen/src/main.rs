@@ -134,6 +134,10 @@ struct BenchArgs {
     /// Entities of the W5 row with worker steps; 0 skips it.
     #[arg(long, default_value_t = 10_000)]
     worker_entities: usize,
+    /// Also run the W5 row with one webhook subscription (every event) on a
+    /// local receiver, and report the delivery lag.
+    #[arg(long)]
+    notify: bool,
     /// Also run the 1,000,000-entity row (takes several minutes).
     #[arg(long)]
     million: bool,
@@ -172,6 +176,7 @@ impl BenchArgs {
             w5_only: self.w5_only,
             workers_only: self.workers_only,
             worker_entities: self.worker_entities,
+            notify: self.notify,
             million: self.million,
             preload: self.preload,
             storage: self.storage,
