@@ -40,7 +40,16 @@ function fill(el, ...kids) { el.replaceChildren(); el.append(h("div", null, ...k
 function badge(status) { return h("span", {class: `badge st-${status}`}, status); }
 function entityLink(id) { return h("a", {href: `#/entities/${encodeURIComponent(id)}`}, h("code", null, id)); }
 function time(t) { return t ? h("time", {datetime: t}, t.replace("T", " ").replace(/\.\d+Z$/, "Z")) : "—"; }
-function ms(n) { return n < 1000 ? `${Math.round(n)} ms` : n % 1000 === 0 ? `${n / 1000} s` : `${(n / 1000).toFixed(n < 10000 ? 2 : 1)} s`; }
+function ms(n) {
+  if (n < 10) return `${n.toFixed(1)} ms`;
+  if (n < 1000) return `${Math.round(n)} ms`;
+  return n % 1000 === 0 ? `${n / 1000} s` : `${(n / 1000).toFixed(n < 10000 ? 2 : 1)} s`;
+}
+/** Microseconds since 1970 of an RFC 3339 time in UTC, to the microsecond (Date.parse stops at the millisecond). */
+function micros(t) {
+  const m = /^(.{19})(?:\.(\d+))?Z$/.exec(t || "");
+  return m ? Date.parse(m[1] + "Z") * 1000 + Number((m[2] || "").padEnd(6, "0").slice(0, 6)) : NaN;
+}
 function settled(e) { return e.status !== "pending" && e.steps.every(s => SETTLED_STEPS.includes(s.status)); }
 
 /** The answer's JSON; a refusal throws an Error saying the problem's title and detail. */
@@ -365,7 +374,7 @@ function entityList(view, params) {
   };
 
   if (p.status === "failed" && !p.q) {
-    bulk.append(h("button", {type: "button", class: "danger", id: "bulk-retry", onclick: ev => bulkRetry(ev.target, query, view)},
+    bulk.append(h("button", {type: "button", class: "danger", id: "bulk-retry", onclick: ev => bulkRetry(ev.target, query, view, load)},
       "Retry every failed entity of this filter (up to 1,000)"));
   }
 
@@ -379,7 +388,7 @@ function entityList(view, params) {
 }
 
 /** Retries the failed entities the filter selects: their ids, read with the filter, per type. */
-async function bulkRetry(button, query, view) {
+async function bulkRetry(button, query, view, reload) {
   button.disabled = true;
   try {
     const page = await api(query({status: "failed", limit: "1000"}));
@@ -389,7 +398,10 @@ async function bulkRetry(button, query, view) {
     for (const [type, ids] of Object.entries(byType)) {
       requeued += (await api("/v1/entities:retry", {json: {type, ids}})).requeued;
     }
-    if (view.alive) say(`Retry accepted: ${requeued} of ${page.items.length} failed entit${page.items.length === 1 ? "y" : "ies"} re-queued.`);
+    if (view.alive) {
+      say(`Retry accepted: ${requeued} of ${page.items.length} failed entit${page.items.length === 1 ? "y" : "ies"} re-queued.`);
+      reload();
+    }
   } catch (e) {
     if (view.alive) warn(`The bulk retry was refused: ${e.message}`);
   } finally {
@@ -564,7 +576,7 @@ function drawTimeline(box, e, list, error) {
     h("td", {"data-label": "step"}, a.step),
     h("td", {"data-label": "attempt", class: "num"}, a.attempt),
     h("td", {"data-label": "started"}, time(a.started)),
-    h("td", {"data-label": "duration"}, a.end ? ms(Date.parse(a.end) - Date.parse(a.started)) : "running"),
+    h("td", {"data-label": "duration"}, a.end ? ms((micros(a.end) - micros(a.started)) / 1000) : "running"),
     h("td", {"data-label": "outcome"}, a.outcome),
     h("td", {"data-label": "next retry"}, time(a.next)),
     h("td", {"data-label": "runs on"}, a.worker ? `worker ${a.worker}` : (executor[a.step] || "—")),
