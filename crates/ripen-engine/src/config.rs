@@ -39,6 +39,53 @@ pub struct Config {
     pub types: Vec<TypeConfig>,
     /// How `https` steps connect.
     pub tls: HttpTls,
+    /// `[notify]`: webhooks, email and the outbox.
+    pub notify: NotifyConfig,
+}
+
+/// `[notify]`: how notifications are delivered. See docs/notifications.md.
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    /// CIDR ranges webhooks may reach although they are private (loopback,
+    /// RFC 1918, ...); empty by default.
+    pub allow_networks: Vec<String>,
+    /// How long a failing delivery is retried before it is dead.
+    pub retry_for_ms: u64,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// How long one delivery attempt may take.
+    pub attempt_timeout_ms: u64,
+    /// Deliveries of one subscription in flight on one node, at most.
+    pub per_subscription: u32,
+    /// How long outbox rows (what `/v1/events` resumes from) are kept after
+    /// they were fanned out.
+    pub outbox_retention_ms: u64,
+    /// The file with the master key that seals webhook secrets; the
+    /// environment's `RIPEN_MASTER_KEY` wins over it. On SQLite it defaults
+    /// to the database file's name with `.key` added.
+    pub master_key_file: Option<PathBuf>,
+    /// `[notify.email]`: mail when entities settle; off when absent.
+    pub email: Option<ripen_notify::email::EmailConfig>,
+}
+
+pub const DEFAULT_NOTIFY_RETRY_FOR_MS: u64 = 24 * 3_600_000;
+pub const DEFAULT_NOTIFY_ATTEMPT_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_NOTIFY_PER_SUBSCRIPTION: u32 = 8;
+
+impl Default for NotifyConfig {
+    fn default() -> NotifyConfig {
+        NotifyConfig {
+            allow_networks: Vec::new(),
+            retry_for_ms: DEFAULT_NOTIFY_RETRY_FOR_MS,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 600_000,
+            attempt_timeout_ms: DEFAULT_NOTIFY_ATTEMPT_TIMEOUT_MS,
+            per_subscription: DEFAULT_NOTIFY_PER_SUBSCRIPTION,
+            outbox_retention_ms: 24 * 3_600_000,
+            master_key_file: None,
+            email: None,
+        }
+    }
 }
 
 /// The TLS settings of `https` steps: the `[tls]` table, and the steps that
@@ -255,6 +302,9 @@ impl Config {
                 pipeline,
             });
         }
+        let notify =
+            notify_config(raw.notify.unwrap_or_default(), base).map_err(|(k, p)| err(&k, p))?;
+
         Ok(Config {
             path: path.to_owned(),
             listen,
@@ -263,6 +313,7 @@ impl Config {
             engine,
             types,
             tls,
+            notify,
         })
     }
 }
@@ -426,14 +477,80 @@ fn step_tls(
 }
 
 /// Parses `"250ms"`, `"5s"`, `"2m"`; at most one day.
+/// `[notify]`, checked; an error names its key.
+fn notify_config(raw: RawNotify, base: &Path) -> Result<NotifyConfig, (String, String)> {
+    let d = NotifyConfig::default();
+    let key = |k: &str| format!("notify.{k}");
+    ripen_notify::ssrf::Policy::new(&raw.allow_networks).map_err(|p| {
+        // The policy's message names the key and the entry already.
+        (key("allow_networks"), p)
+    })?;
+    let week_s = 7 * 86_400;
+    let c = NotifyConfig {
+        retry_for_ms: duration_ms_max(raw.retry_for.as_deref(), d.retry_for_ms, week_s)
+            .map_err(|p| (key("retry_for"), p))?,
+        initial_backoff_ms: duration_ms(raw.initial_backoff.as_deref(), d.initial_backoff_ms)
+            .map_err(|p| (key("initial_backoff"), p))?,
+        max_backoff_ms: duration_ms(raw.max_backoff.as_deref(), d.max_backoff_ms)
+            .map_err(|p| (key("max_backoff"), p))?,
+        attempt_timeout_ms: duration_ms(raw.timeout.as_deref(), d.attempt_timeout_ms)
+            .map_err(|p| (key("timeout"), p))?,
+        per_subscription: raw.per_subscription.unwrap_or(d.per_subscription),
+        outbox_retention_ms: duration_ms_max(
+            raw.outbox_retention.as_deref(),
+            d.outbox_retention_ms,
+            week_s,
+        )
+        .map_err(|p| (key("outbox_retention"), p))?,
+        master_key_file: raw.master_key_file.map(|f| base.join(f)),
+        allow_networks: raw.allow_networks,
+        email: match raw.email {
+            Some(mut email) => {
+                email.resolve_paths(base);
+                // Its messages name their key (notify.email.KEY) already.
+                email.validate().map_err(|p| {
+                    let (k, p) = p.split_once(": ").unwrap_or(("notify.email", &p));
+                    (k.to_owned(), p.to_owned())
+                })?;
+                Some(email)
+            }
+            None => None,
+        },
+    };
+    if c.retry_for_ms == 0 {
+        return Err((key("retry_for"), "must be more than zero".into()));
+    }
+    if c.attempt_timeout_ms == 0 {
+        return Err((key("timeout"), "must be more than zero".into()));
+    }
+    if c.initial_backoff_ms > c.max_backoff_ms {
+        return Err((
+            key("initial_backoff"),
+            "must not be longer than notify.max_backoff".into(),
+        ));
+    }
+    if c.per_subscription == 0 || c.per_subscription > 64 {
+        return Err((key("per_subscription"), "must be between 1 and 64".into()));
+    }
+    Ok(c)
+}
+
 fn duration_ms(value: Option<&str>, default_ms: u64) -> Result<u64, String> {
+    duration_ms_max(value, default_ms, 86_400)
+}
+
+/// A duration of at most `max_s` seconds.
+fn duration_ms_max(value: Option<&str>, default_ms: u64, max_s: u64) -> Result<u64, String> {
     let Some(v) = value else {
         return Ok(default_ms);
     };
     let d: Duration = humantime::parse_duration(v)
         .map_err(|e| format!("{v:?} is not a duration such as \"500ms\" or \"5s\": {e}"))?;
-    if d > Duration::from_secs(86_400) {
-        return Err(format!("{v:?} is longer than one day"));
+    if d > Duration::from_secs(max_s) {
+        return Err(match max_s {
+            86_400 => format!("{v:?} is longer than one day"),
+            _ => format!("{v:?} is longer than {} days", max_s / 86_400),
+        });
     }
     Ok(d.as_millis() as u64)
 }
@@ -445,8 +562,24 @@ struct RawConfig {
     storage: Option<RawStorage>,
     engine: Option<RawEngine>,
     tls: Option<RawTls>,
+    notify: Option<RawNotify>,
     #[serde(default)]
     types: BTreeMap<String, RawType>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    #[serde(default)]
+    allow_networks: Vec<String>,
+    retry_for: Option<String>,
+    initial_backoff: Option<String>,
+    max_backoff: Option<String>,
+    timeout: Option<String>,
+    per_subscription: Option<u32>,
+    outbox_retention: Option<String>,
+    master_key_file: Option<PathBuf>,
+    email: Option<ripen_notify::email::EmailConfig>,
 }
 
 #[derive(Deserialize)]

@@ -1,12 +1,13 @@
-//! A live follow of one entity's history, for the SSE stream.
+//! A live follow of one entity's history, for the SSE stream. It reads the
+//! store when the hub says a commit may have changed the entity, not on a
+//! timer.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use ripen_store::{EntityId, HistoryEvent, Store};
 
-/// How often a feed asks the store for new events.
-const FOLLOW_INTERVAL_MS: u64 = 100;
+use crate::notify::Following;
+
 /// The most events read from the store per round.
 const EVENTS_PER_ROUND_MAX: u32 = 1_000;
 
@@ -15,6 +16,7 @@ const EVENTS_PER_ROUND_MAX: u32 = 1_000;
 /// every event up to that point was yielded.
 pub struct EntityFeed {
     store: Arc<dyn Store>,
+    following: Following,
     tenant: String,
     id: EntityId,
     after_seq: u64,
@@ -24,12 +26,14 @@ pub struct EntityFeed {
 impl EntityFeed {
     pub(crate) fn new(
         store: Arc<dyn Store>,
+        following: Following,
         tenant: &str,
         id: EntityId,
         after_seq: u64,
     ) -> EntityFeed {
         EntityFeed {
             store,
+            following,
             tenant: tenant.to_owned(),
             id,
             after_seq,
@@ -69,7 +73,7 @@ impl EntityFeed {
                 Ok(None) | Err(_) => self.done = true,
             }
             if !self.done {
-                tokio::time::sleep(Duration::from_millis(FOLLOW_INTERVAL_MS)).await;
+                self.following.changed().await;
             }
         }
     }

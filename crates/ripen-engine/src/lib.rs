@@ -23,6 +23,7 @@ pub mod executor;
 pub mod feed;
 mod intake;
 pub mod metrics;
+pub mod notify;
 mod scheduler;
 pub mod schema;
 pub mod time;
@@ -78,6 +79,71 @@ pub struct Activity {
     pub ready: u64,
 }
 
+/// Starts what notifies: the hub that hears the store's commits, the
+/// dispatcher of webhooks and mail, and the registration of the email sink.
+async fn start_notifications(
+    config: &Config,
+    store: &Arc<dyn Store>,
+    clock: &Arc<dyn Clock>,
+    metrics: &metrics::EngineMetrics,
+    background: &mut tokio::task::JoinSet<()>,
+) -> Result<(Arc<notify::Hub>, notify::Notifications)> {
+    let hub = Arc::new(notify::Hub::default());
+    let heard = hub.clone();
+    store.watch_changes(Arc::new(move |c: &ripen_store::Changes<'_>| heard.heard(c)));
+    let poll = Duration::from_millis(config.engine.poll_interval_ms);
+    background.spawn(hub.clone().run(store.clone(), poll));
+    let n = &config.notify;
+    let key = notify::master_key(n.master_key_file.as_deref(), &config.storage)
+        .map_err(|e| anyhow::anyhow!("{}: notify: {e}", config.path.display()))?
+        .map(Arc::new);
+    let policy = ripen_notify::ssrf::Policy::new(&n.allow_networks)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.path.display()))?;
+    let client = Arc::new(ripen_notify::client::SafeClient::with_system_defaults(
+        policy.clone(),
+    ));
+    let email = match &n.email {
+        Some(email) => {
+            let sink = notify::EmailSink::new(email.clone(), store.clone())
+                .map_err(|e| anyhow::anyhow!("{}: notify.email: {e}", config.path.display()))?;
+            store
+                .put_subscription(notify::EmailSink::subscription(email, clock.now_us()))
+                .await
+                .context("register the email sink")?;
+            Some(Arc::new(sink) as Arc<dyn notify::Sink>)
+        }
+        None => {
+            store
+                .delete_subscription(ripen_store::notify::ANY_TENANT, notify::EMAIL_SUBSCRIPTION)
+                .await
+                .context("remove the email sink")?;
+            None
+        }
+    };
+    let webhook = notify::WebhookSink::new(
+        ripen_notify::client::SafeClient::with_system_defaults(policy),
+        key.clone(),
+        Duration::from_millis(n.attempt_timeout_ms),
+        clock.clone(),
+    );
+    let dispatcher = Arc::new(notify::Dispatcher {
+        store: store.clone(),
+        hub: hub.clone(),
+        clock: clock.clone(),
+        config: n.clone(),
+        poll,
+        webhook: Arc::new(webhook),
+        email,
+        metrics: notify::dispatcher::DispatchMetrics::new(metrics.registry())
+            .context("register the notification metrics")?,
+    });
+    background.spawn(dispatcher.run());
+    let types = config.types.iter().map(|t| t.name.clone()).collect();
+    let notifications =
+        notify::Notifications::new(store.clone(), client, key, clock.clone(), types);
+    Ok((hub, notifications))
+}
+
 /// Why a node is not ready to serve.
 #[derive(Debug, thiserror::Error)]
 pub enum NotReady {
@@ -101,12 +167,11 @@ pub struct Engine {
     metrics: Arc<metrics::EngineMetrics>,
     tracer: Option<trace::Tracer>,
     clock: Arc<dyn Clock>,
+    hub: Arc<notify::Hub>,
+    notifications: notify::Notifications,
     shutting_down: AtomicBool,
     /// Entities this node's intake created; see [`Engine::activity`].
     created: AtomicU64,
-    /// The store's decision counters, registered a second time for
-    /// [`Engine::activity`] to read without rendering every metric.
-    activity: prometheus::Registry,
     /// Tasks that live as long as the engine, aborted when it is dropped.
     _background: tokio::task::JoinSet<()>,
     /// Held for the life of the engine so that one embedded database has one owner.
@@ -201,10 +266,6 @@ impl Engine {
         });
         let metrics =
             Arc::new(metrics::EngineMetrics::new(store.as_ref()).context("register the metrics")?);
-        let activity = prometheus::Registry::new();
-        store
-            .register_metrics(&activity)
-            .context("register the activity counters")?;
         let tracer = trace::Tracer::from_env().map(|(tracer, export)| {
             background.spawn(export);
             tracer
@@ -255,6 +316,8 @@ impl Engine {
             clock.clone(),
             load,
         );
+        let (hub, notifications) =
+            start_notifications(&config, &store, &clock, &metrics, &mut background).await?;
         Ok(Engine {
             config,
             store,
@@ -264,9 +327,10 @@ impl Engine {
             metrics,
             tracer,
             clock,
+            hub,
+            notifications,
             shutting_down: AtomicBool::new(false),
             created: AtomicU64::new(0),
-            activity,
             _background: background,
             _lock: lock,
         })
@@ -420,10 +484,60 @@ impl Engine {
         }
         Ok(Some(EntityFeed::new(
             self.store.clone(),
+            self.hub.follow(id),
             tenant,
             id,
             after_seq,
         )))
+    }
+
+    /// Waits up to `wait` for the entity to settle (a terminal status with
+    /// no attempt left running), then returns it as `get_data` does; `None`
+    /// for an unknown entity.
+    pub async fn wait_settled(
+        &self,
+        tenant: &str,
+        id: EntityId,
+        wait: Duration,
+    ) -> Result<Option<EntityData>, StoreError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut following = self.hub.follow(id);
+        loop {
+            let Some(data) = self.store.get_data(tenant, id).await? else {
+                return Ok(None);
+            };
+            let settled = data.record.status.is_terminal();
+            if settled || tokio::time::Instant::now() >= deadline {
+                return Ok(Some(data));
+            }
+            let _ = tokio::time::timeout_at(deadline, following.changed()).await;
+        }
+    }
+
+    /// Every status change from now on, as this node hears of them.
+    pub fn live_notifications(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<Arc<ripen_store::Notification>> {
+        self.hub.live()
+    }
+
+    /// Status changes after outbox position `after`, oldest first, at most
+    /// `limit`: what a live stream resumes from.
+    pub async fn notifications_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<ripen_store::Notification>, StoreError> {
+        let entries = self.store.outbox(after, limit).await?;
+        Ok(entries
+            .iter()
+            .filter_map(ripen_store::Notification::from_outbox)
+            .collect())
+    }
+
+    /// The webhook subscriptions API.
+    pub fn notifications(&self) -> &notify::Notifications {
+        &self.notifications
     }
 
     /// Cancels a pending entity. Its running attempts are skipped, and their
@@ -523,7 +637,8 @@ impl Engine {
     /// entities its decisions made ready. Cheap: counters, no store call.
     pub fn activity(&self) -> Activity {
         let ready = self
-            .activity
+            .metrics
+            .registry()
             .gather()
             .iter()
             .filter(|f| f.name() == "ripen_entity_status_changes_total")

@@ -118,6 +118,11 @@ impl EngineMetrics {
         })
     }
 
+    /// The registry every family is in, for the parts that add their own.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn intake(&self, type_name: &str, outcome: &str, elapsed: Duration) {
         self.intake.with_label_values(&[type_name, outcome]).inc();
         self.intake_seconds

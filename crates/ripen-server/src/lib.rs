@@ -2,6 +2,7 @@
 //! health, with every error as RFC 9457 problem+json.
 
 mod dashboard;
+mod notify;
 mod problem;
 mod stats;
 mod stream;
@@ -121,6 +122,14 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/entities/{id}/events", get(events))
         .route("/v1/entities/{id}/retry", post(retry))
         .route("/v1/entities/{id}/cancel", post(cancel))
+        .route("/v1/events", get(notify::stream))
+        .route("/v1/subscriptions", post(notify::create).get(notify::list))
+        .route(
+            "/v1/subscriptions/{id}",
+            get(notify::get).delete(notify::delete),
+        )
+        .route("/v1/subscriptions/{id}/deliveries", get(notify::deliveries))
+        .route("/v1/deliveries/{id}/redeliver", post(notify::redeliver))
         .route("/v1/queues/{queue}/claim", post(workers::claim))
         .route("/v1/tasks/{task}/heartbeat", post(workers::heartbeat))
         .route("/v1/tasks/{task}/complete", post(workers::complete))
@@ -368,17 +377,50 @@ async fn get_entity(
     }
 }
 
+/// The longest `/data?wait=`.
+pub const DATA_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataParams {
+    wait: Option<String>,
+}
+
 async fn get_data(
     State(state): Shared,
     p: Result<Path<String>, PathRejection>,
+    q: Result<Query<DataParams>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let id = entity_id(p)?;
-    let Some(d) = state
-        .engine
-        .get_data(DEFAULT_TENANT, id)
-        .await
-        .map_err(store_problem)?
-    else {
+    let Query(q) = q.map_err(|e| Problem::bad_request(format!("bad query: {}", e.body_text())))?;
+    let wait = match q.wait.as_deref().filter(|w| !w.is_empty()) {
+        None => None,
+        Some(w) => {
+            let d = humantime::parse_duration(w).map_err(|_| {
+                Problem::bad_request(format!("wait {w:?} is not a duration such as \"10s\""))
+            })?;
+            if d > DATA_WAIT_MAX {
+                return Err(Problem::bad_request(format!(
+                    "wait is at most {}s",
+                    DATA_WAIT_MAX.as_secs()
+                )));
+            }
+            Some(d)
+        }
+    };
+    let found = match wait {
+        Some(wait) => {
+            let mut stopping = state.stopping.clone();
+            tokio::select! {
+                found = state.engine.wait_settled(DEFAULT_TENANT, id, wait) => found,
+                () = async move { let _ = stopping.wait_for(|s| *s).await.is_ok(); } => {
+                    state.engine.get_data(DEFAULT_TENANT, id).await
+                }
+            }
+        }
+        None => state.engine.get_data(DEFAULT_TENANT, id).await,
+    };
+    let Some(d) = found.map_err(store_problem)? else {
         return Err(no_entity(id));
     };
     let status = d.record.status;

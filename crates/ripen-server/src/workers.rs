@@ -200,7 +200,7 @@ fn task_id(p: Result<Path<String>, PathRejection>) -> Result<TaskId, Problem> {
         .map_err(|()| Problem::not_found(format!("no task with id {raw:?}")))
 }
 
-fn invalid(detail: String) -> Problem {
+pub(crate) fn invalid(detail: String) -> Problem {
     Problem::new(
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid-request",
@@ -210,7 +210,7 @@ fn invalid(detail: String) -> Problem {
 }
 
 /// Reads a JSON request body of a worker endpoint; an empty body reads as `{}`.
-async fn read_json<T: DeserializeOwned>(
+pub(crate) async fn read_json<T: DeserializeOwned>(
     state: &crate::AppState,
     request: Request,
 ) -> Result<T, Problem> {

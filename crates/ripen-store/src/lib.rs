@@ -14,6 +14,7 @@
 mod decode;
 pub mod history;
 pub mod metrics;
+pub mod notify;
 pub mod postgres;
 pub mod sqlite;
 pub mod suite;
@@ -28,6 +29,10 @@ use uuid::Uuid;
 
 pub use history::HistoryEvent;
 pub use metrics::{DecisionMetrics, Instrumented};
+pub use notify::{
+    Delivery, DeliveryClaim, DeliveryCounts, DeliveryOutcome, DeliveryQuery, DeliveryResult,
+    DeliveryStatus, FanOut, Notification, RedeliverOutcome, SinkKind, Subscription,
+};
 pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
@@ -247,6 +252,57 @@ impl WorkWatchers {
     }
 }
 
+/// What a commit changed, as a store tells its change watchers.
+#[derive(Clone, Copy, Debug)]
+pub struct Changes<'a> {
+    /// The entities whose history grew; `None` when any entity may have
+    /// changed (another node committed, notifications were missed).
+    pub entities: Option<&'a [EntityId]>,
+    /// Outbox rows were written that wait for a fan-out.
+    pub outbox_written: bool,
+    /// New outbox positions are readable.
+    pub sequenced: bool,
+}
+
+/// Called by a store after commits: see [`Store::watch_changes`].
+pub type ChangeWatcher = std::sync::Arc<dyn Fn(&Changes<'_>) + Send + Sync>;
+
+/// The change watchers of a store.
+#[derive(Default)]
+pub struct ChangeWatchers(std::sync::RwLock<Vec<ChangeWatcher>>);
+
+impl ChangeWatchers {
+    pub fn add(&self, watcher: ChangeWatcher) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(watcher);
+    }
+
+    pub fn tell(&self, changes: &Changes<'_>) {
+        let watchers = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for w in watchers.iter() {
+            w(changes);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+}
+
+impl fmt::Debug for ChangeWatchers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ChangeWatchers")
+    }
+}
+
 impl fmt::Debug for WorkWatchers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("WorkWatchers")
@@ -300,7 +356,8 @@ pub struct CompleteBatch {
 /// degradation, written in the same transaction as the change.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutboxEntry {
-    /// Grows with every row written; the position of a reader.
+    /// The row's position: grows in the order rows become readable, so a
+    /// reader resumes after the last one it saw (see [`notify`]).
     pub id: u64,
     pub entity_id: EntityId,
     /// The seq of the history event it announces.
@@ -310,6 +367,10 @@ pub struct OutboxEntry {
     /// The notification as JSON: entity id, tenant, type, version, seq,
     /// time, kind and the event's detail.
     pub body: String,
+    /// The entity's status when the row was read.
+    pub status: Option<String>,
+    /// Whether the entity had been degraded by this row's event.
+    pub degraded: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -470,9 +531,71 @@ pub trait Store: Send + Sync + 'static {
         after_seq: u64,
         limit: u32,
     ) -> Result<Option<Vec<HistoryEvent>>>;
-    /// Outbox rows with `id > after_id`, oldest first: what a notification
-    /// dispatcher reads.
-    async fn outbox(&self, after_id: u64, limit: u32) -> Result<Vec<OutboxEntry>>;
+    /// Outbox rows with a position after `after_pos`, oldest first: what
+    /// live streams read. On a shared store only rows a fan-out has
+    /// positioned are read.
+    async fn outbox(&self, after_pos: u64, limit: u32) -> Result<Vec<OutboxEntry>>;
+
+    /// The newest outbox position, 0 when there is none.
+    async fn outbox_head(&self) -> Result<u64>;
+
+    /// Hands up to `limit` outbox rows not yet fanned out to the
+    /// subscriptions they match, as pending deliveries, in one transaction;
+    /// on a shared store it first gives them positions. One node fans out
+    /// at a time; a node that finds another one doing it returns at once.
+    async fn fan_out(&self, limit: u32, now_us: UnixMicros) -> Result<FanOut>;
+
+    /// Deletes outbox rows older than `before_us` that the fan-out has
+    /// passed, at most `limit`, never the newest row. Returns how many.
+    async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64>;
+
+    /// Stores a subscription, or replaces the one with its id (keeping its
+    /// start). Its start is the outbox head now: it hears what the fan-out
+    /// reaches afterwards. Returns it as stored.
+    async fn put_subscription(&self, sub: Subscription) -> Result<Subscription>;
+
+    /// The subscriptions of `tenant` (every one for `None`), oldest first,
+    /// with their delivery counts.
+    async fn subscriptions(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(Subscription, DeliveryCounts)>>;
+
+    /// Deletes a subscription and its deliveries; false if there was none.
+    async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool>;
+
+    /// Claims due deliveries for `claim.lease_us`. A delivery is due when it
+    /// is pending, its time has come, and no earlier notification of the
+    /// same entity to the same subscription is still pending: per-entity
+    /// order.
+    async fn claim_deliveries(
+        &self,
+        claim: DeliveryClaim,
+        now_us: UnixMicros,
+    ) -> Result<Vec<Delivery>>;
+
+    /// Records attempt results; one whose claim is no longer current
+    /// changes nothing.
+    async fn finish_deliveries(
+        &self,
+        results: Vec<DeliveryResult>,
+        now_us: UnixMicros,
+    ) -> Result<()>;
+
+    /// The deliveries of one subscription, newest first.
+    async fn deliveries(
+        &self,
+        subscription_id: &str,
+        query: DeliveryQuery,
+    ) -> Result<Vec<Delivery>>;
+
+    /// Queues a dead delivery of `tenant`'s subscriptions again.
+    async fn redeliver(
+        &self,
+        tenant: &str,
+        delivery_id: u64,
+        now_us: UnixMicros,
+    ) -> Result<RedeliverOutcome>;
 
     /// Entities by type and status, and entities with due steps by queue.
     /// Served from indexes; the caller bounds how often it asks.
@@ -505,6 +628,11 @@ pub trait Store: Send + Sync + 'static {
     /// a step of that queue runnable. Calls are cheap hints; a watcher must
     /// not block.
     fn watch_work(&self, watcher: WorkWatcher);
+
+    /// Asks the store to call `watcher` after each commit with what it
+    /// changed, and, on a shared store, when other nodes' notifications
+    /// arrive. Calls are cheap hints; a watcher must not block.
+    fn watch_changes(&self, watcher: ChangeWatcher);
 }
 
 #[cfg(test)]

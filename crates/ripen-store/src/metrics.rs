@@ -395,6 +395,77 @@ impl<S: Store> Store for Instrumented<S> {
         self.timed("outbox", self.inner.outbox(after_id, limit))
             .await
     }
+    async fn outbox_head(&self) -> Result<u64> {
+        self.timed("outbox_head", self.inner.outbox_head()).await
+    }
+    async fn fan_out(&self, limit: u32, now_us: UnixMicros) -> Result<crate::FanOut> {
+        self.timed("fan_out", self.inner.fan_out(limit, now_us))
+            .await
+    }
+    async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
+        self.timed("prune_outbox", self.inner.prune_outbox(before_us, limit))
+            .await
+    }
+    async fn put_subscription(&self, sub: crate::Subscription) -> Result<crate::Subscription> {
+        self.timed("put_subscription", self.inner.put_subscription(sub))
+            .await
+    }
+    async fn subscriptions(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(crate::Subscription, crate::DeliveryCounts)>> {
+        self.timed("subscriptions", self.inner.subscriptions(tenant))
+            .await
+    }
+    async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool> {
+        self.timed(
+            "delete_subscription",
+            self.inner.delete_subscription(tenant, id),
+        )
+        .await
+    }
+    async fn claim_deliveries(
+        &self,
+        claim: crate::DeliveryClaim,
+        now_us: UnixMicros,
+    ) -> Result<Vec<crate::Delivery>> {
+        self.timed(
+            "claim_deliveries",
+            self.inner.claim_deliveries(claim, now_us),
+        )
+        .await
+    }
+    async fn finish_deliveries(
+        &self,
+        results: Vec<crate::DeliveryResult>,
+        now_us: UnixMicros,
+    ) -> Result<()> {
+        self.timed(
+            "finish_deliveries",
+            self.inner.finish_deliveries(results, now_us),
+        )
+        .await
+    }
+    async fn deliveries(
+        &self,
+        subscription_id: &str,
+        query: crate::DeliveryQuery,
+    ) -> Result<Vec<crate::Delivery>> {
+        self.timed("deliveries", self.inner.deliveries(subscription_id, query))
+            .await
+    }
+    async fn redeliver(
+        &self,
+        tenant: &str,
+        delivery_id: u64,
+        now_us: UnixMicros,
+    ) -> Result<crate::RedeliverOutcome> {
+        self.timed(
+            "redeliver",
+            self.inner.redeliver(tenant, delivery_id, now_us),
+        )
+        .await
+    }
     async fn counts(&self, now_us: UnixMicros) -> Result<crate::Counts> {
         self.timed("counts", self.inner.counts(now_us)).await
     }
@@ -412,6 +483,9 @@ impl<S: Store> Store for Instrumented<S> {
     }
     fn watch_work(&self, watcher: WorkWatcher) {
         self.inner.watch_work(watcher)
+    }
+    fn watch_changes(&self, watcher: crate::ChangeWatcher) {
+        self.inner.watch_changes(watcher)
     }
     fn register_metrics(&self, registry: &Registry) -> prometheus::Result<()> {
         registry.register(Box::new(self.calls.clone()))?;

@@ -52,6 +52,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Config, Row, Statement};
 
+mod notify;
 mod tls;
 
 pub use tls::PgTls;
@@ -61,13 +62,15 @@ use crate::history::HistoryEvent;
 use crate::metrics::CommitMetrics;
 use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
-    Attempt, Claim, ClaimBatch, CommandOutcome, CompleteBatch, Completion, Counts, EntityData,
-    EntityId, EntityRecord, Heartbeat, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result,
-    StepRecord, Store, StoreError, WorkWatcher, WorkWatchers,
+    Attempt, ChangeWatcher, ChangeWatchers, Changes, Claim, ClaimBatch, CommandOutcome,
+    CompleteBatch, Completion, Counts, Delivery, DeliveryClaim, DeliveryCounts, DeliveryQuery,
+    DeliveryResult, EntityData, EntityId, EntityRecord, FanOut, Heartbeat, IntakeOutcome,
+    ListQuery, NewEntity, OutboxEntry, RedeliverOutcome, Result, StepRecord, Store, StoreError,
+    Subscription, WorkWatcher, WorkWatchers,
 };
 
 /// The schema this build writes, kept in `ripen_schema`.
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
 /// The advisory lock that serializes schema migrations of nodes starting at once.
 const MIGRATION_LOCK: i64 = 0x7269_7065_6e5f_6d31; // "ripen_m1"
 /// The channel of work notifications.
@@ -208,6 +211,7 @@ pub struct PostgresStore {
     /// aborted on drop.
     listeners: Mutex<Vec<JoinHandle<()>>>,
     watchers: Arc<WorkWatchers>,
+    changes: Arc<ChangeWatchers>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -292,6 +296,7 @@ impl PostgresStore {
             creates,
             listeners: Mutex::new(Vec::new()),
             watchers: Arc::new(WorkWatchers::default()),
+            changes: Arc::new(ChangeWatchers::default()),
             runtime: tokio::runtime::Handle::current(),
         })
     }
@@ -556,30 +561,85 @@ impl Store for PostgresStore {
         Ok(Some(events))
     }
 
-    async fn outbox(&self, after_id: u64, limit: u32) -> Result<Vec<OutboxEntry>> {
+    async fn outbox(&self, after_pos: u64, limit: u32) -> Result<Vec<OutboxEntry>> {
         let conn = self.shared.pool.get().await?;
-        let rows = conn
-            .query(
-                "SELECT id, entity_id, seq, at, kind, body FROM outbox
-                 WHERE id > $1 ORDER BY id LIMIT $2",
-                &[
-                    &i64::try_from(after_id).unwrap_or(i64::MAX),
-                    &i64::from(limit),
-                ],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OutboxEntry {
-                    id: to_u64(r.try_get(0).map_err(decode_error)?, "outbox.id")?,
-                    entity_id: entity_id(r.try_get::<_, &[u8]>(1).map_err(decode_error)?)?,
-                    seq: to_u64(r.try_get(2).map_err(decode_error)?, "outbox.seq")?,
-                    at_us: r.try_get(3).map_err(decode_error)?,
-                    kind: r.try_get(4).map_err(decode_error)?,
-                    body: r.try_get(5).map_err(decode_error)?,
-                })
-            })
-            .collect()
+        notify::read_outbox(&conn, after_pos, limit).await
+    }
+
+    async fn outbox_head(&self) -> Result<u64> {
+        let conn = self.shared.pool.get().await?;
+        notify::outbox_head(&conn).await
+    }
+
+    async fn fan_out(&self, limit: u32, now_us: UnixMicros) -> Result<FanOut> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = notify::fan_out(&conn, limit, now_us).await;
+        conn.finish(result).await
+    }
+
+    async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
+        let conn = self.shared.pool.get().await?;
+        notify::prune(&conn, before_us, limit).await
+    }
+
+    async fn put_subscription(&self, sub: Subscription) -> Result<Subscription> {
+        let conn = self.shared.pool.get().await?;
+        notify::put_subscription(&conn, &sub).await
+    }
+
+    async fn subscriptions(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(Subscription, DeliveryCounts)>> {
+        let conn = self.shared.pool.get().await?;
+        notify::subscriptions(&conn, tenant).await
+    }
+
+    async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = notify::delete_subscription(&conn, tenant, id).await;
+        conn.finish(result).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        claim: DeliveryClaim,
+        now_us: UnixMicros,
+    ) -> Result<Vec<Delivery>> {
+        let conn = self.shared.pool.get().await?;
+        notify::claim_deliveries(&conn, &claim, now_us).await
+    }
+
+    async fn finish_deliveries(
+        &self,
+        results: Vec<DeliveryResult>,
+        now_us: UnixMicros,
+    ) -> Result<()> {
+        let conn = self.shared.pool.get().await?;
+        notify::finish_deliveries(&conn, &results, now_us).await
+    }
+
+    async fn deliveries(
+        &self,
+        subscription_id: &str,
+        query: DeliveryQuery,
+    ) -> Result<Vec<Delivery>> {
+        let conn = self.shared.pool.get().await?;
+        notify::deliveries(&conn, subscription_id, &query).await
+    }
+
+    async fn redeliver(
+        &self,
+        tenant: &str,
+        delivery_id: u64,
+        now_us: UnixMicros,
+    ) -> Result<RedeliverOutcome> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = notify::redeliver(&conn, tenant, delivery_id, now_us).await;
+        conn.finish(result).await
     }
 
     async fn ping(&self) -> Result<()> {
@@ -653,12 +713,28 @@ impl Store for PostgresStore {
 
     fn watch_work(&self, watcher: WorkWatcher) {
         self.watchers.add(watcher);
+        self.listen();
+    }
+
+    fn watch_changes(&self, watcher: ChangeWatcher) {
+        self.changes.add(watcher);
+        self.listen();
+    }
+}
+
+impl PostgresStore {
+    /// Starts the notification listener, once.
+    fn listen(&self) {
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         if listeners.is_empty() {
             let config = self.shared.pool.config.clone();
             let tls = self.shared.pool.tls.clone();
             let watchers = self.watchers.clone();
-            listeners.push(self.runtime.spawn(listen_for_work(config, tls, watchers)));
+            let changes = self.changes.clone();
+            listeners.push(
+                self.runtime
+                    .spawn(listen_for_work(config, tls, watchers, changes)),
+            );
         }
     }
 }
@@ -987,6 +1063,7 @@ async fn migrate(conn: &Conn) -> Result<()> {
             return Ok(());
         }
         conn.simple(SCHEMA).await?;
+        conn.simple(notify::SCHEMA).await?;
         conn.simple(&format!(
             "INSERT INTO ripen_schema (singleton, version) VALUES (true, {SCHEMA_VERSION})
              ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version"
@@ -1329,6 +1406,21 @@ impl Writes {
                             &self.outbox_body,
                         ],
                     )
+                    .await
+                    .map_err(|e| conn.fail(e))
+            }));
+        }
+        if !self.event_entity.is_empty() {
+            // Live streams on every node follow changes through this.
+            let statement = conn.statement("SELECT pg_notify($1, $2)").await?;
+            let written = if self.outbox_entity.is_empty() {
+                ""
+            } else {
+                "o"
+            };
+            writes.push(Box::pin(async move {
+                conn.client()
+                    .execute(&statement, &[&notify::CHANGED_CHANNEL, &written])
                     .await
                     .map_err(|e| conn.fail(e))
             }));
@@ -1999,7 +2091,25 @@ impl Inserts {
 /// watchers each queue named. Reconnects with backoff when the connection
 /// drops, and wakes every queue after every (re)connection, since
 /// notifications sent while it was not listening are lost.
-async fn listen_for_work(config: Config, tls: PgTls, watchers: Arc<WorkWatchers>) {
+async fn listen_for_work(
+    config: Config,
+    tls: PgTls,
+    watchers: Arc<WorkWatchers>,
+    changes: Arc<ChangeWatchers>,
+) {
+    let heard = |n: &tokio_postgres::Notification| match n.channel() {
+        WORK_CHANNEL => watchers.wake(Some(n.payload())),
+        notify::OUTBOX_CHANNEL => changes.tell(&Changes {
+            entities: None,
+            outbox_written: false,
+            sequenced: true,
+        }),
+        _ => changes.tell(&Changes {
+            entities: None,
+            outbox_written: n.payload() == "o",
+            sequenced: false,
+        }),
+    };
     let mut backoff_ms = LISTEN_BACKOFF_MIN_MS;
     loop {
         match config.connect(tls.connector()).await {
@@ -2007,7 +2117,11 @@ async fn listen_for_work(config: Config, tls: PgTls, watchers: Arc<WorkWatchers>
                 let mut messages =
                     futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                 // LISTEN needs the connection driven while it runs.
-                let listen_sql = format!("LISTEN {WORK_CHANNEL}");
+                let listen_sql = format!(
+                    "LISTEN {WORK_CHANNEL}; LISTEN {}; LISTEN {}",
+                    notify::OUTBOX_CHANNEL,
+                    notify::CHANGED_CHANNEL
+                );
                 let listening = {
                     let listen = client.batch_execute(&listen_sql);
                     tokio::pin!(listen);
@@ -2015,7 +2129,7 @@ async fn listen_for_work(config: Config, tls: PgTls, watchers: Arc<WorkWatchers>
                         tokio::select! {
                             done = &mut listen => break done.is_ok(),
                             message = messages.next() => match message {
-                                Some(Ok(AsyncMessage::Notification(n))) => watchers.wake(Some(n.payload())),
+                                Some(Ok(AsyncMessage::Notification(n))) => heard(&n),
                                 Some(Ok(_)) => {}
                                 _ => break false,
                             },
@@ -2026,9 +2140,14 @@ async fn listen_for_work(config: Config, tls: PgTls, watchers: Arc<WorkWatchers>
                     backoff_ms = LISTEN_BACKOFF_MIN_MS;
                     tracing::debug!("listening for work notifications");
                     watchers.wake(None);
+                    changes.tell(&Changes {
+                        entities: None,
+                        outbox_written: true,
+                        sequenced: true,
+                    });
                     while let Some(message) = messages.next().await {
                         match message {
-                            Ok(AsyncMessage::Notification(n)) => watchers.wake(Some(n.payload())),
+                            Ok(AsyncMessage::Notification(n)) => heard(&n),
                             Ok(_) => {}
                             Err(e) => {
                                 tracing::warn!(error = %describe(&e), "the work notification connection failed");

@@ -53,10 +53,14 @@ use crate::history::HistoryEvent;
 use crate::metrics::CommitMetrics;
 use crate::working::{self, Decider, Jitter, NewRows, Rows, Stored, Working};
 use crate::{
-    Attempt, Claim, ClaimBatch, CommandOutcome, CompleteBatch, Completion, Counts, EntityData,
-    EntityId, EntityRecord, Heartbeat, IntakeOutcome, ListQuery, NewEntity, OutboxEntry, Result,
-    StepRecord, Store, StoreError, WorkWatcher, WorkWatchers,
+    Attempt, ChangeWatcher, ChangeWatchers, Changes, Claim, ClaimBatch, CommandOutcome,
+    CompleteBatch, Completion, Counts, Delivery, DeliveryClaim, DeliveryCounts, DeliveryQuery,
+    DeliveryResult, EntityData, EntityId, EntityRecord, FanOut, Heartbeat, IntakeOutcome,
+    ListQuery, NewEntity, OutboxEntry, RedeliverOutcome, Result, StepRecord, Store, StoreError,
+    Subscription, WorkWatcher, WorkWatchers,
 };
+
+mod notify;
 
 /// The columns of one history row, in the order batched inserts bind them.
 const EVENT_COLUMNS: &[&str] = &[
@@ -92,7 +96,7 @@ const ENTITY_COLUMNS: &[&str] = &[
 ];
 
 /// The schema this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// Write commands waiting for the writer thread; senders wait beyond this.
 const WRITE_QUEUE_MAX: usize = 4_096;
 /// How long a connection waits for a lock before reporting the store busy.
@@ -328,6 +332,7 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     decider: Arc<Decider>,
     watchers: Arc<WorkWatchers>,
+    changes: Arc<ChangeWatchers>,
     commits: CommitMetrics,
 }
 
@@ -365,6 +370,7 @@ impl SqliteStore {
         });
         let decider = Arc::new(Decider::new(catalog, opts.lease_grace_ms, opts.jitter));
         let watchers = Arc::new(WorkWatchers::default());
+        let changes = Arc::new(ChangeWatchers::default());
         let commits = CommitMetrics::default();
         let writer = Writer {
             relay,
@@ -374,6 +380,9 @@ impl SqliteStore {
             sql_cache: HashMap::new(),
             woken: Vec::new(),
             watchers: watchers.clone(),
+            changed: Vec::new(),
+            outbox_written: false,
+            changes: changes.clone(),
             commits: Some(commits.clone()),
         };
         let batch_max = opts.batch_max.max(1);
@@ -386,6 +395,7 @@ impl SqliteStore {
             readers,
             decider,
             watchers,
+            changes,
             commits,
         })
     }
@@ -698,48 +708,82 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn outbox(&self, after_id: u64, limit: u32) -> Result<Vec<OutboxEntry>> {
-        self.read(move |conn| {
-            // Rows point at their history event; the body is built here, by
-            // the reader, rather than by the writer for every change.
-            let mut stmt = conn.prepare_cached(
-                "SELECT o.id, o.entity_id, o.seq, e.at, e.kind, e.detail,
-                        n.tenant, n.type, n.version
-                 FROM outbox o
-                 JOIN events e ON e.entity_id = o.entity_id AND e.seq = o.seq
-                 JOIN entities n ON n.id = o.entity_id
-                 WHERE o.id > ?1 ORDER BY o.id LIMIT ?2",
-            )?;
-            let after = i64::try_from(after_id).unwrap_or(i64::MAX);
-            let mut rows = stmt.query(params![after, i64::from(limit)])?;
-            let mut entries = Vec::new();
-            while let Some(r) = rows.next()? {
-                let id = entity_id(&r.get::<_, Vec<u8>>(1)?)?;
-                let seq = to_u64(r.get(2)?, "outbox.seq")?;
-                let at_us: i64 = r.get(3)?;
-                let kind: String = r.get(4)?;
-                let detail: String = r.get(5)?;
-                let tenant: String = r.get(6)?;
-                let type_name: String = r.get(7)?;
-                let subject = working::Subject {
-                    id,
-                    tenant: &tenant,
-                    type_name: &type_name,
-                    version: to_u32(r.get(8)?, "entities.version")?,
-                };
-                let body = working::notification_body(&subject, seq, at_us, &kind, &detail);
-                entries.push(OutboxEntry {
-                    id: to_u64(r.get(0)?, "outbox.id")?,
-                    entity_id: id,
-                    seq,
-                    at_us,
-                    kind,
-                    body,
-                });
-            }
-            Ok(entries)
-        })
-        .await
+    async fn outbox(&self, after_pos: u64, limit: u32) -> Result<Vec<OutboxEntry>> {
+        self.read(move |conn| notify::read_outbox(conn, after_pos, limit))
+            .await
+    }
+
+    async fn outbox_head(&self) -> Result<u64> {
+        self.read(notify::outbox_head).await
+    }
+
+    async fn fan_out(&self, limit: u32, now_us: UnixMicros) -> Result<FanOut> {
+        self.write(move |w| notify::fan_out(&w.conn, limit, now_us))
+            .await
+    }
+
+    async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
+        self.write(move |w| notify::prune(&w.conn, before_us, limit))
+            .await
+    }
+
+    async fn put_subscription(&self, sub: Subscription) -> Result<Subscription> {
+        self.write(move |w| notify::put_subscription(&w.conn, &sub))
+            .await
+    }
+
+    async fn subscriptions(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(Subscription, DeliveryCounts)>> {
+        let tenant = tenant.map(str::to_owned);
+        self.read(move |conn| notify::subscriptions(conn, tenant.as_deref()))
+            .await
+    }
+
+    async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool> {
+        let (tenant, id) = (tenant.to_owned(), id.to_owned());
+        self.write(move |w| notify::delete_subscription(&w.conn, &tenant, &id))
+            .await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        claim: DeliveryClaim,
+        now_us: UnixMicros,
+    ) -> Result<Vec<Delivery>> {
+        self.write(move |w| notify::claim_deliveries(&w.conn, &claim, now_us))
+            .await
+    }
+
+    async fn finish_deliveries(
+        &self,
+        results: Vec<DeliveryResult>,
+        now_us: UnixMicros,
+    ) -> Result<()> {
+        self.write(move |w| notify::finish_deliveries(&w.conn, &results, now_us))
+            .await
+    }
+
+    async fn deliveries(
+        &self,
+        subscription_id: &str,
+        query: DeliveryQuery,
+    ) -> Result<Vec<Delivery>> {
+        let id = subscription_id.to_owned();
+        self.read(move |conn| notify::deliveries(conn, &id, &query))
+            .await
+    }
+
+    async fn redeliver(
+        &self,
+        tenant: &str,
+        delivery_id: u64,
+        now_us: UnixMicros,
+    ) -> Result<RedeliverOutcome> {
+        let tenant = tenant.to_owned();
+        self.write(move |w| notify::redeliver(&w.conn, &tenant, delivery_id, now_us))
+            .await
     }
 
     async fn ping(&self) -> Result<()> {
@@ -791,6 +835,10 @@ impl Store for SqliteStore {
 
     fn watch_work(&self, watcher: WorkWatcher) {
         self.watchers.add(watcher);
+    }
+
+    fn watch_changes(&self, watcher: ChangeWatcher) {
+        self.changes.add(watcher);
     }
 
     async fn clock_us(&self) -> Result<UnixMicros> {
@@ -901,10 +949,14 @@ fn migrate(conn: &Connection) -> Result<()> {
         ""
     };
     // A current schema is left alone: no statement takes a lock.
+    // Version 4 adds the notification tables (subscriptions, deliveries,
+    // the fan-out's cursor).
+    let notify = notify::SCHEMA;
     let steps = match version {
         SCHEMA_VERSION => return Ok(()),
-        0 => SCHEMA.to_owned(),
-        _ => format!("{upgrade} {SCHEMA_V2} {copy} {UPGRADE_V2_TO_V3}"),
+        0 => format!("{SCHEMA} {notify}"),
+        3 => notify.to_owned(),
+        _ => format!("{upgrade} {SCHEMA_V2} {copy} {UPGRADE_V2_TO_V3} {notify}"),
     };
     conn.execute_batch(&format!(
         "BEGIN IMMEDIATE; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
@@ -1461,6 +1513,12 @@ struct Writer {
     /// watchers once it commits.
     woken: Vec<String>,
     watchers: Arc<WorkWatchers>,
+    /// The entities whose history this batch grew, told to the change
+    /// watchers once it commits (gathered only when there are some).
+    changed: Vec<EntityId>,
+    /// Whether this batch wrote outbox rows.
+    outbox_written: bool,
+    changes: Arc<ChangeWatchers>,
     /// `None` in unit tests.
     commits: Option<CommitMetrics>,
 }
@@ -1503,6 +1561,18 @@ impl Writer {
                 for queue in std::mem::take(&mut self.woken) {
                     self.watchers.wake(Some(&queue));
                 }
+                let changed = std::mem::take(&mut self.changed);
+                if !changed.is_empty() || self.outbox_written {
+                    // Outbox ids are positions here: written means readable.
+                    self.changes.tell(&Changes {
+                        entities: Some(&changed),
+                        outbox_written: self.outbox_written,
+                        sequenced: self.outbox_written,
+                    });
+                }
+                self.outbox_written = false;
+                self.changed = changed;
+                self.changed.clear();
                 self.after_commit();
             }
         }
@@ -1577,6 +1647,8 @@ impl Writer {
         self.exec("BEGIN IMMEDIATE")?;
         // A batch may run twice; only the run that commits wakes anyone.
         self.woken.clear();
+        self.changed.clear();
+        self.outbox_written = false;
         if !savepoints {
             // The creates go first, together: they depend on nothing else in
             // the batch, and a claim later in the batch may take their steps.
@@ -1782,6 +1854,11 @@ impl Writer {
             insert_many(&self.conn, cache, "events", EVENT_COLUMNS, &events)?;
             insert_many(&self.conn, cache, "outbox", OUTBOX_COLUMNS, &outbox)?;
             drop((payloads, entities, due, idempotency, events, outbox));
+            self.outbox_written = true;
+            if !self.changes.is_empty() {
+                self.changed
+                    .extend(fresh.iter().map(|&i| items[i].entity.id));
+            }
             for &i in &fresh {
                 outcomes[i] = Some(Created::New);
             }
@@ -2064,7 +2141,16 @@ impl Writer {
         for o in &rows.outbox {
             outbox.extend([blob(o.entity_id.as_bytes()), int(to_i64(o.seq, "seq")?)]);
         }
-        insert_many(&self.conn, cache, "outbox", OUTBOX_COLUMNS, &outbox)
+        insert_many(&self.conn, cache, "outbox", OUTBOX_COLUMNS, &outbox)?;
+        self.outbox_written |= !rows.outbox.is_empty();
+        if !self.changes.is_empty() {
+            for r in &rows.events {
+                if self.changed.last() != Some(&r.entity_id) {
+                    self.changed.push(r.entity_id);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -2185,6 +2271,9 @@ mod tests {
             checkpointer: None,
             sql_cache: HashMap::new(),
             woken: Vec::new(),
+            changed: Vec::new(),
+            outbox_written: false,
+            changes: Arc::default(),
             watchers: Arc::new(WorkWatchers::default()),
             commits: None,
         };
@@ -2356,6 +2445,9 @@ mod tests {
             checkpointer: None,
             sql_cache: HashMap::new(),
             woken: Vec::new(),
+            changed: Vec::new(),
+            outbox_written: false,
+            changes: Arc::default(),
             watchers: Arc::new(WorkWatchers::default()),
             commits: None,
         };

@@ -72,6 +72,15 @@ macro_rules! store_test_suite {
             watchers_hear_which_queue_got_work,
             counts_and_metrics_follow_the_decisions,
             expiring_loses_expired_leases_and_claims_nothing,
+            outbox_positions_grow_and_resume,
+            fan_out_delivers_what_subscriptions_match,
+            deliveries_keep_each_entitys_order,
+            deliveries_retry_die_and_are_redelivered,
+            claimed_deliveries_come_back_when_their_lease_ends,
+            no_subscription_takes_more_than_its_room,
+            subscriptions_hear_from_their_creation_on,
+            pruning_keeps_the_newest_and_what_is_not_fanned_out,
+            change_watchers_hear_commits,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -84,6 +93,9 @@ macro_rules! store_test_suite {
         )*
     };
 }
+
+mod notify;
+pub use notify::*;
 
 /// The start of time in every test.
 pub const T0: UnixMicros = 1_700_000_000_000_000;
@@ -234,6 +246,56 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     async fn ping(&self) -> Result<()> {
         self.store.ping().await
     }
+    async fn outbox_head(&self) -> Result<u64> {
+        self.store.outbox_head().await
+    }
+    async fn fan_out(&self, limit: u32, now_us: UnixMicros) -> Result<crate::FanOut> {
+        self.store.fan_out(limit, now_us).await
+    }
+    async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
+        self.store.prune_outbox(before_us, limit).await
+    }
+    async fn put_subscription(&self, sub: crate::Subscription) -> Result<crate::Subscription> {
+        self.store.put_subscription(sub).await
+    }
+    async fn subscriptions(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<(crate::Subscription, crate::DeliveryCounts)>> {
+        self.store.subscriptions(tenant).await
+    }
+    async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool> {
+        self.store.delete_subscription(tenant, id).await
+    }
+    async fn claim_deliveries(
+        &self,
+        claim: crate::DeliveryClaim,
+        now_us: UnixMicros,
+    ) -> Result<Vec<crate::Delivery>> {
+        self.store.claim_deliveries(claim, now_us).await
+    }
+    async fn finish_deliveries(
+        &self,
+        results: Vec<crate::DeliveryResult>,
+        now_us: UnixMicros,
+    ) -> Result<()> {
+        self.store.finish_deliveries(results, now_us).await
+    }
+    async fn deliveries(
+        &self,
+        subscription_id: &str,
+        query: crate::DeliveryQuery,
+    ) -> Result<Vec<crate::Delivery>> {
+        self.store.deliveries(subscription_id, query).await
+    }
+    async fn redeliver(
+        &self,
+        tenant: &str,
+        delivery_id: u64,
+        now_us: UnixMicros,
+    ) -> Result<crate::RedeliverOutcome> {
+        self.store.redeliver(tenant, delivery_id, now_us).await
+    }
     async fn clock_us(&self) -> Result<UnixMicros> {
         self.store.clock_us().await
     }
@@ -251,6 +313,9 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     }
     fn watch_work(&self, watcher: WorkWatcher) {
         self.store.watch_work(watcher)
+    }
+    fn watch_changes(&self, watcher: crate::ChangeWatcher) {
+        self.store.watch_changes(watcher)
     }
 }
 
@@ -1791,6 +1856,8 @@ pub async fn outbox_holds_every_notable_event_in_order(store: Arc<dyn Store>) {
         .await
         .expect("cancel");
 
+    // A shared store positions its rows in the fan-out.
+    store.fan_out(100, T0 + SECOND_US).await.expect("fan out");
     let entries = store.outbox(0, 100).await.expect("outbox");
     let seen: Vec<(EntityId, &str)> = entries
         .iter()
@@ -1916,6 +1983,7 @@ pub async fn degraded_after_ready_is_an_event(store: Arc<dyn Store>) {
     .await;
     finish(store, by_name(&batch.claimed, "d"), succeeded(None), t1).await;
     assert_eq!(get(store, record.id).await.status, EntityStatus::Ready);
+    store.fan_out(1_000, t1).await.expect("fan out");
     let before = store.outbox(0, 1_000).await.expect("outbox").len();
 
     let t2 = t1 + SECOND_US;
@@ -1933,6 +2001,7 @@ pub async fn degraded_after_ready_is_an_event(store: Arc<dyn Store>) {
     assert_eq!(degraded.kind, "degraded");
     assert_eq!(degraded.at_us, t2);
     assert_eq!(degraded.detail, json!({"degraded": true, "step": "e"}));
+    store.fan_out(1_000, t2).await.expect("fan out");
     let outbox = store.outbox(0, 1_000).await.expect("outbox");
     assert_eq!(outbox.len(), before + 1);
     let last = outbox.last().expect("outbox");

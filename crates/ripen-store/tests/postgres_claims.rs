@@ -365,7 +365,7 @@ async fn concurrent_migrations_all_succeed() {
 }
 
 /// A database of schema version 1 (before lease holders) is brought to the
-/// current version in place, its entities kept.
+/// current version in place, its entities and outbox kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_1_schema_gains_lease_holders() {
     let url = PgCluster::shared().create_database();
@@ -383,7 +383,12 @@ async fn a_version_1_schema_gains_lease_holders() {
         .expect("connect raw");
     let driver = tokio::spawn(connection);
     client
-        .batch_execute("ALTER TABLE steps DROP COLUMN holder; UPDATE ripen_schema SET version = 1")
+        .batch_execute(
+            "ALTER TABLE steps DROP COLUMN holder;
+             DROP TABLE cursors, subscriptions, deliveries;
+             ALTER TABLE outbox DROP COLUMN pos;
+             UPDATE ripen_schema SET version = 1",
+        )
         .await
         .expect("go back to version 1");
     let store = connect(&url, 1, catalog()).await;
@@ -392,8 +397,14 @@ async fn a_version_1_schema_gains_lease_holders() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     drop(client);
+    // Its outbox rows count as fanned out: they have positions, and the
+    // fan-out starts after them.
+    let outbox = store.outbox(0, 10).await.expect("outbox");
+    assert_eq!(outbox.len(), 1, "the created row, positioned");
+    assert_eq!(store.outbox_head().await.expect("head"), outbox[0].id);
+    assert_eq!(store.fan_out(10, T0).await.expect("fan out").rows, 0);
     let _ = driver.await;
     let fetch = store
         .claim_due(ripen_store::Claim::local(ripen_core::HTTP_QUEUE, 10), T0)
