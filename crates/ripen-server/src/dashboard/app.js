@@ -168,7 +168,9 @@ function overview(view) {
       h("section", {"aria-labelledby": "h-counts"}, h("h2", {id: "h-counts"}, "Entities by type and status"), countsBox),
       h("section", {"aria-labelledby": "h-rates"}, h("h2", {id: "h-rates"}, "Intake and ready rates"), ratesBox)),
     h("section", {"aria-labelledby": "h-log"}, h("h2", {id: "h-log"}, "Recent status changes"), log));
-  let stats = null, countedAt = 0;
+  // The counts are the last ones read plus the status changes heard since
+  // they were counted: `heard` keeps the changes of the last minute.
+  let stats = null, countedAt = 0, heard = [];
 
   const draw = () => {
     const rows = stats.types.map(t => {
@@ -199,8 +201,12 @@ function overview(view) {
     try {
       const s = await api("/v1/stats");
       if (!view.alive) return;
-      stats = s; countedAt = Date.parse(s.counted_at) || Date.now();
+      stats = s; countedAt = micros(s.counted_at) || Date.now() * 1000;
+      heard = heard.filter(ev => ev.at > Date.now() * 1000 - 60e6);
+      for (const ev of heard) if (ev.at > countedAt) move(ev, false);
       draw();
+      // Counts older than the last change heard are read again.
+      if (heard.length && heard[heard.length - 1].at > countedAt) soon();
     } catch (e) { if (view.alive) fill(countsBox, h("p", null, `The counts could not be read: ${e.message}`)); }
   };
   const soon = throttle(refresh, 3000);
@@ -210,19 +216,25 @@ function overview(view) {
   // count corrects whatever this page could not see.
   const moves = {"entity.created": [null, "pending"], "entity.pending": ["failed", "pending"],
     "entity.ready": ["pending", "ready"], "entity.failed": ["pending", "failed"], "entity.cancelled": ["pending", "cancelled"]};
+  const move = (ev, rates) => {
+    if (!moves[ev.kind]) return;
+    let t = stats.types.find(x => x.type === ev.type);
+    if (!t) { t = {type: ev.type, counts: {pending: 0, ready: 0, failed: 0, cancelled: 0}}; stats.types.push(t); }
+    const [from, to] = moves[ev.kind];
+    if (from && t.counts[from] > 0) t.counts[from] -= 1;
+    t.counts[to] += 1;
+    // The rates are read fresh with every count; only a change heard after
+    // that is added to the bucket in progress.
+    const last = stats.rates.created.length - 1;
+    if (rates && ev.kind === "entity.created") stats.rates.created[last] += 1;
+    if (rates && ev.kind === "entity.ready") stats.rates.ready[last] += 1;
+  };
   const onEvent = (ev) => {
     const d = ev.data || {};
-    if (stats && Date.parse(ev.timestamp) > countedAt && moves[ev.type]) {
-      let t = stats.types.find(x => x.type === d.type);
-      if (!t) { t = {type: d.type, counts: {pending: 0, ready: 0, failed: 0, cancelled: 0}}; stats.types.push(t); }
-      const [from, to] = moves[ev.type];
-      if (from && t.counts[from] > 0) t.counts[from] -= 1;
-      t.counts[to] += 1;
-      const last = stats.rates.created.length - 1;
-      if (ev.type === "entity.created") stats.rates.created[last] += 1;
-      if (ev.type === "entity.ready") stats.rates.ready[last] += 1;
-      draw();
-    }
+    const change = {kind: ev.type, type: d.type, at: micros(ev.timestamp)};
+    heard.push(change);
+    if (heard.length > 5000) heard.shift();
+    if (stats && change.at > countedAt) { move(change, true); draw(); }
     if (log.firstChild && log.firstChild.classList.contains("muted")) log.firstChild.remove();
     log.prepend(h("li", null, time(ev.timestamp), " ", entityLink(d.id || ""), " ",
       h("span", null, d.type || ""), " ", badge(ev.type === "entity.degraded" ? "degraded" : (d.status || ev.type.replace("entity.", "")))));
