@@ -26,6 +26,11 @@ SHOTS = os.environ["RIPEN_SHOTS"]
 NAME = os.path.splitext(os.path.basename(sys.argv[0]))[0]
 PATIENCE = 20.0
 
+# The screenshots of this script's last run only.
+for old in os.listdir(SHOTS):
+    if old.startswith(f"{NAME}-") and old.endswith(".png"):
+        os.remove(os.path.join(SHOTS, old))
+
 
 def api(method, path, body=None):
     """(status, JSON body) of one request to the server."""
