@@ -64,6 +64,9 @@ pub struct NotifyConfig {
     /// environment's `RIPEN_MASTER_KEY` wins over it. On SQLite it defaults
     /// to the database file's name with `.key` added.
     pub master_key_file: Option<PathBuf>,
+    /// Status changes a live stream may fall behind before it is told so
+    /// and closed.
+    pub stream_buffer: usize,
     /// `[notify.email]`: mail when entities settle; off when absent.
     pub email: Option<ripen_notify::email::EmailConfig>,
 }
@@ -83,6 +86,7 @@ impl Default for NotifyConfig {
             per_subscription: DEFAULT_NOTIFY_PER_SUBSCRIPTION,
             outbox_retention_ms: 24 * 3_600_000,
             master_key_file: None,
+            stream_buffer: 4_096,
             email: None,
         }
     }
@@ -503,6 +507,7 @@ fn notify_config(raw: RawNotify, base: &Path) -> Result<NotifyConfig, (String, S
         )
         .map_err(|p| (key("outbox_retention"), p))?,
         master_key_file: raw.master_key_file.map(|f| base.join(f)),
+        stream_buffer: raw.stream_buffer.unwrap_or(d.stream_buffer),
         allow_networks: raw.allow_networks,
         email: match raw.email {
             Some(mut email) => {
@@ -528,6 +533,9 @@ fn notify_config(raw: RawNotify, base: &Path) -> Result<NotifyConfig, (String, S
             key("initial_backoff"),
             "must not be longer than notify.max_backoff".into(),
         ));
+    }
+    if !(256..=65_536).contains(&c.stream_buffer) {
+        return Err((key("stream_buffer"), "must be between 256 and 65536".into()));
     }
     if c.per_subscription == 0 || c.per_subscription > 64 {
         return Err((key("per_subscription"), "must be between 1 and 64".into()));
@@ -579,6 +587,7 @@ struct RawNotify {
     per_subscription: Option<u32>,
     outbox_retention: Option<String>,
     master_key_file: Option<PathBuf>,
+    stream_buffer: Option<usize>,
     email: Option<ripen_notify::email::EmailConfig>,
 }
 

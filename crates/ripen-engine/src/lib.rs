@@ -18,6 +18,7 @@
 //! the transaction that persists them. The runtime only acts on what was
 //! committed.
 
+pub mod compat;
 pub mod config;
 pub mod executor;
 pub mod feed;
@@ -86,13 +87,17 @@ async fn start_notifications(
     store: &Arc<dyn Store>,
     clock: &Arc<dyn Clock>,
     metrics: &metrics::EngineMetrics,
+    tracer: &Option<trace::Tracer>,
     background: &mut tokio::task::JoinSet<()>,
 ) -> Result<(Arc<notify::Hub>, notify::Notifications)> {
-    let hub = Arc::new(notify::Hub::default());
+    let hub = Arc::new(notify::Hub::new(config.notify.stream_buffer));
     let heard = hub.clone();
     store.watch_changes(Arc::new(move |c: &ripen_store::Changes<'_>| heard.heard(c)));
     let poll = Duration::from_millis(config.engine.poll_interval_ms);
-    background.spawn(hub.clone().run(store.clone(), poll));
+    // Live streams start from here; read before the node serves, so that
+    // a stream opened at once misses nothing.
+    let head = store.outbox_head().await.context("read the outbox head")?;
+    background.spawn(hub.clone().run(store.clone(), head, poll));
     let n = &config.notify;
     let key = notify::master_key(n.master_key_file.as_deref(), &config.storage)
         .map_err(|e| anyhow::anyhow!("{}: notify: {e}", config.path.display()))?
@@ -136,6 +141,7 @@ async fn start_notifications(
         email,
         metrics: notify::dispatcher::DispatchMetrics::new(metrics.registry())
             .context("register the notification metrics")?,
+        tracer: tracer.clone(),
     });
     background.spawn(dispatcher.run());
     let types = config.types.iter().map(|t| t.name.clone()).collect();
@@ -317,7 +323,8 @@ impl Engine {
             load,
         );
         let (hub, notifications) =
-            start_notifications(&config, &store, &clock, &metrics, &mut background).await?;
+            start_notifications(&config, &store, &clock, &metrics, &tracer, &mut background)
+                .await?;
         Ok(Engine {
             config,
             store,

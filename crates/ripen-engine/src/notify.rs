@@ -146,11 +146,14 @@ impl Sink for WebhookSink {
         let timestamp = self.clock.now_us() / 1_000_000;
         let signature = webhook::sign(&key, &id, timestamp, body.as_bytes());
         let timestamp = timestamp.to_string();
+        let span = crate::trace::delivery_span_id(n.entity_id, delivery.id, delivery.attempts);
+        let traceparent = crate::trace::traceparent_of(n.entity_id, span);
         let headers = [
             ("content-type", "application/json"),
             ("webhook-id", id.as_str()),
             ("webhook-timestamp", timestamp.as_str()),
             ("webhook-signature", signature.as_str()),
+            ("traceparent", traceparent.as_str()),
         ];
         match self
             .client
@@ -367,7 +370,7 @@ impl Notifications {
         }
         let key = self.key.as_ref().ok_or(SubscriptionError::NoMasterKey)?;
         let id = format!("sub_{}", uuid_simple());
-        let secret = webhook::new_secret().map_err(|e| StoreError::Internal(e))?;
+        let secret = webhook::new_secret().map_err(StoreError::Internal)?;
         let sealed = key
             .seal(secret.as_bytes(), &id)
             .map_err(StoreError::Internal)?;

@@ -222,6 +222,10 @@ pub struct Config {
     pub comment: Option<String>,
     /// The `[tls]` table; written only when it sets something.
     pub tls: TlsFiles,
+    /// `[notify]`, rendered as given (its keys, one `key = value` per line).
+    pub notify: Vec<String>,
+    /// More TOML tables, appended as given (e.g. `[notify.email]`).
+    pub extra: Option<String>,
 }
 
 impl Default for Config {
@@ -253,6 +257,8 @@ impl Config {
             execute: None,
             comment: None,
             tls: TlsFiles::default(),
+            notify: Vec::new(),
+            extra: None,
         }
     }
 
@@ -293,6 +299,18 @@ impl Config {
         self
     }
 
+    /// Adds one `key = value` line to `[notify]`.
+    pub fn notify(mut self, line: &str) -> Config {
+        self.notify.push(line.to_owned());
+        self
+    }
+
+    /// Appends TOML tables after everything else.
+    pub fn extra(mut self, toml: &str) -> Config {
+        self.extra = Some(toml.to_owned());
+        self
+    }
+
     pub fn comment(mut self, comment: &str) -> Config {
         self.comment = Some(comment.to_owned());
         self
@@ -329,6 +347,12 @@ impl Config {
         if !self.tls.is_empty() {
             out.push_str("\n[tls]\n");
             self.tls.render(&mut out);
+        }
+        if !self.notify.is_empty() {
+            out.push_str("\n[notify]\n");
+            for line in &self.notify {
+                let _ = writeln!(out, "{line}");
+            }
         }
         for t in &self.types {
             let _ = writeln!(out, "\n[types.{}]", t.name);
@@ -368,6 +392,9 @@ impl Config {
                 }
                 s.tls.render(&mut out);
             }
+        }
+        if let Some(extra) = &self.extra {
+            let _ = writeln!(out, "\n{extra}");
         }
         Ok(out)
     }

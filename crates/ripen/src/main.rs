@@ -2,6 +2,7 @@
 
 mod cli;
 mod demo;
+mod subscriptions;
 
 use std::path::PathBuf;
 
@@ -61,6 +62,13 @@ enum Command {
     Entities {
         #[command(subcommand)]
         command: cli::EntitiesCommand,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// Webhook subscriptions and their deliveries: create, list, get, delete, deliveries, redeliver.
+    Subscriptions {
+        #[command(subcommand)]
+        command: subscriptions::SubscriptionsCommand,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -204,6 +212,9 @@ fn run(cli: Cli) -> Result<()> {
                 server,
             } => cli::watch(&server, &id, interval_ms).await,
             Command::Entities { command, server } => cli::entities(&server, command).await,
+            Command::Subscriptions { command, server } => {
+                subscriptions::run(&server, command).await
+            }
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => ripen_bench::run(args.into_options()?).await,
         }

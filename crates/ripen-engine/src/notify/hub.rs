@@ -3,8 +3,8 @@
 //!
 //! - Every status change, in outbox order, goes to one broadcast channel
 //!   that every `/v1/events` stream reads ([`Hub::live`]). A reader that
-//!   falls more than [`LIVE_BUFFER`] notifications behind is told so and
-//!   resumes from the store.
+//!   falls more than `notify.stream_buffer` notifications behind is told so
+//!   and resumes from the store.
 //! - Followers of one entity (its SSE stream, `/data?wait=`) hold a watch
 //!   that is bumped when a commit names the entity, or when another node's
 //!   commit may have changed anything.
@@ -21,10 +21,9 @@ use std::time::Duration;
 use ripen_store::{Changes, EntityId, Notification, Store};
 use tokio::sync::{broadcast, watch, Notify};
 
-/// Notifications a live reader may fall behind before it is cut off.
-pub const LIVE_BUFFER: usize = 4_096;
-/// Outbox rows the hub reads per round.
-const READ_BATCH: u32 = 512;
+/// Outbox rows the hub reads per round: well within the smallest live
+/// buffer, so that one round never makes a reader that keeps up lag.
+const READ_BATCH: u32 = 128;
 /// A follower looks again after this long even if nothing was heard: a
 /// safety net for a missed notification, not the way changes arrive.
 pub const FOLLOW_SAFETY_MS: u64 = 5_000;
@@ -47,19 +46,18 @@ struct Followed {
     followers: usize,
 }
 
-impl Default for Hub {
-    fn default() -> Hub {
+impl Hub {
+    /// A hub whose live readers may fall `buffer` notifications behind.
+    pub fn new(buffer: usize) -> Hub {
         Hub {
-            live: broadcast::channel(LIVE_BUFFER).0,
+            live: broadcast::channel(buffer.max(1)).0,
             followed: Mutex::new(HashMap::new()),
             following: AtomicUsize::new(0),
             written: Notify::new(),
             sequenced: Notify::new(),
         }
     }
-}
 
-impl Hub {
     /// What the store's change watcher calls.
     pub fn heard(&self, changes: &Changes<'_>) {
         if changes.outbox_written {
@@ -111,17 +109,10 @@ impl Hub {
     }
 
     /// Reads the outbox as positions become readable and broadcasts each
-    /// notification, from the head at start on. Runs until the process ends.
-    pub async fn run(self: Arc<Hub>, store: Arc<dyn Store>, poll: Duration) {
-        let mut after = loop {
-            match store.outbox_head().await {
-                Ok(head) => break head,
-                Err(e) => {
-                    tracing::warn!(error = %e, "read the outbox head for live streams");
-                    tokio::time::sleep(poll).await;
-                }
-            }
-        };
+    /// notification after position `after` (the head when the engine
+    /// started, read before it serves). Runs until the process ends.
+    pub async fn run(self: Arc<Hub>, store: Arc<dyn Store>, after: u64, poll: Duration) {
+        let mut after = after;
         loop {
             match store.outbox(after, READ_BATCH).await {
                 Ok(entries) => {
@@ -183,7 +174,7 @@ mod tests {
 
     #[tokio::test]
     async fn followers_hear_their_entity_and_anything() {
-        let hub = Arc::new(Hub::default());
+        let hub = Arc::new(Hub::new(16));
         let (a, b) = (EntityId::new_v7(), EntityId::new_v7());
         let mut fa = hub.follow(a);
         let fb = hub.follow(b);

@@ -430,7 +430,7 @@ pub(super) async fn claim_deliveries(
         .collect::<Vec<_>>()
         .join(", ");
     // Each subscription's due deliveries, ranked, so that none takes more
-    // than its room; then those still unlocked are taken.
+    // than its room; then those still unlocked and still due are taken.
     let rows = conn
         .query(
             &format!(
@@ -446,6 +446,9 @@ pub(super) async fn claim_deliveries(
                  due AS (
                      SELECT x.id FROM deliveries x JOIN ranked r ON r.id = x.id
                      WHERE r.rank <= COALESCE(($2::text::jsonb ->> r.subscription_id)::int8, $3)
+                       -- Checked again on the locked row: another node may
+                       -- have claimed it since this statement's snapshot.
+                       AND x.status = 'pending' AND x.next_at <= $1
                      ORDER BY x.next_at, x.id LIMIT $4
                      FOR UPDATE OF x SKIP LOCKED)
                  UPDATE deliveries SET attempts = attempts + 1, next_at = $5, updated_at = $1
