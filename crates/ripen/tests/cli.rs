@@ -567,6 +567,7 @@ async fn every_command_sends_the_api_key_as_a_bearer_token() {
         "/v1/entities",
         Behavior::ok(json!({"items": [view], "next": null})),
     );
+    fake.set("/v1/subscriptions", Behavior::ok(json!({"items": []})));
     for verb in ["retry", "cancel"] {
         fake.set(
             &format!("/v1/entities/{id}/{verb}"),
@@ -585,6 +586,7 @@ async fn every_command_sends_the_api_key_as_a_bearer_token() {
         vec!["entities", "events", id],
         vec!["entities", "retry", id],
         vec!["entities", "cancel", id],
+        vec!["subscriptions", "list"],
     ];
     let run = |command: Vec<&str>, flag: Option<&str>, env: Option<&str>| {
         let mut a = args(&command);
