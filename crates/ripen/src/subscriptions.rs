@@ -6,10 +6,10 @@ use std::fmt::Write as _;
 use anyhow::Result;
 use bytes::Bytes;
 use clap::Subcommand;
-use ripen_client::{Client, Method, StatusCode};
+use ripen_client::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::cli::{friendly, server_url, Output};
+use crate::cli::{friendly, Output, ServerArg};
 
 #[derive(Subcommand)]
 pub enum SubscriptionsCommand {
@@ -57,9 +57,8 @@ pub enum SubscriptionsCommand {
     Redeliver { delivery_id: u64 },
 }
 
-pub async fn run(server: &str, command: SubscriptionsCommand) -> Result<()> {
-    let url = server_url(server);
-    let client = Client::new(&url);
+pub async fn run(server: &ServerArg, command: SubscriptionsCommand) -> Result<()> {
+    let (url, client) = server.connect()?;
     let call = |method: Method, path: String, body: Option<Value>, expected: StatusCode| {
         let client = &client;
         let url = &url;
