@@ -132,6 +132,9 @@ pub struct TypeConfig {
     pub version: u32,
     pub schema: Option<Arc<Schema>>,
     pub pipeline: Pipeline,
+    /// `references`: payload field -> the type of the entity it names,
+    /// sorted by field (docs/dependencies.md).
+    pub references: Vec<(String, String)>,
 }
 
 impl Config {
@@ -250,6 +253,7 @@ impl Config {
             return Err(err("types", format!("at most {TYPES_MAX} types")));
         }
         let mut types = Vec::new();
+        let type_names: Vec<String> = raw.types.keys().cloned().collect();
         for (name, t) in raw.types {
             let key = format!("types.{name}");
             if !valid_type_name(&name) {
@@ -258,12 +262,8 @@ impl Config {
                     "a type name is 1 to 64 characters of a-z, A-Z, 0-9, '_' and '-'".into(),
                 ));
             }
-            if t.references.as_ref().is_some_and(|r| !r.is_empty()) {
-                return Err(err(
-                    &format!("{key}.references"),
-                    "entity references are not supported by this build yet".into(),
-                ));
-            }
+            let references = crate::deps::check_config(t.references.unwrap_or_default(), &type_names)
+                .map_err(|(k, p)| err(&format!("{key}.references{k}"), p))?;
             let version = t.version.unwrap_or(1);
             if version == 0 {
                 return Err(err(&format!("{key}.version"), "must be 1 or more".into()));
@@ -304,6 +304,7 @@ impl Config {
                 version,
                 schema,
                 pipeline,
+                references,
             });
         }
         let notify =

@@ -26,6 +26,13 @@ pub enum SubmitError {
     BadKey,
     #[error("a request with this idempotency key is still being processed")]
     KeyInFlight,
+    /// A reference field does not name an entity id.
+    #[error(transparent)]
+    BadReference(#[from] crate::deps::BadReference),
+    /// A referenced entity is missing, of another type, failed or
+    /// cancelled, or has too many dependents waiting.
+    #[error("{0}")]
+    ReferenceRefused(ripen_store::deps::ReferenceRefusal),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -33,6 +40,7 @@ pub enum SubmitError {
 struct TypeEntry {
     version: u32,
     schema: Option<Arc<Schema>>,
+    references: Vec<(String, String)>,
 }
 
 /// Submissions in flight at once from which intake counts as busy.
@@ -159,6 +167,7 @@ impl Intake {
                 TypeEntry {
                     version: t.version,
                     schema: t.schema.clone(),
+                    references: t.references.clone(),
                 },
             );
         }
@@ -195,6 +204,7 @@ impl Intake {
             PayloadError::Malformed(m) => SubmitError::Malformed(m),
             PayloadError::Invalid(v) => SubmitError::Invalid(v),
         })?;
+        let refs = crate::deps::references(&entry.references, payload.raw())?;
         let _guard = match idempotency_key {
             None => None,
             Some(key) => {
@@ -216,8 +226,12 @@ impl Intake {
             version: entry.version,
             payload: payload.into_raw(),
             idempotency_key: idempotency_key.map(str::to_owned),
+            refs,
         };
         let outcome = self.store.create(entity, self.clock.now_us()).await?;
+        if let IntakeOutcome::ReferenceRefused(refusal) = outcome {
+            return Err(SubmitError::ReferenceRefused(refusal));
+        }
         if matches!(outcome, IntakeOutcome::Created(_)) {
             self.wake_scheduler.notify_one();
         }

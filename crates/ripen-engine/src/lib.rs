@@ -20,6 +20,7 @@
 
 pub mod compat;
 pub mod config;
+pub mod deps;
 pub mod executor;
 pub mod feed;
 mod intake;

@@ -42,6 +42,11 @@ impl ValidatedPayload {
     pub fn into_raw(self) -> String {
         self.raw
     }
+
+    /// The payload as submitted.
+    pub fn raw(&self) -> &str {
+        &self.raw
+    }
 }
 
 impl Schema {

@@ -208,6 +208,21 @@ pub fn awaited(state: &EntityState) -> Vec<EntityId> {
     ids
 }
 
+/// The entities an entity of status `status` with dependencies `deps`
+/// waits for, each once: those it has not seen ready while it is pending.
+pub fn awaited_by(status: EntityStatus, deps: &[DependencyRecord]) -> Vec<EntityId> {
+    let mut ids: Vec<EntityId> = Vec::new();
+    if status != EntityStatus::Pending {
+        return ids;
+    }
+    for d in deps.iter().filter(|d| d.status == EntityStatus::Pending) {
+        if !ids.contains(&d.id) {
+            ids.push(d.id);
+        }
+    }
+    ids
+}
+
 /// One row of the `dependencies` index: `dependent` waits for `parent`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WaitRow {
@@ -301,6 +316,14 @@ pub fn wake_input(parent: EntityId, now: EntityStatus) -> Option<Input> {
         }
         EntityStatus::Pending => None,
     }
+}
+
+/// The `dependencies` row a visit leaves behind for removal: once a
+/// dependent was told that its parent settled, it never waits for that
+/// parent again (a retry sees it ready at once, or is refused), so the row
+/// goes even if the dependent had stopped waiting for other reasons.
+pub fn visited(parent: EntityId, dependent: EntityId, now: EntityStatus) -> Option<WaitRow> {
+    (now != EntityStatus::Pending).then_some(WaitRow { parent, dependent })
 }
 
 /// What one resolver round did.

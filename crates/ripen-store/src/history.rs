@@ -53,11 +53,45 @@ pub fn from_core(
         .enumerate()
         .map(|(k, e)| {
             let (kind, step, attempt, detail) = match e {
-                Event::StatusChanged { from, to } => (
-                    "status_changed",
+                // A failure caused by a dependency says so, for every reader
+                // of the status change (history, streams, webhooks).
+                Event::StatusChanged { from, to } => match k.checked_sub(1).map(|p| &events[p]) {
+                    Some(Event::DependencyFailed { parent, status })
+                        if *to == ripen_core::EntityStatus::Failed =>
+                    {
+                        (
+                            "status_changed",
+                            None,
+                            None,
+                            json!({
+                                "from": from.as_str(),
+                                "to": to.as_str(),
+                                "cause": "dependency_failed",
+                                "dependency": {"id": uuid::Uuid::from_u128(*parent).to_string(), "status": status.as_str()},
+                            }),
+                        )
+                    }
+                    _ => (
+                        "status_changed",
+                        None,
+                        None,
+                        json!({"from": from.as_str(), "to": to.as_str()}),
+                    ),
+                },
+                Event::DependencyReady { parent } => (
+                    "dependency_ready",
                     None,
                     None,
-                    json!({"from": from.as_str(), "to": to.as_str()}),
+                    json!({"entity_id": uuid::Uuid::from_u128(*parent).to_string()}),
+                ),
+                Event::DependencyFailed { parent, status } => (
+                    "dependency_failed",
+                    None,
+                    None,
+                    json!({
+                        "entity_id": uuid::Uuid::from_u128(*parent).to_string(),
+                        "status": status.as_str(),
+                    }),
                 ),
                 Event::StepStarted {
                     step,

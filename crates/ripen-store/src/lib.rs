@@ -12,6 +12,7 @@
 //! transaction is durable.
 
 mod decode;
+pub mod deps;
 pub mod history;
 pub mod metrics;
 pub mod notify;
@@ -96,6 +97,9 @@ pub struct NewEntity {
     /// The raw JSON payload exactly as submitted.
     pub payload: String,
     pub idempotency_key: Option<String>,
+    /// The entities it references (its type's `references`, read from the
+    /// payload); empty for most types.
+    pub refs: Vec<deps::Reference>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -118,6 +122,8 @@ pub struct EntityRecord {
     pub updated_at_us: UnixMicros,
     pub ready_at_us: Option<UnixMicros>,
     pub steps: Vec<StepRecord>,
+    /// The entities it depends on, with the status it last saw of each.
+    pub deps: Vec<deps::DependencyRecord>,
 }
 
 impl EntityRecord {
@@ -128,7 +134,27 @@ impl EntityRecord {
             degraded: self.degraded,
             ready_at_us: self.ready_at_us,
             steps: self.steps.iter().map(|s| s.state.clone()).collect(),
+            deps: deps::core_deps(&self.deps),
         }
+    }
+
+    /// The dependency it waits for now, if any: the first one it has not
+    /// seen ready while it is pending.
+    pub fn waiting_for(&self) -> Option<&deps::DependencyRecord> {
+        if self.status != EntityStatus::Pending {
+            return None;
+        }
+        self.deps.iter().find(|d| d.status == EntityStatus::Pending)
+    }
+
+    /// The dependency whose failure (or cancellation) failed it, if any.
+    pub fn failed_dependency(&self) -> Option<&deps::DependencyRecord> {
+        if self.status != EntityStatus::Failed {
+            return None;
+        }
+        self.deps
+            .iter()
+            .find(|d| matches!(d.status, EntityStatus::Failed | EntityStatus::Cancelled))
     }
 }
 
@@ -149,6 +175,9 @@ pub enum IntakeOutcome {
     Replayed(EntityRecord),
     /// The key was used before with another body.
     KeyReused { entity_id: EntityId },
+    /// A reference does not hold (see [`deps::check_references`]): nothing
+    /// was written.
+    ReferenceRefused(deps::ReferenceRefusal),
 }
 
 /// A claimed attempt: everything an executor needs to run it.
@@ -379,6 +408,9 @@ pub enum CommandOutcome {
     NotFound,
     /// The entity's status does not allow the command.
     Conflict(EntityStatus),
+    /// A retry refused: an entity it depends on and has not seen ready is
+    /// failed, cancelled or gone.
+    DependencyNotReady(deps::ReferenceRefusal),
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -601,6 +633,12 @@ pub trait Store: Send + Sync + 'static {
     /// Served from indexes; the caller bounds how often it asks.
     async fn counts(&self, now_us: UnixMicros) -> Result<Counts>;
 
+    /// One round of the dependency resolver (see [`deps`]): reads the
+    /// outbox after the resolver's cursor and, for each entity that
+    /// settled, tells the entities waiting for it, each in a transaction of
+    /// its own; then moves the cursor. Any node may run it at any time.
+    async fn resolve_dependencies(&self, now_us: UnixMicros) -> Result<deps::Resolved>;
+
     /// Succeeds when the store can serve requests.
     async fn ping(&self) -> Result<()>;
 
@@ -702,6 +740,7 @@ mod tests {
             updated_at_us: 0,
             ready_at_us: None,
             steps: Vec::new(),
+            deps: Vec::new(),
         }
     }
 }

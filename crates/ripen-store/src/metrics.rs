@@ -176,7 +176,9 @@ impl DecisionMetrics {
                 Event::StepStarted { .. }
                 | Event::StepFailed { .. }
                 | Event::StepSkipped { .. }
-                | Event::StepRequeued { .. } => {}
+                | Event::StepRequeued { .. }
+                | Event::DependencyReady { .. }
+                | Event::DependencyFailed { .. } => {}
             }
         }
     }
@@ -397,6 +399,13 @@ impl<S: Store> Store for Instrumented<S> {
     }
     async fn outbox_head(&self) -> Result<u64> {
         self.timed("outbox_head", self.inner.outbox_head()).await
+    }
+    async fn resolve_dependencies(&self, now_us: UnixMicros) -> Result<crate::deps::Resolved> {
+        self.timed(
+            "resolve_dependencies",
+            self.inner.resolve_dependencies(now_us),
+        )
+        .await
     }
     async fn fan_out(&self, limit: u32, now_us: UnixMicros) -> Result<crate::FanOut> {
         self.timed("fan_out", self.inner.fan_out(limit, now_us))

@@ -52,6 +52,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Config, Row, Statement};
 
+mod deps;
 mod notify;
 mod tls;
 
@@ -70,7 +71,7 @@ use crate::{
 };
 
 /// The schema this build writes, kept in `ripen_schema`.
-const SCHEMA_VERSION: i32 = 3;
+const SCHEMA_VERSION: i32 = 4;
 /// The advisory lock that serializes schema migrations of nodes starting at once.
 const MIGRATION_LOCK: i64 = 0x7269_7065_6e5f_6d31; // "ripen_m1"
 /// The channel of work notifications.
@@ -174,7 +175,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 /// every entity-reading query returns them; `output` is read where needed.
 const ENTITY_STEP_COLUMNS: &str = "e.id, e.tenant, e.type, e.version, e.status, e.degraded,
     e.created_at, e.updated_at, e.ready_at, e.next_seq,
-    s.idx, s.name, s.critical, s.status, s.attempts, s.epoch, s.due_at, s.last_error, s.holder";
+    s.idx, s.name, s.critical, s.status, s.attempts, s.epoch, s.due_at, s.last_error, s.holder,
+    e.deps";
 
 /// How to connect a [`PostgresStore`].
 #[derive(Clone, Debug)]
@@ -399,7 +401,10 @@ impl Store for PostgresStore {
         id: EntityId,
         now_us: UnixMicros,
     ) -> Result<CommandOutcome> {
-        self.command(tenant, id, Input::Retry, now_us).await
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = deps::retry(&self.shared, &conn, tenant, id, now_us).await;
+        conn.finish(result).await
     }
 
     async fn get(&self, tenant: &str, id: EntityId) -> Result<Option<EntityRecord>> {
@@ -435,7 +440,7 @@ impl Store for PostgresStore {
         let Some(first) = rows.first() else {
             return Ok(None);
         };
-        let payload: Option<Vec<u8>> = first.try_get(20).map_err(decode_error)?;
+        let payload: Option<Vec<u8>> = first.try_get(21).map_err(decode_error)?;
         let payload = text_of(
             payload.ok_or_else(|| {
                 StoreError::Internal(format!("the payload of entity {id} is missing"))
@@ -499,7 +504,7 @@ impl Store for PostgresStore {
         let sql = format!(
             "WITH e AS (
                 SELECT id, tenant, type, version, status, degraded, created_at, updated_at,
-                       ready_at, next_seq
+                       ready_at, next_seq, deps
                 FROM entities WHERE {filter} ORDER BY id DESC LIMIT ${})
              SELECT {ENTITY_STEP_COLUMNS} FROM e JOIN steps s ON s.entity_id = e.id
              ORDER BY e.id DESC, s.idx",
@@ -564,6 +569,10 @@ impl Store for PostgresStore {
     async fn outbox(&self, after_pos: u64, limit: u32) -> Result<Vec<OutboxEntry>> {
         let conn = self.shared.pool.get().await?;
         notify::read_outbox(&conn, after_pos, limit).await
+    }
+
+    async fn resolve_dependencies(&self, now_us: UnixMicros) -> Result<crate::deps::Resolved> {
+        deps::resolve(&self.shared, now_us).await
     }
 
     async fn outbox_head(&self) -> Result<u64> {
@@ -1064,6 +1073,7 @@ async fn migrate(conn: &Conn) -> Result<()> {
         }
         conn.simple(SCHEMA).await?;
         conn.simple(notify::SCHEMA).await?;
+        conn.simple(deps::SCHEMA).await?;
         conn.simple(&format!(
             "INSERT INTO ripen_schema (singleton, version) VALUES (true, {SCHEMA_VERSION})
              ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version"
@@ -1131,6 +1141,11 @@ fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<Stored>> {
                     updated_at_us: row.try_get(7).map_err(decode_error)?,
                     ready_at_us: row.try_get(8).map_err(decode_error)?,
                     steps: Vec::new(),
+                    deps: crate::deps::decode(
+                        id,
+                        row.try_get::<_, Option<&str>>(19)
+                            .map_err(decode_error)?,
+                    )?,
                 },
                 next_seq: to_u64(row.try_get(9).map_err(decode_error)?, "entities.next_seq")?,
                 outputs: Vec::new(),
@@ -1159,7 +1174,7 @@ fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<Stored>> {
             },
         });
         let output = if with_output {
-            row.try_get::<_, Option<Vec<u8>>>(19)
+            row.try_get::<_, Option<Vec<u8>>>(20)
                 .map_err(decode_error)?
                 .map(|o| text_of(o, "steps.output"))
                 .transpose()?
@@ -1199,6 +1214,12 @@ struct Writes {
     entity_ready_at: Vec<Option<i64>>,
     entity_updated_at: Vec<i64>,
     entity_next_seq: Vec<i64>,
+    entity_deps: Vec<Option<String>>,
+
+    wait_added_parent: Vec<Vec<u8>>,
+    wait_added_dependent: Vec<Vec<u8>>,
+    wait_removed_parent: Vec<Vec<u8>>,
+    wait_removed_dependent: Vec<Vec<u8>>,
 
     event_entity: Vec<Vec<u8>>,
     event_seq: Vec<i64>,
@@ -1253,7 +1274,9 @@ impl Writes {
             w.entity_ready_at.push(e.ready_at_us);
             w.entity_updated_at.push(e.updated_at_us);
             w.entity_next_seq.push(to_i64(e.next_seq, "next_seq")?);
+            w.entity_deps.push(e.deps.clone());
         }
+        w.waits(&rows.waits_added, &rows.waits_removed);
         for e in &rows.events {
             w.event(e.entity_id, &e.event, &e.detail)?;
         }
@@ -1261,6 +1284,17 @@ impl Writes {
             w.outbox(o.entity_id, o.seq, o.at_us, &o.kind, &o.body)?;
         }
         Ok(w)
+    }
+
+    fn waits(&mut self, added: &[crate::deps::WaitRow], removed: &[crate::deps::WaitRow]) {
+        for r in added {
+            self.wait_added_parent.push(r.parent.as_bytes().to_vec());
+            self.wait_added_dependent.push(r.dependent.as_bytes().to_vec());
+        }
+        for r in removed {
+            self.wait_removed_parent.push(r.parent.as_bytes().to_vec());
+            self.wait_removed_dependent.push(r.dependent.as_bytes().to_vec());
+        }
     }
 
     fn event(&mut self, id: EntityId, e: &HistoryEvent, detail: &str) -> Result<()> {
@@ -1336,10 +1370,10 @@ impl Writes {
                 .statement(
                     "UPDATE entities AS e SET status = u.status, degraded = u.degraded,
                             ready_at = u.ready_at, updated_at = u.updated_at,
-                            next_seq = u.next_seq
+                            next_seq = u.next_seq, deps = u.deps
                      FROM UNNEST($1::bytea[], $2::text[], $3::bool[], $4::int8[], $5::int8[],
-                                 $6::int8[])
-                          AS u(id, status, degraded, ready_at, updated_at, next_seq)
+                                 $6::int8[], $7::text[])
+                          AS u(id, status, degraded, ready_at, updated_at, next_seq, deps)
                      WHERE e.id = u.id",
                 )
                 .await?;
@@ -1354,6 +1388,7 @@ impl Writes {
                             &self.entity_ready_at,
                             &self.entity_updated_at,
                             &self.entity_next_seq,
+                            &self.entity_deps,
                         ],
                     )
                     .await
@@ -1410,6 +1445,13 @@ impl Writes {
                     .map_err(|e| conn.fail(e))
             }));
         }
+        deps::push_waits(
+            conn,
+            &mut writes,
+            [&self.wait_added_parent, &self.wait_added_dependent],
+            [&self.wait_removed_parent, &self.wait_removed_dependent],
+        )
+        .await?;
         if !self.event_entity.is_empty() {
             // Live streams on every node follow changes through this.
             let statement = conn.statement("SELECT pg_notify($1, $2)").await?;
@@ -1850,11 +1892,18 @@ impl Shared {
 
         let mut results: Vec<Option<Result<IntakeOutcome>>> =
             (0..jobs.len()).map(|_| None).collect();
+        // References hold or refuse their create: see `deps::check_creates`.
+        let entities: Vec<&NewEntity> = jobs.iter().map(|job| &job.entity).collect();
+        let mut depending = deps::check_creates(conn, &entities, &mut creators, &mut results).await?;
         let mut inserts = Inserts::default();
         let mut writes = Writes::default();
         for &j in &creators {
             let job = jobs[j];
-            let rows = NewRows::new(&job.pipeline, &job.entity, job.now_us);
+            let rows = match depending.remove(&j) {
+                Some(found) => NewRows::depending(&job.pipeline, &job.entity, job.now_us, found),
+                None => NewRows::new(&job.pipeline, &job.entity, job.now_us),
+            };
+            writes.waits(&rows.waits, &[]);
             inserts.add(&job.entity, &rows)?;
             for (queue, _) in &rows.due {
                 if !writes.woken.contains(queue) {
@@ -1959,6 +2008,7 @@ struct Inserts {
     entity_at: Vec<i64>,
     entity_ready_at: Vec<Option<i64>>,
     entity_next_seq: Vec<i64>,
+    entity_deps: Vec<Option<String>>,
 
     step_entity: Vec<Vec<u8>>,
     step_idx: Vec<i32>,
@@ -1989,6 +2039,7 @@ impl Inserts {
         self.entity_ready_at.push(r.ready_at_us);
         self.entity_next_seq
             .push(to_i64(rows.next_seq, "next_seq")?);
+        self.entity_deps.push(rows.deps.clone());
         for (i, (s, queue)) in r.steps.iter().zip(&rows.queues).enumerate() {
             self.step_entity.push(id.clone());
             self.step_idx.push(i as i32);
@@ -2014,12 +2065,13 @@ impl Inserts {
         let entities = conn
             .statement(
                 "INSERT INTO entities (id, tenant, type, version, status, degraded, created_at,
-                                       updated_at, ready_at, next_seq)
+                                       updated_at, ready_at, next_seq, deps)
                  SELECT u.id, u.tenant, u.type, u.version, u.status, u.degraded, u.at, u.at,
-                        u.ready_at, u.next_seq
+                        u.ready_at, u.next_seq, u.deps
                  FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::int8[], $5::text[],
-                             $6::bool[], $7::int8[], $8::int8[], $9::int8[])
-                      AS u(id, tenant, type, version, status, degraded, at, ready_at, next_seq)",
+                             $6::bool[], $7::int8[], $8::int8[], $9::int8[], $10::text[])
+                      AS u(id, tenant, type, version, status, degraded, at, ready_at, next_seq,
+                           deps)",
             )
             .await?;
         let steps = conn
@@ -2054,6 +2106,7 @@ impl Inserts {
                             &self.entity_at,
                             &self.entity_ready_at,
                             &self.entity_next_seq,
+                            &self.entity_deps,
                         ],
                     )
                     .await

@@ -60,6 +60,7 @@ use crate::{
     Subscription, WorkWatcher, WorkWatchers,
 };
 
+mod deps;
 mod notify;
 
 /// The columns of one history row, in the order batched inserts bind them.
@@ -93,10 +94,11 @@ const ENTITY_COLUMNS: &[&str] = &[
     "next_seq",
     "payload_id",
     "steps",
+    "deps",
 ];
 
 /// The schema this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 /// Write commands waiting for the writer thread; senders wait beyond this.
 const WRITE_QUEUE_MAX: usize = 4_096;
 /// How long a connection waits for a lock before reporting the store busy.
@@ -539,7 +541,7 @@ impl Store for SqliteStore {
         now_us: UnixMicros,
     ) -> Result<CommandOutcome> {
         let tenant = tenant.to_owned();
-        self.write(move |w| w.command(&tenant, id, Input::Retry, now_us))
+        self.write(move |w| deps::retry(w, &tenant, id, now_us))
             .await
     }
 
@@ -715,6 +717,10 @@ impl Store for SqliteStore {
 
     async fn outbox_head(&self) -> Result<u64> {
         self.read(notify::outbox_head).await
+    }
+
+    async fn resolve_dependencies(&self, now_us: UnixMicros) -> Result<crate::deps::Resolved> {
+        self.write(move |w| deps::resolve(w, now_us)).await
     }
 
     async fn fan_out(&self, limit: u32, now_us: UnixMicros) -> Result<FanOut> {
@@ -951,12 +957,16 @@ fn migrate(conn: &Connection) -> Result<()> {
     // A current schema is left alone: no statement takes a lock.
     // Version 4 adds the notification tables (subscriptions, deliveries,
     // the fan-out's cursor).
+    // Version 5 adds entity dependencies (the `deps` column, the
+    // `dependencies` index, the resolver's cursor).
     let notify = notify::SCHEMA;
+    let v5 = deps::UPGRADE_TO_V5;
     let steps = match version {
         SCHEMA_VERSION => return Ok(()),
-        0 => format!("{SCHEMA} {notify}"),
-        3 => notify.to_owned(),
-        _ => format!("{upgrade} {SCHEMA_V2} {copy} {UPGRADE_V2_TO_V3} {notify}"),
+        0 => format!("{SCHEMA} {notify} {v5}"),
+        3 => format!("{notify} {v5}"),
+        4 => v5.to_owned(),
+        _ => format!("{upgrade} {SCHEMA_V2} {copy} {UPGRADE_V2_TO_V3} {notify} {v5}"),
     };
     conn.execute_batch(&format!(
         "BEGIN IMMEDIATE; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
@@ -1068,7 +1078,7 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
     let row = conn
         .prepare_cached(
             "SELECT tenant, type, version, status, degraded, created_at, updated_at, ready_at,
-                    next_seq, payload_id, steps
+                    next_seq, payload_id, steps, deps
              FROM entities WHERE id = ?1",
         )?
         .query_row([id.as_bytes()], |r| {
@@ -1088,6 +1098,7 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
                     r.get::<_, i64>(9)?,
                 ),
                 r.get::<_, String>(10)?,
+                r.get::<_, Option<String>>(11)?,
             ))
         })
         .optional()?;
@@ -1095,6 +1106,7 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
         (tenant, type_name, version, status, degraded),
         (created, updated, ready, next_seq, payload_id),
         steps,
+        deps_column,
     )) = row
     else {
         return Ok(None);
@@ -1131,6 +1143,7 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
         updated_at_us: updated,
         ready_at_us: ready,
         steps,
+        deps: crate::deps::decode(id, deps_column.as_deref())?,
     };
     Ok(Some(Stored {
         record,
@@ -1336,6 +1349,8 @@ impl Job for CreateRequest {
             (Some(e), _) => Err(e.clone()),
             // The record was built before the write; it is handed over, not copied.
             (None, Some(Ok(Created::New))) => Ok(IntakeOutcome::Created(self.prepared.rows.record)),
+            (None, Some(Ok(Created::Depending(record)))) => Ok(IntakeOutcome::Created(*record)),
+            (None, Some(Ok(Created::Refused(r)))) => Ok(IntakeOutcome::ReferenceRefused(r)),
             (None, Some(Ok(Created::Existing(outcome)))) => Ok(outcome),
             (None, Some(Err(e))) => Err(e),
             (None, None) => Err(StoreError::Internal(
@@ -1357,6 +1372,10 @@ enum Created {
     New,
     /// Wrote nothing: the idempotency key was taken.
     Existing(IntakeOutcome),
+    /// Wrote the entity with the dependencies its references decided.
+    Depending(Box<EntityRecord>),
+    /// Wrote nothing: a reference does not hold.
+    Refused(crate::deps::ReferenceRefusal),
 }
 
 struct Request<T, F> {
@@ -1755,6 +1774,8 @@ impl Writer {
         Ok(match outcome {
             Created::New => IntakeOutcome::Created(prepared.rows.record),
             Created::Existing(outcome) => outcome,
+            Created::Depending(record) => IntakeOutcome::Created(*record),
+            Created::Refused(r) => IntakeOutcome::ReferenceRefused(r),
         })
     }
 
@@ -1766,8 +1787,13 @@ impl Writer {
         outcomes.resize_with(items.len(), || None);
         let entities: Vec<&NewEntity> = items.iter().map(|item| item.entity).collect();
         let repeats = working::repeated_keys(&entities);
-        // Items that create a new entity; the others found their key taken.
+        // Items that create a new entity; the others found their key taken
+        // or were refused for a reference.
         let mut fresh: Vec<usize> = Vec::with_capacity(items.len());
+        // The rows of new entities with dependencies, built here since
+        // their state depends on what the references read.
+        let mut depending: HashMap<usize, Prepared> = HashMap::new();
+        let mut added_waits = HashMap::new();
         for (i, e) in entities.iter().enumerate() {
             if repeats[i].is_some() {
                 continue;
@@ -1776,6 +1802,21 @@ impl Writer {
                 if let Some(outcome) = self.existing_key(e, key)? {
                     outcomes[i] = Some(Created::Existing(outcome));
                     continue;
+                }
+            }
+            if !e.refs.is_empty() {
+                let parents = deps::read_parents(&self.conn, &e.refs)?;
+                match crate::deps::check_references(&e.tenant, &e.refs, &parents, &mut added_waits)
+                {
+                    Err(refusal) => {
+                        outcomes[i] = Some(Created::Refused(refusal));
+                        continue;
+                    }
+                    Ok(found) => {
+                        let pipeline = self.decider.pipeline(&e.type_name, e.version)?;
+                        let now_us = items[i].prepared.record.created_at_us;
+                        depending.insert(i, Prepared::depending(&pipeline, e, now_us, found));
+                    }
                 }
             }
             fresh.push(i);
@@ -1792,9 +1833,11 @@ impl Writer {
             let mut idempotency = Vec::new();
             let mut events = Vec::with_capacity(fresh.len() * 7);
             let mut outbox = Vec::with_capacity(fresh.len() * 2);
+            let mut waits = Vec::new();
             for (k, &i) in fresh.iter().enumerate() {
                 let e = items[i].entity;
-                let p = items[i].prepared;
+                let p = depending.get(&i).unwrap_or(items[i].prepared);
+                waits.extend_from_slice(&p.waits);
                 let r = &p.record;
                 let id = blob(e.id.as_bytes());
                 let payload_id = first_payload_id + k as i64;
@@ -1812,6 +1855,7 @@ impl Writer {
                     int(to_i64(p.next_seq, "next_seq")?),
                     int(payload_id),
                     text(&p.steps),
+                    opt_text(p.deps.as_deref()),
                 ]);
                 for (queue, at) in &p.due {
                     due.extend([text(queue), int(*at), id.clone()]);
@@ -1854,13 +1898,17 @@ impl Writer {
             insert_many(&self.conn, cache, "events", EVENT_COLUMNS, &events)?;
             insert_many(&self.conn, cache, "outbox", OUTBOX_COLUMNS, &outbox)?;
             drop((payloads, entities, due, idempotency, events, outbox));
+            deps::write_waits(&self.conn, &waits, &[])?;
             self.outbox_written = true;
             if !self.changes.is_empty() {
                 self.changed
                     .extend(fresh.iter().map(|&i| items[i].entity.id));
             }
             for &i in &fresh {
-                outcomes[i] = Some(Created::New);
+                outcomes[i] = Some(match depending.remove(&i) {
+                    Some(p) => Created::Depending(Box::new(p.rows.record)),
+                    None => Created::New,
+                });
             }
         }
 
@@ -1876,6 +1924,11 @@ impl Writer {
                     &items[first].entity.payload,
                     items[i].entity,
                 ),
+                Some(Created::Depending(record)) => {
+                    working::replay(record, &items[first].entity.payload, items[i].entity)
+                }
+                // Nothing holds the key: the repeat fares as the first did.
+                Some(Created::Refused(r)) => IntakeOutcome::ReferenceRefused(r.clone()),
                 Some(Created::Existing(IntakeOutcome::Replayed(record))) => {
                     let payload = &items[first].entity.payload;
                     working::replay(record, payload, items[i].entity)
@@ -2079,7 +2132,7 @@ impl Writer {
             self.conn
                 .prepare_cached(
                     "UPDATE entities SET status = ?2, degraded = ?3, ready_at = ?4,
-                                         updated_at = ?5, next_seq = ?6, steps = ?7
+                                         updated_at = ?5, next_seq = ?6, steps = ?7, deps = ?8
                      WHERE id = ?1",
                 )?
                 .execute(params![
@@ -2090,6 +2143,7 @@ impl Writer {
                     e.updated_at_us,
                     to_i64(e.next_seq, "next_seq")?,
                     steps,
+                    e.deps,
                 ])?;
             for (idx, body) in external {
                 // Only a step that just succeeded has a new output; an older
@@ -2142,6 +2196,7 @@ impl Writer {
             outbox.extend([blob(o.entity_id.as_bytes()), int(to_i64(o.seq, "seq")?)]);
         }
         insert_many(&self.conn, cache, "outbox", OUTBOX_COLUMNS, &outbox)?;
+        deps::write_waits(&self.conn, &rows.waits_added, &rows.waits_removed)?;
         self.outbox_written |= !rows.outbox.is_empty();
         if !self.changes.is_empty() {
             for r in &rows.events {
@@ -2169,7 +2224,19 @@ struct Prepared {
 
 impl Prepared {
     fn new(pipeline: &Pipeline, entity: &NewEntity, now_us: UnixMicros) -> Prepared {
-        let rows = NewRows::new(pipeline, entity, now_us);
+        Prepared::from_rows(NewRows::new(pipeline, entity, now_us))
+    }
+
+    fn depending(
+        pipeline: &Pipeline,
+        entity: &NewEntity,
+        now_us: UnixMicros,
+        found: Vec<crate::deps::DependencyRecord>,
+    ) -> Prepared {
+        Prepared::from_rows(NewRows::depending(pipeline, entity, now_us, found))
+    }
+
+    fn from_rows(rows: NewRows) -> Prepared {
         let outputs = vec![None; rows.record.steps.len()];
         let (steps, _) = encode_steps(&rows.record.steps, &outputs);
         Prepared { rows, steps }

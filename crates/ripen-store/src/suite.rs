@@ -249,6 +249,9 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     async fn outbox_head(&self) -> Result<u64> {
         self.store.outbox_head().await
     }
+    async fn resolve_dependencies(&self, now_us: UnixMicros) -> Result<crate::deps::Resolved> {
+        self.store.resolve_dependencies(now_us).await
+    }
     async fn fan_out(&self, limit: u32, now_us: UnixMicros) -> Result<crate::FanOut> {
         self.store.fan_out(limit, now_us).await
     }
@@ -331,6 +334,7 @@ pub fn new_entity(type_name: &str, payload: &str) -> NewEntity {
         version: 1,
         payload: payload.into(),
         idempotency_key: None,
+        refs: Vec::new(),
     }
 }
 

@@ -227,6 +227,19 @@ impl Decider {
     pub fn stale_completions(&self) -> u64 {
         self.tally.stale_completions()
     }
+
+    /// Applies one input that is neither a result nor an operator command
+    /// (news of an entity it depends on), counting what it decided.
+    pub fn apply_input<X>(
+        &self,
+        w: &mut Working<X>,
+        input: Input,
+        now_us: UnixMicros,
+    ) -> Result<(), Refusal> {
+        let result = w.apply(input, self.ctxs.ctx(now_us));
+        self.observe(std::slice::from_mut(w));
+        result
+    }
 }
 
 /// Logs each status change and degradation of one entity at `info`, and
@@ -372,6 +385,8 @@ pub struct EntityRow {
     pub ready_at_us: Option<UnixMicros>,
     pub updated_at_us: UnixMicros,
     pub next_seq: u64,
+    /// The `deps` column (see [`crate::deps::encode`]).
+    pub deps: Option<String>,
 }
 
 /// One history row, with its detail already encoded.
@@ -436,6 +451,12 @@ pub struct Rows {
     /// backoff: whoever consumes them (this node, other nodes sharing the
     /// store, remote workers waiting in a claim) should look.
     pub woken: Vec<String>,
+    /// Rows of the `dependencies` index to insert: an entity began waiting
+    /// for another one (an operator retry).
+    pub waits_added: Vec<crate::deps::WaitRow>,
+    /// Rows of the `dependencies` index to delete: an entity no longer
+    /// waits for another one (it was told, or it settled).
+    pub waits_removed: Vec<crate::deps::WaitRow>,
 }
 
 impl Rows {
@@ -535,11 +556,42 @@ pub struct NewRows {
     pub next_seq: u64,
     /// The earliest due time of each queue with a runnable step.
     pub due: Vec<(String, UnixMicros)>,
+    /// The `deps` column.
+    pub deps: Option<String>,
+    /// The rows of the `dependencies` index: the entities it waits for.
+    pub waits: Vec<crate::deps::WaitRow>,
 }
 
 impl NewRows {
     pub fn new(pipeline: &Pipeline, e: &NewEntity, now_us: UnixMicros) -> NewRows {
-        let state = EntityState::new(pipeline, now_us);
+        NewRows::depending(pipeline, e, now_us, Vec::new())
+    }
+
+    /// The rows of a new entity with dependencies, as
+    /// [`crate::deps::check_references`] decided them: while one is not
+    /// ready, every step is blocked.
+    pub fn depending(
+        pipeline: &Pipeline,
+        e: &NewEntity,
+        now_us: UnixMicros,
+        deps: Vec<crate::deps::DependencyRecord>,
+    ) -> NewRows {
+        let state = if deps.is_empty() {
+            EntityState::new(pipeline, now_us)
+        } else {
+            EntityState::depending(pipeline, now_us, crate::deps::core_deps(&deps))
+        };
+        let mut deps = deps;
+        for (d, core) in deps.iter_mut().zip(&state.deps) {
+            d.status = core.status;
+        }
+        let waits = crate::deps::awaited_by(state.status, &deps)
+            .into_iter()
+            .map(|parent| crate::deps::WaitRow {
+                parent,
+                dependent: e.id,
+            })
+            .collect();
         let record = EntityRecord {
             id: e.id,
             tenant: e.tenant.clone(),
@@ -560,6 +612,7 @@ impl NewRows {
                     state,
                 })
                 .collect(),
+            deps,
         };
         let created = history::created(now_us);
         let detail = created.detail.to_string();
@@ -574,6 +627,8 @@ impl NewRows {
             .collect();
         NewRows {
             due,
+            deps: crate::deps::encode(&record.deps),
+            waits,
             record,
             queues,
             created,
@@ -967,6 +1022,29 @@ impl<X> Working<X> {
         }
         let history = history::from_core(&self.pipeline, &self.events, now_us, self.next_seq);
         self.next_seq += history.len() as u64;
+        if !self.record.deps.is_empty() {
+            let before = crate::deps::awaited_by(self.record.status, &self.record.deps);
+            for (stored, now) in self.record.deps.iter_mut().zip(&self.state.deps) {
+                stored.status = now.status;
+            }
+            let after = crate::deps::awaited_by(self.state.status, &self.record.deps);
+            let row = |parent| crate::deps::WaitRow {
+                parent,
+                dependent: id,
+            };
+            rows.waits_removed.extend(
+                before
+                    .iter()
+                    .filter(|p| !after.contains(p))
+                    .map(|&p| row(p)),
+            );
+            rows.waits_added.extend(
+                after
+                    .iter()
+                    .filter(|p| !before.contains(p))
+                    .map(|&p| row(p)),
+            );
+        }
         let record = &mut self.record;
         record.status = self.state.status;
         record.degraded = self.state.degraded;
@@ -982,6 +1060,7 @@ impl<X> Working<X> {
             ready_at_us: record.ready_at_us,
             updated_at_us: now_us,
             next_seq: self.next_seq,
+            deps: crate::deps::encode(&record.deps),
         });
         let mut notify = self.notify.drain(..).peekable();
         for (k, event) in history.into_iter().enumerate() {
