@@ -326,6 +326,21 @@ impl Engine {
         let (hub, notifications) =
             start_notifications(&config, &store, &clock, &metrics, &tracer, &mut background)
                 .await?;
+        // The dependency resolver looks whenever new outbox rows are
+        // readable: on SQLite after each commit that wrote some, on
+        // PostgreSQL once a fan-out gave them positions.
+        let resolver_wake = Arc::new(tokio::sync::Notify::new());
+        let heard = resolver_wake.clone();
+        store.watch_changes(Arc::new(move |c: &ripen_store::Changes<'_>| {
+            if c.sequenced {
+                heard.notify_one();
+            }
+        }));
+        background.spawn(deps::run_resolver(
+            store.clone(),
+            clock.clone(),
+            resolver_wake,
+        ));
         Ok(Engine {
             config,
             store,
@@ -383,6 +398,10 @@ impl Engine {
             Ok(IntakeOutcome::Created(_)) => "created",
             Ok(IntakeOutcome::Replayed(_)) => "replayed",
             Ok(IntakeOutcome::KeyReused { .. }) => "key_reused",
+            Ok(IntakeOutcome::ReferenceRefused(_)) | Err(SubmitError::ReferenceRefused(_)) => {
+                "reference_refused"
+            }
+            Err(SubmitError::BadReference(_)) => "bad_reference",
             Err(SubmitError::UnknownType(_)) => "unknown_type",
             Err(SubmitError::Malformed(_)) => "malformed",
             Err(SubmitError::Invalid(_)) => "invalid",

@@ -707,6 +707,7 @@ mod tests {
                 version: 1,
                 payload: "{}".into(),
                 idempotency_key: None,
+                refs: Vec::new(),
             };
             store.create(entity, clock.now_us()).await.unwrap();
             ids.push(id);

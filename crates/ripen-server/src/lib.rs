@@ -2,6 +2,7 @@
 //! health, with every error as RFC 9457 problem+json.
 
 mod dashboard;
+mod deps;
 mod notify;
 mod problem;
 mod stats;
@@ -289,6 +290,8 @@ async fn submit(
                 "a request with this idempotency key is still being processed; try again shortly",
             )
             .retry_after(1),
+            SubmitError::BadReference(e) => deps::bad_reference(&e),
+            SubmitError::ReferenceRefused(r) => deps::refused(&r),
             SubmitError::Store(e) => store_problem(e),
         })?;
     let (record, replayed) = match outcome {
@@ -303,6 +306,7 @@ async fn submit(
             )
             .with("entity_id", json!(entity_id.to_string())))
         }
+        IntakeOutcome::ReferenceRefused(r) => return Err(deps::refused(&r)),
     };
     let mut response = json_text(
         StatusCode::ACCEPTED,
@@ -640,6 +644,7 @@ fn command_answer(
             format!("cannot {verb}: the entity is {}; {rule}", status.as_str()),
         )
         .with("entity_status", json!(status.as_str()))),
+        CommandOutcome::DependencyNotReady(r) => Err(deps::retry_blocked(&r)),
     }
 }
 

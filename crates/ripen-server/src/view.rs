@@ -58,6 +58,35 @@ pub fn write_entity(out: &mut String, r: &EntityRecord, pipeline: Option<&Pipeli
         }
         out.push(']');
     }
+    if !r.deps.is_empty() {
+        out.push_str(",\"dependencies\":[");
+        for (i, d) in r.deps.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{{\"entity_id\":\"{}\",\"field\":", d.id);
+            push_json_string(out, &d.field);
+            out.push_str(",\"status\":\"");
+            out.push_str(d.status.as_str());
+            out.push_str("\",\"type\":");
+            push_json_string(out, &d.type_name);
+            out.push('}');
+        }
+        out.push(']');
+    }
+    if let Some(d) = r.failed_dependency() {
+        let _ = write!(
+            out,
+            ",\"failure\":{{\"cause\":\"dependency_failed\",\"entity_id\":\"{}\",\"field\":",
+            d.id
+        );
+        push_json_string(out, &d.field);
+        out.push_str(",\"status\":\"");
+        out.push_str(d.status.as_str());
+        out.push_str("\",\"type\":");
+        push_json_string(out, &d.type_name);
+        out.push('}');
+    }
     let _ = write!(out, ",\"id\":\"{}\",\"ready_at\":", r.id);
     match r.ready_at_us {
         Some(at) => {
@@ -113,6 +142,10 @@ pub fn write_entity(out: &mut String, r: &EntityRecord, pipeline: Option<&Pipeli
                 out.push('"');
             }
         }
+        if let Some(reason) = step_reason(r, s.state.status) {
+            out.push_str(",\"reason\":");
+            push_json_string(out, &reason);
+        }
         out.push_str(",\"status\":\"");
         out.push_str(s.state.status.as_str());
         out.push('"');
@@ -127,6 +160,21 @@ pub fn write_entity(out: &mut String, r: &EntityRecord, pipeline: Option<&Pipeli
     out.push_str(",\"updated_at\":\"");
     out.push_str(&rfc3339(r.updated_at_us));
     let _ = write!(out, "\",\"version\":{}}}", r.version);
+}
+
+/// Why a step does not run, when another entity is the reason: a blocked
+/// step of an entity that waits ("waiting for merchant 0193…"), a skipped
+/// step of one that failed because of a dependency.
+fn step_reason(r: &EntityRecord, status: StepStatus) -> Option<String> {
+    match status {
+        StepStatus::Blocked => r
+            .waiting_for()
+            .map(|d| format!("waiting for {} {}", d.type_name, d.id)),
+        StepStatus::Skipped => r
+            .failed_dependency()
+            .map(|d| format!("{} {} {}", d.type_name, d.id, d.status.as_str())),
+        _ => None,
+    }
 }
 
 /// Appends `s` as a JSON string, escaped exactly as serde_json escapes it.
@@ -191,6 +239,9 @@ pub fn entity(r: &EntityRecord, pipeline: Option<&Pipeline>) -> Value {
             if let Some(worker) = &s.state.holder {
                 step["worker"] = json!(worker);
             }
+            if let Some(reason) = step_reason(r, s.state.status) {
+                step["reason"] = json!(reason);
+            }
             step
         })
         .collect();
@@ -213,6 +264,23 @@ pub fn entity(r: &EntityRecord, pipeline: Option<&Pipeline>) -> Value {
             .map(|s| s.name.as_str())
             .collect();
         view["degraded_steps"] = json!(failed);
+    }
+    let deps: Vec<Value> = r
+        .deps
+        .iter()
+        .map(|d| json!({"field": d.field, "type": d.type_name, "entity_id": d.id.to_string(), "status": d.status.as_str()}))
+        .collect();
+    if !deps.is_empty() {
+        view["dependencies"] = json!(deps);
+    }
+    if let Some(d) = r.failed_dependency() {
+        view["failure"] = json!({
+            "cause": "dependency_failed",
+            "field": d.field,
+            "type": d.type_name,
+            "entity_id": d.id.to_string(),
+            "status": d.status.as_str(),
+        });
     }
     view
 }
@@ -304,6 +372,7 @@ mod tests {
                 step("e", false, StepStatus::Failed, Some("no")),
                 step("w", true, StepStatus::Running, None),
             ],
+            deps: Vec::new(),
         };
         let same = |r: &EntityRecord, p: Option<&Pipeline>| {
             assert_eq!(entity_json(r, p), entity(r, p).to_string());
@@ -346,5 +415,46 @@ mod tests {
         same(&r, Some(&pipeline));
         r.steps.clear();
         same(&r, None);
+    }
+
+    #[test]
+    fn a_dependent_view_names_what_it_waits_for_and_why_it_failed() {
+        let parent = EntityId::new_v7();
+        let mut r = EntityRecord {
+            id: EntityId::new_v7(),
+            tenant: "default".into(),
+            type_name: "store".into(),
+            version: 1,
+            status: EntityStatus::Pending,
+            degraded: false,
+            created_at_us: 1_700_000_000_000_001,
+            updated_at_us: 1_700_000_000_500_000,
+            ready_at_us: None,
+            steps: vec![step("a", true, StepStatus::Blocked, None)],
+            deps: vec![ripen_store::deps::DependencyRecord {
+                field: "merchant\"id".into(),
+                type_name: "merchant".into(),
+                id: parent,
+                status: EntityStatus::Pending,
+            }],
+        };
+        let same = |r: &EntityRecord| {
+            assert_eq!(entity_json(r, None), entity(r, None).to_string());
+            entity(r, None)
+        };
+        let view = same(&r);
+        assert_eq!(
+            view["steps"][0]["reason"],
+            format!("waiting for merchant {parent}")
+        );
+        assert_eq!(view["dependencies"][0]["status"], "pending");
+        assert!(view.get("failure").is_none());
+        r.status = EntityStatus::Failed;
+        r.deps[0].status = EntityStatus::Failed;
+        r.steps[0].state.status = StepStatus::Skipped;
+        let view = same(&r);
+        assert_eq!(view["failure"]["cause"], "dependency_failed");
+        assert_eq!(view["failure"]["entity_id"], parent.to_string());
+        assert_eq!(view["steps"][0]["reason"], format!("merchant {parent} failed"));
     }
 }

@@ -81,6 +81,11 @@ macro_rules! store_test_suite {
             subscriptions_hear_from_their_creation_on,
             pruning_keeps_the_newest_and_what_is_not_fanned_out,
             change_watchers_hear_commits,
+            dependents_wait_then_run_once_their_parent_is_ready,
+            references_that_do_not_hold_are_refused,
+            a_failed_parent_fails_its_dependents_down_a_chain,
+            a_retried_dependent_checks_its_references_again,
+            a_cancelled_parent_fails_its_dependents,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -94,7 +99,9 @@ macro_rules! store_test_suite {
     };
 }
 
+mod deps;
 mod notify;
+pub use deps::*;
 pub use notify::*;
 
 /// The start of time in every test.

@@ -50,6 +50,7 @@ fn entity(type_name: &str, payload: &str, key: Option<&str>) -> NewEntity {
         version: 1,
         payload: payload.into(),
         idempotency_key: key.map(str::to_owned),
+        refs: Vec::new(),
     }
 }
 

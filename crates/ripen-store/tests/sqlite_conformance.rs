@@ -32,6 +32,7 @@ async fn data_survives_reopening_the_file() {
         version: 1,
         payload: payload.into(),
         idempotency_key: Some("k".into()),
+        refs: Vec::new(),
     };
 
     let store = SqliteStore::open(SqliteOptions::new(&path), catalog()).expect("open");

@@ -543,7 +543,10 @@ function drawHead(box, e) {
     h("dt", null, "type"), h("dd", null, h("a", {href: `#/entities?type=${encodeURIComponent(e.type)}`}, e.type), ` version ${e.version}`),
     h("dt", null, "created"), h("dd", null, time(e.created_at)),
     h("dt", null, "updated"), h("dd", null, time(e.updated_at)),
-    h("dt", null, "ready"), h("dd", null, time(e.ready_at)))));
+    h("dt", null, "ready"), h("dd", null, time(e.ready_at)),
+    (e.dependencies || []).length ? [h("dt", null, "depends on"), h("dd", {id: "dependencies"}, e.dependencies.map((d, i) => [i ? ", " : null,
+      h("a", {href: `#/entities/${encodeURIComponent(d.entity_id)}`}, `${d.type} ${d.entity_id}`), ` (${d.field}, ${d.status})`]))] : null,
+    e.failure ? [h("dt", null, "failure"), h("dd", {id: "failure"}, `${e.failure.cause}: ${e.failure.type} ${e.failure.entity_id} ${e.failure.status}`)] : null)));
 }
 
 function drawPipeline(box, e) {
@@ -553,7 +556,7 @@ function drawPipeline(box, e) {
       h("thead", null, h("tr", null, ["step", "status", "attempts", "runs on", "next attempt", "last error"].map(c => h("th", {scope: "col"}, c)))),
       h("tbody", null, e.steps.map(s => h("tr", {"data-step": s.name},
         h("td", {"data-label": "step"}, s.name, s.critical ? null : h("span", {class: "muted"}, " (non-critical)")),
-        h("td", {"data-label": "status"}, badge(s.status)),
+        h("td", {"data-label": "status"}, badge(s.status), s.reason ? h("div", {class: "muted reason"}, s.reason) : null),
         h("td", {"data-label": "attempts", class: "num"}, s.attempts),
         h("td", {"data-label": "runs on"}, s.executor || "—", s.worker ? ` (${s.worker})` : null),
         h("td", {"data-label": "next attempt"}, time(s.next_attempt_at)),

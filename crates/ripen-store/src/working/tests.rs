@@ -21,6 +21,7 @@ fn submission(type_name: &str, key: Option<&str>, payload: &str) -> NewEntity {
         version: 1,
         payload: payload.into(),
         idempotency_key: key.map(str::to_owned),
+        refs: Vec::new(),
     }
 }
 
