@@ -104,10 +104,23 @@ pub fn references(
 }
 
 /// Runs resolver rounds whenever `wake` is notified (new outbox rows are
-/// readable) and every [`RESOLVER_SAFETY_MS`], as long as the engine.
-pub async fn run_resolver(store: Arc<dyn Store>, clock: Arc<dyn Clock>, wake: Arc<Notify>) {
+/// readable) and every [`RESOLVER_SAFETY_MS`], as long as the engine. A
+/// round that released steps wakes this node's scheduler (`scheduler`):
+/// an embedded store tells no watcher of its own commits.
+pub async fn run_resolver(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    wake: Arc<Notify>,
+    scheduler: Arc<Notify>,
+) {
     loop {
-        match store.resolve_dependencies(clock.now_us()).await {
+        let result = store.resolve_dependencies(clock.now_us()).await;
+        if let Ok(round) = &result {
+            if round.released > 0 {
+                scheduler.notify_one();
+            }
+        }
+        match result {
             Ok(round) if round.more => continue,
             Ok(round) => {
                 if round.changed > 0 {

@@ -340,6 +340,7 @@ impl Engine {
             store.clone(),
             clock.clone(),
             resolver_wake,
+            scheduler.waker(),
         ));
         Ok(Engine {
             config,

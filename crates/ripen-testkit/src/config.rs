@@ -141,6 +141,8 @@ pub struct TypeDef {
     pub name: String,
     pub schema: Option<Value>,
     pub steps: Vec<Step>,
+    /// `references`: payload field -> referenced type.
+    pub references: Vec<(String, String)>,
 }
 
 impl TypeDef {
@@ -149,7 +151,15 @@ impl TypeDef {
             name: name.to_owned(),
             schema: None,
             steps,
+            references: Vec::new(),
         }
+    }
+
+    /// Declares that payload `field` holds the id of an entity of
+    /// `type_name` that this one depends on.
+    pub fn references(mut self, field: &str, type_name: &str) -> TypeDef {
+        self.references.push((field.to_owned(), type_name.to_owned()));
+        self
     }
 
     /// A JSON Schema, written to `schemas/{name}.json` beside the config.
@@ -361,6 +371,14 @@ impl Config {
                 let rel = format!("schemas/{}.json", t.name);
                 std::fs::write(dir.join(&rel), serde_json::to_vec_pretty(schema)?)?;
                 let _ = writeln!(out, "schema = {}", toml_str(&rel));
+            }
+            if !t.references.is_empty() {
+                let refs: Vec<String> = t
+                    .references
+                    .iter()
+                    .map(|(field, target)| format!("{} = {}", toml_str(field), toml_str(target)))
+                    .collect();
+                let _ = writeln!(out, "references = {{ {} }}", refs.join(", "));
             }
             for s in &t.steps {
                 let _ = writeln!(out, "\n[[types.{}.steps]]", t.name);
