@@ -694,6 +694,23 @@ mod tests {
     }
 
     #[test]
+    fn references_name_defined_types() {
+        let store = "[types.s]\nreferences = { m = \"t\", me = \"s\" }\n[[types.s.steps]]\nname = \"a\"\nhttp = \"http://127.0.0.1:9/a\"\n";
+        let c = parse(&format!("{STEP}{store}")).unwrap();
+        let s = c.type_config("s").unwrap();
+        assert_eq!(
+            s.references,
+            vec![("m".to_owned(), "t".to_owned()), ("me".to_owned(), "s".to_owned())]
+        );
+        assert!(c.type_config("t").unwrap().references.is_empty());
+        let e = parse(&format!("{STEP}{}", store.replace("\"t\"", "\"u\""))).unwrap_err();
+        assert!(
+            e.starts_with("ripen.toml: types.s.references.m: no entity type \"u\" is defined"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn shutdown_grace() {
         let c = parse(&format!("[engine]\nshutdown_grace = \"200ms\"\n{STEP}")).unwrap();
         assert_eq!(c.engine.shutdown_grace_ms, 200);

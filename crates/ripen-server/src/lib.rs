@@ -788,11 +788,17 @@ async fn types(State(state): Shared) -> Response {
                     })
                 })
                 .collect();
+            let references: serde_json::Map<String, Value> = t
+                .references
+                .iter()
+                .map(|(field, target)| (field.clone(), json!(target)))
+                .collect();
             json!({
                 "type": t.name,
                 "latest_version": t.version,
                 "versions": 1,
                 "steps": steps,
+                "references": references,
             })
         })
         .collect();
