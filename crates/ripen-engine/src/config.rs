@@ -262,8 +262,9 @@ impl Config {
                     "a type name is 1 to 64 characters of a-z, A-Z, 0-9, '_' and '-'".into(),
                 ));
             }
-            let references = crate::deps::check_config(t.references.unwrap_or_default(), &type_names)
-                .map_err(|(k, p)| err(&format!("{key}.references{k}"), p))?;
+            let references =
+                crate::deps::check_config(t.references.unwrap_or_default(), &type_names)
+                    .map_err(|(k, p)| err(&format!("{key}.references{k}"), p))?;
             let version = t.version.unwrap_or(1);
             if version == 0 {
                 return Err(err(&format!("{key}.version"), "must be 1 or more".into()));
@@ -700,7 +701,10 @@ mod tests {
         let s = c.type_config("s").unwrap();
         assert_eq!(
             s.references,
-            vec![("m".to_owned(), "t".to_owned()), ("me".to_owned(), "s".to_owned())]
+            vec![
+                ("m".to_owned(), "t".to_owned()),
+                ("me".to_owned(), "s".to_owned())
+            ]
         );
         assert!(c.type_config("t").unwrap().references.is_empty());
         let e = parse(&format!("{STEP}{}", store.replace("\"t\"", "\"u\""))).unwrap_err();

@@ -37,7 +37,10 @@ pub fn refused(r: &ReferenceRefusal) -> Problem {
     .with("field", json!(r.field))
     .with("reason", json!(r.reason.as_str()))
     .with("entity_id", json!(r.id.to_string()))
-    .with("errors", json!([{"pointer": pointer(&r.field), "message": r.to_string()}]))
+    .with(
+        "errors",
+        json!([{"pointer": pointer(&r.field), "message": r.to_string()}]),
+    )
 }
 
 /// 409 for a retry of an entity that depends on one that cannot become
@@ -47,10 +50,7 @@ pub fn retry_blocked(r: &ReferenceRefusal) -> Problem {
         StatusCode::CONFLICT,
         "dependency-not-ready",
         "Conflict",
-        format!(
-            "cannot retry: {r}; retry {} {} first",
-            r.type_name, r.id
-        ),
+        format!("cannot retry: {r}; retry {} {} first", r.type_name, r.id),
     )
     .with("field", json!(r.field))
     .with("reason", json!(r.reason.as_str()))

@@ -455,6 +455,9 @@ mod tests {
         let view = same(&r);
         assert_eq!(view["failure"]["cause"], "dependency_failed");
         assert_eq!(view["failure"]["entity_id"], parent.to_string());
-        assert_eq!(view["steps"][0]["reason"], format!("merchant {parent} failed"));
+        assert_eq!(
+            view["steps"][0]["reason"],
+            format!("merchant {parent} failed")
+        );
     }
 }

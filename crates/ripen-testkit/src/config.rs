@@ -158,7 +158,8 @@ impl TypeDef {
     /// Declares that payload `field` holds the id of an entity of
     /// `type_name` that this one depends on.
     pub fn references(mut self, field: &str, type_name: &str) -> TypeDef {
-        self.references.push((field.to_owned(), type_name.to_owned()));
+        self.references
+            .push((field.to_owned(), type_name.to_owned()));
         self
     }
 

@@ -74,7 +74,10 @@ async fn work(api: &Api, queue: &str, entity: &str, succeed: bool) {
             )
             .await;
         assert_eq!(r.status, 200, "claim: {r}");
-        let Some(task) = r.json()["tasks"].as_array().and_then(|t| t.first().cloned()) else {
+        let Some(task) = r.json()["tasks"]
+            .as_array()
+            .and_then(|t| t.first().cloned())
+        else {
             continue;
         };
         assert_eq!(
@@ -84,8 +87,11 @@ async fn work(api: &Api, queue: &str, entity: &str, succeed: bool) {
         let id = task["task_id"].as_str().expect("task id").to_owned();
         let lease = task["lease"].clone();
         let r = if succeed {
-            api.post(&format!("/v1/tasks/{id}/complete"), &json!({"lease": lease, "output": {"ok": true}}))
-                .await
+            api.post(
+                &format!("/v1/tasks/{id}/complete"),
+                &json!({"lease": lease, "output": {"ok": true}}),
+            )
+            .await
         } else {
             api.post(
                 &format!("/v1/tasks/{id}/fail"),
@@ -101,10 +107,17 @@ async fn work(api: &Api, queue: &str, entity: &str, succeed: bool) {
 /// Asserts that nothing of `queue` is due now.
 async fn nothing_due(api: &Api, queue: &str) {
     let r = api
-        .post(&format!("/v1/queues/{queue}/claim"), &json!({"max": 1, "wait_ms": 300}))
+        .post(
+            &format!("/v1/queues/{queue}/claim"),
+            &json!({"max": 1, "wait_ms": 300}),
+        )
         .await;
     assert_eq!(r.status, 200, "claim: {r}");
-    assert_eq!(r.json()["tasks"], json!([]), "nothing may be due in {queue}: {r}");
+    assert_eq!(
+        r.json()["tasks"],
+        json!([]),
+        "nothing may be due in {queue}: {r}"
+    );
 }
 
 async fn wait_status(api: &Api, id: &str, status: &str) -> Value {
@@ -117,7 +130,11 @@ fn assert_waits_for(view: &Value, kind: &str, parent: &str) {
     assert_eq!(view["status"], "pending", "{view:#}");
     for s in view["steps"].as_array().expect("steps") {
         assert_eq!(s["status"], "blocked", "{view:#}");
-        assert_eq!(s["reason"], format!("waiting for {kind} {parent}"), "{view:#}");
+        assert_eq!(
+            s["reason"],
+            format!("waiting for {kind} {parent}"),
+            "{view:#}"
+        );
     }
 }
 
@@ -176,7 +193,10 @@ async fn parent_ready_then_failed(url: Option<&str>) {
     let merchant = srv.submit_ok("merchant", &json!({"name": "bad"})).await;
     let mut stores = Vec::new();
     for _ in 0..3 {
-        stores.push(srv.submit_ok("store", &json!({"merchant_id": merchant})).await);
+        stores.push(
+            srv.submit_ok("store", &json!({"merchant_id": merchant}))
+                .await,
+        );
     }
     work(&srv, MERCHANTS, &merchant, false).await;
     for s in &stores {
@@ -194,14 +214,18 @@ async fn parent_ready_then_failed(url: Option<&str>) {
     nothing_due(&srv, STORES).await;
 
     // A retry of the store is refused while its merchant is failed.
-    let r = srv.post_empty(&format!("/v1/entities/{}/retry", stores[0])).await;
+    let r = srv
+        .post_empty(&format!("/v1/entities/{}/retry", stores[0]))
+        .await;
     let p = assert_problem(&r, 409);
     assert_eq!(p["entity_id"], merchant, "{p}");
     assert_eq!(p["reason"], "failed", "{p}");
 
     // The merchant, retried and ready, does not revive its stores; a store
     // retried afterwards runs at once.
-    let r = srv.post_empty(&format!("/v1/entities/{merchant}/retry")).await;
+    let r = srv
+        .post_empty(&format!("/v1/entities/{merchant}/retry"))
+        .await;
     assert_eq!(r.status, 202, "{r}");
     work(&srv, MERCHANTS, &merchant, true).await;
     wait_status(&srv, &merchant, "ready").await;
@@ -210,15 +234,21 @@ async fn parent_ready_then_failed(url: Option<&str>) {
         assert_eq!(srv.entity(s).await["status"], "failed", "not revived");
     }
     nothing_due(&srv, STORES).await;
-    let r = srv.post_empty(&format!("/v1/entities/{}/retry", stores[0])).await;
+    let r = srv
+        .post_empty(&format!("/v1/entities/{}/retry", stores[0]))
+        .await;
     assert_eq!(r.status, 202, "{r}");
     work(&srv, STORES, &stores[0], true).await;
     wait_status(&srv, &stores[0], "ready").await;
 
     // A cancelled merchant fails its stores too.
     let merchant = srv.submit_ok("merchant", &json!({"name": "gone"})).await;
-    let store = srv.submit_ok("store", &json!({"merchant_id": merchant})).await;
-    let r = srv.post_empty(&format!("/v1/entities/{merchant}/cancel")).await;
+    let store = srv
+        .submit_ok("store", &json!({"merchant_id": merchant}))
+        .await;
+    let r = srv
+        .post_empty(&format!("/v1/entities/{merchant}/cancel"))
+        .await;
     assert_eq!(r.status, 202, "{r}");
     let view = wait_status(&srv, &store, "failed").await;
     assert_failed_by(&view, &merchant, "cancelled");
@@ -250,9 +280,12 @@ async fn references_that_do_not_hold(url: Option<&str>) {
     work(&srv, MERCHANTS, &failed, false).await;
     wait_status(&srv, &failed, "failed").await;
     let cancelled = srv.submit_ok("merchant", &json!({})).await;
-    srv.post_empty(&format!("/v1/entities/{cancelled}/cancel")).await;
+    srv.post_empty(&format!("/v1/entities/{cancelled}/cancel"))
+        .await;
     let pending = srv.submit_ok("merchant", &json!({})).await;
-    let a_store = srv.submit_ok("store", &json!({"merchant_id": pending})).await;
+    let a_store = srv
+        .submit_ok("store", &json!({"merchant_id": pending}))
+        .await;
     let missing = "0193c5b2-0000-7000-8000-000000000001";
     let cases = [
         (json!({"merchant_id": missing}), "not_found"),
@@ -270,7 +303,10 @@ async fn references_that_do_not_hold(url: Option<&str>) {
         assert_eq!(p["field"], "merchant_id", "{body}: {p}");
         assert_eq!(p["errors"][0]["pointer"], "/merchant_id", "{body}: {p}");
         assert!(
-            p["detail"].as_str().unwrap_or("").starts_with("merchant_id: "),
+            p["detail"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("merchant_id: "),
             "the detail names the field: {p}"
         );
         // Nothing was stored under the key: a good body with it is created.
@@ -311,19 +347,27 @@ async fn chain(url: Option<&str>, n: usize) {
     let ds = Downstream::start().await;
     let srv = start(&config(&ds), url).await;
     let merchant = srv.submit_ok("merchant", &json!({})).await;
-    let mut links = vec![srv.submit_ok("link", &json!({"merchant_id": merchant})).await];
+    let mut links = vec![
+        srv.submit_ok("link", &json!({"merchant_id": merchant}))
+            .await,
+    ];
     for _ in 1..n {
         let prev = links.last().expect("a link").clone();
         links.push(srv.submit_ok("link", &json!({"prev": prev})).await);
     }
     let last = srv.entity(links.last().expect("a link")).await;
     assert_waits_for(&last, "link", &links[n - 2]);
-    assert!(ds.calls_to(&step_path("link", "only")).is_empty(), "nothing ran yet");
+    assert!(
+        ds.calls_to(&step_path("link", "only")).is_empty(),
+        "nothing ran yet"
+    );
     let started = Instant::now();
     work(&srv, MERCHANTS, &merchant, true).await;
     let patience = SETTLE + Duration::from_millis(40 * n as u64);
     let end = srv
-        .wait_until(links.last().expect("a link"), patience, "ready", |v| v["status"] == "ready")
+        .wait_until(links.last().expect("a link"), patience, "ready", |v| {
+            v["status"] == "ready"
+        })
         .await;
     eprintln!("a chain of {n} settled in {:?}", started.elapsed());
     assert_eq!(end["status"], "ready");
@@ -336,7 +380,10 @@ async fn chain(url: Option<&str>, n: usize) {
 
     // A failure at the root reaches the end of a chain.
     let merchant = srv.submit_ok("merchant", &json!({})).await;
-    let mut links = vec![srv.submit_ok("link", &json!({"merchant_id": merchant})).await];
+    let mut links = vec![
+        srv.submit_ok("link", &json!({"merchant_id": merchant}))
+            .await,
+    ];
     for _ in 1..5 {
         let prev = links.last().expect("a link").clone();
         links.push(srv.submit_ok("link", &json!({"prev": prev})).await);
@@ -372,9 +419,15 @@ async fn kill_9_while_waiting(url: Option<&str>) {
     let merchant = srv.submit_ok("merchant", &json!({})).await;
     let mut stores = Vec::new();
     for _ in 0..10 {
-        stores.push(srv.submit_ok("store", &json!({"merchant_id": merchant})).await);
+        stores.push(
+            srv.submit_ok("store", &json!({"merchant_id": merchant}))
+                .await,
+        );
     }
-    let mut links = vec![srv.submit_ok("link", &json!({"merchant_id": merchant})).await];
+    let mut links = vec![
+        srv.submit_ok("link", &json!({"merchant_id": merchant}))
+            .await,
+    ];
     for _ in 1..10 {
         let prev = links.last().expect("a link").clone();
         links.push(srv.submit_ok("link", &json!({"prev": prev})).await);
@@ -395,7 +448,9 @@ async fn kill_9_while_waiting(url: Option<&str>) {
     // Killed again between the merchant's settling and the release of its
     // dependents: the resolver's cursor is durable and catches up.
     let merchant = srv.submit_ok("merchant", &json!({})).await;
-    let store = srv.submit_ok("store", &json!({"merchant_id": merchant})).await;
+    let store = srv
+        .submit_ok("store", &json!({"merchant_id": merchant}))
+        .await;
     work(&srv, MERCHANTS, &merchant, false).await;
     srv.kill();
     srv.restart().await;
@@ -424,7 +479,9 @@ async fn two_postgres_nodes_release_across_nodes() {
     for round in 0..3 {
         // The merchant is submitted and claimed on node A, the store on B.
         let merchant = a.submit_ok("merchant", &json!({"round": round})).await;
-        let store = b.submit_ok("store", &json!({"merchant_id": merchant})).await;
+        let store = b
+            .submit_ok("store", &json!({"merchant_id": merchant}))
+            .await;
         assert_waits_for(&b.entity(&store).await, "merchant", &merchant);
         // B's worker long-polls before the merchant settles: B hears of the
         // release from A's commit, through the database.
@@ -460,7 +517,9 @@ async fn two_postgres_nodes_release_across_nodes() {
     }
     // A failure on A reaches a store of B's.
     let merchant = a.submit_ok("merchant", &json!({})).await;
-    let store = b.submit_ok("store", &json!({"merchant_id": merchant})).await;
+    let store = b
+        .submit_ok("store", &json!({"merchant_id": merchant}))
+        .await;
     work(&a, MERCHANTS, &merchant, false).await;
     let view = wait_status(&b, &store, "failed").await;
     assert_failed_by(&view, &merchant, "failed");

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::deps::{RefusalReason, Reference};
+use crate::deps::{Reference, RefusalReason};
 
 /// A `single` entity that references `parents` (field `p0`, `p1`, ...).
 fn dependent(parents: &[(EntityId, &str)]) -> NewEntity {
@@ -72,7 +72,11 @@ pub async fn dependents_wait_then_run_once_their_parent_is_ready(store: Arc<dyn 
     assert_eq!(child.deps[1].status, EntityStatus::Ready);
     assert_eq!(child.waiting_for().map(|d| d.id), Some(parent.id));
     assert_eq!(statuses(&child), vec![("only", StepStatus::Blocked)]);
-    assert_eq!(get(store, child.id).await.deps, child.deps, "stored as answered");
+    assert_eq!(
+        get(store, child.id).await.deps,
+        child.deps,
+        "stored as answered"
+    );
 
     // Only the parent's step is due; the child waits without a timer.
     let batch = claim(store, T0, 100).await;
@@ -91,9 +95,16 @@ pub async fn dependents_wait_then_run_once_their_parent_is_ready(store: Arc<dyn 
     let released = get(store, child.id).await;
     assert_eq!(statuses(&released), vec![("only", StepStatus::Queued)]);
     assert_eq!(released.waiting_for(), None);
-    assert!(released.deps.iter().all(|d| d.status == EntityStatus::Ready));
+    assert!(released
+        .deps
+        .iter()
+        .all(|d| d.status == EntityStatus::Ready));
     assert!(kinds(&events(store, child.id).await).contains(&"dependency_ready"));
-    assert_eq!(resolve(store, T0 + 3).await, 0, "a second round tells nobody twice");
+    assert_eq!(
+        resolve(store, T0 + 3).await,
+        0,
+        "a second round tells nobody twice"
+    );
     run_single(store, child.id, succeeded(None), T0 + 4).await;
     assert_eq!(get(store, child.id).await.status, EntityStatus::Ready);
 }
@@ -103,7 +114,10 @@ pub async fn references_that_do_not_hold_are_refused(store: Arc<dyn Store>) {
     let failed_parent = create(store, new_entity("single", "{}"), T0).await;
     run_single(store, failed_parent.id, failed("no", false, None), T0).await;
     let cancelled = create(store, new_entity("single", "{}"), T0).await;
-    store.cancel(TENANT, cancelled.id, T0).await.expect("cancel");
+    store
+        .cancel(TENANT, cancelled.id, T0)
+        .await
+        .expect("cancel");
     let other_type = create(store, new_entity("backoff", "{}"), T0).await;
     let mut other_tenant = new_entity("single", "{}");
     other_tenant.tenant = OTHER_TENANT.into();
@@ -129,7 +143,11 @@ pub async fn references_that_do_not_hold_are_refused(store: Arc<dyn Store>) {
             }
             other => panic!("{reason}: expected a refusal, got {other:?}"),
         }
-        assert_eq!(store.get(TENANT, id).await.expect("get"), None, "nothing written");
+        assert_eq!(
+            store.get(TENANT, id).await.expect("get"),
+            None,
+            "nothing written"
+        );
         // The key was not taken: the same key creates once the body holds.
         let fine = NewEntity {
             refs: Vec::new(),
@@ -204,16 +222,26 @@ pub async fn a_retried_dependent_checks_its_references_again(store: Arc<dyn Stor
     // A dependent retried after its parent became ready runs at once.
     let parent = create(store, new_entity("single", "{}"), T0 + 9).await;
     let child = create(store, dependent(&[(parent.id, "single")]), T0 + 9).await;
-    store.cancel(TENANT, child.id, T0 + 10).await.expect("cancel");
+    store
+        .cancel(TENANT, child.id, T0 + 10)
+        .await
+        .expect("cancel");
     run_single(store, parent.id, succeeded(None), T0 + 11).await;
-    assert_eq!(resolve(store, T0 + 12).await, 0, "a cancelled dependent waits for nothing");
+    assert_eq!(
+        resolve(store, T0 + 12).await,
+        0,
+        "a cancelled dependent waits for nothing"
+    );
 }
 
 pub async fn a_cancelled_parent_fails_its_dependents(store: Arc<dyn Store>) {
     let store = &*store;
     let parent = create(store, new_entity("single", "{}"), T0).await;
     let child = create(store, dependent(&[(parent.id, "single")]), T0).await;
-    store.cancel(TENANT, parent.id, T0 + 1).await.expect("cancel");
+    store
+        .cancel(TENANT, parent.id, T0 + 1)
+        .await
+        .expect("cancel");
     assert_eq!(resolve(store, T0 + 2).await, 1);
     let record = get(store, child.id).await;
     assert_eq!(record.status, EntityStatus::Failed);
