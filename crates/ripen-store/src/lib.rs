@@ -577,9 +577,10 @@ pub trait Store: Send + Sync + 'static {
     /// at a time; a node that finds another one doing it returns at once.
     async fn fan_out(&self, limit: u32, now_us: UnixMicros) -> Result<FanOut>;
 
-    /// Deletes outbox rows older than `before_us` that the fan-out and the
-    /// dependency resolver have passed, at most `limit`, never the newest
-    /// row. Returns how many.
+    /// Deletes outbox rows older than `before_us` that the fan-out has
+    /// passed and the dependency resolver needs no more (it passed them,
+    /// or no entity waits), at most `limit`, never the newest row. Returns
+    /// how many.
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64>;
 
     /// Stores a subscription, or replaces the one with its id (keeping its

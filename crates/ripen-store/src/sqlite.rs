@@ -720,6 +720,9 @@ impl Store for SqliteStore {
     }
 
     async fn resolve_dependencies(&self, now_us: UnixMicros) -> Result<crate::deps::Resolved> {
+        if let Some(idle) = self.read(deps::idle).await? {
+            return Ok(idle);
+        }
         self.write(move |w| deps::resolve(w, now_us)).await
     }
 

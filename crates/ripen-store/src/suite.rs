@@ -86,6 +86,7 @@ macro_rules! store_test_suite {
             a_failed_parent_fails_its_dependents_down_a_chain,
             a_retried_dependent_checks_its_references_again,
             a_cancelled_parent_fails_its_dependents,
+            pruning_keeps_what_the_resolver_has_not_read,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {

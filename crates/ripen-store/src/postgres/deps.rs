@@ -177,6 +177,22 @@ pub(super) async fn push_waits<'a>(
 /// One resolver round.
 pub(super) async fn resolve(shared: &Shared, now_us: UnixMicros) -> Result<Resolved> {
     let conn = shared.pool.get().await?;
+    let idle = conn
+        .query_opt(
+            "SELECT c.pos FROM cursors c
+             WHERE c.name = $1 AND NOT EXISTS (SELECT 1 FROM dependencies)
+               AND (SELECT COALESCE(MAX(pos), 0) FROM outbox) - c.pos < $2",
+            &[&deps::CURSOR, &to_i64(deps::IDLE_LAG_MAX, "lag")?],
+        )
+        .await?;
+    if let Some(row) = idle {
+        // Nothing to do, and the cursor may stay where it is.
+        let pos: i64 = row.try_get(0).map_err(decode_error)?;
+        return Ok(Resolved {
+            last_pos: to_u64(pos, "cursors.pos")?,
+            ..Resolved::default()
+        });
+    }
     // While nobody waits, nothing that settled so far has anyone to tell:
     // the cursor moves to the head in one statement, whose snapshot holds
     // every wait row committed before the changes it passes.

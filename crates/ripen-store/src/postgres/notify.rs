@@ -273,7 +273,8 @@ pub(super) async fn prune(conn: &Conn, before_us: UnixMicros, limit: u32) -> Res
                      SELECT id FROM outbox
                      WHERE pos IS NOT NULL
                        AND pos < (SELECT pos FROM cursors WHERE name = 'fan_out')
-                       AND pos <= (SELECT pos FROM cursors WHERE name = 'dependencies')
+                       AND (pos <= (SELECT pos FROM cursors WHERE name = 'dependencies')
+                            OR NOT EXISTS (SELECT 1 FROM dependencies))
                        AND at < $1
                      ORDER BY pos LIMIT $2)
                  RETURNING 1)

@@ -116,6 +116,27 @@ fn set_cursor(conn: &Connection, pos: u64) -> Result<()> {
     Ok(())
 }
 
+/// A round that has nothing to do, read on a reader's connection: nobody
+/// waits and the cursor is less than [`deps::IDLE_LAG_MAX`] rows behind.
+/// Leaving the cursor where it is loses nothing.
+pub(super) fn idle(conn: &Connection) -> Result<Option<Resolved>> {
+    let tx = conn.unchecked_transaction()?;
+    let nobody_waits = tx
+        .prepare_cached("SELECT 1 FROM dependencies LIMIT 1")?
+        .query_row([], |_| Ok(()))
+        .optional()?
+        .is_none();
+    let from = cursor(&tx)?;
+    let head = super::notify::outbox_head(&tx)?;
+    tx.commit()?;
+    Ok(
+        (nobody_waits && head.saturating_sub(from) < deps::IDLE_LAG_MAX).then(|| Resolved {
+            last_pos: from,
+            ..Resolved::default()
+        }),
+    )
+}
+
 /// One resolver round on the writer's connection.
 pub(super) fn resolve(w: &mut Writer, now_us: UnixMicros) -> Result<Resolved> {
     let from = cursor(&w.conn)?;

@@ -193,7 +193,8 @@ pub(super) fn prune(conn: &Connection, before_us: UnixMicros, limit: u32) -> Res
                  SELECT o.id FROM outbox o
                  JOIN events e ON e.entity_id = o.entity_id AND e.seq = o.seq
                  WHERE o.id <= (SELECT pos FROM cursors WHERE name = 'fan_out')
-                   AND o.id <= (SELECT pos FROM cursors WHERE name = 'dependencies')
+                   AND (o.id <= (SELECT pos FROM cursors WHERE name = 'dependencies')
+                        OR NOT EXISTS (SELECT 1 FROM dependencies))
                    AND o.id < (SELECT MAX(id) FROM outbox)
                    AND e.at < ?1
                  ORDER BY o.id LIMIT ?2)",

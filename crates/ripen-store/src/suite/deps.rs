@@ -250,3 +250,23 @@ pub async fn a_cancelled_parent_fails_its_dependents(store: Arc<dyn Store>) {
         Some(EntityStatus::Cancelled)
     );
 }
+
+pub async fn pruning_keeps_what_the_resolver_has_not_read(store: Arc<dyn Store>) {
+    let store = &*store;
+    let parent = create(store, new_entity("single", "{}"), T0).await;
+    let child = create(store, dependent(&[(parent.id, "single")]), T0).await;
+    run_single(store, parent.id, succeeded(None), T0 + 1).await;
+    // A later row, so that the parent's settling is not the newest one
+    // (which pruning always keeps).
+    create(store, new_entity("backoff", "{}"), T0 + 1).await;
+    // Every row is old and fanned out, but the resolver has not read the
+    // parent's settling yet: pruning leaves it.
+    store.fan_out(512, T0 + 2).await.expect("fan out");
+    let later = T0 + 3_600 * SECOND_US;
+    store.prune_outbox(later, 1_000).await.expect("prune");
+    assert_eq!(resolve(store, later).await, 1);
+    assert_eq!(
+        statuses(&get(store, child.id).await),
+        vec![("only", StepStatus::Queued)]
+    );
+}

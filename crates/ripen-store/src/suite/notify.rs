@@ -439,12 +439,6 @@ pub async fn pruning_keeps_the_newest_and_what_is_not_fanned_out(store: Arc<dyn 
     }
     fan_out_all(store, T0 + SECOND_US).await;
     let head = store.outbox_head().await.expect("head");
-    // Nor before the dependency resolver passed it.
-    assert_eq!(store.prune_outbox(later, 100).await.expect("prune"), 0);
-    store
-        .resolve_dependencies(T0 + SECOND_US)
-        .await
-        .expect("resolve");
     assert_eq!(
         store.prune_outbox(T0, 100).await.expect("prune"),
         0,
