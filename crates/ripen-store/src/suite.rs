@@ -87,6 +87,7 @@ macro_rules! store_test_suite {
             a_retried_dependent_checks_its_references_again,
             a_cancelled_parent_fails_its_dependents,
             pruning_keeps_what_the_resolver_has_not_read,
+            the_dependents_waiting_for_one_entity_are_bounded,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {

@@ -321,6 +321,13 @@ async fn references_that_do_not_hold(url: Option<&str>) {
         Some(1 + 6),
         "only the accepted stores exist: {listed:#}"
     );
+    let types = srv.get("/v1/types").await.json();
+    let store_type = types["items"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["type"] == "store"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no store type in {types}"));
+    assert_eq!(store_type["references"], json!({"merchant_id": "merchant"}));
     // A reference left out, or null, references nothing.
     let free = srv.submit_ok("link", &json!({"prev": null})).await;
     wait_status(&srv, &free, "ready").await;

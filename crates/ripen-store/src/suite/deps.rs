@@ -270,3 +270,41 @@ pub async fn pruning_keeps_what_the_resolver_has_not_read(store: Arc<dyn Store>)
         vec![("only", StepStatus::Queued)]
     );
 }
+
+pub async fn the_dependents_waiting_for_one_entity_are_bounded(store: Arc<dyn Store>) {
+    let store = &*store;
+    let max = crate::deps::WAITING_DEPENDENTS_MAX as usize;
+    let parent = create(store, new_entity("single", "{}"), T0).await;
+    let mut waiting = Vec::with_capacity(max);
+    for _ in 0..max / 100 {
+        let creates = (0..100).map(|_| store.create(dependent(&[(parent.id, "single")]), T0));
+        for outcome in futures_util::future::join_all(creates).await {
+            match outcome.expect("create") {
+                IntakeOutcome::Created(r) => waiting.push(r.id),
+                other => panic!("expected Created, got {other:?}"),
+            }
+        }
+    }
+    match store
+        .create(dependent(&[(parent.id, "single")]), T0)
+        .await
+        .expect("create")
+    {
+        IntakeOutcome::ReferenceRefused(r) => {
+            assert_eq!(r.reason, RefusalReason::TooManyDependents)
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Once it is ready, the resolver releases them all over several
+    // rounds, and new dependents no longer wait.
+    run_single(store, parent.id, succeeded(None), T0 + 1).await;
+    assert_eq!(resolve(store, T0 + 2).await, max);
+    for id in [waiting[0], waiting[max - 1]] {
+        assert_eq!(
+            statuses(&get(store, id).await),
+            vec![("only", StepStatus::Queued)]
+        );
+    }
+    let late = create(store, dependent(&[(parent.id, "single")]), T0 + 3).await;
+    assert_eq!(statuses(&late), vec![("only", StepStatus::Queued)]);
+}
