@@ -794,3 +794,21 @@ async fn browser_keyboard_reaches_every_view_with_visible_focus() {
     let e = Estate::start(MIX).await;
     run_browser("keyboard.py", e.server.base(), e.case()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_a_waiting_entity_shows_what_it_waits_for_and_why_it_failed() {
+    let ds = Downstream::start().await;
+    let cfg = Config::new()
+        .with_type(TypeDef::new(
+            "merchant",
+            vec![ripen_testkit::Step::worker("kyc", "merchants")],
+        ))
+        .with_type(single("store", &ds).references("merchant_id", "merchant"));
+    let srv = Server::start(&cfg).await;
+    let merchant = srv.submit_ok("merchant", &json!({})).await;
+    let store = srv
+        .submit_ok("store", &json!({"merchant_id": merchant}))
+        .await;
+    let case = json!({"merchant": merchant, "store": store});
+    run_browser("dependency.py", srv.base(), case).await;
+}
