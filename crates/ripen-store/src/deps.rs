@@ -347,6 +347,10 @@ pub struct Resolved {
     pub last_pos: u64,
     /// More is waiting: call again at once.
     pub more: bool,
+    /// A dependent's pipeline is unknown to this node: the round stopped
+    /// before the row that names its parent, so that a node that knows the
+    /// pipeline tells it (the cursor is shared).
+    pub stalled: bool,
 }
 
 /// The resolver's plan for one outbox row: how many of the dependents

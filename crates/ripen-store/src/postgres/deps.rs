@@ -245,11 +245,18 @@ pub(super) async fn resolve(shared: &Shared, now_us: UnixMicros) -> Result<Resol
                 round.visited += 1;
                 conn.begin().await?;
                 let result = wake(shared, &conn, parent, dependent, now, now_us).await;
-                let (changed, released) = conn.finish(result).await?;
-                round.changed += usize::from(changed);
-                round.released += usize::from(released);
+                match conn.finish(result).await? {
+                    Some((changed, released)) => {
+                        round.changed += usize::from(changed);
+                        round.released += usize::from(released);
+                    }
+                    None => round.stalled = true,
+                }
             }
             budget -= visit;
+            if round.stalled {
+                break;
+            }
             if !finished {
                 round.more = true;
                 break;
@@ -286,7 +293,8 @@ async fn dependents(conn: &Conn, parent: EntityId, limit: usize) -> Result<Vec<E
 }
 
 /// Tells one dependent, in the caller's transaction, what its parent is
-/// now. Returns whether it changed and whether its steps were released.
+/// now. Returns whether it changed and whether its steps were released;
+/// `None` when this node does not know its pipeline.
 async fn wake(
     shared: &Shared,
     conn: &Conn,
@@ -294,13 +302,13 @@ async fn wake(
     dependent: EntityId,
     now: EntityStatus,
     now_us: UnixMicros,
-) -> Result<(bool, bool)> {
+) -> Result<Option<(bool, bool)>> {
     let mut result = (false, false);
     let mut entities = match shared.load_locked(conn, std::iter::once(dependent)).await {
         Ok(entities) => entities,
         Err(e @ StoreError::UnknownPipeline { .. }) => {
             tracing::warn!(entity = %dependent, error = %e, "cannot tell an entity of the one it depends on");
-            return Ok(result);
+            return Ok(None);
         }
         Err(e) => return Err(e),
     };
@@ -321,7 +329,7 @@ async fn wake(
         )
         .await?;
     }
-    Ok(result)
+    Ok(Some(result))
 }
 
 /// An operator retry, checked against what the entity depends on, in the

@@ -192,10 +192,15 @@ pub(super) fn resolve(w: &mut Writer, now_us: UnixMicros) -> Result<Resolved> {
             let (visit, finished) = deps::plan_visits(read.len(), budget);
             for dependent in &read[..visit] {
                 round.visited += 1;
-                let changed = wake(w, parent, *dependent, now, now_us, &mut round)?;
-                round.changed += usize::from(changed);
+                match wake(w, parent, *dependent, now, now_us, &mut round)? {
+                    Some(changed) => round.changed += usize::from(changed),
+                    None => round.stalled = true,
+                }
             }
             budget -= visit;
+            if round.stalled {
+                break;
+            }
             if !finished {
                 round.more = true;
                 break;
@@ -227,6 +232,7 @@ fn dependents(conn: &Connection, parent: EntityId, limit: usize) -> Result<Vec<E
 }
 
 /// Tells one dependent what its parent is now, and writes what changed.
+/// Whether it changed; `None` when this node does not know its pipeline.
 fn wake(
     w: &mut Writer,
     parent: EntityId,
@@ -234,7 +240,7 @@ fn wake(
     now: EntityStatus,
     now_us: UnixMicros,
     round: &mut Resolved,
-) -> Result<bool> {
+) -> Result<Option<bool>> {
     let changed = match w.load(dependent) {
         Ok(Some(mut working)) => {
             let changed = w.decider.wake(&mut working, parent, Some(now), now_us);
@@ -247,14 +253,14 @@ fn wake(
         Ok(None) => false,
         Err(e @ crate::StoreError::UnknownPipeline { .. }) => {
             tracing::warn!(entity = %dependent, error = %e, "cannot tell an entity of the one it depends on");
-            return Ok(false);
+            return Ok(None);
         }
         Err(e) => return Err(e),
     };
     if let Some(row) = deps::visited(parent, dependent, now) {
         write_waits(&w.conn, &[], &[row])?;
     }
-    Ok(changed)
+    Ok(Some(changed))
 }
 
 /// An operator retry, checked against what the entity depends on.
