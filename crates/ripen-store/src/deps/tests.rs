@@ -209,3 +209,87 @@ fn a_retry_is_blocked_by_a_dependency_not_seen_ready_that_cannot_become_ready() 
         RefusalReason::NotFound
     );
 }
+
+mod flush {
+    use super::*;
+    use crate::suite::{catalog, new_entity, T0};
+    use crate::working::{Decider, Jitter, NewRows, Rows, Stored, Working};
+
+    fn decider() -> Decider {
+        Decider::new(catalog(), 1_000, Jitter::fixed(0.5))
+    }
+
+    /// A `single` entity waiting for `parent`, loaded as a working set.
+    fn waiting(d: &Decider, parent: EntityId) -> Working {
+        let e = new_entity("single", "{}");
+        let pipeline = d.pipeline("single", 1).unwrap();
+        let found = vec![DependencyRecord {
+            field: "p".into(),
+            type_name: "single".into(),
+            id: parent,
+            status: EntityStatus::Pending,
+        }];
+        let rows = NewRows::depending(&pipeline, &e, T0, found);
+        assert_eq!(
+            rows.waits,
+            vec![WaitRow {
+                parent,
+                dependent: e.id
+            }]
+        );
+        d.working(Stored {
+            record: rows.record,
+            next_seq: rows.next_seq,
+            outputs: vec![None],
+            extra: (),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_released_dependent_leaves_the_index_and_records_what_it_saw() {
+        let d = decider();
+        let parent = id(9);
+        let mut w = waiting(&d, parent);
+        assert!(!d.wake(&mut w, parent, Some(EntityStatus::Pending), T0));
+        assert!(d.wake(&mut w, parent, Some(EntityStatus::Ready), T0 + 1));
+        assert!(
+            !d.wake(&mut w, parent, Some(EntityStatus::Ready), T0 + 2),
+            "told once"
+        );
+        let mut rows = Rows::default();
+        w.flush(T0 + 2, &mut rows);
+        let dependent = w.id();
+        assert_eq!(rows.waits_removed, vec![WaitRow { parent, dependent }]);
+        assert!(rows.waits_added.is_empty());
+        let deps = decode(dependent, rows.entities[0].deps.as_deref()).unwrap();
+        assert_eq!(deps[0].status, EntityStatus::Ready);
+        assert_eq!(rows.woken, vec![ripen_core::HTTP_QUEUE.to_owned()]);
+    }
+
+    #[test]
+    fn a_failed_dependent_retried_waits_again_and_is_indexed_again() {
+        let d = decider();
+        let parent = id(9);
+        let mut w = waiting(&d, parent);
+        assert!(d.wake(&mut w, parent, Some(EntityStatus::Failed), T0 + 1));
+        let mut rows = Rows::default();
+        w.flush(T0 + 1, &mut rows);
+        assert_eq!(w.record().status, EntityStatus::Failed);
+        assert_eq!(rows.waits_removed.len(), 1);
+        let mut now = HashMap::new();
+        now.insert(parent, EntityStatus::Failed);
+        assert!(matches!(
+            d.retry_checked(&mut w, &now, T0 + 2).unwrap(),
+            Some(crate::CommandOutcome::DependencyNotReady(_))
+        ));
+        now.insert(parent, EntityStatus::Pending);
+        assert_eq!(d.retry_checked(&mut w, &now, T0 + 3).unwrap(), None);
+        let mut rows = Rows::default();
+        w.flush(T0 + 3, &mut rows);
+        assert_eq!(w.record().status, EntityStatus::Pending);
+        let dependent = w.id();
+        assert_eq!(rows.waits_added, vec![WaitRow { parent, dependent }]);
+        assert!(rows.woken.is_empty(), "nothing runs while it waits");
+    }
+}
