@@ -137,6 +137,9 @@ pub struct Options {
     pub workers_only: bool,
     /// Entities of the W5 row with worker steps.
     pub worker_entities: usize,
+    /// Run the W5 row again with one webhook subscription on a local
+    /// receiver, and report its delivery lag.
+    pub notify: bool,
     /// Also run the 1,000,000-entity row (takes several minutes).
     pub million: bool,
     /// Settled entities preloaded for the `million` row.
@@ -159,6 +162,10 @@ impl Options {
 
     fn runs_w5(&self) -> bool {
         !self.intake_only && !self.workers_only
+    }
+
+    fn runs_notify(&self) -> bool {
+        self.notify && self.runs_w5()
     }
 
     fn runs_workers(&self) -> bool {
@@ -233,6 +240,11 @@ pub async fn run(args: Options) -> Result<()> {
             args.clients
         );
     }
+    if args.runs_notify() {
+        println!(
+            "w5 with a webhook: the same W5 row with one subscription to every event, delivered to a local receiver"
+        );
+    }
     if args.runs_workers() {
         println!(
             "w5 with workers: the same pipeline, b and c served by {WORKERS} Rust SDK workers (concurrency {WORKER_CONCURRENCY} each, long polls); {} entities from {} clients",
@@ -283,6 +295,21 @@ pub async fn run(args: Options) -> Result<()> {
                 .with_context(|| format!("w5 run {run}"))?;
             println!("w5 run {run}/{}: {}", args.runs, r.line());
             figures.w5.push(r);
+            settle_disk();
+        }
+        if args.runs_notify() {
+            let fresh = Bench::fresh(&args, &pad, true).await?;
+            let (r, lag) = fresh
+                .notify_row(&mut errors)
+                .await
+                .with_context(|| format!("w5 with a webhook run {run}"))?;
+            println!(
+                "w5 with a webhook run {run}/{}: {} | {}",
+                args.runs,
+                r.line(),
+                lag.line()
+            );
+            figures.notify.push((r, lag));
             settle_disk();
         }
         if args.runs_workers() {
@@ -661,7 +688,59 @@ impl<'a> Bench<'a> {
         })
     }
 
-    async fn w5_row(mut self, errors: &mut Errors) -> Result<W5Figures> {
+    /// The W5 row with one webhook subscription to every event: its
+    /// figures, and the delivery lag the receiver saw.
+    async fn notify_row(self, errors: &mut Errors) -> Result<(W5Figures, LagFigures)> {
+        let receiver = Downstream::start().await;
+        // Instants of arrival, told apart from wall-clock commit times.
+        let (base_instant, base_wall) = (Instant::now(), SystemTime::now());
+        let client = self.server.client().clone();
+        let body = serde_json::json!({"url": receiver.url("/hook")});
+        client
+            .request(
+                ripen_client::Method::POST,
+                "/v1/subscriptions",
+                &[],
+                Some(body.to_string().into()),
+            )
+            .await
+            .and_then(|r| r.expect(ripen_client::StatusCode::CREATED))
+            .context("create the bench's subscription")?;
+        let figures = self.w5_row_with(errors, Some(&receiver)).await?;
+        let calls = receiver.calls_to("/hook");
+        let mut lags: Vec<Duration> = calls
+            .iter()
+            .filter(|c| c.succeeded())
+            .filter_map(|c| {
+                let at = c.body.as_ref()?.get("timestamp")?.as_str()?;
+                let committed = parse_time(at).ok()?;
+                let arrived = base_wall + c.received_at.duration_since(base_instant);
+                Some(arrived.duration_since(committed).unwrap_or_default())
+            })
+            .collect();
+        lags.sort_unstable();
+        Ok((
+            figures,
+            LagFigures {
+                delivered: lags.len(),
+                p50: percentile(&lags, 0.50),
+                p99: percentile(&lags, 0.99),
+            },
+        ))
+    }
+
+    async fn w5_row(self, errors: &mut Errors) -> Result<W5Figures> {
+        self.w5_row_with(errors, None).await
+    }
+
+    /// The W5 row; with `receiver`, it also waits for the receiver to get
+    /// both notifications (created, ready) of every entity before the
+    /// server stops.
+    async fn w5_row_with(
+        mut self,
+        errors: &mut Errors,
+        receiver: Option<&Downstream>,
+    ) -> Result<W5Figures> {
         let mut addrs = vec![self.server.addr()?];
         for other in &self.others {
             addrs.push(other.addr()?);
@@ -716,6 +795,29 @@ impl<'a> Bench<'a> {
         let (ready_per_s, mut latencies) = pipeline_figures(&entities, errors);
         latencies.sort_unstable();
         let unloaded = probe_unloaded(&client, errors).await?;
+        if let Some(receiver) = receiver {
+            // The probe's entities notify too.
+            let want = 2 * (phase.accepted + unloaded.len());
+            let deadline = Instant::now() + SETTLE_TIMEOUT;
+            loop {
+                let got = receiver
+                    .calls_to("/hook")
+                    .iter()
+                    .filter(|c| c.succeeded())
+                    .count();
+                if got >= want {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    errors.add(
+                        "missing deliveries",
+                        format!("the receiver got {got} of {want} notifications"),
+                    );
+                    break;
+                }
+                tokio::time::sleep(SETTLE_POLL_INTERVAL).await;
+            }
+        }
         self.server.check_alive()?;
         let peak_rss_bytes = self.server.peak_rss_bytes();
         self.server.stop();
@@ -1166,6 +1268,26 @@ struct Figures {
     million_w5: Vec<W5Figures>,
     million_restart: Vec<Restart>,
     workers: Vec<WorkerFigures>,
+    notify: Vec<(W5Figures, LagFigures)>,
+}
+
+/// How late a webhook receiver got the notifications of a W5 run.
+struct LagFigures {
+    delivered: usize,
+    /// From a status change's commit to its arrival at the receiver.
+    p50: Duration,
+    p99: Duration,
+}
+
+impl LagFigures {
+    fn line(&self) -> String {
+        format!(
+            "{} deliveries, commit->delivery p50 {}, p99 {}",
+            group(self.delivered as f64),
+            ms(self.p50),
+            ms(self.p99)
+        )
+    }
 }
 
 /// Errors by kind, each with its first example.
@@ -1623,6 +1745,8 @@ fn bench_config(downstream: SocketAddr, payload_bytes: usize, execute: bool) -> 
         ],
     );
     let mut config = Config::bare()
+        // The webhook row's receiver listens on loopback.
+        .notify("allow_networks = [\"127.0.0.0/8\"]")
         .execute(execute)
         .with_type(w5)
         .with_type(bulk)
@@ -1831,6 +1955,35 @@ fn print_summary(f: &Figures, postgres: bool) {
             1,
         ),
     ];
+    if !f.notify.is_empty() {
+        let plain = median(&w5(&f.w5, &|r| r.ready_per_s));
+        let notify = |g: &dyn Fn(&(W5Figures, LagFigures)) -> f64| -> Vec<f64> {
+            f.notify.iter().map(g).collect()
+        };
+        let mut row = Row::new(
+            "W5 with a webhook: ready/s",
+            notify(&|(r, _)| r.ready_per_s),
+            0,
+        );
+        if let Some(b) = plain {
+            row = row.target(format!(">= {} (85% of W5)", group(0.85 * b)), move |v| {
+                v >= 0.85 * b
+            });
+        }
+        rows.extend([
+            row,
+            Row::new(
+                "  webhook commit->delivery p50 (ms)",
+                notify(&|(_, l)| msf(l.p50)),
+                2,
+            ),
+            Row::new(
+                "  webhook commit->delivery p99 (ms)",
+                notify(&|(_, l)| msf(l.p99)),
+                2,
+            ),
+        ]);
+    }
     let workers =
         |g: &dyn Fn(&WorkerFigures) -> f64| -> Vec<f64> { f.workers.iter().map(g).collect() };
     rows.extend([

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HyperClient;
@@ -251,6 +251,8 @@ pub struct Client {
     base: Arc<RwLock<String>>,
     inner: HyperClient<HttpConnector, Full<Bytes>>,
     timeout: Duration,
+    /// `Authorization: Bearer {key}` for every request, when an API key is set.
+    authorization: Option<HeaderValue>,
 }
 
 impl fmt::Debug for Client {
@@ -258,6 +260,7 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("base", &self.base())
             .field("timeout", &self.timeout)
+            .field("api_key", &self.authorization.as_ref().map(|_| "(set)"))
             .finish_non_exhaustive()
     }
 }
@@ -276,7 +279,22 @@ impl Client {
             base: Arc::new(RwLock::new(trim_base(base))),
             inner,
             timeout: DEFAULT_TIMEOUT,
+            authorization: None,
         }
+    }
+
+    /// The same client sending `Authorization: Bearer {key}` with every
+    /// request (a request that names its own `authorization` keeps it).
+    /// Fails for a key that cannot be a header value (a control character).
+    pub fn with_api_key(mut self, key: &str) -> Result<Client> {
+        let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+            Error::InvalidRequest(
+                "the API key has a character that cannot be sent in a header".into(),
+            )
+        })?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
     }
 
     /// The same client with another limit on each exchange.
@@ -331,6 +349,14 @@ impl Client {
             .any(|(k, _)| k.eq_ignore_ascii_case("content-type"));
         if body.is_some() && !has_content_type {
             req = req.header(CONTENT_TYPE, "application/json");
+        }
+        if let Some(auth) = &self.authorization {
+            if !headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            {
+                req = req.header(AUTHORIZATION, auth.clone());
+            }
         }
         for (name, value) in headers {
             let name = HeaderName::from_bytes(name.as_bytes())
@@ -593,6 +619,21 @@ mod tests {
             q.path(),
             "/v1/entities?type=w5&status=pending&limit=10&after=a%2Bb"
         );
+    }
+
+    #[test]
+    fn an_api_key_is_a_bearer_token_that_debug_output_hides() {
+        let client = Client::new("http://127.0.0.1:1")
+            .with_api_key("k-123")
+            .expect("a visible key");
+        assert_eq!(
+            client.authorization.as_ref().map(|v| v.to_str().ok()),
+            Some(Some("Bearer k-123"))
+        );
+        assert!(!format!("{client:?}").contains("k-123"));
+        assert!(Client::new("http://127.0.0.1:1")
+            .with_api_key("k\n1")
+            .is_err());
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub mod time;
 pub mod trace;
 pub mod workers;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,6 +66,20 @@ pub struct EngineParts {
     pub executors: Option<ExecutorRegistry>,
 }
 
+/// How many retries of one bulk retry are in flight at once: enough for
+/// them to share the store's commits.
+const BULK_RETRY_CONCURRENCY: usize = 64;
+
+/// Running totals of what a node did since it started; see
+/// [`Engine::activity`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Entities this node's intake created (replays not counted).
+    pub created: u64,
+    /// Entities that became ready through this node's decisions.
+    pub ready: u64,
+}
+
 /// Starts what notifies: the hub that hears the store's commits, the
 /// dispatcher of webhooks and mail, and the registration of the email sink.
 async fn start_notifications(
@@ -73,6 +87,7 @@ async fn start_notifications(
     store: &Arc<dyn Store>,
     clock: &Arc<dyn Clock>,
     metrics: &metrics::EngineMetrics,
+    tracer: &Option<trace::Tracer>,
     background: &mut tokio::task::JoinSet<()>,
 ) -> Result<(Arc<notify::Hub>, notify::Notifications)> {
     let hub = Arc::new(notify::Hub::new(config.notify.stream_buffer));
@@ -126,6 +141,7 @@ async fn start_notifications(
         email,
         metrics: notify::dispatcher::DispatchMetrics::new(metrics.registry())
             .context("register the notification metrics")?,
+        tracer: tracer.clone(),
     });
     background.spawn(dispatcher.run());
     let types = config.types.iter().map(|t| t.name.clone()).collect();
@@ -160,6 +176,8 @@ pub struct Engine {
     hub: Arc<notify::Hub>,
     notifications: notify::Notifications,
     shutting_down: AtomicBool,
+    /// Entities this node's intake created; see [`Engine::activity`].
+    created: AtomicU64,
     /// Tasks that live as long as the engine, aborted when it is dropped.
     _background: tokio::task::JoinSet<()>,
     /// Held for the life of the engine so that one embedded database has one owner.
@@ -305,7 +323,8 @@ impl Engine {
             load,
         );
         let (hub, notifications) =
-            start_notifications(&config, &store, &clock, &metrics, &mut background).await?;
+            start_notifications(&config, &store, &clock, &metrics, &tracer, &mut background)
+                .await?;
         Ok(Engine {
             config,
             store,
@@ -318,6 +337,7 @@ impl Engine {
             hub,
             notifications,
             shutting_down: AtomicBool::new(false),
+            created: AtomicU64::new(0),
             _background: background,
             _lock: lock,
         })
@@ -377,6 +397,9 @@ impl Engine {
             None => "unknown",
         };
         self.metrics.intake(type_label, outcome, started.elapsed());
+        if outcome == "created" {
+            self.created.fetch_add(1, Ordering::Relaxed);
+        }
         if let (Some(tracer), Ok(IntakeOutcome::Created(record))) = (&self.tracer, &result) {
             tracer.record(trace::Span {
                 trace_id: trace::trace_id(record.id),
@@ -538,6 +561,106 @@ impl Engine {
             self.scheduler.waker().notify_one();
         }
         Ok(outcome)
+    }
+
+    /// Retries every failed entity of `type_name` among `ids`, as
+    /// [`Engine::retry`] does one, a few at a time so that they share the
+    /// store's commits; wakes the scheduler once. Unknown ids, entities of
+    /// another type and entities that are not failed are left as they are.
+    /// Returns how many were re-queued; after a store error, some may have
+    /// been, and asking again retries only those still failed.
+    pub async fn retry_many(
+        &self,
+        tenant: &str,
+        type_name: &str,
+        ids: &[EntityId],
+    ) -> Result<u64, StoreError> {
+        let mut requeued = 0;
+        for chunk in ids.chunks(BULK_RETRY_CONCURRENCY) {
+            let mut retries = tokio::task::JoinSet::new();
+            for &id in chunk {
+                let store = self.store.clone();
+                let (tenant, type_name) = (tenant.to_owned(), type_name.to_owned());
+                let now_us = self.clock.now_us();
+                retries.spawn(async move {
+                    match store.get(&tenant, id).await? {
+                        Some(r) if r.type_name == type_name => {
+                            let outcome = store.retry(&tenant, id, now_us).await?;
+                            Ok(matches!(outcome, CommandOutcome::Applied(_)))
+                        }
+                        _ => Ok::<bool, StoreError>(false),
+                    }
+                });
+            }
+            let mut failure = None;
+            while let Some(joined) = retries.join_next().await {
+                match joined {
+                    Ok(Ok(applied)) => requeued += u64::from(applied),
+                    Ok(Err(e)) => failure = Some(e),
+                    Err(e) => failure = Some(StoreError::Internal(format!("a retry task: {e}"))),
+                }
+            }
+            if requeued > 0 {
+                self.scheduler.waker().notify_one();
+            }
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+        Ok(requeued)
+    }
+
+    /// Retries the newest `limit` failed entities of `type_name`; see
+    /// [`Engine::retry_many`].
+    pub async fn retry_failed(
+        &self,
+        tenant: &str,
+        type_name: &str,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let failed = self
+            .store
+            .list(
+                tenant,
+                ListQuery {
+                    type_name: Some(type_name.to_owned()),
+                    status: Some(ripen_core::EntityStatus::Failed),
+                    limit,
+                    ..ListQuery::default()
+                },
+            )
+            .await?;
+        let ids: Vec<EntityId> = failed.iter().map(|r| r.id).collect();
+        self.retry_many(tenant, type_name, &ids).await
+    }
+
+    /// Entities by type and status (and due work by queue), counted by the
+    /// store now; the caller bounds how often it asks.
+    pub async fn counts(&self) -> Result<ripen_store::Counts, StoreError> {
+        self.store.counts(self.clock.now_us()).await
+    }
+
+    /// What this node has done since it started: entities it created and
+    /// entities its decisions made ready. Cheap: counters, no store call.
+    pub fn activity(&self) -> Activity {
+        let ready = self
+            .metrics
+            .registry()
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "ripen_entity_status_changes_total")
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "status" && l.value() == "ready")
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum();
+        Activity {
+            created: self.created.load(Ordering::Relaxed),
+            ready,
+        }
     }
 
     /// Claims up to `max` tasks of worker queue `queue` for `worker`,

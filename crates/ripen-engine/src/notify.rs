@@ -146,11 +146,14 @@ impl Sink for WebhookSink {
         let timestamp = self.clock.now_us() / 1_000_000;
         let signature = webhook::sign(&key, &id, timestamp, body.as_bytes());
         let timestamp = timestamp.to_string();
+        let span = crate::trace::delivery_span_id(n.entity_id, delivery.id, delivery.attempts);
+        let traceparent = crate::trace::traceparent_of(n.entity_id, span);
         let headers = [
             ("content-type", "application/json"),
             ("webhook-id", id.as_str()),
             ("webhook-timestamp", timestamp.as_str()),
             ("webhook-signature", signature.as_str()),
+            ("traceparent", traceparent.as_str()),
         ];
         match self
             .client

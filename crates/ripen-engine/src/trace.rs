@@ -40,6 +40,8 @@ pub enum Kind {
     Internal = 1,
     Server = 2,
     Client = 3,
+    /// A notification sent to a subscriber.
+    Producer = 4,
     /// A remote worker's attempt: it pulled the work.
     Consumer = 5,
 }
@@ -134,6 +136,26 @@ pub fn commit_span(
         error: (!recorded).then(|| "the result was stale: its lease no longer held".to_owned()),
         links: Vec::new(),
     }
+}
+
+/// The span id of one attempt to deliver a notification: the one the
+/// webhook's `traceparent` carries.
+pub fn delivery_span_id(entity: EntityId, delivery: u64, attempt: u32) -> [u8; 8] {
+    span_id_of(&[
+        entity.as_bytes().as_slice(),
+        &delivery.to_le_bytes(),
+        &attempt.to_le_bytes(),
+        b"delivery",
+    ])
+}
+
+/// A W3C `traceparent` for a span of an entity's trace.
+pub fn traceparent_of(entity: EntityId, span: [u8; 8]) -> String {
+    format!(
+        "00-{}-{:016x}-01",
+        entity.0.simple(),
+        u64::from_be_bytes(span)
+    )
 }
 
 /// A non-zero span id from a hash (FNV-1a, then a finaliser) of `parts`.

@@ -4,6 +4,7 @@
 mod dashboard;
 mod notify;
 mod problem;
+mod stats;
 mod stream;
 mod view;
 mod workers;
@@ -36,6 +37,8 @@ pub(crate) struct AppState {
     engine: Engine,
     /// Turns true when the server begins to shut down; live streams end then.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// The rates and counts of `GET /v1/stats`.
+    stats: stats::Stats,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -70,7 +73,13 @@ pub async fn serve(
     tracing::info!(%addr, "serving");
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
     let mut stop_http = stop_tx.subscribe();
-    let state = Arc::new(AppState { engine, stopping });
+    let stats = stats::Stats::new(engine.activity());
+    let state = Arc::new(AppState {
+        engine,
+        stopping,
+        stats,
+    });
+    let sampler = tokio::spawn(stats::sample(state.clone(), stop_tx.subscribe()));
     let http = axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move {
             let _ = stop_http.wait_for(|stop| *stop).await;
@@ -82,6 +91,7 @@ pub async fn serve(
         () = shutdown => None,
     };
     state.engine.shutdown().await;
+    sampler.abort();
     if let Some(served) = failed {
         // HTTP ended without being asked to, so it cannot be closed gracefully.
         return served.context("serve HTTP");
@@ -99,11 +109,14 @@ pub async fn serve(
 
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/", get(dashboard::page))
+        .merge(dashboard::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/entities", get(list))
+        .route("/v1/entities:retry", post(retry_many))
+        .route("/v1/stats", get(stats::get))
+        .route("/v1/types", get(types))
         .route("/v1/entities/{key}", post(submit).get(get_entity))
         .route("/v1/entities/{id}/data", get(get_data))
         .route("/v1/entities/{id}/events", get(events))
@@ -438,6 +451,22 @@ struct ListParams {
     status: Option<String>,
     limit: Option<u32>,
     after: Option<String>,
+    degraded: Option<String>,
+    created_after: Option<String>,
+    created_before: Option<String>,
+    key: Option<String>,
+}
+
+/// A time query parameter: RFC 3339; empty counts as absent.
+fn time_param(name: &str, value: Option<&str>) -> Result<Option<i64>, Problem> {
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => parse_rfc3339(v).map(Some).ok_or_else(|| {
+            Problem::bad_request(format!(
+                "{name} {v:?} is not an RFC 3339 time such as 2026-12-01T22:08:27Z"
+            ))
+        }),
+    }
 }
 
 async fn list(
@@ -465,15 +494,38 @@ async fn list(
             Problem::bad_request(format!("after {a:?} is not a cursor from a previous page"))
         })?),
     };
+    let degraded = match q.degraded.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(d) => {
+            return Err(Problem::bad_request(format!(
+                "degraded {d:?} is not true or false"
+            )))
+        }
+    };
+    let created_after_us = time_param("created_after", q.created_after.as_deref())?;
+    let created_before_us = time_param("created_before", q.created_before.as_deref())?;
+    let type_name = q.type_name.filter(|t| !t.is_empty());
+    let key = q.key.filter(|k| !k.is_empty());
+    if key.is_some() && type_name.is_none() {
+        return Err(Problem::bad_request(
+            "key needs type: an idempotency key belongs to one entity type",
+        ));
+    }
     let mut items = state
         .engine
         .list(
             DEFAULT_TENANT,
             ListQuery {
-                type_name: q.type_name.filter(|t| !t.is_empty()),
+                type_name,
                 status,
                 limit: limit + 1,
                 after,
+                degraded,
+                created_after_us,
+                created_before_us,
+                key,
             },
         )
         .await
@@ -588,5 +640,298 @@ fn command_answer(
             format!("cannot {verb}: the entity is {}; {rule}", status.as_str()),
         )
         .with("entity_status", json!(status.as_str()))),
+    }
+}
+
+/// The most entities one bulk retry names or re-queues.
+pub const BULK_RETRY_MAX: u32 = 1_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BulkRetry {
+    #[serde(rename = "type")]
+    type_name: String,
+    ids: Option<Vec<String>>,
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+fn invalid(detail: impl Into<String>) -> Problem {
+    Problem::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-request",
+        "Invalid request",
+        detail,
+    )
+}
+
+/// `POST /v1/entities:retry`: `{"type", "ids": [...]}` retries the failed
+/// ones among those entities; `{"type", "status": "failed", "limit"}` the
+/// newest `limit` failed entities of the type. Answers `{"requeued": n}`.
+async fn retry_many(
+    State(state): Shared,
+    request: axum::extract::Request,
+) -> Result<Response, Problem> {
+    let (parts, body) = request.into_parts();
+    let limit = state.engine.config().body_limit_bytes;
+    check_declared_length(&parts.headers, limit)?;
+    let bytes = read_body(body, limit).await?;
+    let body: BulkRetry = serde_json::from_slice(&bytes).map_err(|e| {
+        if e.is_data() {
+            invalid(format!("the request does not fit: {e}"))
+        } else {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "malformed-json",
+                "Malformed JSON",
+                format!("the body is not JSON: {e}"),
+            )
+        }
+    })?;
+    let known: Vec<&str> = state
+        .engine
+        .config()
+        .types
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    if !known.contains(&body.type_name.as_str()) {
+        return Err(invalid(format!(
+            "no entity type named {:?}; the types are {}",
+            body.type_name,
+            known.join(", ")
+        ))
+        .with("known_types", json!(known)));
+    }
+    let requeued = match (body.ids, body.status) {
+        (Some(ids), None) => {
+            if body.limit.is_some() {
+                return Err(invalid("limit goes with status, not with ids"));
+            }
+            if ids.len() > BULK_RETRY_MAX as usize {
+                return Err(invalid(format!(
+                    "ids names {} entities; at most {BULK_RETRY_MAX}",
+                    ids.len()
+                )));
+            }
+            let ids = ids
+                .iter()
+                .map(|raw| {
+                    raw.parse::<EntityId>()
+                        .map_err(|_| invalid(format!("{raw:?} in ids is not an entity id")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            state
+                .engine
+                .retry_many(DEFAULT_TENANT, &body.type_name, &ids)
+                .await
+        }
+        (None, Some(status)) => {
+            if status != "failed" {
+                return Err(invalid(format!(
+                    "status {status:?}: only failed entities can be retried"
+                )));
+            }
+            let limit = body.limit.unwrap_or(BULK_RETRY_MAX);
+            if limit == 0 || limit > BULK_RETRY_MAX {
+                return Err(invalid(format!(
+                    "limit must be between 1 and {BULK_RETRY_MAX}"
+                )));
+            }
+            state
+                .engine
+                .retry_failed(DEFAULT_TENANT, &body.type_name, limit)
+                .await
+        }
+        _ => {
+            return Err(invalid(
+                "name the entities with ids, or select them with \"status\": \"failed\" (one of the two)",
+            ))
+        }
+    }
+    .map_err(store_problem)?;
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        json!({"requeued": requeued}),
+    ))
+}
+
+/// `GET /v1/types`: the configured entity types and their pipelines.
+async fn types(State(state): Shared) -> Response {
+    let items: Vec<Value> = state
+        .engine
+        .config()
+        .types
+        .iter()
+        .map(|t| {
+            let p = &t.pipeline;
+            let steps: Vec<Value> = p
+                .steps()
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let needs: Vec<&str> =
+                        s.needs.iter().map(|&n| p.step(n).name.as_str()).collect();
+                    json!({
+                        "name": s.name,
+                        "needs": needs,
+                        "critical": s.critical,
+                        "executor": ripen_engine::ExecutorKind::of(&s.executor).as_str(),
+                        "queue": p.queue(i),
+                        "timeout_ms": s.timeout_ms,
+                        "max_attempts": s.retry.max_attempts,
+                    })
+                })
+                .collect();
+            json!({
+                "type": t.name,
+                "latest_version": t.version,
+                "versions": 1,
+                "steps": steps,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, json!({"items": items}))
+}
+
+/// Reads an RFC 3339 time (`2026-12-01T22:08:27.680670Z`, or with an offset
+/// such as `+02:00`) as Unix microseconds; digits past the microsecond are
+/// dropped. `None` for anything else, or a time before year 1 or after 9999.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let digits = b.get(from..from + len)?;
+        digits.iter().try_fold(0i64, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
+        })
+    };
+    let sep = |at: usize, allowed: &[u8]| b.get(at).is_some_and(|c| allowed.contains(c));
+    if !(sep(4, b"-") && sep(7, b"-") && sep(10, b"Tt ") && sep(13, b":") && sep(16, b":")) {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if year == 0
+        || !(1..=12).contains(&month)
+        || day < 1
+        || day > month_days[(month - 1) as usize]
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    let mut at = 19;
+    let mut micros = 0i64;
+    if sep(at, b".") {
+        at += 1;
+        let digits = b[at..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        for k in 0..6 {
+            micros = micros * 10 + if k < digits { num(at + k, 1)? } else { 0 };
+        }
+        at += digits;
+    }
+    let offset_s = match b.get(at..)? {
+        b"Z" | b"z" => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let (h, m) = (num(at + 1, 2)?, num(at + 4, 2)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            let off = h * 3_600 + m * 60;
+            if *sign == b'+' {
+                off
+            } else {
+                -off
+            }
+        }
+        _ => return None,
+    };
+    // Days since 1970-01-01 of a civil date (H. Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3_600 + minute * 60 + second - offset_s;
+    Some(secs * 1_000_000 + micros)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rfc3339;
+    use proptest::prelude::*;
+    use ripen_engine::time::rfc3339;
+
+    proptest! {
+        /// Whatever Ripen writes, it reads back; an offset shifts the time.
+        #[test]
+        fn times_read_back_what_ripen_writes(
+            us in 0i64..253_402_300_799_999_999,
+            offset_min in -(23 * 60 + 59)..=(23 * 60 + 59i64),
+        ) {
+            let written = rfc3339(us);
+            prop_assert_eq!(parse_rfc3339(&written), Some(us));
+            let base = written.trim_end_matches('Z');
+            let (sign, abs) = if offset_min < 0 { ('-', -offset_min) } else { ('+', offset_min) };
+            let shifted = format!("{base}{sign}{:02}:{:02}", abs / 60, abs % 60);
+            prop_assert_eq!(parse_rfc3339(&shifted), Some(us - offset_min * 60_000_000));
+        }
+
+        #[test]
+        fn anything_else_is_refused_without_a_panic(s in "\\PC{0,40}") {
+            let _ = parse_rfc3339(&s);
+        }
+    }
+
+    #[test]
+    fn the_forms_of_rfc_3339() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339("1970-01-01t00:00:01z"), Some(1_000_000));
+        assert_eq!(parse_rfc3339("1970-01-01 00:00:00.5Z"), Some(500_000));
+        assert_eq!(
+            parse_rfc3339("1970-01-01T00:00:00.123456789Z"),
+            Some(123_456)
+        );
+        assert_eq!(parse_rfc3339("1970-01-01T01:00:00+01:00"), Some(0));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T00:00:00Z"),
+            Some(1_709_164_800_000_000)
+        );
+        for bad in [
+            "",
+            "2024-02-30T00:00:00Z",
+            "2023-02-29T00:00:00Z",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01T24:00:00Z",
+            "2024-01-01T00:00:00",
+            "2024-01-01T00:00:00.Z",
+            "2024-01-01T00:00:00+0100",
+            "2024-01-01T00:00:00Zjunk",
+            "0000-01-01T00:00:00Z",
+            "2024-1-01T00:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
+        }
     }
 }

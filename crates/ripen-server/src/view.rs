@@ -26,6 +26,18 @@ fn executor_of(pipeline: Option<&Pipeline>, i: usize) -> Option<&'static str> {
     Some(ExecutorKind::of(&p.step(i).executor).as_str())
 }
 
+/// The names of the steps that step `i` needs, if the pipeline is known.
+fn needs_of(pipeline: Option<&Pipeline>, i: usize) -> Option<Vec<&str>> {
+    let p = pipeline.filter(|p| p.len() > i)?;
+    Some(
+        p.step(i)
+            .needs
+            .iter()
+            .map(|&n| p.step(n).name.as_str())
+            .collect(),
+    )
+}
+
 /// Appends the entity view to `out`; see [`entity_json`].
 pub fn write_entity(out: &mut String, r: &EntityRecord, pipeline: Option<&Pipeline>) {
     out.push_str("{\"created_at\":\"");
@@ -84,6 +96,16 @@ pub fn write_entity(out: &mut String, r: &EntityRecord, pipeline: Option<&Pipeli
         }
         out.push_str(",\"name\":");
         push_json_string(out, &s.name);
+        if let Some(needs) = needs_of(pipeline, i) {
+            out.push_str(",\"needs\":[");
+            for (k, need) in needs.iter().enumerate() {
+                if k > 0 {
+                    out.push(',');
+                }
+                push_json_string(out, need);
+            }
+            out.push(']');
+        }
         if s.state.status == StepStatus::Retrying {
             if let Some(due) = s.state.due_at_us {
                 out.push_str(",\"next_attempt_at\":\"");
@@ -162,6 +184,9 @@ pub fn entity(r: &EntityRecord, pipeline: Option<&Pipeline>) -> Value {
             }
             if let Some(kind) = executor_of(pipeline, i) {
                 step["executor"] = json!(kind);
+            }
+            if let Some(needs) = needs_of(pipeline, i) {
+                step["needs"] = json!(needs);
             }
             if let Some(worker) = &s.state.holder {
                 step["worker"] = json!(worker);
@@ -292,7 +317,11 @@ mod tests {
         ]
         .map(|(name, worker)| ripen_core::StepDef {
             name: name.into(),
-            needs: Vec::new(),
+            needs: match name {
+                "e" => vec!["a".to_owned(), "b".to_owned()],
+                "w" => vec!["b".to_owned()],
+                _ => Vec::new(),
+            },
             critical: name != "e",
             timeout_ms: 1_000,
             retry: Default::default(),
@@ -307,6 +336,8 @@ mod tests {
         same(&r, Some(&pipeline));
         let view = entity(&r, Some(&pipeline));
         assert_eq!(view["steps"][2]["executor"], "worker");
+        assert_eq!(view["steps"][2]["needs"], json!(["a", "b"]));
+        assert_eq!(view["steps"][0]["needs"], json!([]));
         assert_eq!(view["steps"][3]["worker"], "w\"1");
         assert!(view["steps"][3]["lease_expires_at"].is_string());
         r.degraded = true;

@@ -57,6 +57,22 @@ impl EntityId {
     pub fn from_slice(b: &[u8]) -> Option<EntityId> {
         Uuid::from_slice(b).ok().map(EntityId)
     }
+
+    /// The lowest UUIDv7 minted in the millisecond of `at_us`: every id
+    /// minted at or after that millisecond is at least this one, every id
+    /// minted before it is lower. Times before 1970 count as 1970, and
+    /// times past the 48-bit millisecond range as its end.
+    pub fn first_minted_at(at_us: UnixMicros) -> EntityId {
+        let ms = u64::try_from(at_us.div_euclid(1_000)).unwrap_or(0);
+        let ms = ms.min((1 << 48) - 1);
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        // Version 7, RFC 4122 variant, and nothing else: the least id of
+        // that millisecond.
+        bytes[6] = 0x70;
+        bytes[8] = 0x80;
+        EntityId(Uuid::from_bytes(bytes))
+    }
 }
 
 impl fmt::Display for EntityId {
@@ -375,6 +391,47 @@ pub struct ListQuery {
     pub limit: u32,
     /// Only entities older than this one (the cursor of the previous page).
     pub after: Option<EntityId>,
+    /// Only entities whose `degraded` flag is this.
+    pub degraded: Option<bool>,
+    /// Only entities whose id was minted at or after this time. Ids are
+    /// UUIDv7, so this is a bound on the id (millisecond precision) and
+    /// walks the same index ranges as `after`.
+    pub created_after_us: Option<UnixMicros>,
+    /// Only entities whose id was minted before this time (millisecond
+    /// precision, like `created_after_us`).
+    pub created_before_us: Option<UnixMicros>,
+    /// Only the entity this idempotency key created; needs `type_name`
+    /// (keys are unique per tenant and type), and is one key lookup.
+    pub key: Option<String>,
+}
+
+impl ListQuery {
+    /// The exclusive upper bound on ids: the cursor or `created_before_us`,
+    /// whichever is lower.
+    pub fn id_below(&self) -> Option<EntityId> {
+        let before = self.created_before_us.map(EntityId::first_minted_at);
+        match (self.after, before) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The inclusive lower bound on ids, from `created_after_us`.
+    pub fn id_from(&self) -> Option<EntityId> {
+        self.created_after_us.map(EntityId::first_minted_at)
+    }
+
+    /// Whether `record` passes every filter of the query (the idempotency
+    /// key excepted): what a backend checks on the one entity a key names.
+    pub fn matches(&self, record: &EntityRecord) -> bool {
+        self.type_name
+            .as_ref()
+            .is_none_or(|t| *t == record.type_name)
+            && self.status.is_none_or(|s| s == record.status)
+            && self.degraded.is_none_or(|d| d == record.degraded)
+            && self.id_below().is_none_or(|below| record.id < below)
+            && self.id_from().is_none_or(|from| record.id >= from)
+    }
 }
 
 /// What the gauges of the metrics show, counted by the database.
@@ -608,4 +665,75 @@ pub trait Store: Send + Sync + 'static {
     /// changed, and, on a shared store, when other nodes' notifications
     /// arrive. Calls are cheap hints; a watcher must not block.
     fn watch_changes(&self, watcher: ChangeWatcher);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An id minted at `ms` with random bits, as `Uuid::now_v7` makes them.
+    fn minted(ms: u64) -> EntityId {
+        let mut rand = [0u8; 10];
+        fastrand::fill(&mut rand);
+        EntityId(uuid::Builder::from_unix_timestamp_millis(ms, &rand).into_uuid())
+    }
+
+    #[test]
+    fn the_first_id_of_a_millisecond_bounds_every_id_minted_around_it() {
+        for _ in 0..10_000 {
+            let ms = fastrand::u64(1..1 << 47);
+            let bound = EntityId::first_minted_at(ms as i64 * 1_000 + fastrand::i64(0..1_000));
+            assert!(minted(ms) >= bound, "same millisecond");
+            assert!(minted(ms + fastrand::u64(1..1_000)) > bound, "later");
+            assert!(
+                minted(ms - fastrand::u64(1..=ms.min(1_000))) < bound,
+                "earlier"
+            );
+            assert_eq!(bound.0.get_version_num(), 7);
+        }
+        assert_eq!(EntityId::first_minted_at(-5), EntityId::first_minted_at(0));
+    }
+
+    #[test]
+    fn the_id_bounds_combine_the_cursor_and_the_creation_times() {
+        let early = minted(1_000);
+        let late = minted(5_000);
+        let q = ListQuery {
+            after: Some(late),
+            created_before_us: Some(2_000_000),
+            created_after_us: Some(500_000),
+            ..ListQuery::default()
+        };
+        assert_eq!(q.id_below(), Some(EntityId::first_minted_at(2_000_000)));
+        assert!(q.matches(&record(early)));
+        assert!(!q.matches(&record(late)));
+        let q = ListQuery {
+            after: Some(early),
+            created_before_us: Some(2_000_000),
+            ..ListQuery::default()
+        };
+        assert_eq!(q.id_below(), Some(early));
+        assert!(!q.matches(&record(early)), "the cursor is exclusive");
+        let q = ListQuery {
+            created_after_us: Some(1_000_000),
+            ..ListQuery::default()
+        };
+        assert!(q.matches(&record(early)), "created_after is inclusive");
+        assert!(!q.matches(&record(minted(999))));
+    }
+
+    fn record(id: EntityId) -> EntityRecord {
+        EntityRecord {
+            id,
+            tenant: DEFAULT_TENANT.into(),
+            type_name: "t".into(),
+            version: 1,
+            status: EntityStatus::Pending,
+            degraded: false,
+            created_at_us: 0,
+            updated_at_us: 0,
+            ready_at_us: None,
+            steps: Vec::new(),
+        }
+    }
 }

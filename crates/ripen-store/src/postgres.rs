@@ -460,6 +460,22 @@ impl Store for PostgresStore {
         }
         let mut filter = String::from("tenant = $1");
         let mut args: Vec<Box<dyn ToSql + Send + Sync>> = vec![Box::new(tenant.to_owned())];
+        let (below, from) = (query.id_below(), query.id_from());
+        if let Some(key) = query.key {
+            // A key names at most one entity of its type: the lookup is the
+            // primary key of `idempotency`.
+            let Some(type_name) = query.type_name.clone() else {
+                return Ok(Vec::new());
+            };
+            args.push(Box::new(type_name));
+            args.push(Box::new(key));
+            filter.push_str(&format!(
+                " AND id = (SELECT entity_id FROM idempotency
+                            WHERE tenant = $1 AND type = ${} AND key = ${})",
+                args.len() - 1,
+                args.len()
+            ));
+        }
         if let Some(type_name) = query.type_name {
             args.push(Box::new(type_name));
             filter.push_str(&format!(" AND type = ${}", args.len()));
@@ -468,9 +484,17 @@ impl Store for PostgresStore {
             args.push(Box::new(status.as_str()));
             filter.push_str(&format!(" AND status = ${}", args.len()));
         }
-        if let Some(after) = query.after {
-            args.push(Box::new(after.as_bytes().to_vec()));
+        if let Some(below) = below {
+            args.push(Box::new(below.as_bytes().to_vec()));
             filter.push_str(&format!(" AND id < ${}", args.len()));
+        }
+        if let Some(from) = from {
+            args.push(Box::new(from.as_bytes().to_vec()));
+            filter.push_str(&format!(" AND id >= ${}", args.len()));
+        }
+        if let Some(degraded) = query.degraded {
+            args.push(Box::new(degraded));
+            filter.push_str(&format!(" AND degraded = ${}", args.len()));
         }
         args.push(Box::new(i64::from(query.limit)));
         let sql = format!(

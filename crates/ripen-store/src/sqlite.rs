@@ -583,16 +583,41 @@ impl Store for SqliteStore {
         }
         let tenant = tenant.to_owned();
         self.read(move |conn| {
+            let tx = conn.unchecked_transaction()?;
+            if let Some(key) = &query.key {
+                // A key names at most one entity of its type: one lookup,
+                // then the other filters on that entity.
+                let Some(type_name) = &query.type_name else {
+                    return Ok(Vec::new());
+                };
+                let id: Option<Vec<u8>> = tx
+                    .prepare_cached(
+                        "SELECT entity_id FROM idempotency
+                         WHERE tenant = ?1 AND type = ?2 AND key = ?3",
+                    )?
+                    .query_row(params![tenant, type_name, key], |r| r.get(0))
+                    .optional()?;
+                let found = match id {
+                    Some(id) => read_entity(&tx, entity_id(&id)?)?
+                        .map(|s| s.record)
+                        .filter(|r| r.tenant == tenant && query.matches(r)),
+                    None => None,
+                };
+                tx.commit()?;
+                return Ok(found.into_iter().collect());
+            }
             // Every query walks index ranges in id order and stops after
             // `limit` rows, however many entities are settled: one range of
             // (tenant, status, id) or (tenant, type, status, id) when the
             // status is given, else the ranges of the four statuses, merged.
+            // The creation times bound the ranges (ids are UUIDv7); only
+            // `degraded` is checked row by row.
             let statuses: Vec<EntityStatus> = match query.status {
                 Some(status) => vec![status],
                 None => EntityStatus::ALL.to_vec(),
             };
             let limit = query.limit as usize;
-            let tx = conn.unchecked_transaction()?;
+            let (below, from) = (query.id_below(), query.id_from());
             let mut ids = Vec::new();
             for status in statuses {
                 let mut sql = String::from("SELECT id FROM entities WHERE tenant = ?1");
@@ -603,9 +628,17 @@ impl Store for SqliteStore {
                 }
                 args.push(SqlValue::Text(status.as_str().to_owned()));
                 sql.push_str(&format!(" AND status = ?{}", args.len()));
-                if let Some(after) = query.after {
-                    args.push(SqlValue::Blob(after.as_bytes().to_vec()));
+                if let Some(below) = below {
+                    args.push(SqlValue::Blob(below.as_bytes().to_vec()));
                     sql.push_str(&format!(" AND id < ?{}", args.len()));
+                }
+                if let Some(from) = from {
+                    args.push(SqlValue::Blob(from.as_bytes().to_vec()));
+                    sql.push_str(&format!(" AND id >= ?{}", args.len()));
+                }
+                if let Some(degraded) = query.degraded {
+                    args.push(SqlValue::Integer(i64::from(degraded)));
+                    sql.push_str(&format!(" AND degraded = ?{}", args.len()));
                 }
                 args.push(SqlValue::Integer(i64::from(query.limit)));
                 sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));

@@ -56,6 +56,7 @@ macro_rules! store_test_suite {
             cancel_transitions_and_conflicts,
             retry_requeues_failed_and_skipped_steps,
             list_filters_newest_first_with_cursor,
+            list_filters_by_degraded_creation_time_and_key,
             events_are_numbered_without_gaps,
             tenants_are_isolated,
             get_data_returns_payload_and_outputs,
@@ -1337,6 +1338,7 @@ pub async fn list_filters_newest_first_with_cursor(store: Arc<dyn Store>) {
             status,
             limit,
             after,
+            ..ListQuery::default()
         };
         async move {
             store
@@ -1410,6 +1412,216 @@ pub async fn list_filters_newest_first_with_cursor(store: Arc<dyn Store>) {
             "list returns full records"
         );
     }
+}
+
+pub async fn list_filters_by_degraded_creation_time_and_key(store: Arc<dyn Store>) {
+    let store = &*store;
+    // w5 entities minted 1..=4 ms after T0 with keys k1..k4, and a single
+    // one at 5 ms whose key k1 belongs to its own type.
+    let mut ids = Vec::new();
+    for (ms, type_name, key) in [
+        (1, "w5", "k1"),
+        (2, "w5", "k2"),
+        (3, "w5", "k3"),
+        (4, "w5", "k4"),
+        (5, "single", "k1"),
+    ] {
+        let mut entity = new_entity(type_name, BODY);
+        entity.id = id_at(ms);
+        entity.idempotency_key = Some(key.into());
+        ids.push(create(store, entity, T0).await.id);
+    }
+    let id = |n: usize| ids[n - 1];
+    let mut other = new_entity("w5", BODY);
+    other.tenant = OTHER_TENANT.into();
+    other.id = id_at(6);
+    other.idempotency_key = Some("k4".into());
+    create(store, other, T0).await;
+    // Entity 2 degrades: its non-critical step `e` fails for good.
+    let first = claim(store, T0, 10).await.attempts;
+    let a2 = first
+        .iter()
+        .find(|a| a.entity_id == id(2))
+        .expect("entity 2's first step is claimed");
+    let claimed = finish(store, a2, succeeded(None), T0 + 1).await;
+    finish(
+        store,
+        by_name(&claimed, "e"),
+        failed("422 no", false, None),
+        T0 + 2,
+    )
+    .await;
+    assert!(get(store, id(2)).await.degraded);
+
+    let at = |ms: i64| Some(T0 + ms * 1_000);
+    let list = |query: ListQuery| async move {
+        let query = ListQuery {
+            limit: if query.limit == 0 { 100 } else { query.limit },
+            ..query
+        };
+        store
+            .list(TENANT, query)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>()
+    };
+    let typed = |t: &str| Some(t.to_owned());
+    let key = |k: &str| Some(k.to_owned());
+
+    assert_eq!(
+        list(ListQuery {
+            degraded: Some(true),
+            ..ListQuery::default()
+        })
+        .await,
+        vec![id(2)]
+    );
+    assert_eq!(
+        list(ListQuery {
+            degraded: Some(false),
+            ..ListQuery::default()
+        })
+        .await,
+        vec![id(5), id(4), id(3), id(1)]
+    );
+    assert_eq!(
+        list(ListQuery {
+            type_name: typed("w5"),
+            status: Some(EntityStatus::Pending),
+            degraded: Some(true),
+            ..ListQuery::default()
+        })
+        .await,
+        vec![id(2)]
+    );
+    assert_eq!(
+        list(ListQuery {
+            status: Some(EntityStatus::Ready),
+            degraded: Some(true),
+            ..ListQuery::default()
+        })
+        .await,
+        vec![]
+    );
+
+    // Creation times bound the ids: after is inclusive, before exclusive,
+    // at millisecond precision.
+    assert_eq!(
+        list(ListQuery {
+            created_after_us: at(3),
+            ..ListQuery::default()
+        })
+        .await,
+        vec![id(5), id(4), id(3)]
+    );
+    assert_eq!(
+        list(ListQuery {
+            created_before_us: at(3),
+            ..ListQuery::default()
+        })
+        .await,
+        vec![id(2), id(1)]
+    );
+    assert_eq!(
+        list(ListQuery {
+            created_after_us: Some(T0 + 2_500),
+            created_before_us: at(4),
+            ..ListQuery::default()
+        })
+        .await,
+        vec![id(3), id(2)],
+        "a time inside a millisecond names that millisecond"
+    );
+    assert_eq!(
+        list(ListQuery {
+            type_name: typed("w5"),
+            created_after_us: at(2),
+            limit: 1,
+            after: Some(id(3)),
+            ..ListQuery::default()
+        })
+        .await,
+        vec![id(2)]
+    );
+    assert_eq!(
+        list(ListQuery {
+            created_after_us: at(2),
+            created_before_us: at(2),
+            ..ListQuery::default()
+        })
+        .await,
+        vec![]
+    );
+    assert_eq!(
+        list(ListQuery {
+            created_after_us: at(2),
+            degraded: Some(false),
+            ..ListQuery::default()
+        })
+        .await,
+        vec![id(5), id(4), id(3)]
+    );
+
+    // A key names one entity of its type and tenant; the other filters
+    // still apply to it.
+    let by_key = |t: &str, k: &str| ListQuery {
+        type_name: typed(t),
+        key: key(k),
+        limit: 10,
+        ..ListQuery::default()
+    };
+    assert_eq!(list(by_key("w5", "k1")).await, vec![id(1)]);
+    assert_eq!(list(by_key("single", "k1")).await, vec![id(5)]);
+    assert_eq!(list(by_key("w5", "k9")).await, vec![]);
+    assert_eq!(list(by_key("nothing", "k1")).await, vec![]);
+    assert_eq!(
+        list(by_key("w5", "k4")).await,
+        vec![id(4)],
+        "another tenant's key is not seen"
+    );
+    assert_eq!(
+        list(ListQuery {
+            degraded: Some(true),
+            ..by_key("w5", "k2")
+        })
+        .await,
+        vec![id(2)]
+    );
+    for filtered in [
+        ListQuery {
+            degraded: Some(false),
+            ..by_key("w5", "k2")
+        },
+        ListQuery {
+            status: Some(EntityStatus::Ready),
+            ..by_key("w5", "k2")
+        },
+        ListQuery {
+            after: Some(id(2)),
+            ..by_key("w5", "k2")
+        },
+        ListQuery {
+            created_after_us: at(3),
+            ..by_key("w5", "k2")
+        },
+        ListQuery {
+            created_before_us: at(2),
+            ..by_key("w5", "k2")
+        },
+        ListQuery {
+            key: key("k1"),
+            ..ListQuery::default()
+        },
+    ] {
+        assert_eq!(list(filtered.clone()).await, vec![], "{filtered:?}");
+    }
+    let records = store
+        .list(TENANT, by_key("w5", "k2"))
+        .await
+        .expect("list by key");
+    assert_eq!(records, vec![get(store, id(2)).await], "full records");
 }
 
 pub async fn events_are_numbered_without_gaps(store: Arc<dyn Store>) {

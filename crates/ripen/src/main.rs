@@ -2,12 +2,13 @@
 
 mod cli;
 mod demo;
+mod subscriptions;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ripen_client::{Client, EntityStatus, StepStatus};
+use cli::ServerArg;
 
 #[derive(Parser)]
 #[command(
@@ -64,22 +65,17 @@ enum Command {
         #[command(flatten)]
         server: ServerArg,
     },
+    /// Webhook subscriptions and their deliveries: create, list, get, delete, deliveries, redeliver.
+    Subscriptions {
+        #[command(subcommand)]
+        command: subscriptions::SubscriptionsCommand,
+        #[command(flatten)]
+        server: ServerArg,
+    },
     /// Run a server with an example pipeline and a fake downstream, and submit entities to it.
     Demo(demo::DemoArgs),
     /// Measure intake and pipeline throughput against a real server on loopback.
     Bench(BenchArgs),
-}
-
-#[derive(clap::Args)]
-struct ServerArg {
-    /// The server's root URL (`http://` is assumed without a scheme).
-    #[arg(
-        long,
-        global = true,
-        env = "RIPEN_SERVER",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    server: String,
 }
 
 /// The flags of `ripen bench`; the bench itself is `ripen_bench`.
@@ -126,6 +122,10 @@ struct BenchArgs {
     /// Entities of the W5 row with worker steps; 0 skips it.
     #[arg(long, default_value_t = 10_000)]
     worker_entities: usize,
+    /// Also run the W5 row with one webhook subscription (every event) on a
+    /// local receiver, and report the delivery lag.
+    #[arg(long)]
+    notify: bool,
     /// Also run the 1,000,000-entity row (takes several minutes).
     #[arg(long)]
     million: bool,
@@ -164,6 +164,7 @@ impl BenchArgs {
             w5_only: self.w5_only,
             workers_only: self.workers_only,
             worker_entities: self.worker_entities,
+            notify: self.notify,
             million: self.million,
             preload: self.preload,
             storage: self.storage,
@@ -175,6 +176,12 @@ impl BenchArgs {
 
 fn main() {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Serve { .. } | Command::Demo(_) | Command::Bench(_)
+    ) {
+        cli::quiet_panics();
+    }
     // A user's error is one line, never a backtrace, whatever
     // RUST_BACKTRACE says.
     if let Err(e) = run(cli) {
@@ -197,19 +204,22 @@ fn run(cli: Cli) -> Result<()> {
                 watch,
                 server,
             } => {
-                let id = cli_submit(&server.server, &type_name, &file, key.as_deref()).await?;
+                let id = cli_submit(&server, &type_name, &file, key.as_deref()).await?;
                 if watch {
-                    cli_watch(&server.server, &id, 250).await?;
+                    cli::watch(&server, &id, 250).await?;
                 }
                 Ok(())
             }
-            Command::Status { id, server } => cli_status(&server.server, &id).await,
+            Command::Status { id, server } => cli_status(&server, &id).await,
             Command::Watch {
                 id,
                 interval_ms,
                 server,
-            } => cli_watch(&server.server, &id, interval_ms).await,
-            Command::Entities { command, server } => cli::entities(&server.server, command).await,
+            } => cli::watch(&server, &id, interval_ms).await,
+            Command::Entities { command, server } => cli::entities(&server, command).await,
+            Command::Subscriptions { command, server } => {
+                subscriptions::run(&server, command).await
+            }
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => ripen_bench::run(args.into_options()?).await,
         }
@@ -291,7 +301,7 @@ async fn shutdown_signal() {
 }
 
 async fn cli_submit(
-    server: &str,
+    server: &ServerArg,
     type_name: &str,
     file: &std::path::Path,
     key: Option<&str>,
@@ -303,8 +313,7 @@ async fn cli_submit(
     } else {
         std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?
     };
-    let url = cli::server_url(server);
-    let client = Client::new(&url);
+    let (url, client) = server.connect()?;
     let submitted = client
         .submit(type_name, body, key)
         .await
@@ -332,50 +341,9 @@ fn print_refusal<T>(url: &str, error: ripen_client::Error) -> Result<T> {
     Err(cli::friendly(url, error))
 }
 
-async fn cli_status(server: &str, id: &str) -> Result<()> {
-    let url = cli::server_url(server);
-    let client = Client::new(&url);
+async fn cli_status(server: &ServerArg, id: &str) -> Result<()> {
+    let (url, client) = server.connect()?;
     let view = client.get(id).await.or_else(|e| print_refusal(&url, e))?;
     println!("{}", serde_json::to_string_pretty(&view)?);
     Ok(())
-}
-
-async fn cli_watch(server: &str, id: &str, interval_ms: u64) -> Result<()> {
-    let url = cli::server_url(server);
-    let client = Client::new(&url);
-    let mut seen: Vec<(String, StepStatus, u32)> = Vec::new();
-    let interval = std::time::Duration::from_millis(interval_ms.max(10));
-    loop {
-        let view = client.get(id).await.or_else(|e| print_refusal(&url, e))?;
-        for (i, step) in view.steps.iter().enumerate() {
-            let now = (step.name.clone(), step.status, step.attempts);
-            if seen.get(i) != Some(&now) {
-                let error = step
-                    .last_error
-                    .as_deref()
-                    .map(|e| format!("  ({e})"))
-                    .unwrap_or_default();
-                println!(
-                    "{:<24} {:<10} attempts {}{error}",
-                    now.0,
-                    now.1.as_str(),
-                    now.2
-                );
-                if i < seen.len() {
-                    seen[i] = now;
-                } else {
-                    seen.push(now);
-                }
-            }
-        }
-        if view.status.is_terminal() {
-            let degraded = if view.degraded { " (degraded)" } else { "" };
-            println!("entity {id} is {}{degraded}", view.status);
-            if view.status == EntityStatus::Ready {
-                return Ok(());
-            }
-            std::process::exit(1);
-        }
-        tokio::time::sleep(interval).await;
-    }
 }

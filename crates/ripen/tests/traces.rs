@@ -100,8 +100,17 @@ async fn one_entity_with_a_retry_is_one_trace_of_intake_and_attempts() {
             "t",
             vec![Step::http("a", ds.url(&step_path("t", "a")))],
         ))
-        .with_type(TypeDef::new("w", vec![Step::worker("bill", "billing")]));
+        .with_type(TypeDef::new("w", vec![Step::worker("bill", "billing")]))
+        .notify("allow_networks = [\"127.0.0.0/8\"]");
     let server = Server::start(&cfg).await;
+    // A webhook for the entity's `ready`: its delivery is a span too.
+    let r = server
+        .post(
+            "/v1/subscriptions",
+            &json!({"url": ds.url("/hook"), "events": ["entity.ready"], "types": ["t"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{r}");
     let caller = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
     let traceparent = format!("00-{}-{}-01", caller.0, caller.1);
     let r = server
@@ -121,7 +130,7 @@ async fn one_entity_with_a_retry_is_one_trace_of_intake_and_attempts() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let spans = loop {
         let spans = spans_of(&receiver, &trace_id);
-        if spans.len() >= 7 || Instant::now() > deadline {
+        if spans.len() >= 8 || Instant::now() > deadline {
             break spans;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -138,7 +147,7 @@ async fn one_entity_with_a_retry_is_one_trace_of_intake_and_attempts() {
         })
         .count();
     assert!((1..=2).contains(&claims), "{spans:#?}");
-    assert_eq!(spans.len(), 5 + claims, "{spans:#?}");
+    assert_eq!(spans.len(), 6 + claims, "{spans:#?}");
     for s in &spans {
         assert_eq!(s["path"], "/v1/traces");
         assert_eq!(s["content_type"], "application/x-protobuf");
@@ -158,6 +167,32 @@ async fn one_entity_with_a_retry_is_one_trace_of_intake_and_attempts() {
         .iter()
         .filter(|s| s["parent_span_id"] == intake["span_id"])
         .collect();
+    let notify: Vec<&Value> = attempts
+        .iter()
+        .copied()
+        .filter(|s| s["name"] == "notify entity.ready")
+        .collect();
+    assert_eq!(notify.len(), 1, "{spans:#?}");
+    assert_eq!(notify[0]["kind"], 4, "producer");
+    assert_eq!(notify[0]["attributes"]["ripen.outcome"], "delivered");
+    assert_eq!(notify[0]["attributes"]["ripen.sink"], "webhook");
+    assert_eq!(notify[0]["attributes"]["http.response.status_code"], 200);
+    let hook = ds.calls_to("/hook");
+    assert_eq!(hook.len(), 1);
+    assert_eq!(
+        hook[0].header("traceparent"),
+        Some(
+            format!(
+                "00-{trace_id}-{}-01",
+                notify[0]["span_id"].as_str().unwrap()
+            )
+            .as_str()
+        ),
+        "the webhook carries its delivery's span"
+    );
+    assert!(hook[0]
+        .header("webhook-signature")
+        .is_some_and(|s| s.starts_with("v1,")));
     attempts.retain(|s| s["name"] == "attempt a");
     attempts.sort_by_key(|s| s["attributes"]["ripen.attempt"].as_i64());
     assert_eq!(attempts.len(), 2, "{spans:#?}");

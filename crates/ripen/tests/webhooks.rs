@@ -529,3 +529,65 @@ async fn two_nodes_deliver_each_notification_once() {
         "a notification sent twice: {seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_subscriptions() {
+    let ds = Downstream::start().await;
+    let receiver = Receiver::start().await;
+    let k = key();
+    let server = Server::start(&config(&ds, &k, &[])).await;
+    let dir = server.dir().to_owned();
+    let ripen = |args: &[&str]| {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(["--server".to_owned(), server.addr()]);
+        run_ripen(all, dir.clone(), Duration::from_secs(20))
+    };
+    let created = ripen(&[
+        "subscriptions",
+        "create",
+        &receiver.url("/cli"),
+        "--event",
+        "entity.ready",
+        "--output",
+        "json",
+    ])
+    .await;
+    assert!(created.success(), "{created}");
+    let sub: Value = serde_json::from_str(&created.stdout).expect("json");
+    let id = sub["id"].as_str().expect("id").to_owned();
+    receiver
+        .set("secret", sub["secret"].as_str().expect("secret"))
+        .await;
+    let entity = server.submit_ok("merchant", &json!({})).await;
+    receiver
+        .wait_for("the ready delivery", Duration::from_secs(20), |got| {
+            verified_ok(got).iter().any(|d| entity_of(d) == entity)
+        })
+        .await;
+    let list = ripen(&["subscriptions", "list"]).await;
+    assert!(list.success() && list.stdout.contains(&id), "{list}");
+    assert!(list.stdout.contains("entity.ready / all"), "{list}");
+    let deliveries = ripen(&["subscriptions", "deliveries", &id, "--status", "delivered"]).await;
+    assert!(
+        deliveries.success() && deliveries.stdout.contains(&entity),
+        "{deliveries}"
+    );
+    let refused = ripen(&["subscriptions", "create", "http://10.1.2.3/x"]).await;
+    assert!(!refused.success(), "{refused}");
+    assert!(
+        refused.stderr.contains("private") && !refused.stderr.contains("panicked"),
+        "a friendly refusal: {refused}"
+    );
+    let redeliver = ripen(&["subscriptions", "redeliver", "424242"]).await;
+    assert!(
+        !redeliver.success() && redeliver.stderr.contains("404"),
+        "{redeliver}"
+    );
+    let deleted = ripen(&["subscriptions", "delete", &id]).await;
+    assert!(deleted.success(), "{deleted}");
+    let again = ripen(&["subscriptions", "get", &id]).await;
+    assert!(
+        !again.success() && again.stderr.contains("no subscription"),
+        "{again}"
+    );
+}

@@ -291,11 +291,7 @@ fn json_string(s: &str) -> String {
 /// A W3C trace context: one trace per entity (its id), one span per attempt.
 pub fn traceparent(a: &Attempt) -> String {
     let span = crate::trace::attempt_span_id(a.entity_id, a.step, a.epoch);
-    format!(
-        "00-{}-{:016x}-01",
-        a.entity_id.0.simple(),
-        u64::from_be_bytes(span)
-    )
+    crate::trace::traceparent_of(a.entity_id, span)
 }
 
 fn build_request(url: &str, a: &Attempt) -> Result<Request<Full<Bytes>>, hyper::http::Error> {

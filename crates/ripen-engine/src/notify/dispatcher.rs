@@ -175,6 +175,8 @@ pub struct Dispatcher {
     pub webhook: Arc<dyn Sink>,
     pub email: Option<Arc<dyn Sink>>,
     pub metrics: DispatchMetrics,
+    /// Each attempt is a span of its entity's trace.
+    pub tracer: Option<crate::trace::Tracer>,
 }
 
 /// A finished attempt, on its way back to the dispatcher loop.
@@ -183,6 +185,8 @@ struct Done {
     kind: SinkKind,
     delivery: Delivery,
     attempted: Attempted,
+    /// When the attempt began and ended, for its span.
+    took: (std::time::SystemTime, std::time::SystemTime),
 }
 
 impl Dispatcher {
@@ -277,12 +281,14 @@ impl Dispatcher {
                             *in_flight.entry(sub.id.clone()).or_default() += 1;
                             let done_tx = done_tx.clone();
                             tokio::spawn(async move {
+                                let start = std::time::SystemTime::now();
                                 let attempted = sink.deliver(&sub, &delivery).await;
                                 let _ = done_tx.send(Done {
                                     subscription: sub.id.clone(),
                                     kind: sub.kind,
                                     delivery,
                                     attempted,
+                                    took: (start, std::time::SystemTime::now()),
                                 });
                             });
                         }
@@ -376,6 +382,9 @@ impl Dispatcher {
             .attempts
             .with_label_values(&[sink, label])
             .inc();
+        if let Some(tracer) = &self.tracer {
+            tracer.record(delivery_span(done, sink, label));
+        }
         DeliveryResult {
             id: done.delivery.id,
             attempts: done.delivery.attempts,
@@ -395,6 +404,40 @@ impl Dispatcher {
                 }
             }
         }
+    }
+}
+
+/// The span of one delivery attempt: a child of its entity's intake span.
+fn delivery_span(done: &Done, sink: &str, outcome: &str) -> crate::trace::Span {
+    use crate::trace::{self, Kind, Value};
+    let n = &done.delivery.notification;
+    let mut attributes = vec![
+        ("ripen.entity_id", Value::Str(n.entity_id.to_string())),
+        ("ripen.entity_type", Value::Str(n.type_name.clone())),
+        ("ripen.event", Value::Str(n.event.clone())),
+        ("ripen.subscription", Value::Str(done.subscription.clone())),
+        ("ripen.sink", Value::Str(sink.to_owned())),
+        ("ripen.delivery", Value::Int(done.delivery.id as i64)),
+        (
+            "ripen.attempt",
+            Value::Int(i64::from(done.delivery.attempts)),
+        ),
+        ("ripen.outcome", Value::Str(outcome.to_owned())),
+    ];
+    if let Some(code) = done.attempted.code {
+        attributes.push(("http.response.status_code", Value::Int(i64::from(code))));
+    }
+    trace::Span {
+        trace_id: trace::trace_id(n.entity_id),
+        span_id: trace::delivery_span_id(n.entity_id, done.delivery.id, done.delivery.attempts),
+        parent: Some(trace::root_span_id(n.entity_id)),
+        name: format!("notify {}", n.event),
+        kind: Kind::Producer,
+        start: done.took.0,
+        end: done.took.1,
+        attributes,
+        error: done.attempted.failure.as_ref().map(|f| f.error.clone()),
+        links: Vec::new(),
     }
 }
 

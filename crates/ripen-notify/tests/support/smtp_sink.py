@@ -8,7 +8,7 @@ it: the header names, the decoded Subject, From, To and Message-ID, the
 top-level content type and each decoded text part. It stops when its standard input closes, so it never outlives
 the test that started it.
 
-    smtp_sink.py --out DIR [--starttls CERT KEY | --smtps CERT KEY]
+    smtp_sink.py --out DIR [--port PORT] [--starttls CERT KEY | --smtps CERT KEY]
                  [--auth USER:PASSWORD] [--rcpt-reply "550 ..."]
                  [--data-reply "451 ..."]
 """
@@ -81,6 +81,7 @@ def tls_context(cert, key):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
+    p.add_argument("--port", type=int, default=0)
     p.add_argument("--starttls", nargs=2, metavar=("CERT", "KEY"))
     p.add_argument("--smtps", nargs=2, metavar=("CERT", "KEY"))
     p.add_argument("--auth")
@@ -115,7 +116,9 @@ def main():
 
     loop = asyncio.new_event_loop()
     server = loop.run_until_complete(
-        loop.create_server(lambda: SMTP(handler, loop=loop, **kwargs), "127.0.0.1", 0, ssl=smtps)
+        loop.create_server(
+            lambda: SMTP(handler, loop=loop, **kwargs), "127.0.0.1", args.port, ssl=smtps
+        )
     )
     port = server.sockets[0].getsockname()[1]
 
