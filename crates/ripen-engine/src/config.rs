@@ -132,6 +132,9 @@ pub struct TypeConfig {
     pub version: u32,
     pub schema: Option<Arc<Schema>>,
     pub pipeline: Pipeline,
+    /// `force`: register this content at start even if the compatibility
+    /// check refuses it (see docs/types.md).
+    pub force: bool,
 }
 
 impl Config {
@@ -304,6 +307,7 @@ impl Config {
                 version,
                 schema,
                 pipeline,
+                force: t.force.unwrap_or(false),
             });
         }
         let notify =
@@ -322,7 +326,7 @@ impl Config {
     }
 }
 
-fn valid_type_name(name: &str) -> bool {
+pub(crate) fn valid_type_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -399,6 +403,27 @@ fn step_def(s: RawStep) -> Result<StepDef, (String, String)> {
         retry,
         executor,
     })
+}
+
+/// A step of a type version in its JSON form (the registry's and the API's):
+/// the keys of a `[[types.T.steps]]` table, without the TLS files, which
+/// belong to a node's configuration. The problem's key is below the step.
+pub(crate) fn step_from_json(value: &serde_json::Value) -> Result<StepDef, (String, String)> {
+    let raw: RawStep =
+        serde_json::from_value(value.clone()).map_err(|e| (String::new(), e.to_string()))?;
+    for (key, set) in [
+        ("ca_file", raw.ca_file.is_some()),
+        ("client_cert", raw.client_cert.is_some()),
+        ("client_key", raw.client_key.is_some()),
+    ] {
+        if set {
+            return Err((
+                format!(".{key}"),
+                "TLS files are set in a node's ripen.toml, not in a registered version".into(),
+            ));
+        }
+    }
+    step_def(raw)
 }
 
 fn check_http_url(url: &str) -> Result<(), String> {
@@ -637,6 +662,7 @@ struct RawType {
     version: Option<u32>,
     schema: Option<PathBuf>,
     references: Option<BTreeMap<String, String>>,
+    force: Option<bool>,
     #[serde(default)]
     steps: Vec<RawStep>,
 }

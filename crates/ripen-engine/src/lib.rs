@@ -25,6 +25,7 @@ pub mod feed;
 mod intake;
 pub mod metrics;
 pub mod notify;
+pub mod registry;
 mod scheduler;
 pub mod schema;
 pub mod time;
@@ -36,7 +37,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ripen_core::Catalog;
 use ripen_store::{
     CommandOutcome, EntityData, EntityId, EntityRecord, HistoryEvent, Instrumented, IntakeOutcome,
     ListQuery, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError,
@@ -166,6 +166,7 @@ pub enum NotReady {
 /// wakes) happens here, so that no caller can do half of it.
 pub struct Engine {
     config: Arc<Config>,
+    registry: Arc<registry::Registry>,
     store: Arc<dyn Store>,
     intake: Intake,
     scheduler: Scheduler,
@@ -202,22 +203,20 @@ impl Engine {
             None if config.engine.execute => executor::BuiltinExecutor::start(&config).await?,
             _ => None,
         };
-        let mut catalog = Catalog::default();
-        for t in &config.types {
-            catalog.insert(&t.name, t.version, t.pipeline.clone());
-        }
-        let catalog = Arc::new(catalog);
+        // Filled from the type registry once the store is open: the store
+        // decides with it, and the registry replaces it as versions arrive.
+        let pipelines = ripen_store::Pipelines::default();
         let (store, lock): (Arc<dyn Store>, _) = match &config.storage {
             StorageUrl::Sqlite(path) => {
                 let lock = lock_database(path)?;
                 let mut opts = SqliteOptions::new(path.clone());
                 opts.lease_grace_ms = config.engine.lease_grace_ms;
-                let store = SqliteStore::open(opts, catalog.clone())
+                let store = SqliteStore::open(opts, pipelines.clone())
                     .with_context(|| format!("open the database {}", path.display()))?;
                 (Arc::new(Instrumented::new(store)), Some(lock))
             }
             StorageUrl::Postgres(url) => {
-                let store = connect_postgres(url, &config, catalog.clone()).await?;
+                let store = connect_postgres(url, &config, &pipelines).await?;
                 (Arc::new(Instrumented::new(store)), None)
             }
         };
@@ -238,6 +237,19 @@ impl Engine {
                 clock
             }
         };
+        // Every configured type is a registered version before anything is
+        // decided: recovery and claims run on the registry's pipelines.
+        let registry = Arc::new(registry::Registry::new(
+            store.clone(),
+            pipelines.clone(),
+            clock.clone(),
+        ));
+        registry.register_config(&config).await?;
+        background.spawn(
+            registry
+                .clone()
+                .run(Duration::from_millis(config.engine.poll_interval_ms)),
+        );
         // Other nodes may hold the leases of the running attempts of a shared
         // store: those are reclaimed only when they expire.
         if !store.is_shared() {
@@ -284,7 +296,7 @@ impl Engine {
             .collect();
         let scheduler = Scheduler::start(
             store.clone(),
-            catalog.clone(),
+            pipelines.clone(),
             executors,
             clock.clone(),
             load.clone(),
@@ -296,7 +308,7 @@ impl Engine {
         );
         let workers = Workers::new(
             store.clone(),
-            &catalog,
+            &pipelines.known().catalog,
             clock.clone(),
             config.engine.waiting_claims_max,
             scheduler.waker(),
@@ -317,7 +329,7 @@ impl Engine {
         );
         let intake = Intake::new(
             store.clone(),
-            &config,
+            registry.clone(),
             scheduler.waker(),
             clock.clone(),
             load,
@@ -327,6 +339,7 @@ impl Engine {
                 .await?;
         Ok(Engine {
             config,
+            registry,
             store,
             intake,
             scheduler,
@@ -697,13 +710,25 @@ impl Engine {
         self.workers.report(id, lease, outcome).await
     }
 
-    /// The pipeline of a type version this node knows.
-    pub fn pipeline(&self, type_name: &str, version: u32) -> Option<&ripen_core::Pipeline> {
-        self.config
-            .types
-            .iter()
-            .find(|t| t.name == type_name && t.version == version)
-            .map(|t| &t.pipeline)
+    /// The pipeline of a type version this node can run.
+    pub fn pipeline(&self, type_name: &str, version: u32) -> Option<Arc<ripen_core::Pipeline>> {
+        self.registry.pipeline(type_name, version)
+    }
+
+    /// The type registry: every version of every type, and registration.
+    pub fn registry(&self) -> &registry::Registry {
+        &self.registry
+    }
+
+    /// Registers a version of a type at run time; see
+    /// [`registry::Registry::register`].
+    pub async fn register_type(
+        &self,
+        type_name: &str,
+        built: &registry::Built,
+        force: bool,
+    ) -> Result<registry::Registration, registry::RegisterError> {
+        self.registry.register(type_name, built, force, None).await
     }
 
     /// Whether this node can serve requests now.
@@ -762,13 +787,13 @@ const POSTGRES_CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from
 async fn connect_postgres(
     url: &str,
     config: &Config,
-    catalog: Arc<Catalog>,
+    pipelines: &ripen_store::Pipelines,
 ) -> Result<PostgresStore> {
     let deadline = tokio::time::Instant::now() + POSTGRES_CONNECT_PATIENCE;
     loop {
         let mut opts = PostgresOptions::new(url);
         opts.lease_grace_ms = config.engine.lease_grace_ms;
-        match PostgresStore::connect(opts, catalog.clone()).await {
+        match PostgresStore::connect(opts, pipelines.clone()).await {
             Ok(store) => return Ok(store),
             Err(StoreError::Unavailable(e)) if tokio::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "PostgreSQL is not reachable yet; retrying");

@@ -6,6 +6,7 @@ mod notify;
 mod problem;
 mod stats;
 mod stream;
+mod types;
 mod view;
 mod workers;
 
@@ -116,7 +117,13 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/entities", get(list))
         .route("/v1/entities:retry", post(retry_many))
         .route("/v1/stats", get(stats::get))
-        .route("/v1/types", get(types))
+        .route("/v1/types", get(types::list))
+        .route("/v1/types/{type}", get(types::get))
+        .route(
+            "/v1/types/{type}/versions",
+            get(types::versions).post(types::register),
+        )
+        .route("/v1/types/{type}/versions/{n}", get(types::version))
         .route("/v1/entities/{key}", post(submit).get(get_entity))
         .route("/v1/entities/{id}/data", get(get_data))
         .route("/v1/entities/{id}/events", get(events))
@@ -246,13 +253,7 @@ async fn submit(
         .await
         .map_err(|e| match e {
             SubmitError::UnknownType(t) => {
-                let known: Vec<&str> = state
-                    .engine
-                    .config()
-                    .types
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect();
+                let known = state.engine.registry().type_names();
                 Problem::not_found(format!(
                     "no entity type named {t:?}; the types are {}",
                     known.join(", ")
@@ -308,7 +309,7 @@ async fn submit(
         StatusCode::ACCEPTED,
         view::entity_json(
             &record,
-            state.engine.pipeline(&record.type_name, record.version),
+            state.engine.pipeline(&record.type_name, record.version).as_deref(),
         ),
     );
     let h = response.headers_mut();
@@ -371,7 +372,7 @@ async fn get_entity(
     {
         Some(r) => Ok(json_text(
             StatusCode::OK,
-            view::entity_json(&r, state.engine.pipeline(&r.type_name, r.version)),
+            view::entity_json(&r, state.engine.pipeline(&r.type_name, r.version).as_deref()),
         )),
         None => Err(no_entity(id)),
     }
@@ -543,7 +544,7 @@ async fn list(
         if i > 0 {
             body.push(',');
         }
-        view::write_entity(&mut body, r, state.engine.pipeline(&r.type_name, r.version));
+        view::write_entity(&mut body, r, state.engine.pipeline(&r.type_name, r.version).as_deref());
     }
     body.push_str("],\"next\":");
     body.push_str(&Value::from(next).to_string());
@@ -630,7 +631,7 @@ fn command_answer(
     match outcome.map_err(store_problem)? {
         CommandOutcome::Applied(r) => Ok(json_text(
             StatusCode::ACCEPTED,
-            view::entity_json(&r, engine.pipeline(&r.type_name, r.version)),
+            view::entity_json(&r, engine.pipeline(&r.type_name, r.version).as_deref()),
         )),
         CommandOutcome::NotFound => Err(no_entity(id)),
         CommandOutcome::Conflict(status) => Err(Problem::new(
@@ -688,14 +689,8 @@ async fn retry_many(
             )
         }
     })?;
-    let known: Vec<&str> = state
-        .engine
-        .config()
-        .types
-        .iter()
-        .map(|t| t.name.as_str())
-        .collect();
-    if !known.contains(&body.type_name.as_str()) {
+    let known = state.engine.registry().type_names();
+    if !known.contains(&body.type_name) {
         return Err(invalid(format!(
             "no entity type named {:?}; the types are {}",
             body.type_name,
@@ -754,44 +749,6 @@ async fn retry_many(
         StatusCode::ACCEPTED,
         json!({"requeued": requeued}),
     ))
-}
-
-/// `GET /v1/types`: the configured entity types and their pipelines.
-async fn types(State(state): Shared) -> Response {
-    let items: Vec<Value> = state
-        .engine
-        .config()
-        .types
-        .iter()
-        .map(|t| {
-            let p = &t.pipeline;
-            let steps: Vec<Value> = p
-                .steps()
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    let needs: Vec<&str> =
-                        s.needs.iter().map(|&n| p.step(n).name.as_str()).collect();
-                    json!({
-                        "name": s.name,
-                        "needs": needs,
-                        "critical": s.critical,
-                        "executor": ripen_engine::ExecutorKind::of(&s.executor).as_str(),
-                        "queue": p.queue(i),
-                        "timeout_ms": s.timeout_ms,
-                        "max_attempts": s.retry.max_attempts,
-                    })
-                })
-                .collect();
-            json!({
-                "type": t.name,
-                "latest_version": t.version,
-                "versions": 1,
-                "steps": steps,
-            })
-        })
-        .collect();
-    json_response(StatusCode::OK, json!({"items": items}))
 }
 
 /// Reads an RFC 3339 time (`2026-12-01T22:08:27.680670Z`, or with an offset
