@@ -79,7 +79,9 @@ impl Definition {
     /// The definition of a configured type.
     pub fn of_config(t: &TypeConfig) -> Definition {
         Definition::of(
-            t.schema.as_ref().map_or(Value::Null, |s| s.source().clone()),
+            t.schema
+                .as_ref()
+                .map_or(Value::Null, |s| s.source().clone()),
             &t.pipeline,
             BTreeMap::new(),
         )
@@ -111,7 +113,9 @@ impl Definition {
             if !matches!(key.as_str(), "schema" | "steps" | "references" | "force") {
                 problems.push(Problem::new(
                     format!("/{}", escape(key)),
-                    format!("unknown key {key:?}; the keys are schema, steps, references and force"),
+                    format!(
+                        "unknown key {key:?}; the keys are schema, steps, references and force"
+                    ),
                 ));
             }
         }
@@ -212,7 +216,8 @@ impl Definition {
         if !problems.is_empty() {
             return Err(problems);
         }
-        let pipeline = Pipeline::new(defs).map_err(|e| vec![Problem::new("/steps", e.to_string())])?;
+        let pipeline =
+            Pipeline::new(defs).map_err(|e| vec![Problem::new("/steps", e.to_string())])?;
         for i in 0..pipeline.len() {
             if let Err((key, message)) = builtin::check_upstream(&pipeline, i) {
                 let key = key.trim_start_matches('.').replace('.', "/");
@@ -257,7 +262,10 @@ impl Definition {
 /// references' fields. HTTP and worker steps get the whole payload and name
 /// no field.
 pub fn reads(pipeline: &Pipeline, references: &BTreeMap<String, String>) -> Vec<String> {
-    let mut out: Vec<String> = references.keys().map(|f| format!("/{}", escape(f))).collect();
+    let mut out: Vec<String> = references
+        .keys()
+        .map(|f| format!("/{}", escape(f)))
+        .collect();
     for step in pipeline.steps() {
         let Executor::Builtin { connector, config } = &step.executor else {
             continue;
@@ -488,7 +496,9 @@ impl Registry {
             .range((type_name.to_owned(), 0)..=(type_name.to_owned(), u32::MAX))
             .map(|(key, row)| {
                 let built = snap.built.get(key).cloned().ok_or_else(|| {
-                    Version::from_row(row).err().unwrap_or_else(|| "not built".into())
+                    Version::from_row(row)
+                        .err()
+                        .unwrap_or_else(|| "not built".into())
                 });
                 (row.clone(), built)
             })
@@ -640,7 +650,10 @@ impl Registry {
                 schema: t.schema.clone(),
                 pipeline: t.pipeline.clone(),
             };
-            match self.register(&t.name, &built, t.force, Some(t.version)).await {
+            match self
+                .register(&t.name, &built, t.force, Some(t.version))
+                .await
+            {
                 Ok(Registration::Created(v)) => {
                     if v.version != t.version {
                         tracing::info!(r#type = %t.name, version = v.version, configured = t.version, "the type's content changed, so it is registered as a new version");
@@ -667,8 +680,9 @@ impl Registry {
                     ));
                 }
                 Err(RegisterError::Store(e)) => {
-                    return Err(anyhow::anyhow!(e)
-                        .context(format!("register the type {:?}", t.name)))
+                    return Err(
+                        anyhow::anyhow!(e).context(format!("register the type {:?}", t.name))
+                    )
                 }
                 Err(e) => return Err(anyhow::anyhow!("{file}: types.{}: {e}", t.name)),
             }

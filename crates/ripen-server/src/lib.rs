@@ -309,7 +309,10 @@ async fn submit(
         StatusCode::ACCEPTED,
         view::entity_json(
             &record,
-            state.engine.pipeline(&record.type_name, record.version).as_deref(),
+            state
+                .engine
+                .pipeline(&record.type_name, record.version)
+                .as_deref(),
         ),
     );
     let h = response.headers_mut();
@@ -372,7 +375,10 @@ async fn get_entity(
     {
         Some(r) => Ok(json_text(
             StatusCode::OK,
-            view::entity_json(&r, state.engine.pipeline(&r.type_name, r.version).as_deref()),
+            view::entity_json(
+                &r,
+                state.engine.pipeline(&r.type_name, r.version).as_deref(),
+            ),
         )),
         None => Err(no_entity(id)),
     }
@@ -544,7 +550,11 @@ async fn list(
         if i > 0 {
             body.push(',');
         }
-        view::write_entity(&mut body, r, state.engine.pipeline(&r.type_name, r.version).as_deref());
+        view::write_entity(
+            &mut body,
+            r,
+            state.engine.pipeline(&r.type_name, r.version).as_deref(),
+        );
     }
     body.push_str("],\"next\":");
     body.push_str(&Value::from(next).to_string());

@@ -12,9 +12,7 @@ use ripen_engine::time::rfc3339;
 use ripen_store::{TypeVersion, DEFAULT_TENANT};
 use serde_json::{json, Value};
 
-use crate::{
-    check_declared_length, json_response, read_body, store_problem, Problem, Shared,
-};
+use crate::{check_declared_length, json_response, read_body, store_problem, Problem, Shared};
 
 /// The steps of a pipeline as the dashboard draws them.
 fn pipeline_steps(p: &Pipeline) -> Vec<Value> {
@@ -185,7 +183,10 @@ pub async fn version(
         .map_err(store_problem)?;
     let count = live.get(&row.version).copied().unwrap_or(0);
     let builds = built.as_ref().map(|_| ()).map_err(String::as_str);
-    Ok(json_response(StatusCode::OK, version_view(row, count, builds)))
+    Ok(json_response(
+        StatusCode::OK,
+        version_view(row, count, builds),
+    ))
 }
 
 /// `POST /v1/types/{type}/versions` `{"schema", "steps", "references",

@@ -99,7 +99,9 @@ pub enum Decision {
     Insert(u32),
     Unchanged,
     Moved,
-    Taken { latest: u32 },
+    Taken {
+        latest: u32,
+    },
 }
 
 /// Decides a registration given the latest stored version of its type:
@@ -260,7 +262,9 @@ impl Pipelines {
 pub enum Unrunnable {
     #[error("type {type_name:?} version {version} is not in the type registry, so its pipeline cannot run; submit the entity again to run it on the type's latest version")]
     NotRegistered { type_name: String, version: u32 },
-    #[error("the stored definition of type {type_name:?} version {version} cannot be rebuilt: {why}")]
+    #[error(
+        "the stored definition of type {type_name:?} version {version} cannot be rebuilt: {why}"
+    )]
     Broken {
         type_name: String,
         version: u32,

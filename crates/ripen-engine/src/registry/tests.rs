@@ -1,8 +1,12 @@
 use super::*;
 
 fn parse(text: &str) -> Config {
-    Config::parse(text, std::path::Path::new("ripen.toml"), std::path::Path::new("/tmp"))
-        .expect("a valid configuration")
+    Config::parse(
+        text,
+        std::path::Path::new("ripen.toml"),
+        std::path::Path::new("/tmp"),
+    )
+    .expect("a valid configuration")
 }
 
 const TYPE: &str = r#"
@@ -62,7 +66,10 @@ fn invalid_requests_name_where_they_are_wrong() {
         (json!([]), vec![""]),
         (json!({"steps": []}), vec!["/steps"]),
         (json!({"steps": [{"name": "a"}]}), vec!["/steps/0"]),
-        (json!({"steps": [{"name": "a", "http": "ftp://x"}]}), vec!["/steps/0/http"]),
+        (
+            json!({"steps": [{"name": "a", "http": "ftp://x"}]}),
+            vec!["/steps/0/http"],
+        ),
         (
             json!({"steps": [{"name": "a", "http": "http://h/a", "ca_file": "/etc/x"}]}),
             vec!["/steps/0/ca_file"],
@@ -71,7 +78,10 @@ fn invalid_requests_name_where_they_are_wrong() {
             json!({"steps": [{"name": "a", "http": "http://h/a", "needs": ["zz"]}]}),
             vec!["/steps"],
         ),
-        (json!({"schema": 3, "steps": [{"name": "a", "http": "http://h"}]}), vec!["/schema"]),
+        (
+            json!({"schema": 3, "steps": [{"name": "a", "http": "http://h"}]}),
+            vec!["/schema"],
+        ),
         (
             json!({"schema": {"type": "nope"}, "steps": [{"name": "a", "http": "http://h"}]}),
             vec!["/schema"],
@@ -81,7 +91,10 @@ fn invalid_requests_name_where_they_are_wrong() {
             vec!["/references"],
         ),
         (json!({"stepz": [], "force": 1}), vec!["/stepz", "/force"]),
-        (json!({"steps": [{"name": "a", "http": "http://h"}], "force": "yes"}), vec!["/force"]),
+        (
+            json!({"steps": [{"name": "a", "http": "http://h"}], "force": "yes"}),
+            vec!["/force"],
+        ),
     ];
     for (body, pointers) in cases {
         let problems = Definition::from_request(&body).expect_err("invalid");

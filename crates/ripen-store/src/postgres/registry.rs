@@ -99,7 +99,10 @@ pub(super) async fn register(
     })
 }
 
-pub(super) async fn type_versions(conn: &Conn, type_name: Option<&str>) -> Result<Vec<TypeVersion>> {
+pub(super) async fn type_versions(
+    conn: &Conn,
+    type_name: Option<&str>,
+) -> Result<Vec<TypeVersion>> {
     let rows = conn
         .query(
             &format!(

@@ -45,8 +45,16 @@ fn registrations_resolve_against_the_latest_version() {
         (Some(&v2), new("c", Some(2), None), Decision::Insert(3)),
         (Some(&v2), new("c", Some(2), Some(3)), Decision::Insert(3)),
         (Some(&v2), new("c", Some(2), Some(9)), Decision::Insert(9)),
-        (Some(&v2), new("c", Some(2), Some(2)), Decision::Taken { latest: 2 }),
-        (Some(&v2), new("c", Some(2), Some(1)), Decision::Taken { latest: 2 }),
+        (
+            Some(&v2),
+            new("c", Some(2), Some(2)),
+            Decision::Taken { latest: 2 },
+        ),
+        (
+            Some(&v2),
+            new("c", Some(2), Some(1)),
+            Decision::Taken { latest: 2 },
+        ),
         (Some(&v2), new("c", Some(1), None), Decision::Moved),
         (Some(&v2), new("c", None, None), Decision::Moved),
     ];
@@ -179,10 +187,15 @@ fn resolve_says_why_an_entity_cannot_run() {
             version: 1
         }
     );
-    assert!(missing.to_string().contains("not in the type registry"), "{missing}");
+    assert!(
+        missing.to_string().contains("not in the type registry"),
+        "{missing}"
+    );
 
     let mut broken = known_without("w5");
-    broken.broken.insert(("w5".into(), 1), "steps[0]: bad".into());
+    broken
+        .broken
+        .insert(("w5".into(), 1), "steps[0]: bad".into());
     let e = resolve(&broken, &w5.record).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -290,5 +303,8 @@ fn misses_are_kept_until_taken() {
         catalog: Catalog::clone(&catalog()),
         broken: BTreeMap::new(),
     });
-    assert!(pipelines.get("w5", 1).is_some(), "replaced for every holder");
+    assert!(
+        pipelines.get("w5", 1).is_some(),
+        "replaced for every holder"
+    );
 }

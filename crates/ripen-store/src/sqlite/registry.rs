@@ -81,7 +81,10 @@ pub(super) fn register(
     })
 }
 
-pub(super) fn type_versions(conn: &Connection, type_name: Option<&str>) -> Result<Vec<TypeVersion>> {
+pub(super) fn type_versions(
+    conn: &Connection,
+    type_name: Option<&str>,
+) -> Result<Vec<TypeVersion>> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM type_versions WHERE ?1 IS NULL OR type = ?1 ORDER BY type, version"
     ))?;

@@ -274,9 +274,15 @@ pub async fn entities_whose_steps_differ_fail_with_the_difference(
         .await
         .expect("fail");
     assert_eq!(failed.len(), 1);
-    let error = failed[0].steps[0].state.last_error.clone().unwrap_or_default();
+    let error = failed[0].steps[0]
+        .state
+        .last_error
+        .clone()
+        .unwrap_or_default();
     assert!(
-        error.contains("(a, b, c, d, e) do not match the steps of type \"w5\" version 1 (a, b2, c, d, e)"),
+        error.contains(
+            "(a, b, c, d, e) do not match the steps of type \"w5\" version 1 (a, b2, c, d, e)"
+        ),
         "{error}"
     );
 }
@@ -294,7 +300,13 @@ pub fn catalog_with_w5_renamed() -> Arc<Catalog> {
         .steps()
         .iter()
         .map(|s| {
-            let rename = |n: &str| if n == "b" { "b2".to_owned() } else { n.to_owned() };
+            let rename = |n: &str| {
+                if n == "b" {
+                    "b2".to_owned()
+                } else {
+                    n.to_owned()
+                }
+            };
             StepDef {
                 name: rename(&s.name),
                 needs: s.needs.iter().map(|&j| rename(&w5.step(j).name)).collect(),
