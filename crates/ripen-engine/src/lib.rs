@@ -609,6 +609,8 @@ impl Engine {
             while let Some(joined) = retries.join_next().await {
                 match joined {
                     Ok(Ok(applied)) => requeued += u64::from(applied),
+                    // Pinned to a version that cannot run: not retried.
+                    Ok(Err(StoreError::UnknownPipeline { .. })) => {}
                     Ok(Err(e)) => failure = Some(e),
                     Err(e) => failure = Some(StoreError::Internal(format!("a retry task: {e}"))),
                 }

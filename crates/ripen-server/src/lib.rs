@@ -197,6 +197,16 @@ fn json_text(status: StatusCode, body: String) -> Response {
 fn store_problem(e: StoreError) -> Problem {
     match e {
         StoreError::Unavailable(m) => Problem::unavailable(m),
+        // An entity pinned to a version this node cannot run: nothing can
+        // be done to its steps (see docs/types.md).
+        StoreError::UnknownPipeline { type_name, version } => Problem::new(
+            StatusCode::CONFLICT,
+            "unrunnable-version",
+            "Version cannot run",
+            format!(
+                "the entity is pinned to type {type_name:?} version {version}, whose pipeline cannot run on this node; submit it again to run it on the type's latest version"
+            ),
+        ),
         other => {
             tracing::error!(error = %other, "store failure");
             Problem::new(
