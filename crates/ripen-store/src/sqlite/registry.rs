@@ -145,7 +145,11 @@ pub(super) fn fail_unrunnable(
     let mut columns = Vec::new();
     let mut failed = Vec::new();
     let mut outputs = Vec::new();
-    for &id in ids {
+    // Each entity once: its rows are written after the loop.
+    let mut ids = ids.to_vec();
+    ids.sort();
+    ids.dedup();
+    for id in ids {
         let Some(stored) = read_entity(&w.conn, id)? else {
             continue;
         };

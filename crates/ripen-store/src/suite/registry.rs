@@ -232,6 +232,8 @@ pub async fn unrunnable_entities_fail_once_with_their_cause(
     );
     let seqs: Vec<u64> = history.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=history.len() as u64).collect::<Vec<_>>());
+    // Outbox rows are read by position, which the fan-out gives.
+    full.fan_out(100, T0 + 3).await.expect("fan out");
     let outbox = full.outbox(0, 100).await.expect("outbox");
     let last = outbox
         .iter()
