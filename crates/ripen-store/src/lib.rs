@@ -620,9 +620,10 @@ pub trait Store: Send + Sync + 'static {
     async fn live_entities(&self, tenant: &str, type_name: &str) -> Result<Vec<(u32, u64)>>;
 
     /// Fails each pending entity among `ids` whose pipeline this node cannot
-    /// run, with the cause in its history and steps
+    /// run, with the cause in its history and steps, and skips the live
+    /// steps of such a ready one, which becomes degraded
     /// ([`registry::abandon`]); the others are left as they are. Returns the
-    /// entities it failed.
+    /// entities it changed.
     async fn fail_unrunnable(
         &self,
         ids: Vec<EntityId>,

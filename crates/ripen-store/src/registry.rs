@@ -313,7 +313,11 @@ pub fn resolve(known: &Known, record: &EntityRecord) -> Result<Arc<Pipeline>, Un
 /// The rows that fail a pending entity that cannot run, and the entity as
 /// they leave it: an `unrunnable` event with the cause, each live step
 /// `skipped` with the cause as its `last_error`, then the status change to
-/// `failed` (with its outbox row). `None` when the entity is not pending.
+/// `failed` (with its outbox row). A `ready` entity whose non-critical
+/// steps were still live keeps its status: those steps are skipped and it
+/// becomes degraded (with its `degraded` event and outbox row), as when a
+/// non-critical step fails for good. `None` when nothing of the entity is
+/// live.
 ///
 /// The backend writes the rows and drops whatever due times it keeps for
 /// the entity: no step of it is due any more.
@@ -323,7 +327,9 @@ pub fn abandon<X>(
     now_us: UnixMicros,
 ) -> Option<(EntityRecord, Rows)> {
     let before = &stored.record;
-    if before.status != EntityStatus::Pending {
+    let live = before.steps.iter().any(|s| !s.state.status.is_terminal());
+    let pending = before.status == EntityStatus::Pending;
+    if !pending && !(before.status == EntityStatus::Ready && live) {
         return None;
     }
     // An entity's history never goes back in time.
@@ -348,7 +354,7 @@ pub fn abandon<X>(
         if s.state.status.is_terminal() {
             continue;
         }
-        debug_assert!(s.state.status.may_become(StepStatus::Skipped));
+        assert!(s.state.status.may_become(StepStatus::Skipped));
         s.state.status = StepStatus::Skipped;
         s.state.due_at_us = None;
         s.state.holder = None;
@@ -361,13 +367,25 @@ pub fn abandon<X>(
         });
         events.push(event("step_skipped", Some(s.name.clone()), json!({})));
     }
-    debug_assert!(before.status.may_become(EntityStatus::Failed));
-    let changed = event(
-        "status_changed",
-        None,
-        json!({"from": EntityStatus::Pending.as_str(), "to": EntityStatus::Failed.as_str()}),
-    );
-    record.status = EntityStatus::Failed;
+    let first_skipped = rows.steps.first().map(|r| record.steps[r.idx].name.clone());
+    let notable = if pending {
+        assert!(before.status.may_become(EntityStatus::Failed));
+        record.status = EntityStatus::Failed;
+        Some(event(
+            "status_changed",
+            None,
+            json!({"from": EntityStatus::Pending.as_str(), "to": EntityStatus::Failed.as_str()}),
+        ))
+    } else if !record.degraded {
+        record.degraded = true;
+        Some(event(
+            "degraded",
+            None,
+            json!({"degraded": true, "step": first_skipped}),
+        ))
+    } else {
+        None
+    };
     record.updated_at_us = now_us;
     rows.entities.push(EntityRow {
         id: record.id,
@@ -385,8 +403,10 @@ pub fn abandon<X>(
             detail,
         });
     }
-    let detail = changed.detail.to_string();
-    rows.notable(&record, changed, detail);
+    if let Some(changed) = notable {
+        let detail = changed.detail.to_string();
+        rows.notable(&record, changed, detail);
+    }
     Some((record, rows))
 }
 

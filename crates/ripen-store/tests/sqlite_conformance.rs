@@ -165,3 +165,13 @@ async fn entities_whose_steps_differ_fail_with_the_difference() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_entity_with_live_steps_becomes_degraded() {
+    let (_dir, full, partial) = two_stores(ripen_store::suite::catalog_without_w5());
+    ripen_store::suite::a_ready_entity_with_live_steps_becomes_degraded(
+        Arc::new(full),
+        Arc::new(partial),
+    )
+    .await;
+}

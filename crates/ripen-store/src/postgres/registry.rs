@@ -169,7 +169,7 @@ pub(super) async fn fail_unrunnable(
     ids.dedup();
     let locked = conn
         .query(
-            "SELECT id FROM entities WHERE id = ANY($1) AND status = 'pending'
+            "SELECT id FROM entities WHERE id = ANY($1) AND status IN ('pending', 'ready')
              ORDER BY id FOR UPDATE",
             &[&id_params(&ids)],
         )

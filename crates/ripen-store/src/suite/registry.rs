@@ -322,3 +322,61 @@ pub fn catalog_with_w5_renamed() -> Arc<Catalog> {
     renamed.insert("w5", 1, Pipeline::new(defs).expect("still a pipeline"));
     Arc::new(renamed)
 }
+
+/// Run by each backend with two stores on one database, the second opened
+/// with a catalog that lacks `w5`: a ready `w5` entity whose non-critical
+/// step `e` still runs keeps its status when it is failed as unrunnable;
+/// `e` is skipped with the cause and the entity becomes degraded, once.
+pub async fn a_ready_entity_with_live_steps_becomes_degraded(
+    full: Arc<dyn Store>,
+    without_w5: Arc<dyn Store>,
+) {
+    let (record, a) = w5_with_a_running(&*full).await;
+    let claimed = finish(&*full, &a, succeeded(None), T0 + 1).await;
+    assert_eq!(names(&claimed), ["b", "c", "e"].into_iter().collect());
+    finish(&*full, by_name(&claimed, "b"), succeeded(None), T0 + 2).await;
+    let d = finish(&*full, by_name(&claimed, "c"), succeeded(None), T0 + 2).await;
+    finish(&*full, by_name(&d, "d"), succeeded(None), T0 + 3).await;
+    let ready = get(&*full, record.id).await;
+    assert_eq!((ready.status, ready.degraded), (EntityStatus::Ready, false));
+    assert_eq!(step(&ready, "e").state.status, StepStatus::Running);
+
+    let failed = without_w5
+        .fail_unrunnable(vec![record.id], T0 + 4)
+        .await
+        .expect("fail");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let now = get(&*full, record.id).await;
+    assert_eq!(now, failed[0]);
+    assert_eq!((now.status, now.degraded), (EntityStatus::Ready, true));
+    assert_eq!(now.ready_at_us, ready.ready_at_us);
+    let e = step(&now, "e");
+    assert_eq!(e.state.status, StepStatus::Skipped);
+    assert!(e
+        .state
+        .last_error
+        .as_deref()
+        .is_some_and(|m| m.contains("not in the type registry")));
+    assert_eq!(step(&now, "d").state.status, StepStatus::Succeeded);
+    let history = events(&*full, record.id).await;
+    let tail: Vec<&str> = kinds(&history).into_iter().rev().take(3).collect();
+    assert_eq!(tail, ["degraded", "step_skipped", UNRUNNABLE_EVENT]);
+    assert_eq!(
+        history.last().and_then(|e| e.detail["step"].as_str()),
+        Some("e")
+    );
+
+    // Nothing is live any more: a second pass does nothing.
+    let again = without_w5
+        .fail_unrunnable(vec![record.id], T0 + 5)
+        .await
+        .expect("fail again");
+    assert!(again.is_empty(), "{again:?}");
+    let late = complete(
+        &*full,
+        vec![completion(&by_name(&claimed, "e").clone(), succeeded(None))],
+        T0 + 6,
+    )
+    .await;
+    assert_eq!(late.results, vec![CompletionResult::Stale]);
+}
