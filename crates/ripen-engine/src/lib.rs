@@ -89,6 +89,7 @@ async fn start_notifications(
     metrics: &metrics::EngineMetrics,
     tracer: &Option<trace::Tracer>,
     background: &mut tokio::task::JoinSet<()>,
+    registry: &Arc<registry::Registry>,
 ) -> Result<(Arc<notify::Hub>, notify::Notifications)> {
     let hub = Arc::new(notify::Hub::new(config.notify.stream_buffer));
     let heard = hub.clone();
@@ -144,7 +145,13 @@ async fn start_notifications(
         tracer: tracer.clone(),
     });
     background.spawn(dispatcher.run());
-    let types = config.types.iter().map(|t| t.name.clone()).collect();
+    let registry = Arc::downgrade(registry);
+    let types: notify::TypeNames = Arc::new(move || {
+        registry
+            .upgrade()
+            .map(|r| r.type_names())
+            .unwrap_or_default()
+    });
     let notifications =
         notify::Notifications::new(store.clone(), client, key, clock.clone(), types);
     Ok((hub, notifications))
@@ -334,9 +341,16 @@ impl Engine {
             clock.clone(),
             load,
         );
-        let (hub, notifications) =
-            start_notifications(&config, &store, &clock, &metrics, &tracer, &mut background)
-                .await?;
+        let (hub, notifications) = start_notifications(
+            &config,
+            &store,
+            &clock,
+            &metrics,
+            &tracer,
+            &mut background,
+            &registry,
+        )
+        .await?;
         Ok(Engine {
             config,
             registry,

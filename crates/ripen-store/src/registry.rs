@@ -329,7 +329,8 @@ pub fn abandon<X>(
     let before = &stored.record;
     let live = before.steps.iter().any(|s| !s.state.status.is_terminal());
     let pending = before.status == EntityStatus::Pending;
-    if !pending && !(before.status == EntityStatus::Ready && live) {
+    let ready_and_live = before.status == EntityStatus::Ready && live;
+    if !(pending || ready_and_live) {
         return None;
     }
     // An entity's history never goes back in time.

@@ -511,6 +511,21 @@ async fn registration_over_the_api() {
     ] {
         assert_problem(&srv.get(path).await, 404);
     }
+    // Subscriptions know the pushed type.
+    let r = srv
+        .post(
+            "/v1/subscriptions",
+            &json!({"url": "https://hooks.example/x", "types": ["nope"]}),
+        )
+        .await;
+    let p = assert_problem(&r, 422);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("known types: base, p"),
+        "{p}"
+    );
     // The dashboard's list keeps its step shape.
     let base = type_item(&srv, "base").await;
     assert_eq!(base["steps"][0]["queue"], "http", "{base}");
