@@ -252,11 +252,6 @@ impl Engine {
             clock.clone(),
         ));
         registry.register_config(&config).await?;
-        background.spawn(
-            registry
-                .clone()
-                .run(Duration::from_millis(config.engine.poll_interval_ms)),
-        );
         // Other nodes may hold the leases of the running attempts of a shared
         // store: those are reclaimed only when they expire.
         if !store.is_shared() {
@@ -328,6 +323,18 @@ impl Engine {
                     .expire_leases(Duration::from_millis(config.engine.poll_interval_ms)),
             );
         }
+        // The registry's task wakes the claims when it read new versions:
+        // entities it could not run before may run now.
+        let woken = (scheduler.waker(), Arc::downgrade(&workers));
+        background.spawn(registry.clone().run(
+            Duration::from_millis(config.engine.poll_interval_ms),
+            Box::new(move || {
+                woken.0.notify_one();
+                if let Some(w) = woken.1.upgrade() {
+                    w.wake(None);
+                }
+            }),
+        ));
         watch_work(
             store.as_ref(),
             &workers,

@@ -697,8 +697,9 @@ impl Registry {
 
     /// Keeps the registry current and fails the entities this node cannot
     /// run: wakes when the store reports such an entity, or every `poll` to
-    /// see whether another node registered a version. Never ends.
-    pub async fn run(self: Arc<Self>, poll: Duration) {
+    /// see whether another node registered a version, and calls `reloaded`
+    /// after it read new versions. Never ends.
+    pub async fn run(self: Arc<Self>, poll: Duration, reloaded: Box<dyn Fn() + Send + Sync>) {
         let mut failing_store = false;
         loop {
             tokio::select! {
@@ -711,6 +712,7 @@ impl Registry {
                         tracing::warn!(error = %e, "cannot read the type registry; retrying");
                         continue;
                     }
+                    reloaded();
                 }
                 Ok(_) => {}
                 Err(e) => {

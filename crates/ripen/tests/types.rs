@@ -692,3 +692,58 @@ async fn the_types_commands() {
     let out = run(args(&["types", "show", "nope", "--server", &base])).await;
     assert!(!out.success() && out.stderr.contains("404"), "{out}");
 }
+
+/// Two nodes on one PostgreSQL database: a version registered on one node
+/// runs on the other, which had not read it yet (its poll is an hour away),
+/// when it meets the version's first entity: read again, not failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_registered_on_another_node_runs_here() {
+    let ds = Downstream::start().await;
+    ds.set("/late/a", Behavior::ok(json!({})));
+    ds.set("/late/b", Behavior::ok(json!({})));
+    let url = ripen_testkit::PgCluster::shared().create_database();
+    let base = Config::new().with_type(single("base", &ds));
+    let intake = Server::start_on(&base.clone().execute(false), &url).await;
+    let runner = Server::start_on(&base.clone().poll_interval("1h"), &url).await;
+
+    let body = json!({"steps": [{"name": "a", "http": ds.url("/late/a")}]});
+    let r = intake.post("/v1/types/late/versions", &body).await;
+    assert_eq!(r.status, 201, "{r}");
+    let first = intake.submit_ok("late", &json!({})).await;
+    let v = runner.wait_terminal(&first, SETTLE).await;
+    assert_eq!(
+        (v["status"].as_str(), v["version"].as_u64()),
+        (Some("ready"), Some(1)),
+        "{v}"
+    );
+
+    let body = json!({"steps": [
+        {"name": "a", "http": ds.url("/late/a")},
+        {"name": "b", "http": ds.url("/late/b"), "needs": ["a"]},
+    ]});
+    let r = intake.post("/v1/types/late/versions", &body).await;
+    assert_eq!(r.status, 201, "{r}");
+    let second = intake.submit_ok("late", &json!({})).await;
+    let v = runner.wait_terminal(&second, SETTLE).await;
+    assert_eq!(
+        (v["status"].as_str(), v["version"].as_u64()),
+        (Some("ready"), Some(2)),
+        "{v}"
+    );
+    assert_eq!(names(&v), vec!["a".to_owned(), "b".to_owned()]);
+    assert!(
+        !runner
+            .log()
+            .contains("failed entities whose pipeline cannot run"),
+        "{}",
+        runner.log_tail(30)
+    );
+    // It met the version first in a claim, and read the registry then.
+    assert!(
+        runner.log().contains("asking the registry"),
+        "{}",
+        runner.log_tail(30)
+    );
+    // The runner serves the version it learnt from the store.
+    assert_eq!(type_item(&runner, "late").await["latest_version"], 2);
+}
