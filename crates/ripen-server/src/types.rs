@@ -51,11 +51,20 @@ fn version_view(row: &TypeVersion, live: u64, builds: Result<(), &str>) -> Value
     let definition: Value = serde_json::from_str(&row.definition).unwrap_or(Value::Null);
     let incompatibilities: Value =
         serde_json::from_str(&row.incompatibilities).unwrap_or_else(|_| json!([]));
+    let mut steps = definition
+        .get("steps")
+        .cloned()
+        .unwrap_or_else(|| json!([]));
+    for step in steps.as_array_mut().into_iter().flatten() {
+        if let Some(settings) = step.get_mut("builtin") {
+            redact(settings);
+        }
+    }
     let mut view = json!({
         "type": row.type_name,
         "version": row.version,
         "schema": definition.get("schema").cloned().unwrap_or(Value::Null),
-        "steps": definition.get("steps").cloned().unwrap_or_else(|| json!([])),
+        "steps": steps,
         "references": definition.get("references").cloned().unwrap_or_else(|| json!({})),
         "digest": row.digest,
         "created_at": rfc3339(row.created_at_us),
@@ -67,6 +76,33 @@ fn version_view(row: &TypeVersion, live: u64, builds: Result<(), &str>) -> Value
         view["unrunnable"] = json!(why);
     }
     view
+}
+
+/// Hides the password of every URL in a connector's settings: a view is
+/// not where credentials are read back.
+fn redact(value: &mut Value) {
+    match value {
+        Value::String(s) => {
+            if let Some(hidden) = without_password(s) {
+                *s = hidden;
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact),
+        Value::Object(m) => m.values_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// `scheme://user:secret@host/…` as `scheme://user:***@host/…`; `None` for
+/// a string without a password.
+fn without_password(s: &str) -> Option<String> {
+    let start = s.find("://")? + 3;
+    let authority_end = s[start..]
+        .find(['/', '?', '#'])
+        .map_or(s.len(), |i| start + i);
+    let at = s[start..authority_end].rfind('@')? + start;
+    let colon = s[start..at].find(':')? + start;
+    Some(format!("{}***{}", &s[..=colon], &s[at..]))
 }
 
 fn type_name(p: Result<Path<String>, PathRejection>) -> Result<String, Problem> {
@@ -288,5 +324,35 @@ fn registry_row(v: &Version) -> TypeVersion {
         created_at_us: v.created_at_us,
         forced: v.forced,
         incompatibilities: v.incompatibilities.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_hidden() {
+        let cases = [
+            (
+                "postgres://ripen:s3cret@db:5432/app",
+                Some("postgres://ripen:***@db:5432/app"),
+            ),
+            (
+                "redis://:pw@127.0.0.1:6379/0",
+                Some("redis://:***@127.0.0.1:6379/0"),
+            ),
+            ("redis://user@127.0.0.1", None),
+            ("postgres://db/app?user=a@b", None),
+            ("/payload/name", None),
+            ("http://a:b@h", Some("http://a:***@h")),
+        ];
+        for (url, hidden) in cases {
+            assert_eq!(without_password(url).as_deref(), hidden, "{url}");
+        }
+        let mut settings = json!({"postgres_upsert": {"url": "postgres://u:p@h/d", "columns": {"a": "/payload/a"}}});
+        redact(&mut settings);
+        assert_eq!(settings["postgres_upsert"]["url"], "postgres://u:***@h/d");
+        assert_eq!(settings["postgres_upsert"]["columns"]["a"], "/payload/a");
     }
 }
