@@ -124,6 +124,9 @@ pub struct EngineConfig {
     pub shutdown_grace_ms: u64,
     /// The most worker claims that may wait for work on this node at once.
     pub waiting_claims_max: usize,
+    /// `engine.node`: this node's name, sent as `ripen-node` with every
+    /// HTTP step call; none by default.
+    pub node: Option<String>,
 }
 
 #[derive(Debug)]
@@ -213,7 +216,16 @@ impl Config {
             shutdown_grace_ms: duration_ms(e.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE_MS)
                 .map_err(|p| err("engine.shutdown_grace", p))?,
             waiting_claims_max: e.waiting_claims_max.unwrap_or(DEFAULT_WAITING_CLAIMS_MAX),
+            node: e.node,
         };
+        if let Some(node) = &engine.node {
+            if !valid_type_name(node) {
+                return Err(err(
+                    "engine.node",
+                    "a node name is 1 to 64 characters of a-z, A-Z, 0-9, '_' and '-'".into(),
+                ));
+            }
+        }
         if engine.waiting_claims_max == 0 || engine.waiting_claims_max > 100_000 {
             return Err(err(
                 "engine.waiting_claims_max",
@@ -654,6 +666,7 @@ struct RawEngine {
     poll_interval: Option<String>,
     shutdown_grace: Option<String>,
     waiting_claims_max: Option<usize>,
+    node: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -271,9 +271,11 @@ impl Engine {
         let executors = Arc::new(match parts.executors {
             Some(executors) => executors,
             None => {
-                let mut registry =
-                    ExecutorRegistry::standard_with_tls(config.engine.concurrency, &config.tls)
-                        .map_err(|e| anyhow::anyhow!("{}: tls: {e}", config.path.display()))?;
+                let http = executor::HttpExecutor::with_tls(config.engine.concurrency, &config.tls)
+                    .map_err(|e| anyhow::anyhow!("{}: tls: {e}", config.path.display()))?
+                    .with_node(config.engine.node.as_deref());
+                let mut registry = ExecutorRegistry::empty();
+                registry.register(ExecutorKind::Http, [ripen_core::HTTP_QUEUE], Arc::new(http));
                 if let Some(builtin) = builtin {
                     registry.register(
                         ExecutorKind::Builtin,

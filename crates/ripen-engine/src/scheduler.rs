@@ -719,6 +719,7 @@ mod tests {
             poll_interval_ms: 50,
             shutdown_grace_ms: 0,
             waiting_claims_max: 10,
+            node: None,
         };
         let scheduler = Scheduler::start(
             store.clone(),
