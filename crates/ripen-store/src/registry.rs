@@ -282,8 +282,8 @@ pub enum Unrunnable {
 /// The pipeline a stored entity was pinned to, checked against its steps;
 /// or why it cannot run.
 pub fn resolve(known: &Known, record: &EntityRecord) -> Result<Arc<Pipeline>, Unrunnable> {
-    let (type_name, version) = (record.type_name.clone(), record.version);
     let Some(pipeline) = known.catalog.get(&record.type_name, record.version) else {
+        let (type_name, version) = (record.type_name.clone(), record.version);
         return Err(match known.broken.get(&(type_name.clone(), version)) {
             Some(why) => Unrunnable::Broken {
                 type_name,
@@ -301,8 +301,8 @@ pub fn resolve(known: &Known, record: &EntityRecord) -> Result<Arc<Pipeline>, Un
             .all(|(spec, s)| spec.name == s.name);
     if !matches {
         return Err(Unrunnable::StepsDiffer {
-            type_name,
-            version,
+            type_name: record.type_name.clone(),
+            version: record.version,
             stored: record.steps.iter().map(|s| s.name.clone()).collect(),
             pipeline: pipeline.steps().iter().map(|s| s.name.clone()).collect(),
         });
