@@ -73,7 +73,7 @@ pub struct NotifyConfig {
 
 pub const DEFAULT_NOTIFY_RETRY_FOR_MS: u64 = 24 * 3_600_000;
 pub const DEFAULT_NOTIFY_ATTEMPT_TIMEOUT_MS: u64 = 10_000;
-pub const DEFAULT_NOTIFY_PER_SUBSCRIPTION: u32 = 8;
+pub const DEFAULT_NOTIFY_PER_SUBSCRIPTION: u32 = 32;
 
 impl Default for NotifyConfig {
     fn default() -> NotifyConfig {
@@ -574,8 +574,8 @@ fn notify_config(raw: RawNotify, base: &Path) -> Result<NotifyConfig, (String, S
     if !(256..=65_536).contains(&c.stream_buffer) {
         return Err((key("stream_buffer"), "must be between 256 and 65536".into()));
     }
-    if c.per_subscription == 0 || c.per_subscription > 64 {
-        return Err((key("per_subscription"), "must be between 1 and 64".into()));
+    if c.per_subscription == 0 || c.per_subscription > 256 {
+        return Err((key("per_subscription"), "must be between 1 and 256".into()));
     }
     Ok(c)
 }

@@ -563,6 +563,11 @@ pub trait Store: Send + Sync + 'static {
         tenant: Option<&str>,
     ) -> Result<Vec<(Subscription, DeliveryCounts)>>;
 
+    /// Every subscription of every tenant, oldest first, without counts:
+    /// what the dispatcher sends to. Cheap however many deliveries there
+    /// are.
+    async fn subscription_list(&self) -> Result<Vec<Subscription>>;
+
     /// Deletes a subscription and its deliveries; false if there was none.
     async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool>;
 

@@ -417,6 +417,10 @@ impl<S: Store> Store for Instrumented<S> {
         self.timed("subscriptions", self.inner.subscriptions(tenant))
             .await
     }
+    async fn subscription_list(&self) -> Result<Vec<crate::Subscription>> {
+        self.timed("subscription_list", self.inner.subscription_list())
+            .await
+    }
     async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool> {
         self.timed(
             "delete_subscription",

@@ -283,6 +283,29 @@ pub struct DeliveryClaim {
 }
 
 impl DeliveryClaim {
+    /// How many deliveries of `subscription` this claim may take.
+    pub fn room_of(&self, subscription: &str) -> u32 {
+        self.room
+            .iter()
+            .find(|(s, _)| s == subscription)
+            .map_or(self.per_subscription, |(_, n)| *n)
+    }
+
+    /// `subs` in the order a claim visits them: from a place that moves
+    /// with `now_us`, so that when `limit` runs out first no subscription
+    /// is always the one left waiting.
+    pub fn rotation<'a>(
+        &self,
+        subs: &'a [Subscription],
+        now_us: UnixMicros,
+    ) -> impl Iterator<Item = &'a Subscription> {
+        let start = match subs.len() {
+            0 => 0,
+            n => (now_us.unsigned_abs() / 1_000 % n as u64) as usize,
+        };
+        subs[start..].iter().chain(subs[..start].iter())
+    }
+
     /// `room` as a JSON object, for the backends' queries.
     pub fn room_json(&self) -> String {
         let map: serde_json::Map<String, serde_json::Value> = self

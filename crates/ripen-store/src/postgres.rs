@@ -637,6 +637,11 @@ impl Store for PostgresStore {
         notify::subscriptions(&conn, tenant).await
     }
 
+    async fn subscription_list(&self) -> Result<Vec<Subscription>> {
+        let conn = self.shared.pool.get().await?;
+        notify::subscription_list(&conn).await
+    }
+
     async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool> {
         let conn = self.shared.pool.get().await?;
         conn.begin().await?;

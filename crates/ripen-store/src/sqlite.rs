@@ -745,6 +745,10 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn subscription_list(&self) -> Result<Vec<Subscription>> {
+        self.read(notify::subscription_list).await
+    }
+
     async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool> {
         let (tenant, id) = (tenant.to_owned(), id.to_owned());
         self.write(move |w| notify::delete_subscription(&w.conn, &tenant, &id))

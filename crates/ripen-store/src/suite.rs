@@ -269,6 +269,9 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     ) -> Result<Vec<(crate::Subscription, crate::DeliveryCounts)>> {
         self.store.subscriptions(tenant).await
     }
+    async fn subscription_list(&self) -> Result<Vec<crate::Subscription>> {
+        self.store.subscription_list().await
+    }
     async fn delete_subscription(&self, tenant: &str, id: &str) -> Result<bool> {
         self.store.delete_subscription(tenant, id).await
     }

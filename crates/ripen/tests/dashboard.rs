@@ -55,7 +55,7 @@ const MIX: Mix = Mix {
 ///   and a non-critical `welcome` that bounces: ready and degraded.
 /// - `slow`: `hold`, which takes ten minutes, then `after`, blocked until
 ///   then: pending; or cancelled.
-/// - `brief`: one step that takes `BRIEF_MS`; nothing is submitted.
+/// - `brief`: one step that takes `BRIEF_MS`; the cancel script submits one.
 struct Estate {
     server: Server,
     ds: Downstream,
@@ -753,11 +753,10 @@ async fn browser_cancel_of_an_entity_that_became_ready_shows_the_refusal() {
         cancelled: 0,
     })
     .await;
-    let id = e.server.submit_ok("brief", &json!({"name": "brief"})).await;
-    let mut case = e.case();
-    case["brief"] = json!(id);
-    run_browser("cancel_refused.py", e.server.base(), case).await;
-    let v = e.server.entity(&id).await;
+    run_browser("cancel_refused.py", e.server.base(), e.case()).await;
+    let brief = list_all(e.server.api(), "type=brief").await;
+    assert_eq!(brief.len(), 1, "the script submitted one: {brief:?}");
+    let v = e.server.entity(&brief[0]).await;
     assert_eq!(
         v["status"], "ready",
         "the refused cancel changed nothing: {v:#}"

@@ -200,7 +200,6 @@ impl Dispatcher {
         let mut subs_read: Option<tokio::time::Instant> = None;
         let mut last_prune = tokio::time::Instant::now();
         loop {
-            self.fan_out().await;
             let mut results = Vec::new();
             while let Ok(done) = done_rx.try_recv() {
                 total -= 1;
@@ -212,93 +211,108 @@ impl Dispatcher {
                 }
                 results.push(self.record(&done));
             }
-            if !results.is_empty() {
-                if let Err(e) = self
-                    .store
-                    .finish_deliveries(results, self.clock.now_us())
-                    .await
-                {
-                    // Their leases run out and they are sent again.
-                    tracing::warn!(error = %e, "record notification deliveries");
-                }
-            }
             if subs_read.is_none_or(|at| at.elapsed() > SUBSCRIPTIONS_MAX_AGE) {
-                match self.store.subscriptions(None).await {
+                match self.store.subscription_list().await {
                     Ok(list) => {
                         subs = list
                             .into_iter()
-                            .map(|(s, _)| (s.id.clone(), Arc::new(s)))
+                            .map(|s| (s.id.clone(), Arc::new(s)))
                             .collect();
                         subs_read = Some(tokio::time::Instant::now());
                     }
                     Err(e) => tracing::warn!(error = %e, "read the subscriptions"),
                 }
             }
-            if total < IN_FLIGHT_MAX {
-                let per = self.config.per_subscription;
-                let claim = DeliveryClaim {
-                    limit: (IN_FLIGHT_MAX - total) as u32,
-                    lease_us: self.config.attempt_timeout_ms as i64 * 1_000 + LEASE_GRACE_US,
-                    per_subscription: per,
-                    room: in_flight
-                        .iter()
-                        .map(|(s, n)| (s.clone(), per.saturating_sub(*n)))
-                        .collect(),
-                };
-                match self
-                    .store
-                    .claim_deliveries(claim, self.clock.now_us())
-                    .await
-                {
-                    Ok(claimed) => {
-                        if claimed
-                            .iter()
-                            .any(|d| !subs.contains_key(&d.subscription_id))
-                        {
-                            // Created since this node last looked.
-                            if let Ok(list) = self.store.subscriptions(None).await {
-                                subs = list
-                                    .into_iter()
-                                    .map(|(s, _)| (s.id.clone(), Arc::new(s)))
-                                    .collect();
-                                subs_read = Some(tokio::time::Instant::now());
-                            }
-                        }
-                        for delivery in claimed {
-                            let Some(sub) = subs.get(&delivery.subscription_id).cloned() else {
-                                // Deleted since: its lease runs out, and the
-                                // row goes with the subscription.
-                                continue;
-                            };
-                            let sink = match sub.kind {
-                                SinkKind::Webhook => self.webhook.clone(),
-                                SinkKind::Email => match &self.email {
-                                    Some(sink) => sink.clone(),
-                                    None => continue,
-                                },
-                            };
-                            total += 1;
-                            *in_flight.entry(sub.id.clone()).or_default() += 1;
-                            let done_tx = done_tx.clone();
-                            tokio::spawn(async move {
-                                let start = std::time::SystemTime::now();
-                                let attempted = sink.deliver(&sub, &delivery).await;
-                                let _ = done_tx.send(Done {
-                                    subscription: sub.id.clone(),
-                                    kind: sub.kind,
-                                    delivery,
-                                    attempted,
-                                    took: (start, std::time::SystemTime::now()),
-                                });
-                            });
-                        }
+            let per = self.config.per_subscription;
+            let claim = DeliveryClaim {
+                limit: IN_FLIGHT_MAX.saturating_sub(total) as u32,
+                lease_us: self.config.attempt_timeout_ms as i64 * 1_000 + LEASE_GRACE_US,
+                per_subscription: per,
+                room: in_flight
+                    .iter()
+                    .map(|(s, n)| (s.clone(), per.saturating_sub(*n)))
+                    .collect(),
+            };
+            let limit = claim.limit;
+            // The three go to the store together, so that on SQLite they
+            // share the writer's next commit. A claim that runs before this
+            // round's fan-out or results is repeated at once below.
+            let now = self.clock.now_us();
+            let (fanned, (), claimed) = tokio::join!(
+                self.fan_out(),
+                async {
+                    if results.is_empty() {
+                        return;
                     }
-                    Err(e) => tracing::warn!(error = %e, "claim notification deliveries"),
+                    if let Err(e) = self.store.finish_deliveries(results, now).await {
+                        // Their leases run out and they are sent again.
+                        tracing::warn!(error = %e, "record notification deliveries");
+                    }
+                },
+                async {
+                    if limit == 0 {
+                        return Ok(Vec::new());
+                    }
+                    self.store.claim_deliveries(claim, now).await
+                },
+            );
+            let claimed = match claimed {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim notification deliveries");
+                    Vec::new()
                 }
+            };
+            if claimed
+                .iter()
+                .any(|d| !subs.contains_key(&d.subscription_id))
+            {
+                // Created since this node last looked.
+                if let Ok(list) = self.store.subscription_list().await {
+                    subs = list
+                        .into_iter()
+                        .map(|s| (s.id.clone(), Arc::new(s)))
+                        .collect();
+                    subs_read = Some(tokio::time::Instant::now());
+                }
+            }
+            let full = claimed.len() as u32 >= limit;
+            for delivery in claimed {
+                let Some(sub) = subs.get(&delivery.subscription_id).cloned() else {
+                    // Deleted since: its lease runs out, and the row goes
+                    // with the subscription.
+                    continue;
+                };
+                let sink = match sub.kind {
+                    SinkKind::Webhook => self.webhook.clone(),
+                    SinkKind::Email => match &self.email {
+                        Some(sink) => sink.clone(),
+                        None => continue,
+                    },
+                };
+                total += 1;
+                *in_flight.entry(sub.id.clone()).or_default() += 1;
+                let done_tx = done_tx.clone();
+                tokio::spawn(async move {
+                    let start = std::time::SystemTime::now();
+                    let attempted = sink.deliver(&sub, &delivery).await;
+                    let _ = done_tx.send(Done {
+                        subscription: sub.id.clone(),
+                        kind: sub.kind,
+                        delivery,
+                        attempted,
+                        took: (start, std::time::SystemTime::now()),
+                    });
+                });
             }
             if last_prune.elapsed() >= PRUNE_EVERY {
                 last_prune = tokio::time::Instant::now();
                 self.prune().await;
+            }
+            // New deliveries, or a claim that took all it could, may leave
+            // more to take now rather than at the next wake-up.
+            if (fanned > 0 || full) && total < IN_FLIGHT_MAX {
+                continue;
             }
             tokio::select! {
                 _ = self.hub.written.notified() => {}
@@ -311,11 +325,14 @@ impl Dispatcher {
         }
     }
 
-    /// Fans out everything waiting; the outbox lag gauge follows.
-    async fn fan_out(&self) {
+    /// Fans out everything waiting, and says how many deliveries that
+    /// made; the outbox lag gauge follows.
+    async fn fan_out(&self) -> usize {
+        let mut made = 0;
         loop {
             match self.store.fan_out(FAN_OUT_BATCH, self.clock.now_us()).await {
                 Ok(round) if round.rows >= FAN_OUT_BATCH as usize => {
+                    made += round.deliveries;
                     // More waits: show how far behind this node found it.
                     if let Ok(next) = self.store.outbox(round.last_pos, 1).await {
                         if let Some(oldest) = next.first() {
@@ -324,13 +341,13 @@ impl Dispatcher {
                         }
                     }
                 }
-                Ok(_) => {
+                Ok(round) => {
                     self.metrics.outbox_lag.set(0);
-                    return;
+                    return made + round.deliveries;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "fan the outbox out to subscriptions");
-                    return;
+                    return made;
                 }
             }
         }

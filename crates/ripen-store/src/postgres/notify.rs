@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     created_at bigint NOT NULL,
     updated_at bigint NOT NULL
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_due
+    ON deliveries (subscription_id, next_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_order
     ON deliveries (subscription_id, entity_id, seq) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_by_subscription ON deliveries (subscription_id, id);
@@ -180,13 +181,13 @@ pub(super) async fn fan_out(conn: &Conn, limit: u32, now_us: UnixMicros) -> Resu
         &[&ids, &positions],
     )
     .await?;
-    let subs = subscriptions(conn, None).await?;
+    let subs = subscription_list(conn).await?;
     let mut d = DeliveryColumns::default();
     for entry in &entries {
         let Some(n) = Notification::from_outbox(entry) else {
             continue;
         };
-        for (sub, _) in subs.iter().filter(|(s, _)| s.matches(&n)) {
+        for sub in subs.iter().filter(|s| s.matches(&n)) {
             d.push(&sub.id, &n)?;
         }
     }
@@ -332,18 +333,36 @@ pub(super) async fn subscriptions(
     conn: &Conn,
     tenant: Option<&str>,
 ) -> Result<Vec<(Subscription, DeliveryCounts)>> {
+    read_subscriptions(conn, tenant, true).await
+}
+
+/// Every subscription, without counts: what the fan-out and the dispatcher
+/// need, read without touching the deliveries.
+pub(super) async fn subscription_list(conn: &Conn) -> Result<Vec<Subscription>> {
+    Ok(read_subscriptions(conn, None, false)
+        .await?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect())
+}
+
+async fn read_subscriptions(
+    conn: &Conn,
+    tenant: Option<&str>,
+    counted: bool,
+) -> Result<Vec<(Subscription, DeliveryCounts)>> {
     let rows = conn
         .query(
             "SELECT id, tenant, kind, url, events, types, secret, created_at, start_pos,
-                    (SELECT COUNT(*) FROM deliveries d WHERE d.subscription_id = s.id
-                        AND d.status = 'pending'),
-                    (SELECT COUNT(*) FROM deliveries d WHERE d.subscription_id = s.id
-                        AND d.status = 'delivered'),
-                    (SELECT COUNT(*) FROM deliveries d WHERE d.subscription_id = s.id
-                        AND d.status = 'dead')
+                    CASE WHEN $2 THEN (SELECT COUNT(*) FROM deliveries d
+                        WHERE d.subscription_id = s.id AND d.status = 'pending') ELSE 0 END,
+                    CASE WHEN $2 THEN (SELECT COUNT(*) FROM deliveries d
+                        WHERE d.subscription_id = s.id AND d.status = 'delivered') ELSE 0 END,
+                    CASE WHEN $2 THEN (SELECT COUNT(*) FROM deliveries d
+                        WHERE d.subscription_id = s.id AND d.status = 'dead') ELSE 0 END
              FROM subscriptions s WHERE $1::text IS NULL OR tenant = $1
              ORDER BY created_at, id",
-            &[&tenant],
+            &[&tenant, &counted],
         )
         .await?;
     rows.iter()
@@ -429,28 +448,28 @@ pub(super) async fn claim_deliveries(
         .map(|c| format!("deliveries.{}", c.trim()))
         .collect::<Vec<_>>()
         .join(", ");
-    // Each subscription's due deliveries, ranked, so that none takes more
-    // than its room; then those still unlocked and still due are taken.
+    // Each subscription's earliest due deliveries, as many as its room,
+    // read from its own index range and locked there: a backlog costs
+    // only what is taken, and a row another node holds is passed over. The
+    // lock rechecks the row's status and time on its newest version. A
+    // delivery waits while an earlier one of its entity is pending.
     let rows = conn
         .query(
             &format!(
-                "WITH ranked AS (
-                     SELECT d.id, ROW_NUMBER() OVER (PARTITION BY d.subscription_id
-                                                     ORDER BY d.next_at, d.id) AS rank,
-                            d.subscription_id
-                     FROM deliveries d
-                     WHERE d.status = 'pending' AND d.next_at <= $1
-                       AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.status = 'pending'
-                            AND p.subscription_id = d.subscription_id
-                            AND p.entity_id = d.entity_id AND p.seq < d.seq)),
-                 due AS (
-                     SELECT x.id FROM deliveries x JOIN ranked r ON r.id = x.id
-                     WHERE r.rank <= COALESCE(($2::text::jsonb ->> r.subscription_id)::int8, $3)
-                       -- Checked again on the locked row: another node may
-                       -- have claimed it since this statement's snapshot.
-                       AND x.status = 'pending' AND x.next_at <= $1
-                     ORDER BY x.next_at, x.id LIMIT $4
-                     FOR UPDATE OF x SKIP LOCKED)
+                "WITH due AS (
+                     SELECT c.id, c.next_at FROM subscriptions s
+                     CROSS JOIN LATERAL (
+                         SELECT d.id, d.next_at FROM deliveries d
+                         WHERE d.subscription_id = s.id AND d.status = 'pending'
+                           AND d.next_at <= $1
+                           AND NOT EXISTS (SELECT 1 FROM deliveries p
+                                WHERE p.status = 'pending'
+                                  AND p.subscription_id = d.subscription_id
+                                  AND p.entity_id = d.entity_id AND p.seq < d.seq)
+                         ORDER BY d.next_at, d.id
+                         LIMIT COALESCE(($2::text::jsonb ->> s.id)::int8, $3)
+                         FOR UPDATE OF d SKIP LOCKED) c
+                     ORDER BY c.next_at, c.id LIMIT $4)
                  UPDATE deliveries SET attempts = attempts + 1, next_at = $5, updated_at = $1
                  FROM due WHERE deliveries.id = due.id
                  RETURNING {returning}"

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_due
+    ON deliveries (subscription_id, next_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_order
     ON deliveries (subscription_id, entity_id, seq) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_by_subscription ON deliveries (subscription_id, id);
@@ -134,7 +135,7 @@ fn cursor(conn: &Connection) -> Result<u64> {
 /// One fan-out round, on the writer's connection inside its transaction.
 pub(super) fn fan_out(conn: &Connection, limit: u32, now_us: UnixMicros) -> Result<FanOut> {
     let from = cursor(conn)?;
-    let subs = subscriptions(conn, None)?;
+    let subs = subscription_list(conn)?;
     let mut round = FanOut {
         last_pos: from,
         ..FanOut::default()
@@ -157,7 +158,7 @@ pub(super) fn fan_out(conn: &Connection, limit: u32, now_us: UnixMicros) -> Resu
             let Some(n) = Notification::from_outbox(entry) else {
                 continue;
             };
-            for (sub, _) in subs.iter().filter(|(s, _)| s.matches(&n)) {
+            for sub in subs.iter().filter(|s| s.matches(&n)) {
                 insert.execute(params![
                     sub.id,
                     to_i64(n.pos, "pos")?,
@@ -240,18 +241,35 @@ pub(super) fn subscriptions(
     conn: &Connection,
     tenant: Option<&str>,
 ) -> Result<Vec<(Subscription, DeliveryCounts)>> {
+    read_subscriptions(conn, tenant, true)
+}
+
+/// Every subscription, without counts: what the fan-out and the dispatcher
+/// need, read without touching the deliveries.
+pub(super) fn subscription_list(conn: &Connection) -> Result<Vec<Subscription>> {
+    Ok(read_subscriptions(conn, None, false)?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect())
+}
+
+fn read_subscriptions(
+    conn: &Connection,
+    tenant: Option<&str>,
+    counted: bool,
+) -> Result<Vec<(Subscription, DeliveryCounts)>> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, tenant, kind, url, events, types, secret, created_at, start_pos,
-                (SELECT COUNT(*) FROM deliveries d WHERE d.subscription_id = s.id
-                    AND d.status = 'pending'),
-                (SELECT COUNT(*) FROM deliveries d WHERE d.subscription_id = s.id
-                    AND d.status = 'delivered'),
-                (SELECT COUNT(*) FROM deliveries d WHERE d.subscription_id = s.id
-                    AND d.status = 'dead')
+                CASE WHEN ?2 THEN (SELECT COUNT(*) FROM deliveries d
+                    WHERE d.subscription_id = s.id AND d.status = 'pending') ELSE 0 END,
+                CASE WHEN ?2 THEN (SELECT COUNT(*) FROM deliveries d
+                    WHERE d.subscription_id = s.id AND d.status = 'delivered') ELSE 0 END,
+                CASE WHEN ?2 THEN (SELECT COUNT(*) FROM deliveries d
+                    WHERE d.subscription_id = s.id AND d.status = 'dead') ELSE 0 END
          FROM subscriptions s WHERE ?1 IS NULL OR tenant = ?1
          ORDER BY created_at, id",
     )?;
-    let mut rows = stmt.query([tenant])?;
+    let mut rows = stmt.query(params![tenant, counted])?;
     let mut subs = Vec::new();
     while let Some(r) = rows.next()? {
         let kind: String = r.get(2)?;
@@ -323,30 +341,34 @@ pub(super) fn claim_deliveries(
     now_us: UnixMicros,
 ) -> Result<Vec<Delivery>> {
     let lease_us = claim.lease_us;
-    // Each subscription's due deliveries, ranked, so that none takes more
-    // than its room.
+    // Each subscription's earliest due deliveries, as many as its room,
+    // read from its own index range: a backlog costs only what is taken.
+    // A delivery waits while an earlier one of its entity is pending.
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {DELIVERY_COLUMNS} FROM (
-             SELECT d.*, ROW_NUMBER() OVER (PARTITION BY subscription_id ORDER BY next_at, id) AS rank
-             FROM deliveries d
-             WHERE status = 'pending' AND next_at <= ?1
-               AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.status = 'pending'
-                    AND p.subscription_id = d.subscription_id AND p.entity_id = d.entity_id
-                    AND p.seq < d.seq))
-         WHERE rank <= COALESCE(json_extract(?2, '$.\"' || subscription_id || '\"'), ?3)
-         ORDER BY next_at, id LIMIT ?4"
+        "SELECT {DELIVERY_COLUMNS} FROM deliveries d
+         WHERE subscription_id = ?1 AND status = 'pending' AND next_at <= ?2
+           AND NOT EXISTS (SELECT 1 FROM deliveries p WHERE p.status = 'pending'
+                AND p.subscription_id = d.subscription_id AND p.entity_id = d.entity_id
+                AND p.seq < d.seq)
+         ORDER BY next_at, id LIMIT ?3"
     ))?;
-    let mut rows = stmt.query(params![
-        now_us,
-        claim.room_json(),
-        i64::from(claim.per_subscription),
-        i64::from(claim.limit)
-    ])?;
+    let subs = subscription_list(conn)?;
     let mut claimed = Vec::new();
-    while let Some(r) = rows.next()? {
-        claimed.push(delivery(r)?);
+    for sub in claim.rotation(&subs, now_us) {
+        let take = claim
+            .room_of(&sub.id)
+            .min(claim.limit.saturating_sub(claimed.len() as u32));
+        if take == 0 {
+            continue;
+        }
+        let mut rows = stmt.query(params![sub.id, now_us, i64::from(take)])?;
+        while let Some(r) = rows.next()? {
+            claimed.push(delivery(r)?);
+        }
+        if claimed.len() >= claim.limit as usize {
+            break;
+        }
     }
-    drop(rows);
     let mut lease = conn.prepare_cached(
         "UPDATE deliveries SET attempts = attempts + 1, next_at = ?2, updated_at = ?3
          WHERE id = ?1",
@@ -356,6 +378,7 @@ pub(super) fn claim_deliveries(
         d.next_at_us = Some(now_us + lease_us);
         lease.execute(params![to_i64(d.id, "id")?, now_us + lease_us, now_us])?;
     }
+    claimed.sort_by_key(|d| (d.next_at_us, d.id));
     Ok(claimed)
 }
 
