@@ -318,25 +318,31 @@ impl Engine {
             scheduler.waker(),
             tracer.clone(),
         );
-        if !workers.is_empty() {
-            background.spawn(
-                workers
-                    .clone()
-                    .expire_leases(Duration::from_millis(config.engine.poll_interval_ms)),
-            );
-        }
-        // The registry's task wakes the claims when it read new versions:
-        // entities it could not run before may run now.
-        let woken = (scheduler.waker(), Arc::downgrade(&workers));
-        background.spawn(registry.clone().run(
-            Duration::from_millis(config.engine.poll_interval_ms),
-            Box::new(move || {
-                woken.0.notify_one();
-                if let Some(w) = woken.1.upgrade() {
-                    w.wake(None);
-                }
-            }),
-        ));
+        // Always: a version registered later may bring worker queues.
+        background.spawn(
+            workers
+                .clone()
+                .expire_leases(Duration::from_millis(config.engine.poll_interval_ms)),
+        );
+        // After each read of the registry the claims wake (entities that
+        // could not run may run now) and the workers serve new queues.
+        let woken = (
+            scheduler.waker(),
+            Arc::downgrade(&workers),
+            pipelines.clone(),
+        );
+        registry.on_reload(Box::new(move || {
+            woken.0.notify_one();
+            if let Some(w) = woken.1.upgrade() {
+                w.learn(&woken.2.known().catalog);
+                w.wake(None);
+            }
+        }));
+        background.spawn(
+            registry
+                .clone()
+                .run(Duration::from_millis(config.engine.poll_interval_ms)),
+        );
         watch_work(
             store.as_ref(),
             &workers,

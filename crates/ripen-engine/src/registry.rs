@@ -426,6 +426,8 @@ pub struct Registry {
     state: RwLock<Arc<Snapshot>>,
     /// One read of the store at a time.
     reading: tokio::sync::Mutex<()>,
+    /// Called after each read of the store; see [`Registry::on_reload`].
+    reloaded: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -444,7 +446,14 @@ impl Registry {
             clock,
             state: RwLock::default(),
             reading: tokio::sync::Mutex::new(()),
+            reloaded: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Calls `f` after every later read of the store: what the engine
+    /// wakes or teaches when new versions may have arrived. Set once.
+    pub fn on_reload(&self, f: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.reloaded.set(f);
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
@@ -562,6 +571,9 @@ impl Registry {
         known.catalog = catalog;
         self.pipelines.replace(known);
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snap);
+        if let Some(f) = self.reloaded.get() {
+            f();
+        }
         Ok(())
     }
 
@@ -697,9 +709,8 @@ impl Registry {
 
     /// Keeps the registry current and fails the entities this node cannot
     /// run: wakes when the store reports such an entity, or every `poll` to
-    /// see whether another node registered a version, and calls `reloaded`
-    /// after it read new versions. Never ends.
-    pub async fn run(self: Arc<Self>, poll: Duration, reloaded: Box<dyn Fn() + Send + Sync>) {
+    /// see whether another node registered a version. Never ends.
+    pub async fn run(self: Arc<Self>, poll: Duration) {
         let mut failing_store = false;
         loop {
             tokio::select! {
@@ -712,7 +723,6 @@ impl Registry {
                         tracing::warn!(error = %e, "cannot read the type registry; retrying");
                         continue;
                     }
-                    reloaded();
                 }
                 Ok(_) => {}
                 Err(e) => {

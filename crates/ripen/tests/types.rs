@@ -747,3 +747,36 @@ async fn a_version_registered_on_another_node_runs_here() {
     // The runner serves the version it learnt from the store.
     assert_eq!(type_item(&runner, "late").await["latest_version"], 2);
 }
+
+/// A version registered over the API with a worker step: its queue is
+/// served at once, and a worker's result finishes the entity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_worker_queue_is_served_at_once() {
+    let ds = Downstream::start().await;
+    let srv = Server::start(&Config::new().with_type(single("base", &ds))).await;
+    let r = srv
+        .post("/v1/queues/pushed/claim", &json!({"max": 1, "wait_ms": 0}))
+        .await;
+    assert_problem(&r, 404);
+    let body = json!({"steps": [{"name": "w", "worker": "pushed"}]});
+    assert_eq!(srv.post("/v1/types/job/versions", &body).await.status, 201);
+    let id = srv.submit_ok("job", &json!({"n": 1})).await;
+    let r = srv
+        .post(
+            "/v1/queues/pushed/claim",
+            &json!({"max": 1, "wait_ms": 5000}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{r}");
+    let task = r.json()["tasks"][0].clone();
+    assert_eq!(task["entity_id"], id.as_str(), "{r}");
+    let done = srv
+        .post(
+            &format!("/v1/tasks/{}/complete", task["task_id"].as_str().unwrap()),
+            &json!({"lease": task["lease"], "output": {"ok": true}}),
+        )
+        .await;
+    assert_eq!(done.status, 200, "{done}");
+    let v = srv.wait_terminal(&id, SETTLE).await;
+    assert_eq!(v["status"], "ready", "{v}");
+}
