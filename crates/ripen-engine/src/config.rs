@@ -124,6 +124,9 @@ pub struct EngineConfig {
     pub shutdown_grace_ms: u64,
     /// The most worker claims that may wait for work on this node at once.
     pub waiting_claims_max: usize,
+    /// `engine.node`: this node's name, sent as `ripen-node` with every
+    /// HTTP step call; none by default.
+    pub node: Option<String>,
 }
 
 #[derive(Debug)]
@@ -135,6 +138,9 @@ pub struct TypeConfig {
     /// `references`: payload field -> the type of the entity it names,
     /// sorted by field (docs/dependencies.md).
     pub references: Vec<(String, String)>,
+    /// `force`: register this content at start even if the compatibility
+    /// check refuses it (see docs/types.md).
+    pub force: bool,
 }
 
 impl Config {
@@ -213,7 +219,16 @@ impl Config {
             shutdown_grace_ms: duration_ms(e.shutdown_grace.as_deref(), DEFAULT_SHUTDOWN_GRACE_MS)
                 .map_err(|p| err("engine.shutdown_grace", p))?,
             waiting_claims_max: e.waiting_claims_max.unwrap_or(DEFAULT_WAITING_CLAIMS_MAX),
+            node: e.node,
         };
+        if let Some(node) = &engine.node {
+            if !valid_type_name(node) {
+                return Err(err(
+                    "engine.node",
+                    "a node name is 1 to 64 characters of a-z, A-Z, 0-9, '_' and '-'".into(),
+                ));
+            }
+        }
         if engine.waiting_claims_max == 0 || engine.waiting_claims_max > 100_000 {
             return Err(err(
                 "engine.waiting_claims_max",
@@ -306,6 +321,7 @@ impl Config {
                 schema,
                 pipeline,
                 references,
+                force: t.force.unwrap_or(false),
             });
         }
         let notify =
@@ -324,7 +340,7 @@ impl Config {
     }
 }
 
-fn valid_type_name(name: &str) -> bool {
+pub(crate) fn valid_type_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -401,6 +417,27 @@ fn step_def(s: RawStep) -> Result<StepDef, (String, String)> {
         retry,
         executor,
     })
+}
+
+/// A step of a type version in its JSON form (the registry's and the API's):
+/// the keys of a `[[types.T.steps]]` table, without the TLS files, which
+/// belong to a node's configuration. The problem's key is below the step.
+pub(crate) fn step_from_json(value: &serde_json::Value) -> Result<StepDef, (String, String)> {
+    let raw: RawStep =
+        serde_json::from_value(value.clone()).map_err(|e| (String::new(), e.to_string()))?;
+    for (key, set) in [
+        ("ca_file", raw.ca_file.is_some()),
+        ("client_cert", raw.client_cert.is_some()),
+        ("client_key", raw.client_key.is_some()),
+    ] {
+        if set {
+            return Err((
+                format!(".{key}"),
+                "TLS files are set in a node's ripen.toml, not in a registered version".into(),
+            ));
+        }
+    }
+    step_def(raw)
 }
 
 fn check_http_url(url: &str) -> Result<(), String> {
@@ -631,6 +668,7 @@ struct RawEngine {
     poll_interval: Option<String>,
     shutdown_grace: Option<String>,
     waiting_claims_max: Option<usize>,
+    node: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -639,6 +677,7 @@ struct RawType {
     version: Option<u32>,
     schema: Option<PathBuf>,
     references: Option<BTreeMap<String, String>>,
+    force: Option<bool>,
     #[serde(default)]
     steps: Vec<RawStep>,
 }

@@ -1,14 +1,14 @@
 //! Synchronous intake: validate, guard the idempotency key while in flight,
 //! and commit through the store (which groups concurrent commits).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use ripen_store::{EntityId, IntakeOutcome, NewEntity, Store, StoreError};
 use tokio::sync::Notify;
 
-use crate::config::Config;
-use crate::schema::{self, PayloadError, Schema, Violation};
+use crate::registry::Registry;
+use crate::schema::{self, PayloadError, Violation};
 use crate::time::Clock;
 
 /// The longest idempotency key accepted.
@@ -35,12 +35,6 @@ pub enum SubmitError {
     ReferenceRefused(ripen_store::deps::ReferenceRefusal),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-struct TypeEntry {
-    version: u32,
-    schema: Option<Arc<Schema>>,
-    references: Vec<(String, String)>,
 }
 
 /// Submissions in flight at once from which intake counts as busy.
@@ -129,7 +123,8 @@ impl Drop for Entered<'_> {
 pub struct Intake {
     load: Arc<IntakeLoad>,
     store: Arc<dyn Store>,
-    types: Arc<HashMap<String, TypeEntry>>,
+    /// The type versions new entities are validated against.
+    registry: Arc<Registry>,
     in_flight: Arc<Mutex<HashSet<(String, String, String)>>>,
     wake_scheduler: Arc<Notify>,
     clock: Arc<dyn Clock>,
@@ -155,26 +150,15 @@ impl Drop for InFlight<'_> {
 impl Intake {
     pub fn new(
         store: Arc<dyn Store>,
-        config: &Config,
+        registry: Arc<Registry>,
         wake_scheduler: Arc<Notify>,
         clock: Arc<dyn Clock>,
         load: Arc<IntakeLoad>,
     ) -> Intake {
-        let mut types = HashMap::new();
-        for t in &config.types {
-            types.insert(
-                t.name.clone(),
-                TypeEntry {
-                    version: t.version,
-                    schema: t.schema.clone(),
-                    references: t.references.clone(),
-                },
-            );
-        }
         Intake {
             load,
             store,
-            types: Arc::new(types),
+            registry,
             in_flight: Arc::default(),
             wake_scheduler,
             clock,
@@ -190,9 +174,10 @@ impl Intake {
         idempotency_key: Option<&str>,
     ) -> Result<IntakeOutcome, SubmitError> {
         let _entered = self.load.enter();
+        // New entities are pinned to the type's latest version.
         let entry = self
-            .types
-            .get(type_name)
+            .registry
+            .latest(type_name)
             .ok_or_else(|| SubmitError::UnknownType(type_name.to_owned()))?;
         if let Some(key) = idempotency_key {
             let visible = key.bytes().all(|b| (0x21..=0x7e).contains(&b));

@@ -26,6 +26,7 @@ pub mod feed;
 mod intake;
 pub mod metrics;
 pub mod notify;
+pub mod registry;
 mod scheduler;
 pub mod schema;
 pub mod time;
@@ -37,7 +38,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ripen_core::Catalog;
 use ripen_store::{
     CommandOutcome, EntityData, EntityId, EntityRecord, HistoryEvent, Instrumented, IntakeOutcome,
     ListQuery, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, StoreError,
@@ -90,6 +90,7 @@ async fn start_notifications(
     metrics: &metrics::EngineMetrics,
     tracer: &Option<trace::Tracer>,
     background: &mut tokio::task::JoinSet<()>,
+    registry: &Arc<registry::Registry>,
 ) -> Result<(Arc<notify::Hub>, notify::Notifications)> {
     let hub = Arc::new(notify::Hub::new(config.notify.stream_buffer));
     let heard = hub.clone();
@@ -145,7 +146,13 @@ async fn start_notifications(
         tracer: tracer.clone(),
     });
     background.spawn(dispatcher.run());
-    let types = config.types.iter().map(|t| t.name.clone()).collect();
+    let registry = Arc::downgrade(registry);
+    let types: notify::TypeNames = Arc::new(move || {
+        registry
+            .upgrade()
+            .map(|r| r.type_names())
+            .unwrap_or_default()
+    });
     let notifications =
         notify::Notifications::new(store.clone(), client, key, clock.clone(), types);
     Ok((hub, notifications))
@@ -167,6 +174,7 @@ pub enum NotReady {
 /// wakes) happens here, so that no caller can do half of it.
 pub struct Engine {
     config: Arc<Config>,
+    registry: Arc<registry::Registry>,
     store: Arc<dyn Store>,
     intake: Intake,
     scheduler: Scheduler,
@@ -203,22 +211,20 @@ impl Engine {
             None if config.engine.execute => executor::BuiltinExecutor::start(&config).await?,
             _ => None,
         };
-        let mut catalog = Catalog::default();
-        for t in &config.types {
-            catalog.insert(&t.name, t.version, t.pipeline.clone());
-        }
-        let catalog = Arc::new(catalog);
+        // Filled from the type registry once the store is open: the store
+        // decides with it, and the registry replaces it as versions arrive.
+        let pipelines = ripen_store::Pipelines::default();
         let (store, lock): (Arc<dyn Store>, _) = match &config.storage {
             StorageUrl::Sqlite(path) => {
                 let lock = lock_database(path)?;
                 let mut opts = SqliteOptions::new(path.clone());
                 opts.lease_grace_ms = config.engine.lease_grace_ms;
-                let store = SqliteStore::open(opts, catalog.clone())
+                let store = SqliteStore::open(opts, pipelines.clone())
                     .with_context(|| format!("open the database {}", path.display()))?;
                 (Arc::new(Instrumented::new(store)), Some(lock))
             }
             StorageUrl::Postgres(url) => {
-                let store = connect_postgres(url, &config, catalog.clone()).await?;
+                let store = connect_postgres(url, &config, &pipelines).await?;
                 (Arc::new(Instrumented::new(store)), None)
             }
         };
@@ -239,6 +245,14 @@ impl Engine {
                 clock
             }
         };
+        // Every configured type is a registered version before anything is
+        // decided: recovery and claims run on the registry's pipelines.
+        let registry = Arc::new(registry::Registry::new(
+            store.clone(),
+            pipelines.clone(),
+            clock.clone(),
+        ));
+        registry.register_config(&config).await?;
         // Other nodes may hold the leases of the running attempts of a shared
         // store: those are reclaimed only when they expire.
         if !store.is_shared() {
@@ -258,9 +272,11 @@ impl Engine {
         let executors = Arc::new(match parts.executors {
             Some(executors) => executors,
             None => {
-                let mut registry =
-                    ExecutorRegistry::standard_with_tls(config.engine.concurrency, &config.tls)
-                        .map_err(|e| anyhow::anyhow!("{}: tls: {e}", config.path.display()))?;
+                let http = executor::HttpExecutor::with_tls(config.engine.concurrency, &config.tls)
+                    .map_err(|e| anyhow::anyhow!("{}: tls: {e}", config.path.display()))?
+                    .with_node(config.engine.node.as_deref());
+                let mut registry = ExecutorRegistry::empty();
+                registry.register(ExecutorKind::Http, [ripen_core::HTTP_QUEUE], Arc::new(http));
                 if let Some(builtin) = builtin {
                     registry.register(
                         ExecutorKind::Builtin,
@@ -285,7 +301,7 @@ impl Engine {
             .collect();
         let scheduler = Scheduler::start(
             store.clone(),
-            catalog.clone(),
+            pipelines.clone(),
             executors,
             clock.clone(),
             load.clone(),
@@ -297,19 +313,37 @@ impl Engine {
         );
         let workers = Workers::new(
             store.clone(),
-            &catalog,
+            &pipelines.known().catalog,
             clock.clone(),
             config.engine.waiting_claims_max,
             scheduler.waker(),
             tracer.clone(),
         );
-        if !workers.is_empty() {
-            background.spawn(
-                workers
-                    .clone()
-                    .expire_leases(Duration::from_millis(config.engine.poll_interval_ms)),
-            );
-        }
+        // Always: a version registered later may bring worker queues.
+        background.spawn(
+            workers
+                .clone()
+                .expire_leases(Duration::from_millis(config.engine.poll_interval_ms)),
+        );
+        // After each read of the registry the claims wake (entities that
+        // could not run may run now) and the workers serve new queues.
+        let woken = (
+            scheduler.waker(),
+            Arc::downgrade(&workers),
+            pipelines.clone(),
+        );
+        registry.on_reload(Box::new(move || {
+            woken.0.notify_one();
+            if let Some(w) = woken.1.upgrade() {
+                w.learn(&woken.2.known().catalog);
+                w.wake(None);
+            }
+        }));
+        background.spawn(
+            registry
+                .clone()
+                .run(Duration::from_millis(config.engine.poll_interval_ms)),
+        );
         watch_work(
             store.as_ref(),
             &workers,
@@ -318,14 +352,21 @@ impl Engine {
         );
         let intake = Intake::new(
             store.clone(),
-            &config,
+            registry.clone(),
             scheduler.waker(),
             clock.clone(),
             load,
         );
-        let (hub, notifications) =
-            start_notifications(&config, &store, &clock, &metrics, &tracer, &mut background)
-                .await?;
+        let (hub, notifications) = start_notifications(
+            &config,
+            &store,
+            &clock,
+            &metrics,
+            &tracer,
+            &mut background,
+            &registry,
+        )
+        .await?;
         // The dependency resolver looks whenever new outbox rows are
         // readable: on SQLite after each commit that wrote some, on
         // PostgreSQL once a fan-out gave them positions.
@@ -344,6 +385,7 @@ impl Engine {
         ));
         Ok(Engine {
             config,
+            registry,
             store,
             intake,
             scheduler,
@@ -617,6 +659,8 @@ impl Engine {
             while let Some(joined) = retries.join_next().await {
                 match joined {
                     Ok(Ok(applied)) => requeued += u64::from(applied),
+                    // Pinned to a version that cannot run: not retried.
+                    Ok(Err(StoreError::UnknownPipeline { .. })) => {}
                     Ok(Err(e)) => failure = Some(e),
                     Err(e) => failure = Some(StoreError::Internal(format!("a retry task: {e}"))),
                 }
@@ -718,13 +762,26 @@ impl Engine {
         self.workers.report(id, lease, outcome).await
     }
 
-    /// The pipeline of a type version this node knows.
-    pub fn pipeline(&self, type_name: &str, version: u32) -> Option<&ripen_core::Pipeline> {
-        self.config
-            .types
-            .iter()
-            .find(|t| t.name == type_name && t.version == version)
-            .map(|t| &t.pipeline)
+    /// The pipeline of a type version this node can run.
+    pub fn pipeline(&self, type_name: &str, version: u32) -> Option<Arc<ripen_core::Pipeline>> {
+        self.registry.pipeline(type_name, version)
+    }
+
+    /// The type registry: every version of every type, and registration.
+    pub fn registry(&self) -> &registry::Registry {
+        &self.registry
+    }
+
+    /// Registers a version of a type at run time; see
+    /// [`registry::Registry::register`].
+    pub async fn register_type(
+        &self,
+        type_name: &str,
+        built: &registry::Built,
+        force: bool,
+    ) -> Result<registry::Registration, registry::RegisterError> {
+        self.registry.check_references(type_name, built)?;
+        self.registry.register(type_name, built, force, None).await
     }
 
     /// Whether this node can serve requests now.
@@ -783,13 +840,13 @@ const POSTGRES_CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from
 async fn connect_postgres(
     url: &str,
     config: &Config,
-    catalog: Arc<Catalog>,
+    pipelines: &ripen_store::Pipelines,
 ) -> Result<PostgresStore> {
     let deadline = tokio::time::Instant::now() + POSTGRES_CONNECT_PATIENCE;
     loop {
         let mut opts = PostgresOptions::new(url);
         opts.lease_grace_ms = config.engine.lease_grace_ms;
-        match PostgresStore::connect(opts, catalog.clone()).await {
+        match PostgresStore::connect(opts, pipelines.clone()).await {
             Ok(store) => return Ok(store),
             Err(StoreError::Unavailable(e)) if tokio::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "PostgreSQL is not reachable yet; retrying");

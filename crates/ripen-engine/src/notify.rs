@@ -310,8 +310,12 @@ pub struct Notifications {
     client: Arc<SafeClient>,
     key: Option<Arc<MasterKey>>,
     clock: Arc<dyn Clock>,
-    types: Vec<String>,
+    /// The registered types, asked at each subscription.
+    types: TypeNames,
 }
+
+/// The names of the types a subscription may name, read when it is made.
+pub type TypeNames = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
 impl Notifications {
     pub fn new(
@@ -319,7 +323,7 @@ impl Notifications {
         client: Arc<SafeClient>,
         key: Option<Arc<MasterKey>>,
         clock: Arc<dyn Clock>,
-        types: Vec<String>,
+        types: TypeNames,
     ) -> Notifications {
         Notifications {
             store,
@@ -349,14 +353,16 @@ impl Notifications {
                 ));
             }
         }
+        let known = if new.types.is_empty() {
+            Vec::new()
+        } else {
+            (self.types)()
+        };
         for t in &new.types {
-            if !self.types.contains(t) {
+            if !known.contains(t) {
                 return Err(invalid(
                     "types",
-                    format!(
-                        "{t:?} is not a type; known types: {}",
-                        self.types.join(", ")
-                    ),
+                    format!("{t:?} is not a type; known types: {}", known.join(", ")),
                 ));
             }
         }

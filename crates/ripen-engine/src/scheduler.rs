@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ripen_core::Catalog;
+use ripen_store::Pipelines;
 use ripen_store::{Attempt, Claim, Completion, CompletionResult, Outcome, Store};
 
 use crate::metrics::{outcome_label, EngineMetrics};
@@ -102,7 +102,8 @@ enum Ran {
 
 struct Shared {
     store: Arc<dyn Store>,
-    catalog: Arc<Catalog>,
+    /// The pipelines of every type version this node can run.
+    pipelines: Pipelines,
     executors: Arc<ExecutorRegistry>,
     clock: Arc<dyn Clock>,
     /// Bounds the attempts in flight.
@@ -144,7 +145,7 @@ impl Scheduler {
     /// Starts claiming from the queues of `executors` and running what it claims.
     pub fn start(
         store: Arc<dyn Store>,
-        catalog: Arc<Catalog>,
+        pipelines: impl Into<Pipelines>,
         executors: Arc<ExecutorRegistry>,
         clock: Arc<dyn Clock>,
         intake: Arc<IntakeLoad>,
@@ -155,7 +156,7 @@ impl Scheduler {
         let (results_tx, results_rx) = mpsc::channel(config.concurrency.max(COMPLETE_BATCH_MAX));
         let shared = Arc::new(Shared {
             store,
-            catalog,
+            pipelines: pipelines.into(),
             executors,
             clock,
             slots: Arc::new(Semaphore::new(config.concurrency)),
@@ -509,7 +510,7 @@ fn report(shared: &Shared, a: &Attempt, outcome: &Outcome, elapsed: Duration) {
 }
 
 async fn run_attempt(shared: &Shared, a: &Attempt) -> Outcome {
-    let Some(pipeline) = shared.catalog.get(&a.type_name, a.version) else {
+    let Some(pipeline) = shared.pipelines.get(&a.type_name, a.version) else {
         return Outcome::Failed {
             error: format!("no pipeline for {} version {}", a.type_name, a.version),
             retryable: false,
@@ -681,7 +682,7 @@ mod tests {
             },
         };
         let pipeline = Pipeline::new(vec![step("a", &[]), step("b", &["a"])]).unwrap();
-        let mut catalog = Catalog::default();
+        let mut catalog = ripen_core::Catalog::default();
         catalog.insert("t", 1, pipeline);
         let catalog = Arc::new(catalog);
         let dir = tempfile::tempdir().unwrap();
@@ -719,6 +720,7 @@ mod tests {
             poll_interval_ms: 50,
             shutdown_grace_ms: 0,
             waiting_claims_max: 10,
+            node: None,
         };
         let scheduler = Scheduler::start(
             store.clone(),

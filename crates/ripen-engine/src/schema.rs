@@ -16,6 +16,8 @@ pub const JSON_DEPTH_MAX: usize = 127;
 
 pub struct Schema {
     validator: jsonschema::Validator,
+    /// The schema as written: what the type registry stores and compares.
+    source: Value,
 }
 
 impl std::fmt::Debug for Schema {
@@ -61,7 +63,15 @@ impl Schema {
     pub fn from_value(schema: &Value) -> Result<Schema, String> {
         let validator = jsonschema::validator_for(schema)
             .map_err(|e| format!("not a valid JSON Schema: {e}"))?;
-        Ok(Schema { validator })
+        Ok(Schema {
+            validator,
+            source: schema.clone(),
+        })
+    }
+
+    /// The schema document it was compiled from.
+    pub fn source(&self) -> &Value {
+        &self.source
     }
 
     fn violations(&self, instance: &Value) -> Vec<Violation> {

@@ -116,12 +116,26 @@ pub enum WorkerError {
     Store(#[from] StoreError),
 }
 
+/// The queues of the worker steps of every pipeline of `catalog`.
+fn worker_queues(catalog: &Catalog) -> HashSet<String> {
+    catalog
+        .pipelines()
+        .flat_map(|p| {
+            (0..p.len())
+                .filter(|&i| p.is_remote(i))
+                .map(|i| p.queue(i).to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 /// The worker queues of one node, and the claims waiting on them.
 pub struct Workers {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    /// Every worker queue some pipeline uses (`worker:{name}`).
-    known: HashSet<String>,
+    /// Every worker queue some pipeline uses (`worker:{name}`); grows when
+    /// the type registry reads new versions ([`Workers::learn`]).
+    known: std::sync::RwLock<HashSet<String>>,
     waiting: Mutex<HashMap<String, Arc<Notify>>>,
     open: AtomicUsize,
     open_max: usize,
@@ -143,19 +157,10 @@ impl Workers {
         scheduler: Arc<Notify>,
         tracer: Option<Tracer>,
     ) -> Arc<Workers> {
-        let known = catalog
-            .pipelines()
-            .flat_map(|p| {
-                (0..p.len())
-                    .filter(|&i| p.is_remote(i))
-                    .map(|i| p.queue(i).to_owned())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
         Arc::new(Workers {
             store,
             clock,
-            known,
+            known: std::sync::RwLock::new(worker_queues(catalog)),
             waiting: Mutex::new(HashMap::new()),
             open: AtomicUsize::new(0),
             open_max,
@@ -168,12 +173,36 @@ impl Workers {
 
     /// Whether no pipeline has a worker step.
     pub fn is_empty(&self) -> bool {
-        self.known.is_empty()
+        self.known_queues().is_empty()
     }
 
     /// Whether `queue` (`worker:{name}`) is served here.
     pub fn is_worker_queue(&self, queue: &str) -> bool {
-        self.known.contains(queue)
+        self.known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(queue)
+    }
+
+    /// Serves the worker queues of `catalog` too: the pipelines of versions
+    /// registered since the node started.
+    pub fn learn(&self, catalog: &Catalog) {
+        let queues = worker_queues(catalog);
+        let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+        known.extend(queues);
+    }
+
+    /// The worker queues served here, sorted.
+    fn known_queues(&self) -> Vec<String> {
+        let mut queues: Vec<String> = self
+            .known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        queues.sort();
+        queues
     }
 
     /// Claims waiting right now, across queues.
@@ -277,14 +306,12 @@ impl Workers {
     /// good) even while no worker claims from its queue. A waiting claim
     /// does the same for its own queue at once.
     pub async fn expire_leases(self: Arc<Self>, every: Duration) {
-        let mut queues: Vec<&String> = self.known.iter().collect();
-        queues.sort();
         loop {
             tokio::time::sleep(every).await;
             if self.closing.load(Ordering::SeqCst) {
                 return;
             }
-            for queue in &queues {
+            for queue in &self.known_queues() {
                 let claim = Claim::expiring(queue, EXPIRE_BATCH_MAX);
                 if let Err(e) = self.store.claim_due(claim, self.clock.now_us()).await {
                     tracing::warn!(queue = %queue, error = %e, "expire the leases of a worker queue");

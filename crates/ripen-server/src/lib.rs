@@ -7,6 +7,7 @@ mod notify;
 mod problem;
 mod stats;
 mod stream;
+mod types;
 mod view;
 mod workers;
 
@@ -117,7 +118,13 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/entities", get(list))
         .route("/v1/entities:retry", post(retry_many))
         .route("/v1/stats", get(stats::get))
-        .route("/v1/types", get(types))
+        .route("/v1/types", get(types::list))
+        .route("/v1/types/{type}", get(types::get))
+        .route(
+            "/v1/types/{type}/versions",
+            get(types::versions).post(types::register),
+        )
+        .route("/v1/types/{type}/versions/{n}", get(types::version))
         .route("/v1/entities/{key}", post(submit).get(get_entity))
         .route("/v1/entities/{id}/data", get(get_data))
         .route("/v1/entities/{id}/events", get(events))
@@ -191,6 +198,16 @@ fn json_text(status: StatusCode, body: String) -> Response {
 fn store_problem(e: StoreError) -> Problem {
     match e {
         StoreError::Unavailable(m) => Problem::unavailable(m),
+        // An entity pinned to a version this node cannot run: nothing can
+        // be done to its steps (see docs/types.md).
+        StoreError::UnknownPipeline { type_name, version } => Problem::new(
+            StatusCode::CONFLICT,
+            "unrunnable-version",
+            "Version cannot run",
+            format!(
+                "the entity is pinned to type {type_name:?} version {version}, whose pipeline cannot run on this node; submit it again to run it on the type's latest version"
+            ),
+        ),
         other => {
             tracing::error!(error = %other, "store failure");
             Problem::new(
@@ -247,13 +264,7 @@ async fn submit(
         .await
         .map_err(|e| match e {
             SubmitError::UnknownType(t) => {
-                let known: Vec<&str> = state
-                    .engine
-                    .config()
-                    .types
-                    .iter()
-                    .map(|t| t.name.as_str())
-                    .collect();
+                let known = state.engine.registry().type_names();
                 Problem::not_found(format!(
                     "no entity type named {t:?}; the types are {}",
                     known.join(", ")
@@ -312,7 +323,10 @@ async fn submit(
         StatusCode::ACCEPTED,
         view::entity_json(
             &record,
-            state.engine.pipeline(&record.type_name, record.version),
+            state
+                .engine
+                .pipeline(&record.type_name, record.version)
+                .as_deref(),
         ),
     );
     let h = response.headers_mut();
@@ -375,7 +389,10 @@ async fn get_entity(
     {
         Some(r) => Ok(json_text(
             StatusCode::OK,
-            view::entity_json(&r, state.engine.pipeline(&r.type_name, r.version)),
+            view::entity_json(
+                &r,
+                state.engine.pipeline(&r.type_name, r.version).as_deref(),
+            ),
         )),
         None => Err(no_entity(id)),
     }
@@ -547,7 +564,11 @@ async fn list(
         if i > 0 {
             body.push(',');
         }
-        view::write_entity(&mut body, r, state.engine.pipeline(&r.type_name, r.version));
+        view::write_entity(
+            &mut body,
+            r,
+            state.engine.pipeline(&r.type_name, r.version).as_deref(),
+        );
     }
     body.push_str("],\"next\":");
     body.push_str(&Value::from(next).to_string());
@@ -634,7 +655,7 @@ fn command_answer(
     match outcome.map_err(store_problem)? {
         CommandOutcome::Applied(r) => Ok(json_text(
             StatusCode::ACCEPTED,
-            view::entity_json(&r, engine.pipeline(&r.type_name, r.version)),
+            view::entity_json(&r, engine.pipeline(&r.type_name, r.version).as_deref()),
         )),
         CommandOutcome::NotFound => Err(no_entity(id)),
         CommandOutcome::Conflict(status) => Err(Problem::new(
@@ -693,14 +714,8 @@ async fn retry_many(
             )
         }
     })?;
-    let known: Vec<&str> = state
-        .engine
-        .config()
-        .types
-        .iter()
-        .map(|t| t.name.as_str())
-        .collect();
-    if !known.contains(&body.type_name.as_str()) {
+    let known = state.engine.registry().type_names();
+    if !known.contains(&body.type_name) {
         return Err(invalid(format!(
             "no entity type named {:?}; the types are {}",
             body.type_name,
@@ -759,50 +774,6 @@ async fn retry_many(
         StatusCode::ACCEPTED,
         json!({"requeued": requeued}),
     ))
-}
-
-/// `GET /v1/types`: the configured entity types and their pipelines.
-async fn types(State(state): Shared) -> Response {
-    let items: Vec<Value> = state
-        .engine
-        .config()
-        .types
-        .iter()
-        .map(|t| {
-            let p = &t.pipeline;
-            let steps: Vec<Value> = p
-                .steps()
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    let needs: Vec<&str> =
-                        s.needs.iter().map(|&n| p.step(n).name.as_str()).collect();
-                    json!({
-                        "name": s.name,
-                        "needs": needs,
-                        "critical": s.critical,
-                        "executor": ripen_engine::ExecutorKind::of(&s.executor).as_str(),
-                        "queue": p.queue(i),
-                        "timeout_ms": s.timeout_ms,
-                        "max_attempts": s.retry.max_attempts,
-                    })
-                })
-                .collect();
-            let references: serde_json::Map<String, Value> = t
-                .references
-                .iter()
-                .map(|(field, target)| (field.clone(), json!(target)))
-                .collect();
-            json!({
-                "type": t.name,
-                "latest_version": t.version,
-                "versions": 1,
-                "steps": steps,
-                "references": references,
-            })
-        })
-        .collect();
-    json_response(StatusCode::OK, json!({"items": items}))
 }
 
 /// Reads an RFC 3339 time (`2026-12-01T22:08:27.680670Z`, or with an offset

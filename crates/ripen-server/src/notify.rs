@@ -317,7 +317,7 @@ pub async fn stream(
     let Query(q) = q.map_err(|e| Problem::bad_request(format!("bad query: {}", e.body_text())))?;
     let type_name = q.type_name.filter(|t| !t.is_empty());
     if let Some(t) = &type_name {
-        if state.engine.config().type_config(t).is_none() {
+        if state.engine.registry().latest(t).is_none() {
             return Err(Problem::not_found(format!("no entity type {t:?}")));
         }
     }

@@ -17,6 +17,7 @@ pub mod history;
 pub mod metrics;
 pub mod notify;
 pub mod postgres;
+pub mod registry;
 pub mod sqlite;
 pub mod suite;
 pub mod working;
@@ -35,6 +36,7 @@ pub use notify::{
     DeliveryStatus, FanOut, Notification, RedeliverOutcome, SinkKind, Subscription,
 };
 pub use postgres::{PostgresOptions, PostgresStore};
+pub use registry::{NewTypeVersion, Pipelines, Registered, TypeHead, TypeVersion};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// The tenant of every request until API keys arrive.
@@ -635,6 +637,37 @@ pub trait Store: Send + Sync + 'static {
         delivery_id: u64,
         now_us: UnixMicros,
     ) -> Result<RedeliverOutcome>;
+
+    /// Registers a version of an entity type, unless the latest version has
+    /// the same digest or is not the one the caller checked against: see
+    /// [`registry::decide`]. Versions are never deleted.
+    async fn register_type(
+        &self,
+        version: NewTypeVersion,
+        now_us: UnixMicros,
+    ) -> Result<Registered>;
+
+    /// Every registered type with its latest version, by name.
+    async fn type_heads(&self) -> Result<Vec<TypeHead>>;
+
+    /// The versions of `type_name` (of every type for `None`), by type and
+    /// then version.
+    async fn type_versions(&self, type_name: Option<&str>) -> Result<Vec<TypeVersion>>;
+
+    /// How many pending entities of `tenant` each version of `type_name`
+    /// has: `(version, count)`, versions without any left out.
+    async fn live_entities(&self, tenant: &str, type_name: &str) -> Result<Vec<(u32, u64)>>;
+
+    /// Fails each pending entity among `ids` whose pipeline this node cannot
+    /// run, with the cause in its history and steps, and skips the live
+    /// steps of such a ready one, which becomes degraded
+    /// ([`registry::abandon`]); the others are left as they are. Returns the
+    /// entities it changed.
+    async fn fail_unrunnable(
+        &self,
+        ids: Vec<EntityId>,
+        now_us: UnixMicros,
+    ) -> Result<Vec<EntityRecord>>;
 
     /// Entities by type and status, and entities with due steps by queue.
     /// Served from indexes; the caller bounds how often it asks.

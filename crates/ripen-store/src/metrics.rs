@@ -482,6 +482,33 @@ impl<S: Store> Store for Instrumented<S> {
     async fn counts(&self, now_us: UnixMicros) -> Result<crate::Counts> {
         self.timed("counts", self.inner.counts(now_us)).await
     }
+    async fn register_type(
+        &self,
+        version: crate::NewTypeVersion,
+        now_us: UnixMicros,
+    ) -> Result<crate::Registered> {
+        let call = self.inner.register_type(version, now_us);
+        self.timed("register_type", call).await
+    }
+    async fn type_heads(&self) -> Result<Vec<crate::TypeHead>> {
+        self.timed("type_heads", self.inner.type_heads()).await
+    }
+    async fn type_versions(&self, type_name: Option<&str>) -> Result<Vec<crate::TypeVersion>> {
+        self.timed("type_versions", self.inner.type_versions(type_name))
+            .await
+    }
+    async fn live_entities(&self, tenant: &str, type_name: &str) -> Result<Vec<(u32, u64)>> {
+        let call = self.inner.live_entities(tenant, type_name);
+        self.timed("live_entities", call).await
+    }
+    async fn fail_unrunnable(
+        &self,
+        ids: Vec<EntityId>,
+        now_us: UnixMicros,
+    ) -> Result<Vec<crate::EntityRecord>> {
+        let call = self.inner.fail_unrunnable(ids, now_us);
+        self.timed("fail_unrunnable", call).await
+    }
     async fn ping(&self) -> Result<()> {
         self.timed("ping", self.inner.ping()).await
     }

@@ -46,7 +46,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::future::try_join_all;
 use futures_util::StreamExt;
-use ripen_core::{Catalog, Input, Pipeline, StepState, UnixMicros};
+use ripen_core::{Input, Pipeline, StepState, UnixMicros};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_postgres::types::ToSql;
@@ -54,6 +54,7 @@ use tokio_postgres::{AsyncMessage, Client, Config, Row, Statement};
 
 mod deps;
 mod notify;
+mod registry;
 mod tls;
 
 pub use tls::PgTls;
@@ -237,7 +238,7 @@ impl PostgresStore {
     /// and starts the create-batching task on the current runtime.
     pub async fn connect(
         opts: PostgresOptions,
-        catalog: Arc<Catalog>,
+        pipelines: impl Into<crate::Pipelines>,
     ) -> Result<PostgresStore, StoreError> {
         let (url, tls) = PgTls::from_url(&opts.url)
             .map_err(|e| StoreError::Internal(format!("the postgres url: {e}")))?;
@@ -283,7 +284,7 @@ impl PostgresStore {
         }
         let shared = Arc::new(Shared {
             pool,
-            decider: Decider::new(catalog, opts.lease_grace_ms, opts.jitter.clone()),
+            decider: Decider::new(pipelines, opts.lease_grace_ms, opts.jitter.clone()),
         });
         let (creates, queue) = mpsc::channel(CREATE_QUEUE_MAX);
         let in_flight = (pool_size / 2).clamp(1, CREATE_BATCHES_IN_FLIGHT_MAX);
@@ -590,6 +591,46 @@ impl Store for PostgresStore {
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
         let conn = self.shared.pool.get().await?;
         notify::prune(&conn, before_us, limit).await
+    }
+
+    async fn register_type(
+        &self,
+        version: crate::NewTypeVersion,
+        now_us: UnixMicros,
+    ) -> Result<crate::Registered> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = registry::register(&conn, &version, now_us).await;
+        conn.finish(result).await
+    }
+
+    async fn type_heads(&self) -> Result<Vec<crate::TypeHead>> {
+        let conn = self.shared.pool.get().await?;
+        registry::type_heads(&conn).await
+    }
+
+    async fn type_versions(&self, type_name: Option<&str>) -> Result<Vec<crate::TypeVersion>> {
+        let conn = self.shared.pool.get().await?;
+        registry::type_versions(&conn, type_name).await
+    }
+
+    async fn live_entities(&self, tenant: &str, type_name: &str) -> Result<Vec<(u32, u64)>> {
+        let conn = self.shared.pool.get().await?;
+        registry::live_entities(&conn, tenant, type_name).await
+    }
+
+    async fn fail_unrunnable(
+        &self,
+        ids: Vec<EntityId>,
+        now_us: UnixMicros,
+    ) -> Result<Vec<EntityRecord>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = registry::fail_unrunnable(&self.shared, &conn, &ids, now_us).await;
+        conn.finish(result).await
     }
 
     async fn put_subscription(&self, sub: Subscription) -> Result<Subscription> {
@@ -1079,6 +1120,7 @@ async fn migrate(conn: &Conn) -> Result<()> {
         conn.simple(SCHEMA).await?;
         conn.simple(notify::SCHEMA).await?;
         conn.simple(deps::SCHEMA).await?;
+        conn.simple(registry::SCHEMA).await?;
         conn.simple(&format!(
             "INSERT INTO ripen_schema (singleton, version) VALUES (true, {SCHEMA_VERSION})
              ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version"
@@ -1681,11 +1723,9 @@ impl Shared {
         ids.sort();
         ids.dedup();
         let locked = self.lock_entities(conn, &ids).await?;
-        let mut entities = Vec::with_capacity(locked.len());
-        for stored in self.read_entities(conn, &locked).await? {
-            entities.push(self.decider.working(stored)?);
-        }
-        Ok(entities)
+        let stored = self.read_entities(conn, &locked).await?;
+        // One whose pipeline cannot run here is left out (and reported).
+        self.decider.schedulable(stored)
     }
 
     async fn recover(&self, conn: &Conn, now_us: UnixMicros) -> Result<u64> {
@@ -1701,10 +1741,8 @@ impl Shared {
             .map(|r| entity_id(r.try_get::<_, &[u8]>(0).map_err(decode_error)?))
             .collect::<Result<Vec<_>>>()?;
         let locked = self.lock_entities(conn, &ids).await?;
-        let mut entities = Vec::with_capacity(locked.len());
-        for stored in self.read_entities(conn, &locked).await? {
-            entities.push(self.decider.working(stored)?);
-        }
+        let stored = self.read_entities(conn, &locked).await?;
+        let mut entities = self.decider.schedulable(stored)?;
         let lost = self.decider.recover(&mut entities, now_us);
         self.save(conn, &mut entities, now_us).await?;
         Ok(lost)

@@ -43,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ripen_core::{Catalog, EntityStatus, Input, Pipeline, StepState, UnixMicros};
+use ripen_core::{EntityStatus, Input, Pipeline, StepState, UnixMicros};
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{params, params_from_iter, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -62,6 +62,7 @@ use crate::{
 
 mod deps;
 mod notify;
+mod registry;
 
 /// The columns of one history row, in the order batched inserts bind them.
 const EVENT_COLUMNS: &[&str] = &[
@@ -349,7 +350,10 @@ impl std::fmt::Debug for SqliteStore {
 impl SqliteStore {
     /// Opens (or creates) the database, migrates its schema and starts the
     /// writer thread. Needs no async runtime; the returned store does.
-    pub fn open(opts: SqliteOptions, catalog: Arc<Catalog>) -> Result<SqliteStore, StoreError> {
+    pub fn open(
+        opts: SqliteOptions,
+        pipelines: impl Into<crate::Pipelines>,
+    ) -> Result<SqliteStore, StoreError> {
         let conn = open_writer(&opts.path)?;
         let read_connections = opts.read_connections.max(1);
         let mut idle = Vec::with_capacity(read_connections);
@@ -370,7 +374,7 @@ impl SqliteStore {
             runtime.spawn(relay_answers(batches));
             relay
         });
-        let decider = Arc::new(Decider::new(catalog, opts.lease_grace_ms, opts.jitter));
+        let decider = Arc::new(Decider::new(pipelines, opts.lease_grace_ms, opts.jitter));
         let watchers = Arc::new(WorkWatchers::default());
         let changes = Arc::new(ChangeWatchers::default());
         let commits = CommitMetrics::default();
@@ -799,6 +803,43 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn register_type(
+        &self,
+        version: crate::NewTypeVersion,
+        now_us: UnixMicros,
+    ) -> Result<crate::Registered> {
+        self.write(move |w| registry::register(&w.conn, &version, now_us))
+            .await
+    }
+
+    async fn type_heads(&self) -> Result<Vec<crate::TypeHead>> {
+        self.read(registry::type_heads).await
+    }
+
+    async fn type_versions(&self, type_name: Option<&str>) -> Result<Vec<crate::TypeVersion>> {
+        let type_name = type_name.map(str::to_owned);
+        self.read(move |conn| registry::type_versions(conn, type_name.as_deref()))
+            .await
+    }
+
+    async fn live_entities(&self, tenant: &str, type_name: &str) -> Result<Vec<(u32, u64)>> {
+        let (tenant, type_name) = (tenant.to_owned(), type_name.to_owned());
+        self.read(move |conn| registry::live_entities(conn, &tenant, &type_name))
+            .await
+    }
+
+    async fn fail_unrunnable(
+        &self,
+        ids: Vec<EntityId>,
+        now_us: UnixMicros,
+    ) -> Result<Vec<EntityRecord>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(move |w| registry::fail_unrunnable(w, &ids, now_us))
+            .await
+    }
+
     async fn ping(&self) -> Result<()> {
         if self.writer.is_closed() {
             return Err(StoreError::Unavailable(
@@ -965,14 +1006,14 @@ fn migrate(conn: &Connection) -> Result<()> {
     // Version 4 adds the notification tables (subscriptions, deliveries,
     // the fan-out's cursor).
     // Version 5 adds entity dependencies (the `deps` column, the
-    // `dependencies` index, the resolver's cursor).
+    // `dependencies` index, the resolver's cursor) and the type registry.
     let notify = notify::SCHEMA;
-    let v5 = deps::UPGRADE_TO_V5;
+    let v5 = format!("{} {}", deps::UPGRADE_TO_V5, registry::SCHEMA);
     let steps = match version {
         SCHEMA_VERSION => return Ok(()),
         0 => format!("{SCHEMA} {notify} {v5}"),
         3 => format!("{notify} {v5}"),
-        4 => v5.to_owned(),
+        4 => v5,
         _ => format!("{upgrade} {SCHEMA_V2} {copy} {UPGRADE_V2_TO_V3} {notify} {v5}"),
     };
     conn.execute_batch(&format!(
@@ -2098,9 +2139,11 @@ impl Writer {
         Ok(working::command_outcome(w, refused))
     }
 
+    /// Loads one entity; `None` when it is unknown, or when its pipeline
+    /// cannot run here (the decider reports it).
     fn load(&self, id: EntityId) -> Result<Option<Working<i64>>> {
         match read_entity(&self.conn, id)? {
-            Some(stored) => self.decider.working(stored).map(Some),
+            Some(stored) => Ok(self.decider.schedulable(vec![stored])?.pop()),
             None => Ok(None),
         }
     }

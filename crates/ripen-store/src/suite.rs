@@ -88,6 +88,9 @@ macro_rules! store_test_suite {
             a_cancelled_parent_fails_its_dependents,
             pruning_keeps_what_the_resolver_has_not_read,
             the_dependents_waiting_for_one_entity_are_bounded,
+            registry_numbers_versions_and_keeps_them,
+            concurrent_registrations_are_serialized,
+            live_entities_count_pending_by_version,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -104,7 +107,9 @@ macro_rules! store_test_suite {
 mod deps;
 mod notify;
 pub use deps::*;
+mod registry;
 pub use notify::*;
+pub use registry::*;
 
 /// The start of time in every test.
 pub const T0: UnixMicros = 1_700_000_000_000_000;
@@ -319,6 +324,29 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     }
     async fn counts(&self, now_us: UnixMicros) -> Result<crate::Counts> {
         self.store.counts(now_us).await
+    }
+    async fn register_type(
+        &self,
+        version: crate::NewTypeVersion,
+        now_us: UnixMicros,
+    ) -> Result<crate::Registered> {
+        self.store.register_type(version, now_us).await
+    }
+    async fn type_heads(&self) -> Result<Vec<crate::TypeHead>> {
+        self.store.type_heads().await
+    }
+    async fn type_versions(&self, type_name: Option<&str>) -> Result<Vec<crate::TypeVersion>> {
+        self.store.type_versions(type_name).await
+    }
+    async fn live_entities(&self, tenant: &str, type_name: &str) -> Result<Vec<(u32, u64)>> {
+        self.store.live_entities(tenant, type_name).await
+    }
+    async fn fail_unrunnable(
+        &self,
+        ids: Vec<EntityId>,
+        now_us: UnixMicros,
+    ) -> Result<Vec<EntityRecord>> {
+        self.store.fail_unrunnable(ids, now_us).await
     }
     fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
         self.store.register_metrics(registry)

@@ -25,6 +25,7 @@ use ripen_core::{
 
 use crate::history::{self, HistoryEvent};
 use crate::metrics::DecisionMetrics;
+use crate::registry::{self, Pipelines, Unrunnable};
 use crate::{
     Attempt, Claim, CommandOutcome, Completion, CompletionResult, EntityId, EntityRecord,
     Heartbeat, IntakeOutcome, NewEntity, Outcome, Result, StepRecord, StoreError,
@@ -92,15 +93,17 @@ impl CtxSource {
 /// nothing else to decide.
 #[derive(Debug)]
 pub struct Decider {
-    catalog: Arc<Catalog>,
+    pipelines: Pipelines,
     ctxs: CtxSource,
     tally: Tally,
 }
 
 impl Decider {
-    pub fn new(catalog: Arc<Catalog>, lease_grace_ms: u64, jitter: Jitter) -> Decider {
+    /// A decider on `pipelines`: a catalog of its own, or a handle shared
+    /// with the engine, which replaces its pipelines as the registry grows.
+    pub fn new(pipelines: impl Into<Pipelines>, lease_grace_ms: u64, jitter: Jitter) -> Decider {
         Decider {
-            catalog,
+            pipelines: pipelines.into(),
             ctxs: CtxSource::new(lease_grace_ms, jitter),
             tally: Tally::default(),
         }
@@ -108,9 +111,8 @@ impl Decider {
 
     /// The pipeline of a type version, for a new entity of it.
     pub fn pipeline(&self, type_name: &str, version: u32) -> Result<Arc<Pipeline>> {
-        self.catalog
+        self.pipelines
             .get(type_name, version)
-            .cloned()
             .ok_or_else(|| StoreError::UnknownPipeline {
                 type_name: type_name.to_owned(),
                 version,
@@ -119,25 +121,41 @@ impl Decider {
 
     /// Loads one stored entity into a working set.
     pub fn working<X>(&self, stored: Stored<X>) -> Result<Working<X>> {
-        Working::new(&self.catalog, stored)
+        Working::new(&self.pipelines.known().catalog, stored)
     }
 
-    /// Loads entities to schedule; one whose pipeline this node does not know
-    /// is left alone (another node, or a later version of this one, may), so
-    /// that it does not hold back the others.
+    /// Loads entities to schedule or to record results of. One whose
+    /// pipeline this node cannot run (its version is unknown here, or its
+    /// steps do not match it) is left alone and reported to the pipelines'
+    /// owner ([`Pipelines::miss`]), so that it never holds back the others:
+    /// the engine reads the registry again and fails it if it still cannot
+    /// run ([`Decider::abandon`]).
     pub fn schedulable<X>(&self, stored: Vec<Stored<X>>) -> Result<Vec<Working<X>>> {
+        let known = self.pipelines.known();
         let mut entities = Vec::with_capacity(stored.len());
         for s in stored {
-            let id = s.record.id;
-            match self.working(s) {
-                Ok(w) => entities.push(w),
-                Err(e @ StoreError::UnknownPipeline { .. }) => {
-                    tracing::warn!(entity = %id, error = %e, "cannot schedule the steps of an entity");
-                }
-                Err(e) => return Err(e),
+            match registry::resolve(&known, &s.record) {
+                Ok(_) => entities.push(Working::new(&known.catalog, s)?),
+                Err(why) => self.pipelines.miss(&s.record, &why),
             }
         }
         Ok(entities)
+    }
+
+    /// Why `stored` cannot run on this node, if it cannot.
+    pub fn unrunnable<X>(&self, stored: &Stored<X>) -> Option<Unrunnable> {
+        registry::resolve(&self.pipelines.known(), &stored.record).err()
+    }
+
+    /// The rows that fail `stored` because its pipeline cannot run, and the
+    /// entity as they leave it; `None` when it can run, or is not pending.
+    pub fn abandon<X>(
+        &self,
+        stored: &Stored<X>,
+        now_us: UnixMicros,
+    ) -> Option<(EntityRecord, Rows)> {
+        let why = self.unrunnable(stored)?;
+        registry::abandon(stored, &why.to_string(), now_us)
     }
 
     /// See [`claim_due`].
@@ -473,7 +491,7 @@ impl Rows {
     }
 
     /// The history row of a status change or degradation, and its outbox row.
-    fn notable(&mut self, record: &EntityRecord, event: HistoryEvent, detail: String) {
+    pub(crate) fn notable(&mut self, record: &EntityRecord, event: HistoryEvent, detail: String) {
         self.outbox.push(OutboxRow {
             entity_id: record.id,
             seq: event.seq,

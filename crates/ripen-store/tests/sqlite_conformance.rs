@@ -137,3 +137,42 @@ async fn claims_skip_entities_of_an_unknown_pipeline() {
     )
     .await;
 }
+
+/// Two stores on one file, the second with other pipelines than the first.
+fn two_stores(other: Arc<Catalog>) -> (TempDir, SqliteStore, SqliteStore) {
+    let dir = tempfile::tempdir().expect("create a temp dir");
+    let path = dir.path().join("ripen.db");
+    let full = SqliteStore::open(SqliteOptions::new(&path), catalog()).expect("open");
+    let partial = SqliteStore::open(SqliteOptions::new(&path), other).expect("open again");
+    (dir, full, partial)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrunnable_entities_fail_once_with_their_cause() {
+    let (_dir, full, partial) = two_stores(ripen_store::suite::catalog_without_w5());
+    ripen_store::suite::unrunnable_entities_fail_once_with_their_cause(
+        Arc::new(full),
+        Arc::new(partial),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entities_whose_steps_differ_fail_with_the_difference() {
+    let (_dir, full, renamed) = two_stores(ripen_store::suite::catalog_with_w5_renamed());
+    ripen_store::suite::entities_whose_steps_differ_fail_with_the_difference(
+        Arc::new(full),
+        Arc::new(renamed),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ready_entity_with_live_steps_becomes_degraded() {
+    let (_dir, full, partial) = two_stores(ripen_store::suite::catalog_without_w5());
+    ripen_store::suite::a_ready_entity_with_live_steps_becomes_degraded(
+        Arc::new(full),
+        Arc::new(partial),
+    )
+    .await;
+}

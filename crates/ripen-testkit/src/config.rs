@@ -229,6 +229,9 @@ pub struct Config {
     pub lease_grace: Option<String>,
     /// `[engine] execute`; `None` leaves the server's default (true).
     pub execute: Option<bool>,
+    /// `[engine] node`: the name the node sends as `ripen-node` with its
+    /// step calls, which [`crate::Downstream`] records as a path prefix.
+    pub node: Option<String>,
     /// A comment written at the top of the file, for a human who opens it.
     pub comment: Option<String>,
     /// The `[tls]` table; written only when it sets something.
@@ -266,6 +269,7 @@ impl Config {
             poll_interval: None,
             lease_grace: None,
             execute: None,
+            node: None,
             comment: None,
             tls: TlsFiles::default(),
             notify: Vec::new(),
@@ -295,6 +299,12 @@ impl Config {
 
     pub fn poll_interval(mut self, interval: &str) -> Config {
         self.poll_interval = Some(interval.to_owned());
+        self
+    }
+
+    /// `[engine] node`: the node's name in the `ripen-node` header.
+    pub fn node(mut self, name: &str) -> Config {
+        self.node = Some(name.to_owned());
         self
     }
 
@@ -343,8 +353,15 @@ impl Config {
             let _ = writeln!(out, "body_limit_bytes = {limit}");
         }
         let _ = writeln!(out, "\n[storage]\nurl = {}", toml_str(storage_url));
-        if self.poll_interval.is_some() || self.lease_grace.is_some() || self.execute.is_some() {
+        if self.poll_interval.is_some()
+            || self.lease_grace.is_some()
+            || self.execute.is_some()
+            || self.node.is_some()
+        {
             out.push_str("\n[engine]\n");
+            if let Some(node) = &self.node {
+                let _ = writeln!(out, "node = {}", toml_str(node));
+            }
             if let Some(execute) = self.execute {
                 let _ = writeln!(out, "execute = {execute}");
             }

@@ -624,7 +624,16 @@ async fn answer(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
         Ok(c) => c.to_bytes(),
         Err(_) => Bytes::new(),
     };
-    let path = parts.uri.path().to_owned();
+    // A call from a node that names itself is served and recorded under
+    // `/{node}{path}`, so that a test can tell the nodes' calls apart.
+    let path = match parts
+        .headers
+        .get("ripen-node")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(node) => format!("/{node}{}", parts.uri.path()),
+        None => parts.uri.path().to_owned(),
+    };
     let key = parts
         .headers
         .get("idempotency-key")

@@ -3,6 +3,7 @@
 mod cli;
 mod demo;
 mod subscriptions;
+mod types;
 
 use std::path::PathBuf;
 
@@ -69,6 +70,13 @@ enum Command {
     Subscriptions {
         #[command(subcommand)]
         command: subscriptions::SubscriptionsCommand,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// The type registry: list, show, push.
+    Types {
+        #[command(subcommand)]
+        command: types::TypesCommand,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -220,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
             Command::Subscriptions { command, server } => {
                 subscriptions::run(&server, command).await
             }
+            Command::Types { command, server } => types::run(&server, command).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => ripen_bench::run(args.into_options()?).await,
         }

@@ -15,8 +15,10 @@
 //!   node is under steady load is ready within 2 s of each spawn, and its
 //!   start never deadlocks with the live node in PostgreSQL.
 //!
-//! Each node calls the downstream on paths of its own (`/A/...`, `/B/...`),
-//! so that every call can be traced to the node that made it.
+//! Both nodes have the same configuration but for their name
+//! (`engine.node`), which they send as `ripen-node` with each step call; the
+//! downstream records each call under a path of its node (`/A/...`,
+//! `/B/...`), so that every call can be traced to the node that made it.
 //!
 //! The tests run one at a time (they measure takeover delays on a small
 //! machine), each on its own runtime; the ones that stop or restart
@@ -108,16 +110,23 @@ async fn drop_cluster(cluster: Arc<PgCluster>) {
 /// A chain of critical steps, each after the previous one, whose steps call
 /// `/{node}/{type}/{step}`: the same pipeline on every node, but each node's
 /// calls on paths of its own.
-fn chain(type_name: &str, ds: &Downstream, node: &str, steps: &[&str]) -> TypeDef {
+/// A chain of steps, the same on every node: each node's calls are told
+/// apart by the name it sends (see [`node_config`]).
+fn chain(type_name: &str, ds: &Downstream, steps: &[&str]) -> TypeDef {
     let mut defs = Vec::new();
     for (i, name) in steps.iter().enumerate() {
-        let mut step = Step::http(name, ds.url(&node_path(node, type_name, name)));
+        let mut step = Step::http(name, ds.url(&step_path(type_name, name)));
         if i > 0 {
             step = step.needs(&[steps[i - 1]]);
         }
         defs.push(step);
     }
     TypeDef::new(type_name, defs)
+}
+
+/// The configuration of node `node`: the defaults of the tests, and its name.
+fn node_config(node: &str) -> Config {
+    Config::new().node(node)
 }
 
 fn node_path(node: &str, type_name: &str, step: &str) -> String {
@@ -139,9 +148,9 @@ fn slow_steps(ds: &Downstream, type_name: &str, steps: &[&str], delay: Duration)
 
 /// The configuration of the lease tests on one node.
 fn lease_config(type_name: &str, ds: &Downstream, node: &str) -> Config {
-    let pipeline = chain(type_name, ds, node, &CHAIN)
+    let pipeline = chain(type_name, ds, &CHAIN)
         .map_steps(|s| s.timeout(STEP_TIMEOUT).attempts(10).backoff("10ms", "50ms"));
-    Config::new()
+    node_config(node)
         .with_type(pipeline)
         .lease_grace(LEASE_GRACE)
         .poll_interval(POLL)
@@ -810,9 +819,9 @@ fn postgres_restart_under_load() {
         let db = create_database(&cluster).await;
         let ds = Downstream::start().await;
         let config = |node: &str| {
-            let pipeline = chain("pg", &ds, node, &["s1", "s2"])
+            let pipeline = chain("pg", &ds, &["s1", "s2"])
                 .map_steps(|s| s.timeout("2s").attempts(30).backoff("10ms", "200ms"));
-            Config::new()
+            node_config(node)
                 .with_type(pipeline)
                 .lease_grace(LEASE_GRACE)
                 .poll_interval(POLL)
@@ -928,12 +937,12 @@ fn database_outage_is_visible_and_heals() {
         // B hears of A's intake only through its LISTEN connection, which
         // must come back after the outage too.
         let config = |node: &str| {
-            let pipeline = chain("out", &ds, node, &["s1", "s2"]).map_steps(|s| {
+            let pipeline = chain("out", &ds, &["s1", "s2"]).map_steps(|s| {
                 s.timeout(STEP_TIMEOUT)
                     .attempts(30)
                     .backoff("10ms", "200ms")
             });
-            Config::new()
+            node_config(node)
                 .with_type(pipeline)
                 .lease_grace(LEASE_GRACE)
                 .poll_interval("30s")
@@ -1074,7 +1083,7 @@ fn one_key_on_two_nodes_gives_one_entity() {
         const KEYS: usize = 20;
         let db = shared_database().await;
         let ds = Downstream::start().await;
-        let config = |node: &str| Config::new().with_type(chain("dup", &ds, node, &["s1"]));
+        let config = |node: &str| node_config(node).with_type(chain("dup", &ds, &["s1"]));
         let a = Server::start_on(&config("A"), &db).await;
         let b = Server::start_on(&config("B"), &db).await;
 
@@ -1160,8 +1169,8 @@ fn nodes_wake_each_other() {
         let ds = Downstream::start().await;
         // Polling every 30 s: only a notification can make B run at once.
         let config = |node: &str| {
-            Config::new()
-                .with_type(chain("wake", &ds, node, &["s1", "s2"]))
+            node_config(node)
+                .with_type(chain("wake", &ds, &["s1", "s2"]))
                 .poll_interval("30s")
         };
         let b = Server::start_on(&config("B"), &db).await;
@@ -1503,12 +1512,12 @@ fn workers_on_different_nodes() {
         let db = shared_database().await;
         let ds = Downstream::start().await;
         let config = |node: &str| {
-            Config::new()
+            node_config(node)
                 .with_type(TypeDef::new(
                     "wk",
                     vec![
                         Step::worker("bill", "billing"),
-                        Step::http("c", ds.url(&format!("/{node}/wk/c"))).needs(&["bill"]),
+                        Step::http("c", ds.url("/wk/c")).needs(&["bill"]),
                     ],
                 ))
                 // Polling every 30 s: only notifications can be this quick.

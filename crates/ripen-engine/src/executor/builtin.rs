@@ -286,8 +286,10 @@ struct Prepared {
 /// Runs every built-in step of the configuration, each with its own
 /// connector (and connection pool), prepared when the engine starts.
 pub struct BuiltinExecutor {
-    /// By type, version and step index.
-    steps: HashMap<(String, u32, usize), Arc<Prepared>>,
+    /// By type, step name and settings, whatever the version: the registry
+    /// may number the configured content otherwise than `ripen.toml` does,
+    /// and entities of older versions with the same step keep running.
+    by_settings: HashMap<(String, String, String), Arc<Prepared>>,
 }
 
 /// A configuration that the engine refused at start: the message names the
@@ -304,7 +306,7 @@ impl BuiltinExecutor {
     /// connection. `None` when no step is built-in.
     pub async fn start(config: &Config) -> Result<Option<BuiltinExecutor>, ConfigRefused> {
         let file = config.path.display().to_string();
-        let mut steps = HashMap::new();
+        let mut by_settings = HashMap::new();
         let mut checks = tokio::task::JoinSet::new();
         for t in &config.types {
             for (i, step) in t.pipeline.steps().iter().enumerate() {
@@ -326,11 +328,14 @@ impl BuiltinExecutor {
                     connector,
                     upstream: upstream_names(&t.pipeline, i),
                 });
-                steps.insert((t.name.clone(), t.version, i), prepared.clone());
+                by_settings.insert(
+                    (t.name.clone(), step.name.clone(), config.clone()),
+                    prepared.clone(),
+                );
                 checks.spawn(async move { (base, prepared.connector.start_check().await) });
             }
         }
-        if steps.is_empty() {
+        if by_settings.is_empty() {
             return Ok(None);
         }
         let mut refused = Vec::new();
@@ -350,21 +355,21 @@ impl BuiltinExecutor {
             refused.sort();
             return Err(ConfigRefused(refused.join("\n")));
         }
-        Ok(Some(BuiltinExecutor { steps }))
+        Ok(Some(BuiltinExecutor { by_settings }))
     }
 }
 
 #[async_trait]
 impl StepExecutor for BuiltinExecutor {
     async fn run(&self, step: &StepSpec, attempt: &Attempt) -> Outcome {
-        let Executor::Builtin { connector, .. } = &step.executor else {
+        let Executor::Builtin { connector, config } = &step.executor else {
             return failed(format!(
                 "the builtin executor was handed a {} step",
                 ExecutorKind::of(&step.executor).as_str()
             ));
         };
-        let key = (attempt.type_name.clone(), attempt.version, attempt.step);
-        let Some(prepared) = self.steps.get(&key) else {
+        let key = (attempt.type_name.clone(), step.name.clone(), config.clone());
+        let Some(prepared) = self.by_settings.get(&key) else {
             return failed(format!(
                 "{connector}: step {:?} of {} version {} has no connector on this node",
                 step.name, attempt.type_name, attempt.version
@@ -546,7 +551,7 @@ mod tests {
     #[tokio::test]
     async fn an_unprepared_step_fails_for_good() {
         let executor = BuiltinExecutor {
-            steps: HashMap::new(),
+            by_settings: HashMap::new(),
         };
         let spec = StepSpec {
             name: "index".into(),

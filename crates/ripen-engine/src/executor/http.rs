@@ -44,6 +44,8 @@ pub struct HttpExecutor {
     /// The clients of the steps with TLS settings of their own, by type and
     /// step name. Steps with the same settings share a client.
     step_clients: Arc<HashMap<String, HashMap<String, HttpsClient>>>,
+    /// `engine.node`, sent as `ripen-node` with every call when set.
+    node: Option<HeaderValue>,
 }
 
 impl HttpExecutor {
@@ -77,7 +79,16 @@ impl HttpExecutor {
         Ok(HttpExecutor {
             client,
             step_clients: Arc::new(step_clients),
+            node: None,
         })
+    }
+
+    /// Names this node in the `ripen-node` header of every call
+    /// (`engine.node`), so that a downstream service or its logs can tell
+    /// which node called.
+    pub fn with_node(mut self, node: Option<&str>) -> HttpExecutor {
+        self.node = node.and_then(|n| HeaderValue::from_str(n).ok());
+        self
     }
 
     /// The client of one attempt's step.
@@ -106,7 +117,7 @@ impl HttpExecutor {
     }
 
     async fn call(&self, client: &HttpsClient, url: &str, a: &Attempt) -> Outcome {
-        let request = match build_request(url, a) {
+        let request = match build_request(url, a, self.node.as_ref()) {
             Ok(r) => r,
             Err(e) => return failed(format!("cannot build the request: {e}"), false, None),
         };
@@ -294,13 +305,20 @@ pub fn traceparent(a: &Attempt) -> String {
     crate::trace::traceparent_of(a.entity_id, span)
 }
 
-fn build_request(url: &str, a: &Attempt) -> Result<Request<Full<Bytes>>, hyper::http::Error> {
+fn build_request(
+    url: &str,
+    a: &Attempt,
+    node: Option<&HeaderValue>,
+) -> Result<Request<Full<Bytes>>, hyper::http::Error> {
     let key = format!("{}:{}", a.entity_id, a.step_name);
-    Request::post(url)
+    let mut request = Request::post(url)
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header("idempotency-key", key)
-        .header("traceparent", traceparent(a))
-        .body(Full::new(Bytes::from(request_body(a))))
+        .header("traceparent", traceparent(a));
+    if let Some(node) = node {
+        request = request.header("ripen-node", node.clone());
+    }
+    request.body(Full::new(Bytes::from(request_body(a))))
 }
 
 #[cfg(test)]
