@@ -189,7 +189,10 @@ impl Definition {
                             declared.insert(field.clone(), t.to_owned());
                         }
                         None => problems.push(Problem::new(
-                            format!("/references/{}", field.replace('~', "~0").replace('/', "~1")),
+                            format!(
+                                "/references/{}",
+                                field.replace('~', "~0").replace('/', "~1")
+                            ),
                             "must be the name of an entity type",
                         )),
                     }
@@ -197,9 +200,7 @@ impl Definition {
                 // The shape and the limits; the types named are checked
                 // when the version is registered, against the registry.
                 let targets: Vec<String> = declared.values().cloned().collect();
-                if let Err((key, message)) =
-                    crate::deps::check_config(declared.clone(), &targets)
-                {
+                if let Err((key, message)) = crate::deps::check_config(declared.clone(), &targets) {
                     let key = key.trim_start_matches('.').trim_matches('"').to_owned();
                     let pointer = match key.as_str() {
                         "" => "/references".to_owned(),
@@ -624,7 +625,10 @@ impl Registry {
             .filter(|(_, target)| *target != type_name && self.latest(target).is_none())
             .map(|(field, target)| {
                 Problem::new(
-                    format!("/references/{}", field.replace('~', "~0").replace('/', "~1")),
+                    format!(
+                        "/references/{}",
+                        field.replace('~', "~0").replace('/', "~1")
+                    ),
                     format!("no entity type {target:?} is registered"),
                 )
             })

@@ -388,6 +388,15 @@ pub fn abandon<X>(
         None
     };
     record.updated_at_us = now_us;
+    // A failed entity awaits nothing any more.
+    if pending {
+        let waited = crate::deps::awaited_by(EntityStatus::Pending, &record.deps);
+        rows.waits_removed
+            .extend(waited.into_iter().map(|parent| crate::deps::WaitRow {
+                parent,
+                dependent: record.id,
+            }));
+    }
     rows.entities.push(EntityRow {
         id: record.id,
         status: record.status,
@@ -395,6 +404,7 @@ pub fn abandon<X>(
         ready_at_us: record.ready_at_us,
         updated_at_us: now_us,
         next_seq: seq,
+        deps: crate::deps::encode(&record.deps),
     });
     for e in events {
         let detail = e.detail.to_string();

@@ -144,6 +144,7 @@ fn stored(type_name: &str) -> Stored {
         version: 1,
         payload: "{}".into(),
         idempotency_key: None,
+        refs: Vec::new(),
     };
     let rows = NewRows::new(pipeline, &entity, T0);
     let n = rows.record.steps.len();
