@@ -159,17 +159,24 @@ pub(super) fn resolve(w: &mut Writer, now_us: UnixMicros) -> Result<Resolved> {
         }
         return Ok(round);
     }
+    // Only the rows of entities that someone waits for, among the next
+    // RESOLVE_SCAN_MAX positions.
+    let head = super::notify::outbox_head(&w.conn)?;
+    let upto = head.min(from.saturating_add(deps::RESOLVE_SCAN_MAX));
     let rows: Vec<(u64, EntityId, String, String, String)> = {
         let mut stmt = w.conn.prepare_cached(
             "SELECT o.id, o.entity_id, e.kind, e.detail, n.status
              FROM outbox o
              JOIN events e ON e.entity_id = o.entity_id AND e.seq = o.seq
              JOIN entities n ON n.id = o.entity_id
-             WHERE o.id > ?1 ORDER BY o.id LIMIT ?2",
+             WHERE o.id > ?1 AND o.id <= ?3
+               AND EXISTS (SELECT 1 FROM dependencies d WHERE d.parent = o.entity_id)
+             ORDER BY o.id LIMIT ?2",
         )?;
         let mut found = stmt.query(params![
             to_i64(from, "pos")?,
-            i64::from(deps::RESOLVE_ROWS_MAX)
+            i64::from(deps::RESOLVE_ROWS_MAX),
+            to_i64(upto, "pos")?
         ])?;
         let mut rows = Vec::new();
         while let Some(r) = found.next()? {
@@ -183,8 +190,10 @@ pub(super) fn resolve(w: &mut Writer, now_us: UnixMicros) -> Result<Resolved> {
         }
         rows
     };
-    round.more = rows.len() >= deps::RESOLVE_ROWS_MAX as usize;
+    let full = rows.len() >= deps::RESOLVE_ROWS_MAX as usize;
+    round.more = full || upto < head;
     let mut budget = deps::RESOLVE_VISITS_MAX;
+    let mut passed_all = true;
     for (pos, parent, kind, detail, status) in rows {
         if deps::settles(&kind, &detail) {
             let now = entity_status(&status)?;
@@ -198,16 +207,18 @@ pub(super) fn resolve(w: &mut Writer, now_us: UnixMicros) -> Result<Resolved> {
                 }
             }
             budget -= visit;
-            if round.stalled {
-                break;
-            }
-            if !finished {
-                round.more = true;
+            if round.stalled || !finished {
+                round.more |= !round.stalled;
+                passed_all = false;
                 break;
             }
         }
         round.rows += 1;
         round.last_pos = pos;
+    }
+    if passed_all && !full {
+        // Every row up to `upto` was read or concerns nobody.
+        round.last_pos = round.last_pos.max(upto);
     }
     if round.last_pos > from {
         set_cursor(&w.conn, round.last_pos)?;
