@@ -299,3 +299,46 @@ pub(super) fn retry(
     w.save(std::slice::from_mut(&mut working), now_us)?;
     Ok(working::command_outcome(working, None))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::{catalog, new_entity, T0};
+    use crate::{SqliteOptions, SqliteStore, Store, DEFAULT_TENANT};
+
+    #[tokio::test]
+    async fn a_version_4_database_gains_dependencies_with_its_cursor_at_the_head() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ripen.db");
+        let store = SqliteStore::open(SqliteOptions::new(&path), catalog()).expect("open");
+        let e = new_entity("single", "{}");
+        let id = e.id;
+        store.create(e, T0).await.expect("create");
+        drop(store);
+        let conn = Connection::open(&path).expect("open raw");
+        conn.execute_batch(
+            "ALTER TABLE entities DROP COLUMN deps;
+             DROP TABLE dependencies;
+             DELETE FROM cursors WHERE name = 'dependencies';
+             PRAGMA user_version = 4;",
+        )
+        .expect("go back to version 4");
+        drop(conn);
+        let store = SqliteStore::open(SqliteOptions::new(&path), catalog()).expect("reopen");
+        let record = store
+            .get(DEFAULT_TENANT, id)
+            .await
+            .expect("get")
+            .expect("kept");
+        assert!(record.deps.is_empty());
+        let head = store.outbox_head().await.expect("head");
+        assert!(head > 0);
+        let round = store.resolve_dependencies(T0).await.expect("resolve");
+        assert_eq!((round.last_pos, round.rows), (head, 0));
+        let conn = Connection::open(&path).expect("open raw");
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 5);
+    }
+}
