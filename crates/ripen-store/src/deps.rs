@@ -46,6 +46,10 @@ pub const WAITING_DEPENDENTS_MAX: u64 = 1_000;
 pub const RESOLVE_VISITS_MAX: usize = 256;
 /// The outbox rows one resolver round reads at most.
 pub const RESOLVE_ROWS_MAX: u32 = 512;
+/// The outbox positions one resolver round passes at most. Of those, it
+/// reads only the rows of entities that some entity waits for (an index
+/// probe each), so a busy outbox with few dependents costs little.
+pub const RESOLVE_SCAN_MAX: u64 = 65_536;
 /// While no entity waits, the resolver leaves its cursor behind the outbox
 /// head by up to this many rows instead of writing it every round: a round
 /// is then one read, and the commits of a busy node pay nothing for a

@@ -386,7 +386,8 @@ async fn a_version_1_schema_gains_lease_holders() {
     client
         .batch_execute(
             "ALTER TABLE steps DROP COLUMN holder;
-             DROP TABLE cursors, subscriptions, deliveries;
+             ALTER TABLE entities DROP COLUMN deps;
+             DROP TABLE cursors, subscriptions, deliveries, dependencies;
              ALTER TABLE outbox DROP COLUMN pos;
              UPDATE ripen_schema SET version = 1",
         )
@@ -398,7 +399,7 @@ async fn a_version_1_schema_gains_lease_holders() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     drop(client);
     // Its outbox rows count as fanned out: they have positions, and the
     // fan-out starts after them.
@@ -406,6 +407,9 @@ async fn a_version_1_schema_gains_lease_holders() {
     assert_eq!(outbox.len(), 1, "the created row, positioned");
     assert_eq!(store.outbox_head().await.expect("head"), outbox[0].id);
     assert_eq!(store.fan_out(10, T0).await.expect("fan out").rows, 0);
+    // The dependency resolver starts at the head too: nothing waited then.
+    let round = store.resolve_dependencies(T0).await.expect("resolve");
+    assert_eq!((round.last_pos, round.rows), (outbox[0].id, 0));
     let _ = driver.await;
     let fetch = store
         .claim_due(ripen_store::Claim::local(ripen_core::HTTP_QUEUE, 10), T0)

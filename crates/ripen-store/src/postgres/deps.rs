@@ -218,20 +218,35 @@ pub(super) async fn resolve(shared: &Shared, now_us: UnixMicros) -> Result<Resol
         .transpose()
         .map_err(decode_error)?
         .unwrap_or(0);
+    // Only the rows of entities that someone waits for, among the next
+    // RESOLVE_SCAN_MAX positions. Every position up to the largest one
+    // visible has committed (the fan-out gives them one round at a time).
+    let head: i64 = conn
+        .query_opt("SELECT COALESCE(MAX(pos), 0) FROM outbox", &[])
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()
+        .map_err(decode_error)?
+        .unwrap_or(0);
+    let upto = head.min(from.saturating_add(to_i64(deps::RESOLVE_SCAN_MAX, "scan")?));
     let rows = conn
         .query(
             "SELECT o.pos, o.entity_id, o.kind, o.body, n.status
              FROM outbox o JOIN entities n ON n.id = o.entity_id
-             WHERE o.pos > $1 ORDER BY o.pos LIMIT $2",
-            &[&from, &i64::from(deps::RESOLVE_ROWS_MAX)],
+             WHERE o.pos > $1 AND o.pos <= $3
+               AND EXISTS (SELECT 1 FROM dependencies d WHERE d.parent = o.entity_id)
+             ORDER BY o.pos LIMIT $2",
+            &[&from, &i64::from(deps::RESOLVE_ROWS_MAX), &upto],
         )
         .await?;
+    let full = rows.len() >= deps::RESOLVE_ROWS_MAX as usize;
     let mut round = Resolved {
         last_pos: to_u64(from, "cursors.pos")?,
-        more: rows.len() >= deps::RESOLVE_ROWS_MAX as usize,
+        more: full || upto < head,
         ..Resolved::default()
     };
     let mut budget = deps::RESOLVE_VISITS_MAX;
+    let mut passed_all = true;
     for row in &rows {
         let pos = to_u64(row.try_get(0).map_err(decode_error)?, "outbox.pos")?;
         let parent = entity_id(row.try_get::<_, &[u8]>(1).map_err(decode_error)?)?;
@@ -254,16 +269,18 @@ pub(super) async fn resolve(shared: &Shared, now_us: UnixMicros) -> Result<Resol
                 }
             }
             budget -= visit;
-            if round.stalled {
-                break;
-            }
-            if !finished {
-                round.more = true;
+            if round.stalled || !finished {
+                round.more |= !round.stalled;
+                passed_all = false;
                 break;
             }
         }
         round.rows += 1;
         round.last_pos = pos;
+    }
+    if passed_all && !full {
+        // Every row up to `upto` was read or concerns nobody.
+        round.last_pos = round.last_pos.max(to_u64(upto, "pos")?);
     }
     let last = to_i64(round.last_pos, "pos")?;
     if last > from {

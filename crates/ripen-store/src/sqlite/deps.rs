@@ -159,17 +159,24 @@ pub(super) fn resolve(w: &mut Writer, now_us: UnixMicros) -> Result<Resolved> {
         }
         return Ok(round);
     }
+    // Only the rows of entities that someone waits for, among the next
+    // RESOLVE_SCAN_MAX positions.
+    let head = super::notify::outbox_head(&w.conn)?;
+    let upto = head.min(from.saturating_add(deps::RESOLVE_SCAN_MAX));
     let rows: Vec<(u64, EntityId, String, String, String)> = {
         let mut stmt = w.conn.prepare_cached(
             "SELECT o.id, o.entity_id, e.kind, e.detail, n.status
              FROM outbox o
              JOIN events e ON e.entity_id = o.entity_id AND e.seq = o.seq
              JOIN entities n ON n.id = o.entity_id
-             WHERE o.id > ?1 ORDER BY o.id LIMIT ?2",
+             WHERE o.id > ?1 AND o.id <= ?3
+               AND EXISTS (SELECT 1 FROM dependencies d WHERE d.parent = o.entity_id)
+             ORDER BY o.id LIMIT ?2",
         )?;
         let mut found = stmt.query(params![
             to_i64(from, "pos")?,
-            i64::from(deps::RESOLVE_ROWS_MAX)
+            i64::from(deps::RESOLVE_ROWS_MAX),
+            to_i64(upto, "pos")?
         ])?;
         let mut rows = Vec::new();
         while let Some(r) = found.next()? {
@@ -183,8 +190,10 @@ pub(super) fn resolve(w: &mut Writer, now_us: UnixMicros) -> Result<Resolved> {
         }
         rows
     };
-    round.more = rows.len() >= deps::RESOLVE_ROWS_MAX as usize;
+    let full = rows.len() >= deps::RESOLVE_ROWS_MAX as usize;
+    round.more = full || upto < head;
     let mut budget = deps::RESOLVE_VISITS_MAX;
+    let mut passed_all = true;
     for (pos, parent, kind, detail, status) in rows {
         if deps::settles(&kind, &detail) {
             let now = entity_status(&status)?;
@@ -198,16 +207,18 @@ pub(super) fn resolve(w: &mut Writer, now_us: UnixMicros) -> Result<Resolved> {
                 }
             }
             budget -= visit;
-            if round.stalled {
-                break;
-            }
-            if !finished {
-                round.more = true;
+            if round.stalled || !finished {
+                round.more |= !round.stalled;
+                passed_all = false;
                 break;
             }
         }
         round.rows += 1;
         round.last_pos = pos;
+    }
+    if passed_all && !full {
+        // Every row up to `upto` was read or concerns nobody.
+        round.last_pos = round.last_pos.max(upto);
     }
     if round.last_pos > from {
         set_cursor(&w.conn, round.last_pos)?;
@@ -287,4 +298,47 @@ pub(super) fn retry(
     }
     w.save(std::slice::from_mut(&mut working), now_us)?;
     Ok(working::command_outcome(working, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::{catalog, new_entity, T0};
+    use crate::{SqliteOptions, SqliteStore, Store, DEFAULT_TENANT};
+
+    #[tokio::test]
+    async fn a_version_4_database_gains_dependencies_with_its_cursor_at_the_head() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("ripen.db");
+        let store = SqliteStore::open(SqliteOptions::new(&path), catalog()).expect("open");
+        let e = new_entity("single", "{}");
+        let id = e.id;
+        store.create(e, T0).await.expect("create");
+        drop(store);
+        let conn = Connection::open(&path).expect("open raw");
+        conn.execute_batch(
+            "ALTER TABLE entities DROP COLUMN deps;
+             DROP TABLE dependencies;
+             DELETE FROM cursors WHERE name = 'dependencies';
+             PRAGMA user_version = 4;",
+        )
+        .expect("go back to version 4");
+        drop(conn);
+        let store = SqliteStore::open(SqliteOptions::new(&path), catalog()).expect("reopen");
+        let record = store
+            .get(DEFAULT_TENANT, id)
+            .await
+            .expect("get")
+            .expect("kept");
+        assert!(record.deps.is_empty());
+        let head = store.outbox_head().await.expect("head");
+        assert!(head > 0);
+        let round = store.resolve_dependencies(T0).await.expect("resolve");
+        assert_eq!((round.last_pos, round.rows), (head, 0));
+        let conn = Connection::open(&path).expect("open raw");
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 5);
+    }
 }

@@ -28,7 +28,7 @@ fn dependent(parents: &[(EntityId, &str)]) -> NewEntity {
 async fn resolve(store: &dyn Store, now_us: UnixMicros) -> usize {
     let mut changed = 0;
     loop {
-        store.fan_out(512, now_us).await.expect("fan out");
+        while store.fan_out(512, now_us).await.expect("fan out").rows >= 512 {}
         let round = store.resolve_dependencies(now_us).await.expect("resolve");
         changed += round.changed;
         if round.changed == 0 && !round.more {
