@@ -146,7 +146,10 @@ mod tests {
             (format!(r#"{{"merchant_id":"{id}"}}"#), Ok(1)),
             (r#"{"other":1}"#.into(), Ok(0)),
             (r#"{"merchant_id":null}"#.into(), Ok(0)),
-            (r#"{"merchant_id":"nope"}"#.into(), Err("is not an entity id")),
+            (
+                r#"{"merchant_id":"nope"}"#.into(),
+                Err("is not an entity id"),
+            ),
             (r#"{"merchant_id":7}"#.into(), Err("a string")),
         ];
         for (payload, want) in cases {

@@ -311,9 +311,10 @@ pub fn wake_input(parent: EntityId, now: EntityStatus) -> Option<Input> {
     let parent = parent.0.as_u128();
     match now {
         EntityStatus::Ready => Some(Input::DependencyReady { parent }),
-        EntityStatus::Failed | EntityStatus::Cancelled => {
-            Some(Input::DependencyFailed { parent, status: now })
-        }
+        EntityStatus::Failed | EntityStatus::Cancelled => Some(Input::DependencyFailed {
+            parent,
+            status: now,
+        }),
         EntityStatus::Pending => None,
     }
 }

@@ -1143,8 +1143,7 @@ fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<Stored>> {
                     steps: Vec::new(),
                     deps: crate::deps::decode(
                         id,
-                        row.try_get::<_, Option<&str>>(19)
-                            .map_err(decode_error)?,
+                        row.try_get::<_, Option<&str>>(19).map_err(decode_error)?,
                     )?,
                 },
                 next_seq: to_u64(row.try_get(9).map_err(decode_error)?, "entities.next_seq")?,
@@ -1289,11 +1288,13 @@ impl Writes {
     fn waits(&mut self, added: &[crate::deps::WaitRow], removed: &[crate::deps::WaitRow]) {
         for r in added {
             self.wait_added_parent.push(r.parent.as_bytes().to_vec());
-            self.wait_added_dependent.push(r.dependent.as_bytes().to_vec());
+            self.wait_added_dependent
+                .push(r.dependent.as_bytes().to_vec());
         }
         for r in removed {
             self.wait_removed_parent.push(r.parent.as_bytes().to_vec());
-            self.wait_removed_dependent.push(r.dependent.as_bytes().to_vec());
+            self.wait_removed_dependent
+                .push(r.dependent.as_bytes().to_vec());
         }
     }
 
@@ -1894,7 +1895,8 @@ impl Shared {
             (0..jobs.len()).map(|_| None).collect();
         // References hold or refuse their create: see `deps::check_creates`.
         let entities: Vec<&NewEntity> = jobs.iter().map(|job| &job.entity).collect();
-        let mut depending = deps::check_creates(conn, &entities, &mut creators, &mut results).await?;
+        let mut depending =
+            deps::check_creates(conn, &entities, &mut creators, &mut results).await?;
         let mut inserts = Inserts::default();
         let mut writes = Writes::default();
         for &j in &creators {

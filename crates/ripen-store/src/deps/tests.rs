@@ -34,7 +34,11 @@ fn references_are_checked_in_order_and_the_first_that_does_not_hold_refuses() {
         ("pending", parent("merchant", Pending, 0), Ok(Pending)),
         ("ready", parent("merchant", Ready, 0), Ok(Ready)),
         ("failed", parent("merchant", Failed, 0), Err("failed")),
-        ("cancelled", parent("merchant", Cancelled, 0), Err("cancelled")),
+        (
+            "cancelled",
+            parent("merchant", Cancelled, 0),
+            Err("cancelled"),
+        ),
         ("wrong type", parent("store", Ready, 0), Err("wrong_type")),
         (
             "full",
@@ -91,7 +95,11 @@ fn creates_of_one_transaction_count_towards_the_fan_out_limit() {
     let mut parents = HashMap::new();
     parents.insert(
         id(1),
-        parent("merchant", EntityStatus::Pending, WAITING_DEPENDENTS_MAX - 2),
+        parent(
+            "merchant",
+            EntityStatus::Pending,
+            WAITING_DEPENDENTS_MAX - 2,
+        ),
     );
     let refs = [reference("m", "merchant", 1)];
     let mut added = HashMap::new();
@@ -129,9 +137,21 @@ fn the_deps_column_round_trips() {
 fn only_a_status_change_to_a_settled_status_wakes_dependents() {
     for (kind, detail, want) in [
         ("status_changed", r#"{"from":"pending","to":"ready"}"#, true),
-        ("status_changed", r#"{"from":"pending","to":"failed"}"#, true),
-        ("status_changed", r#"{"from":"pending","to":"cancelled"}"#, true),
-        ("status_changed", r#"{"from":"failed","to":"pending"}"#, false),
+        (
+            "status_changed",
+            r#"{"from":"pending","to":"failed"}"#,
+            true,
+        ),
+        (
+            "status_changed",
+            r#"{"from":"pending","to":"cancelled"}"#,
+            true,
+        ),
+        (
+            "status_changed",
+            r#"{"from":"failed","to":"pending"}"#,
+            false,
+        ),
         ("degraded", r#"{"degraded":true,"step":"a"}"#, false),
         ("created", r#"{"status":"pending"}"#, false),
     ] {

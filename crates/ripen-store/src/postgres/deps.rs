@@ -280,10 +280,7 @@ async fn wake(
     now_us: UnixMicros,
 ) -> Result<(bool, bool)> {
     let mut result = (false, false);
-    let mut entities = match shared
-        .load_locked(conn, std::iter::once(dependent))
-        .await
-    {
+    let mut entities = match shared.load_locked(conn, std::iter::once(dependent)).await {
         Ok(entities) => entities,
         Err(e @ StoreError::UnknownPipeline { .. }) => {
             tracing::warn!(entity = %dependent, error = %e, "cannot tell an entity of the one it depends on");
@@ -293,7 +290,8 @@ async fn wake(
     };
     if let Some(w) = entities.first_mut() {
         let changed = shared.decider.wake(w, parent, Some(now), now_us);
-        let released = changed && w.state().status == EntityStatus::Pending && !w.state().is_waiting();
+        let released =
+            changed && w.state().status == EntityStatus::Pending && !w.state().is_waiting();
         result = (changed, released);
     }
     shared.save(conn, &mut entities, now_us).await?;
@@ -342,7 +340,10 @@ pub(super) async fn retry(
             .await?;
         for row in &rows {
             let parent = entity_id(row.try_get::<_, &[u8]>(0).map_err(decode_error)?)?;
-            now.insert(parent, entity_status(row.try_get(1).map_err(decode_error)?)?);
+            now.insert(
+                parent,
+                entity_status(row.try_get(1).map_err(decode_error)?)?,
+            );
         }
     }
     let mut w = shared.decider.working(stored)?;
@@ -353,6 +354,8 @@ pub(super) async fn retry(
     } else {
         None
     };
-    shared.save(conn, std::slice::from_mut(&mut w), now_us).await?;
+    shared
+        .save(conn, std::slice::from_mut(&mut w), now_us)
+        .await?;
     Ok(working::command_outcome(w, refused))
 }
