@@ -640,6 +640,16 @@ fn command_answer(
             format!("cannot {verb}: the entity is {}; {rule}", status.as_str()),
         )
         .with("entity_status", json!(status.as_str()))),
+        CommandOutcome::Compensating(status) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "compensation-running",
+            "Compensation running",
+            format!(
+                "cannot {verb}: the entity is {} and its compensation is still running; retry once it is done or has failed",
+                status.as_str()
+            ),
+        )
+        .with("entity_status", json!(status.as_str()))),
     }
 }
 

@@ -707,6 +707,9 @@ pub struct Working<X = ()> {
     /// The state changed without history since the last flush (a lease
     /// moved by a heartbeat).
     touched: bool,
+    /// The last operator command was refused because the entity's
+    /// compensation is still running.
+    compensating: bool,
 }
 
 impl<X> Working<X> {
@@ -734,6 +737,7 @@ impl<X> Working<X> {
             claimed: Vec::new(),
             observed: 0,
             touched: false,
+            compensating: false,
         })
     }
 
@@ -953,6 +957,10 @@ impl<X> Working<X> {
         match self.apply(input, ctxs.ctx(now_us)) {
             Ok(()) => Ok(None),
             Err(Refusal::WrongStatus(status)) => Ok(Some(status)),
+            Err(Refusal::Compensating) => {
+                self.compensating = true;
+                Ok(Some(self.state.status))
+            }
             Err(refusal) => Err(StoreError::Internal(format!(
                 "entity {}: unexpected refusal of an operator command: {refusal}",
                 self.record.id
@@ -1213,6 +1221,7 @@ pub fn complete<X>(
 pub fn command_outcome<X>(working: Working<X>, refused: Option<EntityStatus>) -> CommandOutcome {
     match refused {
         None => CommandOutcome::Applied(working.into_record()),
+        Some(status) if working.compensating => CommandOutcome::Compensating(status),
         Some(status) => CommandOutcome::Conflict(status),
     }
 }
