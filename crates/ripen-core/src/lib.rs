@@ -11,10 +11,12 @@ pub mod pipeline;
 pub mod retry;
 pub mod state;
 
-pub use machine::{apply, Action, Ctx, Event, Input, LostReason, Refusal, Transition};
+pub use machine::{
+    apply, compensation, Action, Compensation, Ctx, Event, Input, LostReason, Refusal, Transition,
+};
 pub use pipeline::{
-    Catalog, Executor, Pipeline, PipelineError, RetryPolicy, StepDef, StepSpec, BUILTIN_QUEUE,
-    HTTP_QUEUE, STEPS_MAX,
+    Catalog, CompensationDef, Executor, Pipeline, PipelineError, RetryPolicy, StepDef, StepSpec,
+    BUILTIN_QUEUE, COMPENSATE_SUFFIX, HTTP_QUEUE, SLOTS_MAX, STEPS_MAX,
 };
 pub use state::{Dependency, EntityState, EntityStatus, StepState, StepStatus};
 

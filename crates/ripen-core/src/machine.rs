@@ -73,6 +73,10 @@ pub enum Input {
     /// Operator: re-queue the failed and skipped steps of a failed entity.
     /// The entities it depends on that it has not seen ready are awaited
     /// again: until each is announced ready, its steps stay blocked.
+    ///
+    /// On an entity whose compensation failed (failed or cancelled), the
+    /// compensation is retried instead; on one whose compensation is done,
+    /// the whole pipeline runs again, every step from the start.
     Retry,
     /// An entity this one awaits became ready. The last one releases the
     /// steps whose needs are met.
@@ -97,7 +101,7 @@ pub enum Action {
     /// out then.
     WakeAt { step: usize, at_us: UnixMicros },
     /// Tell subscribers about `events[event]`: the entity's status changed,
-    /// or it became degraded.
+    /// it became degraded, or a compensation failed for good.
     Notify { event: usize },
 }
 
@@ -111,7 +115,10 @@ pub struct Transition {
 
 impl Transition {
     fn event(&mut self, event: Event) {
-        if matches!(event, Event::StatusChanged { .. } | Event::Degraded { .. }) {
+        if matches!(
+            event,
+            Event::StatusChanged { .. } | Event::Degraded { .. } | Event::CompensationFailed { .. }
+        ) {
             self.actions.push(Action::Notify {
                 event: self.events.len(),
             });
@@ -182,6 +189,60 @@ pub enum Event {
         parent: u128,
         status: EntityStatus,
     },
+    /// The entity failed for good or was cancelled with succeeded steps
+    /// that declare a compensation (or an operator retried a failed
+    /// compensation): their compensation steps run, in reverse dependency
+    /// order.
+    CompensationStarted,
+    /// Every compensation that ran has succeeded.
+    CompensationDone,
+    /// A compensation step failed for good; the compensations that must
+    /// come after it will not run until an operator retries.
+    CompensationFailed {
+        step: usize,
+    },
+}
+
+/// Where an entity's compensation stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compensation {
+    Running,
+    Done,
+    Failed,
+}
+
+impl Compensation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compensation::Running => "running",
+            Compensation::Done => "done",
+            Compensation::Failed => "failed",
+        }
+    }
+}
+
+/// Where the entity's compensation stands: `None` when none was asked for
+/// (every compensation step is dormant).
+pub fn compensation(pipeline: &Pipeline, state: &EntityState) -> Option<Compensation> {
+    let mut started = false;
+    let mut failed = false;
+    for c in pipeline.compensations() {
+        match state.steps[c].status {
+            StepStatus::Dormant => {}
+            StepStatus::Succeeded => started = true,
+            StepStatus::Failed | StepStatus::Skipped => {
+                started = true;
+                failed = true;
+            }
+            _ => return Some(Compensation::Running),
+        }
+    }
+    match (started, failed) {
+        (false, _) => None,
+        (true, true) => Some(Compensation::Failed),
+        (true, false) => Some(Compensation::Done),
+    }
 }
 
 /// Why an input was refused. A refused input leaves the state untouched.
@@ -201,6 +262,8 @@ pub enum Refusal {
     NotAwaited,
     #[error("a dependency fails only when its entity failed or was cancelled")]
     NotAFailure,
+    #[error("the entity's compensation is still running")]
+    Compensating,
 }
 
 fn cut(mut s: String) -> String {
@@ -233,7 +296,10 @@ pub fn apply(
                 StepStatus::Retrying => s.due_at_us.is_some_and(|due| due <= ctx.now_us),
                 _ => false,
             };
-            let stopped = matches!(state.status, EntityStatus::Failed | EntityStatus::Cancelled);
+            // Only compensation steps run once the entity has stopped; they
+            // are queued only then.
+            let stopped = matches!(state.status, EntityStatus::Failed | EntityStatus::Cancelled)
+                && spec.compensates.is_none();
             if !runnable || stopped || state.is_waiting() {
                 return Err(Refusal::NotRunnable);
             }
@@ -284,6 +350,10 @@ pub fn apply(
             s.last_error = None;
             let attempt = s.attempts;
             t.event(Event::StepSucceeded { step, attempt });
+            if pipeline.step(step).compensates.is_some() {
+                advance_compensation(pipeline, state, ctx, &mut t);
+                return Ok(t);
+            }
             for &d in pipeline.dependents(step) {
                 let unblocked = state.steps[d].status == StepStatus::Blocked
                     && pipeline
@@ -346,10 +416,32 @@ pub fn apply(
             }
             change_status(state, EntityStatus::Cancelled, &mut t);
             skip_all_live(state, &mut t);
+            begin_compensation(pipeline, state, ctx, &mut t);
         }
         Input::Retry => {
+            match compensation(pipeline, state) {
+                Some(Compensation::Running) => return Err(Refusal::Compensating),
+                Some(Compensation::Failed) => {
+                    retry_compensation(pipeline, state, ctx, &mut t);
+                    return Ok(t);
+                }
+                Some(Compensation::Done) | None => {}
+            }
             if state.status != EntityStatus::Failed {
                 return Err(Refusal::WrongStatus(state.status));
+            }
+            // Compensated steps were undone: they run again, and their
+            // compensations wait for the next failure.
+            let rerun = compensation(pipeline, state) == Some(Compensation::Done);
+            if rerun {
+                for c in pipeline.compensations() {
+                    if state.steps[c].status != StepStatus::Dormant {
+                        set_step(state, c, StepStatus::Dormant, None);
+                        let s = &mut state.steps[c];
+                        s.attempts = 0;
+                        s.last_error = None;
+                    }
+                }
             }
             change_status(state, EntityStatus::Pending, &mut t);
             state.degraded = false;
@@ -359,16 +451,24 @@ pub fn apply(
                 }
             }
             let waiting = state.is_waiting();
-            for (i, spec) in pipeline.steps().iter().enumerate() {
-                let s = &state.steps[i];
-                if !matches!(s.status, StepStatus::Failed | StepStatus::Skipped) {
+            let forward = pipeline.forward_len();
+            let again: Vec<bool> = state.steps[..forward]
+                .iter()
+                .map(|s| match s.status {
+                    StepStatus::Failed | StepStatus::Skipped => true,
+                    StepStatus::Succeeded => rerun,
+                    _ => false,
+                })
+                .collect();
+            for (i, spec) in pipeline.steps()[..forward].iter().enumerate() {
+                if !again[i] {
                     continue;
                 }
                 let ready = !waiting
                     && spec
                         .needs
                         .iter()
-                        .all(|&n| state.steps[n].status == StepStatus::Succeeded);
+                        .all(|&n| !again[n] && state.steps[n].status == StepStatus::Succeeded);
                 state.steps[i].attempts = 0;
                 if ready {
                     set_step(state, i, StepStatus::Queued, Some(ctx.now_us));
@@ -406,6 +506,7 @@ pub fn apply(
             t.event(Event::DependencyFailed { parent, status });
             change_status(state, EntityStatus::Failed, &mut t);
             skip_all_live(state, &mut t);
+            begin_compensation(pipeline, state, ctx, &mut t);
         }
     }
     Ok(t)
@@ -511,17 +612,105 @@ fn fail_attempt(
     }
     set_step(state, step, StepStatus::Failed, None);
     t.event(Event::StepFailed { step, attempts });
+    if let Some(undone) = spec.compensates {
+        t.event(Event::CompensationFailed { step });
+        // What had to wait for this compensation cannot run now.
+        for s in pipeline.upstream(undone) {
+            if let Some(c) = pipeline.compensation(s) {
+                if state.steps[c].status == StepStatus::Blocked {
+                    set_step(state, c, StepStatus::Skipped, None);
+                    t.event(Event::StepSkipped { step: c });
+                }
+            }
+        }
+        return;
+    }
     if spec.critical {
-        if state.status == EntityStatus::Pending {
+        let failing = state.status == EntityStatus::Pending;
+        if failing {
             change_status(state, EntityStatus::Failed, t);
         }
         skip_all_live(state, t);
+        if failing {
+            begin_compensation(pipeline, state, ctx, t);
+        }
     } else {
         if !state.degraded {
             state.degraded = true;
             t.event(Event::Degraded { step });
         }
         skip_dependents(pipeline, state, step, t);
+    }
+}
+
+/// The entity has just failed for good or been cancelled: the compensation
+/// of every step that had succeeded is asked for, and those with nothing to
+/// wait for are queued.
+fn begin_compensation(pipeline: &Pipeline, state: &mut EntityState, ctx: Ctx, t: &mut Transition) {
+    let mut started = false;
+    for s in 0..pipeline.forward_len() {
+        if let Some(c) = pipeline.compensation(s) {
+            if state.steps[s].status == StepStatus::Succeeded {
+                set_step(state, c, StepStatus::Blocked, None);
+                started = true;
+            }
+        }
+    }
+    if started {
+        t.event(Event::CompensationStarted);
+        advance_compensation(pipeline, state, ctx, t);
+    }
+}
+
+/// An operator retried a failed compensation: its failed and skipped
+/// compensation steps are asked for again.
+fn retry_compensation(pipeline: &Pipeline, state: &mut EntityState, ctx: Ctx, t: &mut Transition) {
+    t.event(Event::CompensationStarted);
+    for c in pipeline.compensations() {
+        if matches!(
+            state.steps[c].status,
+            StepStatus::Failed | StepStatus::Skipped
+        ) {
+            state.steps[c].attempts = 0;
+            set_step(state, c, StepStatus::Blocked, None);
+            t.event(Event::StepRequeued { step: c });
+        }
+    }
+    advance_compensation(pipeline, state, ctx, t);
+}
+
+/// Queues each asked-for compensation whose turn has come: in reverse
+/// dependency order, a step is undone once every step that needed it,
+/// directly or not, is undone (or had nothing to undo). Says when the last
+/// one is done.
+fn advance_compensation(
+    pipeline: &Pipeline,
+    state: &mut EntityState,
+    ctx: Ctx,
+    t: &mut Transition,
+) {
+    for s in 0..pipeline.forward_len() {
+        let Some(c) = pipeline.compensation(s) else {
+            continue;
+        };
+        if state.steps[c].status != StepStatus::Blocked {
+            continue;
+        }
+        let turn = pipeline.downstream(s).into_iter().all(|d| {
+            pipeline.compensation(d).is_none_or(|cd| {
+                matches!(
+                    state.steps[cd].status,
+                    StepStatus::Dormant | StepStatus::Succeeded
+                )
+            })
+        });
+        if turn {
+            set_step(state, c, StepStatus::Queued, Some(ctx.now_us));
+            t.act(Action::Dispatch { step: c });
+        }
+    }
+    if compensation(pipeline, state) == Some(Compensation::Done) {
+        t.event(Event::CompensationDone);
     }
 }
 

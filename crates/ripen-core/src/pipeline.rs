@@ -9,6 +9,12 @@ use serde::{Deserialize, Serialize};
 pub const STEPS_MAX: usize = 64;
 /// The longest step name.
 pub const STEP_NAME_LEN_MAX: usize = 64;
+/// The most steps of a pipeline with its compensations: every step may
+/// have one, numbered after the steps themselves.
+pub const SLOTS_MAX: usize = 2 * STEPS_MAX;
+/// A compensation step is named after the step it undoes, with this
+/// suffix, which no step name can contain.
+pub const COMPENSATE_SUFFIX: &str = ":compensate";
 
 /// How a step is executed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +81,18 @@ pub struct StepDef {
     pub timeout_ms: u64,
     pub retry: RetryPolicy,
     pub executor: Executor,
+    /// How the step's effect is undone when its entity fails for good or
+    /// is cancelled after the step succeeded.
+    pub compensate: Option<CompensationDef>,
+}
+
+/// The compensation of a step: run like a step, by its own executor, under
+/// its own timeout and retry policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompensationDef {
+    pub executor: Executor,
+    pub timeout_ms: u64,
+    pub retry: RetryPolicy,
 }
 
 /// A validated step: `needs` resolved to indexes into the pipeline.
@@ -86,6 +104,10 @@ pub struct StepSpec {
     pub timeout_ms: u64,
     pub retry: RetryPolicy,
     pub executor: Executor,
+    /// Set on a compensation step: the step whose effect it undoes. A
+    /// compensation step has no `needs` and is not critical; it runs only
+    /// while its entity compensates.
+    pub compensates: Option<usize>,
 }
 
 /// Why a list of step definitions is not a pipeline.
@@ -123,6 +145,12 @@ pub enum PipelineError {
 /// every `needs` index points at another step, and no critical step needs a
 /// non-critical one (so a non-critical failure can never block readiness),
 /// and at least one step is critical.
+///
+/// The steps as defined come first (`forward_len` of them); after them,
+/// one compensation step for each step that declares `compensate`, in step
+/// order, named `{step}:compensate`. They are steps like the others for
+/// claims, leases, retries and executors; the state machine starts them only
+/// when the entity fails for good or is cancelled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pipeline {
     steps: Vec<StepSpec>,
@@ -130,6 +158,10 @@ pub struct Pipeline {
     dependents: Vec<Vec<usize>>,
     /// For each step, the queue it waits in when runnable.
     queues: Vec<String>,
+    /// The steps as defined, before the compensation steps.
+    forward: usize,
+    /// For each step as defined, its compensation step.
+    compensation: Vec<Option<usize>>,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -196,6 +228,32 @@ impl Pipeline {
                 timeout_ms: def.timeout_ms,
                 retry: def.retry,
                 executor: def.executor.clone(),
+                compensates: None,
+            });
+        }
+        let forward = steps.len();
+        let mut compensation = vec![None; forward];
+        for (i, def) in defs.iter().enumerate() {
+            let Some(c) = &def.compensate else { continue };
+            let name = format!("{}{COMPENSATE_SUFFIX}", def.name);
+            if c.retry.max_attempts == 0 {
+                return Err(PipelineError::NoAttempts(name));
+            }
+            if c.timeout_ms == 0 {
+                return Err(PipelineError::NoTimeout(name));
+            }
+            if c.retry.initial_backoff_ms > c.retry.max_backoff_ms {
+                return Err(PipelineError::BackoffOrder(name));
+            }
+            compensation[i] = Some(steps.len());
+            steps.push(StepSpec {
+                name,
+                needs: Vec::new(),
+                critical: false,
+                timeout_ms: c.timeout_ms,
+                retry: c.retry,
+                executor: c.executor.clone(),
+                compensates: Some(i),
             });
         }
         if !steps.iter().any(|s| s.critical) {
@@ -232,7 +290,38 @@ impl Pipeline {
             steps,
             dependents,
             queues,
+            forward,
+            compensation,
         })
+    }
+
+    /// How many steps the pipeline has as defined; the compensation steps
+    /// follow them.
+    pub fn forward_len(&self) -> usize {
+        self.forward
+    }
+
+    /// The compensation step of step `i`, if it declares one.
+    pub fn compensation(&self, i: usize) -> Option<usize> {
+        self.compensation.get(i).copied().flatten()
+    }
+
+    /// The compensation steps, in step order.
+    pub fn compensations(&self) -> std::ops::Range<usize> {
+        self.forward..self.steps.len()
+    }
+
+    /// Every step that needs step `i`, directly or through other steps: the
+    /// steps whose compensation runs before `i`'s.
+    pub fn downstream(&self, i: usize) -> Vec<usize> {
+        let mut seen = vec![false; self.steps.len()];
+        let mut todo = self.dependents[i].clone();
+        while let Some(j) = todo.pop() {
+            if !std::mem::replace(&mut seen[j], true) {
+                todo.extend_from_slice(&self.dependents[j]);
+            }
+        }
+        (0..seen.len()).filter(|&j| seen[j]).collect()
     }
 
     pub fn steps(&self) -> &[StepSpec] {
@@ -320,7 +409,49 @@ mod tests {
             executor: Executor::Http {
                 url: "http://127.0.0.1:1/x".into(),
             },
+            compensate: None,
         }
+    }
+
+    fn undone(mut d: StepDef) -> StepDef {
+        d.compensate = Some(CompensationDef {
+            executor: Executor::Worker {
+                queue: "undo".into(),
+            },
+            timeout_ms: 500,
+            retry: RetryPolicy::default(),
+        });
+        d
+    }
+
+    #[test]
+    fn compensations_follow_the_steps() {
+        let p = Pipeline::new(vec![
+            undone(def("a", &[], true)),
+            def("b", &["a"], true),
+            undone(def("c", &["b"], true)),
+        ])
+        .unwrap();
+        assert_eq!(p.forward_len(), 3);
+        assert_eq!(p.len(), 5);
+        assert_eq!(p.compensation(0), Some(3));
+        assert_eq!(p.compensation(1), None);
+        assert_eq!(p.compensation(2), Some(4));
+        assert_eq!(p.compensations(), 3..5);
+        assert_eq!(p.step(3).name, "a:compensate");
+        assert_eq!(p.step(3).compensates, Some(0));
+        assert_eq!(p.step(4).timeout_ms, 500);
+        assert_eq!(p.queue(4), "worker:undo");
+        assert!(p.step(4).needs.is_empty() && !p.step(4).critical);
+        assert_eq!(p.index_of("c:compensate"), Some(4));
+        assert_eq!(p.downstream(0), vec![1, 2]);
+        assert!(p.downstream(2).is_empty());
+        let mut bad = undone(def("a", &[], true));
+        bad.compensate.as_mut().unwrap().timeout_ms = 0;
+        assert_eq!(
+            Pipeline::new(vec![bad]),
+            Err(PipelineError::NoTimeout("a:compensate".into()))
+        );
     }
 
     #[test]

@@ -65,10 +65,13 @@ pub enum StepStatus {
     Succeeded,
     Failed,
     Skipped,
+    /// A compensation step that has not been asked to run: its entity has
+    /// not failed or been cancelled after its step succeeded.
+    Dormant,
 }
 
 impl StepStatus {
-    pub const ALL: [StepStatus; 7] = [
+    pub const ALL: [StepStatus; 8] = [
         StepStatus::Blocked,
         StepStatus::Queued,
         StepStatus::Running,
@@ -76,6 +79,7 @@ impl StepStatus {
         StepStatus::Succeeded,
         StepStatus::Failed,
         StepStatus::Skipped,
+        StepStatus::Dormant,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -87,6 +91,7 @@ impl StepStatus {
             StepStatus::Succeeded => "succeeded",
             StepStatus::Failed => "failed",
             StepStatus::Skipped => "skipped",
+            StepStatus::Dormant => "dormant",
         }
     }
 
@@ -97,7 +102,7 @@ impl StepStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped
+            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped | StepStatus::Dormant
         )
     }
 
@@ -105,7 +110,10 @@ impl StepStatus {
     /// queued or retrying -> running by a claim; running -> succeeded,
     /// retrying or failed by a result (or a lost lease); any live status ->
     /// skipped when the step can no longer run; failed or skipped -> queued
-    /// or blocked by an operator retry. A succeeded step never changes.
+    /// or blocked by an operator retry. A succeeded step changes only when
+    /// an operator retry runs a compensated entity again. A compensation
+    /// step leaves `dormant` when its entity compensates, and goes back to
+    /// it when the entity runs again.
     pub fn may_become(self, next: StepStatus) -> bool {
         use StepStatus::*;
         matches!(
@@ -118,6 +126,9 @@ impl StepStatus {
                 | (Running, Failed)
                 | (Blocked | Queued | Running | Retrying, Skipped)
                 | (Failed | Skipped, Queued | Blocked)
+                | (Dormant, Blocked)
+                | (Succeeded, Queued | Blocked | Dormant)
+                | (Failed | Skipped, Dormant)
         )
     }
 }
@@ -183,7 +194,9 @@ impl EntityState {
             .steps()
             .iter()
             .map(|s| {
-                let status = if s.needs.is_empty() {
+                let status = if s.compensates.is_some() {
+                    StepStatus::Dormant
+                } else if s.needs.is_empty() {
                     StepStatus::Queued
                 } else {
                     StepStatus::Blocked
@@ -222,7 +235,7 @@ impl EntityState {
             })
             .collect();
         if state.is_waiting() {
-            for s in &mut state.steps {
+            for s in state.steps[..pipeline.forward_len()].iter_mut() {
                 s.status = StepStatus::Blocked;
                 s.due_at_us = None;
             }

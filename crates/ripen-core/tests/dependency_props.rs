@@ -74,6 +74,7 @@ fn pipeline(n: usize, chain: bool) -> Pipeline {
             executor: Executor::Http {
                 url: format!("http://127.0.0.1:1/s{i}"),
             },
+            compensate: None,
         })
         .collect();
     Pipeline::new(defs).expect("a valid pipeline")

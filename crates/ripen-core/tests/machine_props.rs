@@ -179,6 +179,7 @@ fn build(raw: &[RawStep], perm: &[usize], force_non_critical: bool) -> Pipeline 
             executor: Executor::Http {
                 url: format!("http://127.0.0.1:1/s{}", perm[k]),
             },
+            compensate: None,
         });
     }
     Pipeline::new(defs.into_iter().map(Option::unwrap).collect()).expect("a valid pipeline")
@@ -784,6 +785,11 @@ fn check_state(p: &Pipeline, st: &EntityState) -> TestResult {
                 i
             ),
             StepStatus::Skipped => {}
+            StepStatus::Dormant => prop_assert!(
+                false,
+                "step {} is dormant, but these pipelines have no compensation",
+                i
+            ),
         }
         // 6. due_at_us is set exactly for queued, retrying and running steps.
         prop_assert_eq!(
@@ -1063,6 +1069,11 @@ fn check_transition(
                     prop_assert_eq!(d.status, EntityStatus::Pending, "it was awaited");
                     d.status = EntityStatus::Ready;
                 }
+            }
+            Event::CompensationStarted
+            | Event::CompensationDone
+            | Event::CompensationFailed { .. } => {
+                prop_assert!(false, "{:?}, but these pipelines have no compensation", ev)
             }
             Event::DependencyFailed { parent, status } => {
                 prop_assert!(
@@ -1800,6 +1811,7 @@ fn w5_walkthrough() -> TestResult {
             max_backoff_ms: 10,
         },
         executor: Executor::Worker { queue: "q".into() },
+        compensate: None,
     };
     let case = Case {
         pipeline: Pipeline::new(vec![

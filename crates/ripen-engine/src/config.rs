@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ripen_core::{Executor, Pipeline, RetryPolicy, StepDef};
+use ripen_core::{CompensationDef, Executor, Pipeline, RetryPolicy, StepDef};
 use ripen_tls::ClientFiles;
 use serde::Deserialize;
 
@@ -311,7 +311,8 @@ impl Config {
             }
             let pipeline =
                 Pipeline::new(defs).map_err(|p| err(&format!("{key}.steps"), p.to_string()))?;
-            for i in 0..pipeline.len() {
+            // A compensation reads nothing the connector needs checked.
+            for i in 0..pipeline.forward_len() {
                 builtin::check_upstream(&pipeline, i)
                     .map_err(|(k, p)| err(&format!("{key}.steps[{i}]{k}"), p))?;
             }
@@ -392,23 +393,11 @@ fn step_def(s: RawStep) -> Result<StepDef, (String, String)> {
     };
     let timeout_ms = duration_ms(s.timeout.as_deref(), DEFAULT_STEP_TIMEOUT_MS)
         .map_err(|p| (".timeout".to_owned(), p))?;
-    let default = RetryPolicy::default();
-    let retry = match s.retry {
-        None => default,
-        Some(r) => RetryPolicy {
-            max_attempts: r.max_attempts.unwrap_or(default.max_attempts),
-            initial_backoff_ms: duration_ms(
-                r.initial_backoff.as_deref(),
-                default.initial_backoff_ms,
-            )
-            .map_err(|p| (".retry.initial_backoff".to_owned(), p))?,
-            max_backoff_ms: duration_ms(r.max_backoff.as_deref(), default.max_backoff_ms)
-                .map_err(|p| (".retry.max_backoff".to_owned(), p))?,
-        },
+    let retry = retry_policy(s.retry, RetryPolicy::default(), ".retry")?;
+    let compensate = match s.compensate {
+        None => None,
+        Some(raw) => Some(compensation_def(raw, &executor, timeout_ms, retry)?),
     };
-    if retry.max_attempts > 1_000 {
-        return Err((".retry.max_attempts".into(), "at most 1000".into()));
-    }
     Ok(StepDef {
         name: s.name,
         needs: s.needs,
@@ -416,6 +405,109 @@ fn step_def(s: RawStep) -> Result<StepDef, (String, String)> {
         timeout_ms,
         retry,
         executor,
+        compensate,
+    })
+}
+
+fn retry_policy(
+    raw: Option<RawRetry>,
+    default: RetryPolicy,
+    key: &str,
+) -> Result<RetryPolicy, (String, String)> {
+    let retry = match raw {
+        None => default,
+        Some(r) => RetryPolicy {
+            max_attempts: r.max_attempts.unwrap_or(default.max_attempts),
+            initial_backoff_ms: duration_ms(
+                r.initial_backoff.as_deref(),
+                default.initial_backoff_ms,
+            )
+            .map_err(|p| (format!("{key}.initial_backoff"), p))?,
+            max_backoff_ms: duration_ms(r.max_backoff.as_deref(), default.max_backoff_ms)
+                .map_err(|p| (format!("{key}.max_backoff"), p))?,
+        },
+    };
+    if retry.max_attempts > 1_000 {
+        return Err((format!("{key}.max_attempts"), "at most 1000".into()));
+    }
+    Ok(retry)
+}
+
+/// A step's `compensate`: a URL, or a table naming one executor. Its
+/// timeout and retry policy default to the step's own.
+fn compensation_def(
+    raw: toml::Value,
+    step: &Executor,
+    timeout_ms: u64,
+    retry: RetryPolicy,
+) -> Result<CompensationDef, (String, String)> {
+    let key = ".compensate";
+    let raw = match raw {
+        toml::Value::String(url) => RawCompensate {
+            http: Some(url),
+            worker: None,
+            builtin: None,
+            timeout: None,
+            retry: None,
+        },
+        table @ toml::Value::Table(_) => table
+            .try_into()
+            .map_err(|e: toml::de::Error| (key.to_owned(), e.message().to_owned()))?,
+        other => {
+            return Err((
+                key.to_owned(),
+                format!(
+                    "expected a URL or a table such as {{ http = \"…\" }}, {{ worker = \"queue\" }} or {{ builtin = true }}, found a {}",
+                    other.type_str()
+                ),
+            ))
+        }
+    };
+    let two = || {
+        (
+            key.to_owned(),
+            "a compensation has one executor: http, worker or builtin, not two".to_owned(),
+        )
+    };
+    let executor = match (raw.http, raw.worker, raw.builtin) {
+        (Some(url), None, None) => {
+            check_http_url(&url).map_err(|p| (format!("{key}.http"), p))?;
+            Executor::Http { url }
+        }
+        (None, Some(queue), None) => {
+            if !valid_type_name(&queue) {
+                return Err((
+                    format!("{key}.worker"),
+                    format!("{queue:?} is not a queue name: 1 to 64 letters, digits, '_' or '-'"),
+                ));
+            }
+            Executor::Worker { queue }
+        }
+        (None, None, Some(true)) => match step {
+            Executor::Builtin { .. } => step.clone(),
+            _ => {
+                return Err((
+                    format!("{key}.builtin"),
+                    "builtin = true undoes a built-in connector's write; this step has no builtin"
+                        .into(),
+                ))
+            }
+        },
+        (None, None, Some(false)) | (None, None, None) => {
+            return Err((
+                key.to_owned(),
+                "a compensation needs an executor: http = \"http://…\", worker = \"queue\" or builtin = true".into(),
+            ))
+        }
+        _ => return Err(two()),
+    };
+    let timeout_ms = duration_ms(raw.timeout.as_deref(), timeout_ms)
+        .map_err(|p| (format!("{key}.timeout"), p))?;
+    let retry = retry_policy(raw.retry, retry, &format!("{key}.retry"))?;
+    Ok(CompensationDef {
+        executor,
+        timeout_ms,
+        retry,
     })
 }
 
@@ -697,6 +789,20 @@ struct RawStep {
     ca_file: Option<PathBuf>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
+    /// A URL, or a table with one executor (`http`, `worker`, or
+    /// `builtin = true` for the step's own connector) and optionally
+    /// `timeout` and `retry`.
+    compensate: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompensate {
+    http: Option<String>,
+    worker: Option<String>,
+    builtin: Option<bool>,
+    timeout: Option<String>,
+    retry: Option<RawRetry>,
 }
 
 #[derive(Deserialize)]

@@ -173,6 +173,7 @@ mod tests {
             timeout_ms: 1_000,
             retry: RetryPolicy::default(),
             executor,
+            compensates: None,
         }
     }
 

@@ -90,8 +90,8 @@ impl Definition {
     /// The canonical definition of a schema, a validated pipeline and
     /// references.
     pub fn of(schema: Value, pipeline: &Pipeline, references: BTreeMap<String, String>) -> Self {
-        let steps = pipeline
-            .steps()
+        // The steps as defined; each one's compensation is part of it.
+        let steps = pipeline.steps()[..pipeline.forward_len()]
             .iter()
             .map(|s| step_json(pipeline, s))
             .collect();
@@ -241,7 +241,7 @@ impl Definition {
         }
         let pipeline =
             Pipeline::new(defs).map_err(|e| vec![Problem::new("/steps", e.to_string())])?;
-        for i in 0..pipeline.len() {
+        for i in 0..pipeline.forward_len() {
             if let Err((key, message)) = builtin::check_upstream(&pipeline, i) {
                 let key = key.trim_start_matches('.').replace('.', "/");
                 problems.push(Problem::new(format!("/steps/{i}/{key}"), message));
@@ -340,6 +340,35 @@ fn step_json(pipeline: &Pipeline, s: &StepSpec) -> Value {
             let settings = serde_json::from_str(config).unwrap_or(Value::Null);
             m.insert("builtin".into(), json!({ connector.as_str(): settings }));
         }
+    }
+    let compensation = pipeline
+        .index_of(&s.name)
+        .and_then(|i| pipeline.compensation(i))
+        .map(|c| pipeline.step(c));
+    if let Some(c) = compensation {
+        let mut undo = Map::new();
+        match &c.executor {
+            Executor::Http { url } => {
+                undo.insert("http".into(), json!(url));
+            }
+            Executor::Worker { queue } => {
+                undo.insert("worker".into(), json!(queue));
+            }
+            // A built-in step is undone by its own connector.
+            Executor::Builtin { .. } => {
+                undo.insert("builtin".into(), json!(true));
+            }
+        }
+        undo.insert("timeout".into(), json!(format!("{}ms", c.timeout_ms)));
+        undo.insert(
+            "retry".into(),
+            json!({
+                "max_attempts": c.retry.max_attempts,
+                "initial_backoff": format!("{}ms", c.retry.initial_backoff_ms),
+                "max_backoff": format!("{}ms", c.retry.max_backoff_ms),
+            }),
+        );
+        m.insert("compensate".into(), Value::Object(undo));
     }
     sorted(Value::Object(m))
 }

@@ -680,6 +680,7 @@ mod tests {
             executor: Executor::Http {
                 url: "http://127.0.0.1:9/unused".into(),
             },
+            compensate: None,
         };
         let pipeline = Pipeline::new(vec![step("a", &[]), step("b", &["a"])]).unwrap();
         let mut catalog = ripen_core::Catalog::default();

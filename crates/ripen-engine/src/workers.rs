@@ -65,7 +65,7 @@ impl FromStr for TaskId {
     fn from_str(s: &str) -> Result<TaskId, ()> {
         let (entity, step) = s.rsplit_once('.').ok_or(())?;
         let step: usize = step.parse().map_err(|_| ())?;
-        if step >= ripen_core::STEPS_MAX || step.to_string().len() != s.len() - entity.len() - 1 {
+        if step >= ripen_core::SLOTS_MAX || step.to_string().len() != s.len() - entity.len() - 1 {
             return Err(());
         }
         Ok(TaskId {

@@ -666,6 +666,16 @@ fn command_answer(
         )
         .with("entity_status", json!(status.as_str()))),
         CommandOutcome::DependencyNotReady(r) => Err(deps::retry_blocked(&r)),
+        CommandOutcome::Compensating(status) => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "compensation-running",
+            "Compensation running",
+            format!(
+                "cannot {verb}: the entity is {} and its compensation is still running; retry once it is done or has failed",
+                status.as_str()
+            ),
+        )
+        .with("entity_status", json!(status.as_str()))),
     }
 }
 

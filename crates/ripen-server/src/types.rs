@@ -16,10 +16,17 @@ use crate::{check_declared_length, json_response, read_body, store_problem, Prob
 
 /// The steps of a pipeline as the dashboard draws them.
 fn pipeline_steps(p: &Pipeline) -> Vec<Value> {
-    p.steps()
+    p.steps()[..p.forward_len()]
         .iter()
         .enumerate()
         .map(|(i, s)| {
+            let compensate = p.compensation(i).map(|c| {
+                let undo = p.step(c);
+                json!({
+                    "executor": ripen_engine::ExecutorKind::of(&undo.executor).as_str(),
+                    "queue": p.queue(c),
+                })
+            });
             let needs: Vec<&str> = s.needs.iter().map(|&n| p.step(n).name.as_str()).collect();
             json!({
                 "name": s.name,
@@ -29,6 +36,7 @@ fn pipeline_steps(p: &Pipeline) -> Vec<Value> {
                 "queue": p.queue(i),
                 "timeout_ms": s.timeout_ms,
                 "max_attempts": s.retry.max_attempts,
+                "compensate": compensate,
             })
         })
         .collect()

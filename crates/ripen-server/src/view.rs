@@ -1,10 +1,10 @@
 //! The JSON views of the HTTP API (docs/api.md): the entity view, the
 //! consumable entity and history events.
 
-use ripen_core::{Pipeline, StepStatus};
+use ripen_core::{Compensation, Pipeline, StepStatus, COMPENSATE_SUFFIX};
 use ripen_engine::time::rfc3339;
 use ripen_engine::ExecutorKind;
-use ripen_store::{EntityData, EntityRecord, HistoryEvent};
+use ripen_store::{EntityData, EntityRecord, HistoryEvent, StepRecord};
 use std::fmt::Write as _;
 
 use serde_json::{json, Map, Value};
@@ -40,7 +40,25 @@ fn needs_of(pipeline: Option<&Pipeline>, i: usize) -> Option<Vec<&str>> {
 
 /// Appends the entity view to `out`; see [`entity_json`].
 pub fn write_entity(out: &mut String, r: &EntityRecord, pipeline: Option<&Pipeline>) {
-    out.push_str("{\"created_at\":\"");
+    out.push('{');
+    if let Some(c) = compensation_of(r) {
+        out.push_str("\"compensation\":{\"status\":\"");
+        out.push_str(c.as_str());
+        out.push_str("\",\"steps\":[");
+        let asked = r
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| is_compensation(s) && s.state.status != StepStatus::Dormant);
+        for (k, (i, s)) in asked.enumerate() {
+            if k > 0 {
+                out.push(',');
+            }
+            write_step(out, s, i, pipeline, None);
+        }
+        out.push_str("]},");
+    }
+    out.push_str("\"created_at\":\"");
     out.push_str(&rfc3339(r.created_at_us));
     out.push_str("\",\"degraded\":");
     out.push_str(if r.degraded { "true" } else { "false" });
@@ -49,7 +67,7 @@ pub fn write_entity(out: &mut String, r: &EntityRecord, pipeline: Option<&Pipeli
         let failed = r
             .steps
             .iter()
-            .filter(|s| !s.critical && s.state.status == StepStatus::Failed);
+            .filter(|s| !s.critical && !is_compensation(s) && s.state.status == StepStatus::Failed);
         for (i, s) in failed.enumerate() {
             if i > 0 {
                 out.push(',');
@@ -99,61 +117,15 @@ pub fn write_entity(out: &mut String, r: &EntityRecord, pipeline: Option<&Pipeli
     out.push_str(",\"status\":\"");
     out.push_str(r.status.as_str());
     out.push_str("\",\"steps\":[");
+    let mut first = true;
     for (i, s) in r.steps.iter().enumerate() {
-        if i > 0 {
+        if is_compensation(s) {
+            continue;
+        }
+        if !std::mem::take(&mut first) {
             out.push(',');
         }
-        let _ = write!(
-            out,
-            "{{\"attempts\":{},\"critical\":{},",
-            s.state.attempts, s.critical
-        );
-        if let Some(kind) = executor_of(pipeline, i) {
-            let _ = write!(out, "\"executor\":\"{kind}\",");
-        }
-        out.push_str("\"last_error\":");
-        match &s.state.last_error {
-            Some(e) => push_json_string(out, e),
-            None => out.push_str("null"),
-        }
-        if s.state.status == StepStatus::Running {
-            if let Some(due) = s.state.due_at_us {
-                out.push_str(",\"lease_expires_at\":\"");
-                out.push_str(&rfc3339(due));
-                out.push('"');
-            }
-        }
-        out.push_str(",\"name\":");
-        push_json_string(out, &s.name);
-        if let Some(needs) = needs_of(pipeline, i) {
-            out.push_str(",\"needs\":[");
-            for (k, need) in needs.iter().enumerate() {
-                if k > 0 {
-                    out.push(',');
-                }
-                push_json_string(out, need);
-            }
-            out.push(']');
-        }
-        if s.state.status == StepStatus::Retrying {
-            if let Some(due) = s.state.due_at_us {
-                out.push_str(",\"next_attempt_at\":\"");
-                out.push_str(&rfc3339(due));
-                out.push('"');
-            }
-        }
-        if let Some(reason) = step_reason(r, s.state.status) {
-            out.push_str(",\"reason\":");
-            push_json_string(out, &reason);
-        }
-        out.push_str(",\"status\":\"");
-        out.push_str(s.state.status.as_str());
-        out.push('"');
-        if let Some(worker) = &s.state.holder {
-            out.push_str(",\"worker\":");
-            push_json_string(out, worker);
-        }
-        out.push('}');
+        write_step(out, s, i, pipeline, step_reason(r, s.state.status));
     }
     out.push_str("],\"type\":");
     push_json_string(out, &r.type_name);
@@ -175,6 +147,96 @@ fn step_reason(r: &EntityRecord, status: StepStatus) -> Option<String> {
             .map(|d| format!("{} {} {}", d.type_name, d.id, d.status.as_str())),
         _ => None,
     }
+}
+
+/// Whether a step record is a compensation step (`{step}:compensate`).
+fn is_compensation(s: &StepRecord) -> bool {
+    s.name.ends_with(COMPENSATE_SUFFIX)
+}
+
+/// Where the entity's compensation stands, from its step records: `None`
+/// when none was asked for.
+fn compensation_of(r: &EntityRecord) -> Option<Compensation> {
+    let mut asked = r
+        .steps
+        .iter()
+        .filter(|s| is_compensation(s) && s.state.status != StepStatus::Dormant)
+        .peekable();
+    asked.peek()?;
+    let mut failed = false;
+    for s in asked {
+        match s.state.status {
+            StepStatus::Succeeded => {}
+            StepStatus::Failed | StepStatus::Skipped => failed = true,
+            _ => return Some(Compensation::Running),
+        }
+    }
+    Some(if failed {
+        Compensation::Failed
+    } else {
+        Compensation::Done
+    })
+}
+
+/// Appends the view of step record `s`, step `i` of its pipeline.
+fn write_step(
+    out: &mut String,
+    s: &StepRecord,
+    i: usize,
+    pipeline: Option<&Pipeline>,
+    reason: Option<String>,
+) {
+    let _ = write!(
+        out,
+        "{{\"attempts\":{},\"critical\":{},",
+        s.state.attempts, s.critical
+    );
+    if let Some(kind) = executor_of(pipeline, i) {
+        let _ = write!(out, "\"executor\":\"{kind}\",");
+    }
+    out.push_str("\"last_error\":");
+    match &s.state.last_error {
+        Some(e) => push_json_string(out, e),
+        None => out.push_str("null"),
+    }
+    if s.state.status == StepStatus::Running {
+        if let Some(due) = s.state.due_at_us {
+            out.push_str(",\"lease_expires_at\":\"");
+            out.push_str(&rfc3339(due));
+            out.push('"');
+        }
+    }
+    out.push_str(",\"name\":");
+    push_json_string(out, &s.name);
+    if let Some(needs) = needs_of(pipeline, i) {
+        out.push_str(",\"needs\":[");
+        for (k, need) in needs.iter().enumerate() {
+            if k > 0 {
+                out.push(',');
+            }
+            push_json_string(out, need);
+        }
+        out.push(']');
+    }
+    if s.state.status == StepStatus::Retrying {
+        if let Some(due) = s.state.due_at_us {
+            out.push_str(",\"next_attempt_at\":\"");
+            out.push_str(&rfc3339(due));
+            out.push('"');
+        }
+    }
+    if let Some(reason) = reason {
+        out.push_str(",\"reason\":");
+        push_json_string(out, &reason);
+    }
+    out.push_str(",\"status\":\"");
+    out.push_str(s.state.status.as_str());
+    out.push('"');
+    if let Some(worker) = &s.state.holder {
+        out.push_str(",\"worker\":");
+        push_json_string(out, worker);
+    }
+    out.push('}');
 }
 
 /// Appends `s` as a JSON string, escaped exactly as serde_json escapes it.
@@ -208,42 +270,44 @@ fn push_json_string(out: &mut String, s: &str) {
 /// The entity view as a value; [`entity_json`] writes the same JSON faster.
 #[cfg(test)]
 pub fn entity(r: &EntityRecord, pipeline: Option<&Pipeline>) -> Value {
+    let step_value = |i: usize, s: &StepRecord, reason: Option<String>| {
+        let mut step = json!({
+            "name": s.name,
+            "status": s.state.status.as_str(),
+            "critical": s.critical,
+            "attempts": s.state.attempts,
+            "last_error": s.state.last_error,
+        });
+        if s.state.status == StepStatus::Retrying {
+            if let Some(due) = s.state.due_at_us {
+                step["next_attempt_at"] = json!(rfc3339(due));
+            }
+        }
+        if s.state.status == StepStatus::Running {
+            if let Some(due) = s.state.due_at_us {
+                step["lease_expires_at"] = json!(rfc3339(due));
+            }
+        }
+        if let Some(kind) = executor_of(pipeline, i) {
+            step["executor"] = json!(kind);
+        }
+        if let Some(needs) = needs_of(pipeline, i) {
+            step["needs"] = json!(needs);
+        }
+        if let Some(worker) = &s.state.holder {
+            step["worker"] = json!(worker);
+        }
+        if let Some(reason) = reason {
+            step["reason"] = json!(reason);
+        }
+        step
+    };
     let steps: Vec<Value> = r
         .steps
         .iter()
         .enumerate()
-        .map(|(i, s)| {
-            let mut step = json!({
-                "name": s.name,
-                "status": s.state.status.as_str(),
-                "critical": s.critical,
-                "attempts": s.state.attempts,
-                "last_error": s.state.last_error,
-            });
-            if s.state.status == StepStatus::Retrying {
-                if let Some(due) = s.state.due_at_us {
-                    step["next_attempt_at"] = json!(rfc3339(due));
-                }
-            }
-            if s.state.status == StepStatus::Running {
-                if let Some(due) = s.state.due_at_us {
-                    step["lease_expires_at"] = json!(rfc3339(due));
-                }
-            }
-            if let Some(kind) = executor_of(pipeline, i) {
-                step["executor"] = json!(kind);
-            }
-            if let Some(needs) = needs_of(pipeline, i) {
-                step["needs"] = json!(needs);
-            }
-            if let Some(worker) = &s.state.holder {
-                step["worker"] = json!(worker);
-            }
-            if let Some(reason) = step_reason(r, s.state.status) {
-                step["reason"] = json!(reason);
-            }
-            step
-        })
+        .filter(|(_, s)| !is_compensation(s))
+        .map(|(i, s)| step_value(i, s, step_reason(r, s.state.status)))
         .collect();
     let mut view = json!({
         "id": r.id.to_string(),
@@ -260,27 +324,20 @@ pub fn entity(r: &EntityRecord, pipeline: Option<&Pipeline>) -> Value {
         let failed: Vec<&str> = r
             .steps
             .iter()
-            .filter(|s| !s.critical && s.state.status == StepStatus::Failed)
+            .filter(|s| !s.critical && !is_compensation(s) && s.state.status == StepStatus::Failed)
             .map(|s| s.name.as_str())
             .collect();
         view["degraded_steps"] = json!(failed);
     }
-    let deps: Vec<Value> = r
-        .deps
-        .iter()
-        .map(|d| json!({"field": d.field, "type": d.type_name, "entity_id": d.id.to_string(), "status": d.status.as_str()}))
-        .collect();
-    if !deps.is_empty() {
-        view["dependencies"] = json!(deps);
-    }
-    if let Some(d) = r.failed_dependency() {
-        view["failure"] = json!({
-            "cause": "dependency_failed",
-            "field": d.field,
-            "type": d.type_name,
-            "entity_id": d.id.to_string(),
-            "status": d.status.as_str(),
-        });
+    if let Some(c) = compensation_of(r) {
+        let asked: Vec<Value> = r
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| is_compensation(s) && s.state.status != StepStatus::Dormant)
+            .map(|(i, s)| step_value(i, s, None))
+            .collect();
+        view["compensation"] = json!({"status": c.as_str(), "steps": asked});
     }
     view
 }
@@ -297,7 +354,11 @@ pub fn data(d: &EntityData) -> String {
     ));
     out.push_str(&d.payload);
     out.push_str(",\"outputs\":{");
-    for (i, (name, output)) in d.outputs.iter().enumerate() {
+    let outputs = d
+        .outputs
+        .iter()
+        .filter(|(name, _)| !name.ends_with(COMPENSATE_SUFFIX));
+    for (i, (name, output)) in outputs.enumerate() {
         if i > 0 {
             out.push(',');
         }
@@ -400,6 +461,7 @@ mod tests {
                 },
                 Some(q) => ripen_core::Executor::Worker { queue: q.into() },
             },
+            compensate: None,
         });
         let pipeline = Pipeline::new(defs.to_vec()).expect("pipeline");
         same(&r, Some(&pipeline));

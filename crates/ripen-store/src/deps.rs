@@ -423,6 +423,19 @@ impl Decider {
         now: &HashMap<EntityId, EntityStatus>,
         now_us: UnixMicros,
     ) -> Result<Option<CommandOutcome>> {
+        // A compensation is retried or waited for whatever the references
+        // say: it undoes, and needs nothing of them.
+        match w.compensation() {
+            Some(ripen_core::Compensation::Running) => {
+                return Ok(Some(CommandOutcome::Compensating(w.state().status)));
+            }
+            Some(ripen_core::Compensation::Failed) => {
+                return Ok(self
+                    .command(w, Input::Retry, now_us)?
+                    .map(CommandOutcome::Conflict));
+            }
+            Some(ripen_core::Compensation::Done) | None => {}
+        }
         if w.state().status != EntityStatus::Failed {
             return Ok(Some(CommandOutcome::Conflict(w.state().status)));
         }

@@ -18,12 +18,12 @@ pub struct HistoryEvent {
 }
 
 impl HistoryEvent {
-    /// Whether this event is a status change or a degradation, which also
-    /// go to the outbox.
+    /// Whether this event is a status change, a degradation or a
+    /// compensation that failed for good, which also go to the outbox.
     pub fn is_notable(&self) -> bool {
         matches!(
             self.kind.as_str(),
-            "created" | "status_changed" | "degraded"
+            "created" | "status_changed" | "degraded" | "compensation_failed"
         )
     }
 }
@@ -153,6 +153,17 @@ pub fn from_core(
                     None,
                     json!({"degraded": true, "step": pipeline.step(*step).name}),
                 ),
+                Event::CompensationStarted => ("compensation_started", None, None, json!({})),
+                Event::CompensationDone => ("compensation_done", None, None, json!({})),
+                Event::CompensationFailed { step } => {
+                    let undone = pipeline.step(*step).compensates.map(|s| pipeline.step(s));
+                    (
+                        "compensation_failed",
+                        name(*step),
+                        None,
+                        json!({"undoes": undone.map(|s| s.name.as_str())}),
+                    )
+                }
             };
             HistoryEvent {
                 seq: next_seq + k as u64,

@@ -410,6 +410,9 @@ pub enum CommandOutcome {
     NotFound,
     /// The entity's status does not allow the command.
     Conflict(EntityStatus),
+    /// A retry refused: the entity (failed or cancelled) is still
+    /// compensating.
+    Compensating(EntityStatus),
     /// A retry refused: an entity it depends on and has not seen ready is
     /// failed, cancelled or gone.
     DependencyNotReady(deps::ReferenceRefusal),

@@ -37,6 +37,7 @@ pub struct DecisionMetrics {
     stale: IntCounter,
     status_changes: IntCounterVec,
     ready_seconds: HistogramVec,
+    compensations: IntCounterVec,
 }
 
 impl std::fmt::Debug for DecisionMetrics {
@@ -92,6 +93,11 @@ impl DecisionMetrics {
                 &["type"],
             )
             .expect("a valid metric"),
+            compensations: counter_vec(
+                "ripen_compensations_total",
+                "Compensations of failed or cancelled entities, by entity type and what happened (started, done, failed: a compensation step failed for good and waits for an operator retry).",
+                &["type", "outcome"],
+            ),
         }
     }
 
@@ -103,6 +109,7 @@ impl DecisionMetrics {
         registry.register(Box::new(self.stale.clone()))?;
         registry.register(Box::new(self.status_changes.clone()))?;
         registry.register(Box::new(self.ready_seconds.clone()))?;
+        registry.register(Box::new(self.compensations.clone()))?;
         Ok(())
     }
 
@@ -172,6 +179,15 @@ impl DecisionMetrics {
                     self.status_changes
                         .with_label_values(&[t, "degraded"])
                         .inc();
+                }
+                Event::CompensationStarted => {
+                    self.compensations.with_label_values(&[t, "started"]).inc();
+                }
+                Event::CompensationDone => {
+                    self.compensations.with_label_values(&[t, "done"]).inc();
+                }
+                Event::CompensationFailed { .. } => {
+                    self.compensations.with_label_values(&[t, "failed"]).inc();
                 }
                 Event::StepStarted { .. }
                 | Event::StepFailed { .. }

@@ -22,6 +22,7 @@ pub const EVENTS: &[&str] = &[
     "entity.failed",
     "entity.cancelled",
     "entity.degraded",
+    "entity.compensation_failed",
 ];
 
 /// The most subscriptions one tenant may have.
@@ -100,6 +101,10 @@ pub fn event_of(
         "degraded" => Some((
             "entity.degraded".into(),
             current.unwrap_or("pending").to_owned(),
+        )),
+        "compensation_failed" => Some((
+            "entity.compensation_failed".into(),
+            current.unwrap_or("failed").to_owned(),
         )),
         _ => None,
     }

@@ -140,6 +140,7 @@ pub fn catalog() -> Arc<Catalog> {
             executor: Executor::Http {
                 url: format!("http://127.0.0.1:9/{name}"),
             },
+            compensate: None,
         }
     }
     let w5_retry = RetryPolicy {

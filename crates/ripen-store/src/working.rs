@@ -725,6 +725,9 @@ pub struct Working<X = ()> {
     /// The state changed without history since the last flush (a lease
     /// moved by a heartbeat).
     touched: bool,
+    /// The last operator command was refused because the entity's
+    /// compensation is still running.
+    compensating: bool,
 }
 
 impl<X> Working<X> {
@@ -752,6 +755,7 @@ impl<X> Working<X> {
             claimed: Vec::new(),
             observed: 0,
             touched: false,
+            compensating: false,
         })
     }
 
@@ -766,6 +770,12 @@ impl<X> Working<X> {
 
     pub fn into_record(self) -> EntityRecord {
         self.record
+    }
+
+    /// Where the entity's compensation stands (see
+    /// [`ripen_core::compensation`]).
+    pub fn compensation(&self) -> Option<ripen_core::Compensation> {
+        ripen_core::compensation(&self.pipeline, &self.state)
     }
 
     pub fn state(&self) -> &EntityState {
@@ -971,6 +981,10 @@ impl<X> Working<X> {
         match self.apply(input, ctxs.ctx(now_us)) {
             Ok(()) => Ok(None),
             Err(Refusal::WrongStatus(status)) => Ok(Some(status)),
+            Err(Refusal::Compensating) => {
+                self.compensating = true;
+                Ok(Some(self.state.status))
+            }
             Err(refusal) => Err(StoreError::Internal(format!(
                 "entity {}: unexpected refusal of an operator command: {refusal}",
                 self.record.id
@@ -1231,6 +1245,7 @@ pub fn complete<X>(
 pub fn command_outcome<X>(working: Working<X>, refused: Option<EntityStatus>) -> CommandOutcome {
     match refused {
         None => CommandOutcome::Applied(working.into_record()),
+        Some(status) if working.compensating => CommandOutcome::Compensating(status),
         Some(status) => CommandOutcome::Conflict(status),
     }
 }

@@ -31,6 +31,7 @@ fn chain_catalog() -> Arc<Catalog> {
         executor: Executor::Http {
             url: format!("http://127.0.0.1:9/{name}"),
         },
+        compensate: None,
     };
     let chain = Pipeline::new(vec![step("a", &[]), step("b", &["a"]), step("c", &["b"])])
         .expect("chain is a valid pipeline");

@@ -27,6 +27,8 @@ pub struct Step {
     pub max_backoff: Option<String>,
     /// The step's own `ca_file`, `client_cert` and `client_key`.
     pub tls: TlsFiles,
+    /// The step's `compensate`, as TOML (a quoted URL or an inline table).
+    pub compensate: Option<String>,
 }
 
 /// The TLS keys of `[tls]` or of a step: paths as written into the file
@@ -82,6 +84,7 @@ impl Step {
             initial_backoff: Some("10ms".to_owned()),
             max_backoff: Some("50ms".to_owned()),
             tls: TlsFiles::default(),
+            compensate: None,
         }
     }
 
@@ -97,6 +100,19 @@ impl Step {
     /// The step's own TLS settings.
     pub fn tls(mut self, tls: TlsFiles) -> Step {
         self.tls = tls;
+        self
+    }
+
+    /// Undoes the step with an HTTP call to `url`, under the step's own
+    /// timeout and retry policy.
+    pub fn compensate(mut self, url: impl Into<String>) -> Step {
+        self.compensate = Some(toml_str(&url.into()));
+        self
+    }
+
+    /// Sets `compensate` to `toml` as written (an inline table).
+    pub fn compensate_with(mut self, toml: &str) -> Step {
+        self.compensate = Some(toml.to_owned());
         self
     }
 
@@ -425,6 +441,9 @@ impl Config {
                 }
                 if !retry.is_empty() {
                     let _ = writeln!(out, "retry = {{ {} }}", retry.join(", "));
+                }
+                if let Some(c) = &s.compensate {
+                    let _ = writeln!(out, "compensate = {c}");
                 }
                 s.tls.render(&mut out);
             }

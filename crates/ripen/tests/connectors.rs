@@ -585,3 +585,72 @@ async fn a_table_that_does_not_fit_is_refused_at_start() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_entity_takes_its_row_and_key_back() {
+    let url = user_database(MERCHANTS).await;
+    let redis = start_redis().await;
+    let ds = Downstream::start().await;
+    // `row` and `cache` write and then undo themselves; `publish`, after
+    // both, refuses every entity for good.
+    ds.set("/merchant/publish", Behavior::always(400));
+    let steps = builtin_step(
+        "row",
+        &["kyc"],
+        &upsert(&url, "public.merchants", "name = \"/payload/name\""),
+    ) + "compensate = { builtin = true }\n"
+        + &builtin_step(
+            "cache",
+            &["kyc"],
+            &format!(
+                "{{ redis_set = {{ url = {}, key = \"m:{{id}}\", fields = {{ name = \"/payload/name\" }} }} }}",
+                toml_str(&redis.url())
+            ),
+        )
+        + "compensate = { builtin = true }\n"
+        + &format!(
+            "\n[[types.merchant.steps]]\nname = \"publish\"\nneeds = [\"row\", \"cache\"]\n\
+             http = {}\nretry = {{ max_attempts = 1 }}\n",
+            toml_str(&ds.url("/merchant/publish"))
+        );
+    let server = serve(&ds, json!({"score": 1}), steps).await;
+    let other = server
+        .submit_ok("merchant", &json!({"name": "Other"}))
+        .await;
+    let id = server.submit_ok("merchant", &json!({"name": "Gone"})).await;
+    let view = server
+        .wait_until(&id, PATIENCE, "compensated", |v| {
+            v["compensation"]["status"] == "done"
+        })
+        .await;
+    assert_eq!(view["status"], "failed", "{view:#}");
+    let rows = pg(&url)
+        .await
+        .query("SELECT id::text FROM merchants ORDER BY name", &[])
+        .await
+        .expect("read the rows");
+    let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert!(
+        !ids.contains(&id),
+        "the failed entity's row is gone: {ids:?}"
+    );
+    assert!(
+        hash(&redis, &format!("m:{id}")).is_empty(),
+        "its key is gone"
+    );
+    // The other entity failed the same way and was undone too: nothing of
+    // either is left.
+    server
+        .wait_until(&other, PATIENCE, "compensated", |v| {
+            v["compensation"]["status"] == "done"
+        })
+        .await;
+    assert!(ids.len() <= 1, "{ids:?}");
+    let rows = pg(&url)
+        .await
+        .query("SELECT count(*) FROM merchants", &[])
+        .await
+        .expect("count the rows");
+    assert_eq!(rows[0].get::<_, i64>(0), 0);
+    assert!(hash(&redis, &format!("m:{other}")).is_empty());
+}

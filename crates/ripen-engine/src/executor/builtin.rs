@@ -275,6 +275,14 @@ impl Connector {
             Connector::Redis(c) => c.write(doc, attempt, timeout_ms).await,
         }
     }
+
+    /// Undoes the write for the entity: its row or key is deleted.
+    async fn undo(&self, attempt: &Attempt, timeout_ms: u64) -> Outcome {
+        match self {
+            Connector::Postgres(c) => c.undo(attempt, timeout_ms).await,
+            Connector::Redis(c) => c.undo(attempt, timeout_ms).await,
+        }
+    }
 }
 
 struct Prepared {
@@ -375,6 +383,9 @@ impl StepExecutor for BuiltinExecutor {
                 step.name, attempt.type_name, attempt.version
             ));
         };
+        if step.compensates.is_some() {
+            return prepared.connector.undo(attempt, step.timeout_ms).await;
+        }
         let doc = match document(attempt, &prepared.upstream) {
             Ok(doc) => doc,
             Err(e) => return failed(format!("{connector}: {e}")),
@@ -484,6 +495,7 @@ mod tests {
             timeout_ms: 1_000,
             retry: RetryPolicy::default(),
             executor,
+            compensate: None,
         }
     }
 
@@ -560,6 +572,7 @@ mod tests {
             timeout_ms: 1_000,
             retry: RetryPolicy::default(),
             executor: redis_hash(&[("a", "/payload/a")]),
+            compensates: None,
         };
         let mut a = attempt();
         a.entity_id = EntityId::new_v7();

@@ -50,7 +50,10 @@ function micros(t) {
   const m = /^(.{19})(?:\.(\d+))?Z$/.exec(t || "");
   return m ? Date.parse(m[1] + "Z") * 1000 + Number((m[2] || "").padEnd(6, "0").slice(0, 6)) : NaN;
 }
-function settled(e) { return e.status !== "pending" && e.steps.every(s => SETTLED_STEPS.includes(s.status)); }
+function settled(e) {
+  return e.status !== "pending" && e.steps.every(s => SETTLED_STEPS.includes(s.status))
+    && !(e.compensation && e.compensation.status === "running");
+}
 
 /** The answer's JSON; a refusal throws an Error saying the problem's title and detail. */
 async function api(path, init) {
@@ -546,7 +549,8 @@ function drawHead(box, e) {
     h("dt", null, "ready"), h("dd", null, time(e.ready_at)),
     (e.dependencies || []).length ? [h("dt", null, "depends on"), h("dd", {id: "dependencies"}, e.dependencies.map((d, i) => [i ? ", " : null,
       h("a", {href: `#/entities/${encodeURIComponent(d.entity_id)}`}, `${d.type} ${d.entity_id}`), ` (${d.field}, ${d.status})`]))] : null,
-    e.failure ? [h("dt", null, "failure"), h("dd", {id: "failure"}, `${e.failure.cause}: ${e.failure.type} ${e.failure.entity_id} ${e.failure.status}`)] : null)));
+    e.failure ? [h("dt", null, "failure"), h("dd", {id: "failure"}, `${e.failure.cause}: ${e.failure.type} ${e.failure.entity_id} ${e.failure.status}`)] : null,
+    e.compensation ? [h("dt", null, "compensation"), h("dd", {id: "compensation"}, badge(e.compensation.status))] : null)));
 }
 
 function drawPipeline(box, e) {
@@ -560,7 +564,19 @@ function drawPipeline(box, e) {
         h("td", {"data-label": "attempts", class: "num"}, s.attempts),
         h("td", {"data-label": "runs on"}, s.executor || "—", s.worker ? ` (${s.worker})` : null),
         h("td", {"data-label": "next attempt"}, time(s.next_attempt_at)),
-        h("td", {"data-label": "last error", class: "mono"}, s.last_error || "—")))))));
+        h("td", {"data-label": "last error", class: "mono"}, s.last_error || "—")))))),
+    e.compensation ? [
+      h("h3", {id: "h-compensation"}, `Compensation: ${e.compensation.status}`),
+      h("p", {class: "muted"}, "The succeeded steps are undone, the last first."),
+      h("div", {class: "wide"}, h("table", {class: "cards", id: "compensation-steps", "aria-labelledby": "h-compensation"},
+        h("thead", null, h("tr", null, ["undo", "status", "attempts", "runs on", "next attempt", "last error"].map(c => h("th", {scope: "col"}, c)))),
+        h("tbody", null, e.compensation.steps.map(s => h("tr", {"data-step": s.name},
+          h("td", {"data-label": "undo"}, s.name),
+          h("td", {"data-label": "status"}, badge(s.status)),
+          h("td", {"data-label": "attempts", class: "num"}, s.attempts),
+          h("td", {"data-label": "runs on"}, s.executor || "—", s.worker ? ` (${s.worker})` : null),
+          h("td", {"data-label": "next attempt"}, time(s.next_attempt_at)),
+          h("td", {"data-label": "last error", class: "mono"}, s.last_error || "—"))))))] : null);
 }
 
 /** Each attempt from the history: when it started, how long it took, how it ended, what came next. */

@@ -316,6 +316,7 @@ pub fn catalog_with_w5_renamed() -> Arc<Catalog> {
                 timeout_ms: s.timeout_ms,
                 retry: s.retry,
                 executor: s.executor.clone(),
+                compensate: None,
             }
         })
         .collect();

@@ -519,6 +519,46 @@ impl Upsert {
         }
     }
 
+    /// The compensation: deletes the entity's row, which is idempotent
+    /// like the upsert.
+    pub(super) async fn undo(&self, attempt: &Attempt, timeout_ms: u64) -> Outcome {
+        let run = self.delete(attempt);
+        let result = match tokio::time::timeout(Duration::from_millis(timeout_ms), run).await {
+            Ok(result) => result,
+            Err(_) => Err(PgError {
+                reason: "timed out",
+                detail: format!("no answer within {timeout_ms} ms"),
+                retryable: true,
+            }),
+        };
+        match result {
+            Ok(deleted) => Outcome::Succeeded {
+                output: Some(serde_json::json!({ "deleted": deleted }).to_string()),
+            },
+            Err(e) => failure(
+                format!("{CONNECTOR} {}: {}", self.spec.table, e.describe()),
+                e.retryable,
+            ),
+        }
+    }
+
+    async fn delete(&self, attempt: &Attempt) -> Result<u64, PgError> {
+        let sql = format!(
+            "DELETE FROM {} WHERE {}::text = $1",
+            self.table,
+            ident(&self.spec.key)
+        );
+        let id = Text(Some(attempt.entity_id.to_string()));
+        let (conn, _permit) = self.pool.get().await?;
+        let deleted = conn
+            .client
+            .execute(sql.as_str(), &[&id])
+            .await
+            .map_err(|e| classify(&e, false));
+        self.pool.put_back(conn);
+        deleted
+    }
+
     /// Writes the row; the number of rows written (0 when it already held
     /// these values).
     async fn upsert(&self, doc: &Value, attempt: &Attempt) -> Result<u64, PgError> {
