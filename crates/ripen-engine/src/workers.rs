@@ -464,7 +464,7 @@ mod tests {
             format!("{entity}.x"),
             format!("{entity}.+1"),
             format!("{entity}.01"),
-            format!("{entity}.64"),
+            format!("{entity}.128"),
             format!("{entity}.99999999999999999999999"),
             "nope.1".to_string(),
         ] {

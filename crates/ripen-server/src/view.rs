@@ -339,6 +339,23 @@ pub fn entity(r: &EntityRecord, pipeline: Option<&Pipeline>) -> Value {
             .collect();
         view["compensation"] = json!({"status": c.as_str(), "steps": asked});
     }
+    let deps: Vec<Value> = r
+        .deps
+        .iter()
+        .map(|d| json!({"field": d.field, "type": d.type_name, "entity_id": d.id.to_string(), "status": d.status.as_str()}))
+        .collect();
+    if !deps.is_empty() {
+        view["dependencies"] = json!(deps);
+    }
+    if let Some(d) = r.failed_dependency() {
+        view["failure"] = json!({
+            "cause": "dependency_failed",
+            "field": d.field,
+            "type": d.type_name,
+            "entity_id": d.id.to_string(),
+            "status": d.status.as_str(),
+        });
+    }
     view
 }
 

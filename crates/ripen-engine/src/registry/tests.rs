@@ -87,8 +87,8 @@ fn invalid_requests_name_where_they_are_wrong() {
             vec!["/schema"],
         ),
         (
-            json!({"references": {"m": "merchant"}, "steps": [{"name": "a", "http": "http://h"}]}),
-            vec!["/references"],
+            json!({"references": {"m": 5}, "steps": [{"name": "a", "http": "http://h"}]}),
+            vec!["/references/m"],
         ),
         (json!({"stepz": [], "force": 1}), vec!["/stepz", "/force"]),
         (
