@@ -145,8 +145,8 @@ async fn a_cancelled_entity_undoes_what_it_did() {
 async fn a_failed_compensation_is_told_and_waits_for_an_operator() {
     let ds = Downstream::start().await;
     ds.set("/order/ship", Behavior::always(400));
-    ds.set("/undo/charge", Behavior::always(500));
     let server = serve(&ds).await;
+    ds.set("/undo/charge", Behavior::always(500));
     let id = server.submit_ok("order", &json!({"sku": "C-3"})).await;
     let view = wait_compensation(&server, &id, "failed").await;
     let undone: Vec<(String, String)> = view["compensation"]["steps"]
@@ -216,7 +216,10 @@ async fn a_retry_while_compensating_is_refused() {
     wait_compensation(&server, &id, "running").await;
     let r = server.post_empty(&format!("/v1/entities/{id}/retry")).await;
     let problem = assert_problem(&r, 409);
-    assert_eq!(problem["type"], "compensation-running", "{problem:#}");
+    assert_eq!(
+        problem["type"], "urn:ripen:problem:compensation-running",
+        "{problem:#}"
+    );
     assert_eq!(problem["entity_status"], "failed");
     wait_compensation(&server, &id, "done").await;
 }
