@@ -468,8 +468,8 @@ async fn registration_over_the_api() {
             "/schema",
         ),
         (
-            json!({"references": {"m": "base"}, "steps": [{"name": "a", "http": "http://h"}]}),
-            "/references",
+            json!({"references": {"m": "nowhere"}, "steps": [{"name": "a", "http": "http://h"}]}),
+            "/references/m",
         ),
         (
             json!({"steps": [{"name": "a", "http": "http://h"}], "extra": 1}),
