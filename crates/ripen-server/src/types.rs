@@ -28,7 +28,7 @@ fn pipeline_steps(p: &Pipeline) -> Vec<Value> {
                 })
             });
             let needs: Vec<&str> = s.needs.iter().map(|&n| p.step(n).name.as_str()).collect();
-            json!({
+            let mut step = json!({
                 "name": s.name,
                 "needs": needs,
                 "critical": s.critical,
@@ -36,8 +36,12 @@ fn pipeline_steps(p: &Pipeline) -> Vec<Value> {
                 "queue": p.queue(i),
                 "timeout_ms": s.timeout_ms,
                 "max_attempts": s.retry.max_attempts,
-                "compensate": compensate,
-            })
+            });
+            // Only a step that declares one has a compensation.
+            if let Some(undo) = compensate {
+                step["compensate"] = undo;
+            }
+            step
         })
         .collect()
 }
