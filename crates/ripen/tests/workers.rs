@@ -262,7 +262,7 @@ async fn bad_worker_requests_get_clear_problems() {
     let id = server.submit_ok(TYPE, &json!({})).await;
     let task = claim_one(&server, "w").await;
     let task_id = task["task_id"].as_str().unwrap();
-    for bad in ["nope", "1.2.3", id.as_str(), &format!("{id}.99")] {
+    for bad in ["nope", "1.2.3", id.as_str(), &format!("{id}.128")] {
         let r = server
             .post(
                 &format!("/v1/tasks/{bad}/heartbeat"),
