@@ -499,41 +499,23 @@ impl Upsert {
     }
 
     pub(super) async fn write(&self, doc: &Value, attempt: &Attempt, timeout_ms: u64) -> Outcome {
-        let run = self.upsert(doc, attempt);
-        let result = match tokio::time::timeout(Duration::from_millis(timeout_ms), run).await {
-            Ok(result) => result,
-            Err(_) => Err(PgError {
-                reason: "timed out",
-                detail: format!("no answer within {timeout_ms} ms"),
-                retryable: true,
-            }),
-        };
-        match result {
-            Ok(written) => Outcome::Succeeded {
-                output: Some(serde_json::json!({ "upserted": written }).to_string()),
-            },
-            Err(e) => failure(
-                format!("{CONNECTOR} {}: {}", self.spec.table, e.describe()),
-                e.retryable,
-            ),
-        }
+        let result = within(timeout_ms, self.upsert(doc, attempt)).await;
+        self.outcome(result, "upserted")
     }
 
     /// The compensation: deletes the entity's row, which is idempotent
     /// like the upsert.
     pub(super) async fn undo(&self, attempt: &Attempt, timeout_ms: u64) -> Outcome {
-        let run = self.delete(attempt);
-        let result = match tokio::time::timeout(Duration::from_millis(timeout_ms), run).await {
-            Ok(result) => result,
-            Err(_) => Err(PgError {
-                reason: "timed out",
-                detail: format!("no answer within {timeout_ms} ms"),
-                retryable: true,
-            }),
-        };
+        let result = within(timeout_ms, self.delete(attempt)).await;
+        self.outcome(result, "deleted")
+    }
+
+    /// A statement's result as the step's: the rows it touched, as
+    /// `{what: n}`, or the failure.
+    fn outcome(&self, result: Result<u64, PgError>, what: &str) -> Outcome {
         match result {
-            Ok(deleted) => Outcome::Succeeded {
-                output: Some(serde_json::json!({ "deleted": deleted }).to_string()),
+            Ok(rows) => Outcome::Succeeded {
+                output: Some(serde_json::json!({ what: rows }).to_string()),
             },
             Err(e) => failure(
                 format!("{CONNECTOR} {}: {}", self.spec.table, e.describe()),
@@ -598,6 +580,21 @@ impl Upsert {
             .map_err(|e| classify(&e, false));
         self.pool.put_back(conn);
         written
+    }
+}
+
+/// `run`, or a retryable timeout once `timeout_ms` passed.
+async fn within<T>(
+    timeout_ms: u64,
+    run: impl std::future::Future<Output = Result<T, PgError>>,
+) -> Result<T, PgError> {
+    match tokio::time::timeout(Duration::from_millis(timeout_ms), run).await {
+        Ok(result) => result,
+        Err(_) => Err(PgError {
+            reason: "timed out",
+            detail: format!("no answer within {timeout_ms} ms"),
+            retryable: true,
+        }),
     }
 }
 

@@ -426,33 +426,6 @@ pub struct RedisError {
     pub retryable: bool,
 }
 
-impl Set {
-    /// The compensation: deletes the entity's key (`DEL`), which is
-    /// idempotent like the write.
-    pub(super) async fn undo(&self, attempt: &Attempt, timeout_ms: u64) -> Outcome {
-        let key = self
-            .template
-            .render(&attempt.entity_id.to_string(), &attempt.type_name);
-        let commands = vec![vec![b"DEL".to_vec(), key.as_bytes().to_vec()]];
-        let call = self.pool.call(&commands);
-        let result = match tokio::time::timeout(Duration::from_millis(timeout_ms), call).await {
-            Err(_) => Err(RedisError {
-                reason: "timed out",
-                detail: format!("no answer within {timeout_ms} ms"),
-                retryable: true,
-            }),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(replies)) => first_error(&replies).map_or(Ok(()), Err),
-        };
-        match result {
-            Ok(()) => Outcome::Succeeded {
-                output: Some(serde_json::json!({ "deleted": key }).to_string()),
-            },
-            Err(e) => failure(format!("{CONNECTOR} {key}: {}", e.describe()), e.retryable),
-        }
-    }
-}
-
 impl RedisError {
     fn io(reason: &'static str, e: impl std::fmt::Display) -> RedisError {
         RedisError {
@@ -725,7 +698,29 @@ impl Set {
             .template
             .render(&attempt.entity_id.to_string(), &attempt.type_name);
         let commands = self.commands(doc, &key);
-        let call = self.pool.call(&commands);
+        self.send(&commands, key, timeout_ms, "key").await
+    }
+
+    /// The compensation: deletes the entity's key (`DEL`), which is
+    /// idempotent like the write.
+    pub(super) async fn undo(&self, attempt: &Attempt, timeout_ms: u64) -> Outcome {
+        let key = self
+            .template
+            .render(&attempt.entity_id.to_string(), &attempt.type_name);
+        let commands = vec![vec![b"DEL".to_vec(), key.as_bytes().to_vec()]];
+        self.send(&commands, key, timeout_ms, "deleted").await
+    }
+
+    /// Sends `commands` for `key` within `timeout_ms`; the step succeeds
+    /// with `{what: key}` when no reply is an error.
+    async fn send(
+        &self,
+        commands: &[Vec<Vec<u8>>],
+        key: String,
+        timeout_ms: u64,
+        what: &str,
+    ) -> Outcome {
+        let call = self.pool.call(commands);
         let result = match tokio::time::timeout(Duration::from_millis(timeout_ms), call).await {
             Err(_) => Err(RedisError {
                 reason: "timed out",
@@ -737,7 +732,7 @@ impl Set {
         };
         match result {
             Ok(()) => Outcome::Succeeded {
-                output: Some(serde_json::json!({ "key": key }).to_string()),
+                output: Some(serde_json::json!({ what: key }).to_string()),
             },
             Err(e) => failure(format!("{CONNECTOR} {key}: {}", e.describe()), e.retryable),
         }
