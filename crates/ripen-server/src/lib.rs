@@ -247,6 +247,7 @@ async fn submit(
     let headers = &parts.headers;
     let limit = state.engine.config().body_limit_bytes;
     check_declared_length(headers, limit)?;
+    check_json_media_type(headers)?;
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(v) => Some(v.to_str().map_err(|_| {
@@ -347,6 +348,36 @@ fn too_large(limit: usize) -> Problem {
         format!("the body exceeds the limit of {limit} bytes"),
     )
     .with("limit_bytes", json!(limit))
+}
+
+/// A payload says it is JSON, or says nothing: `application/json` or any
+/// `application/…+json`, with any parameters, in any case. A request
+/// without `Content-Type` is read as JSON; one that declares another type
+/// (a form, text, an image) is refused with 415 rather than guessed at.
+fn check_json_media_type(headers: &HeaderMap) -> Result<(), Problem> {
+    let Some(value) = headers.get(axum::http::header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let json = essence.as_deref().is_some_and(|t| {
+        t == "application/json" || (t.starts_with("application/") && t.ends_with("+json"))
+    });
+    if json {
+        return Ok(());
+    }
+    Err(Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+        "Unsupported media type",
+        format!(
+            "an entity's payload is JSON: send Content-Type: application/json, not {:?}",
+            String::from_utf8_lossy(value.as_bytes())
+        ),
+    ))
 }
 
 /// Refuses a body whose declared length is over `limit` before reading it.

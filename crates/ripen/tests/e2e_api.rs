@@ -295,6 +295,55 @@ async fn unknown_type_is_404() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_that_is_not_declared_json_gets_415() {
+    let ds = Downstream::start().await;
+    let srv = Server::start(&Config::new().with_type(single("t", &ds))).await;
+    let body = serde_json::to_vec(&json!({"name": "Ada"})).unwrap();
+    for declared in [
+        "text/plain",
+        "image/png",
+        "application/x-www-form-urlencoded",
+        "application/jsonx",
+        "json",
+    ] {
+        let r = srv
+            .raw_request(
+                "POST",
+                "/v1/entities/t",
+                &[("content-type", declared)],
+                body.clone(),
+            )
+            .await
+            .expect("an answer");
+        let p = assert_problem(&r, 415);
+        assert_eq!(
+            p["type"], "urn:ripen:problem:unsupported-media-type",
+            "{declared}: {p:#}"
+        );
+        assert!(
+            p["detail"].as_str().unwrap_or("").contains(declared),
+            "{declared}: {p:#}"
+        );
+    }
+    let listed = srv.get("/v1/entities?type=t").await.json();
+    assert_eq!(listed["items"], json!([]), "nothing refused was stored");
+    // JSON in any of its spellings, or no declaration at all, is taken.
+    let accepted: [&[(&str, &str)]; 4] = [
+        &[("content-type", "application/json; charset=utf-8")],
+        &[("content-type", "Application/JSON")],
+        &[("content-type", "application/merchant+json")],
+        &[],
+    ];
+    for headers in accepted {
+        let r = srv
+            .raw_request("POST", "/v1/entities/t", headers, body.clone())
+            .await
+            .expect("an answer");
+        assert_eq!(r.status, 202, "{headers:?}: {r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_body_limit_gives_413() {
     let ds = Downstream::start().await;
     let srv = Server::start(&Config::new().with_type(single("t", &ds)).body_limit(4096)).await;
