@@ -20,6 +20,8 @@ pub enum SubmitError {
     UnknownType(String),
     #[error("{0}")]
     Malformed(String),
+    #[error("{0}")]
+    TooDeep(String),
     #[error("the payload does not satisfy the schema of its type")]
     Invalid(Vec<Violation>),
     #[error("the idempotency key must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} visible ASCII characters")]
@@ -187,6 +189,7 @@ impl Intake {
         }
         let payload = schema::validate(body, entry.schema.as_deref()).map_err(|e| match e {
             PayloadError::Malformed(m) => SubmitError::Malformed(m),
+            PayloadError::TooDeep(m) => SubmitError::TooDeep(m),
             PayloadError::Invalid(v) => SubmitError::Invalid(v),
         })?;
         let refs = crate::deps::references(&entry.references, payload.raw())?;

@@ -447,6 +447,7 @@ impl Engine {
             Err(SubmitError::BadReference(_)) => "bad_reference",
             Err(SubmitError::UnknownType(_)) => "unknown_type",
             Err(SubmitError::Malformed(_)) => "malformed",
+            Err(SubmitError::TooDeep(_)) => "too_deep",
             Err(SubmitError::Invalid(_)) => "invalid",
             Err(SubmitError::BadKey) => "bad_key",
             Err(SubmitError::KeyInFlight) => "in_flight",

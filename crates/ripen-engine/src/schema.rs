@@ -93,8 +93,19 @@ pub enum PayloadError {
     /// (a number out of range, a lone surrogate, nesting too deep, a key
     /// twice in one object). The message says which, and where.
     Malformed(String),
+    /// JSON nested deeper than [`JSON_DEPTH_MAX`].
+    TooDeep(String),
     /// JSON, but not an object or not matching the schema.
     Invalid(Vec<Violation>),
+}
+
+impl From<json::Refused> for PayloadError {
+    fn from(r: json::Refused) -> PayloadError {
+        match r {
+            json::Refused::Malformed(m) => PayloadError::Malformed(m),
+            json::Refused::TooDeep(m) => PayloadError::TooDeep(m),
+        }
+    }
 }
 
 /// Parses the body, checks it is a JSON object and validates it.
@@ -116,7 +127,7 @@ pub fn validate(body: &[u8], schema: Option<&Schema>) -> Result<ValidatedPayload
     };
     match schema {
         Some(schema) => {
-            let value = json::read_value(raw).map_err(PayloadError::Malformed)?;
+            let value = json::read_value(raw)?;
             if !value.is_object() {
                 return Err(not_an_object());
             }
@@ -126,7 +137,7 @@ pub fn validate(body: &[u8], schema: Option<&Schema>) -> Result<ValidatedPayload
             }
         }
         None => {
-            if !json::read_plain(raw).map_err(PayloadError::Malformed)? {
+            if !json::read_plain(raw)? {
                 return Err(not_an_object());
             }
         }
@@ -161,7 +172,7 @@ mod tests {
         let deep = "[".repeat(10_000);
         assert!(matches!(
             validate(deep.as_bytes(), None),
-            Err(PayloadError::Malformed(_))
+            Err(PayloadError::TooDeep(_))
         ));
         let Err(PayloadError::Invalid(v)) = validate(b"[1]", None) else {
             panic!("an array is not a payload")
@@ -200,6 +211,8 @@ mod tests {
             Ok(_) => "ok".into(),
             Err(PayloadError::Invalid(_)) => "invalid".into(),
             Err(PayloadError::Malformed(m)) => format!("malformed: {m}"),
+            // Deeper than serde_json reads is not JSON to it either.
+            Err(PayloadError::TooDeep(m)) => format!("malformed (too deep): {m}"),
         }
     }
 

@@ -278,6 +278,13 @@ async fn submit(
                 "Malformed JSON",
                 m,
             ),
+            SubmitError::TooDeep(m) => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "json-too-deep",
+                "JSON nested too deeply",
+                m,
+            )
+            .with("depth_max", json!(ripen_engine::schema::JSON_DEPTH_MAX)),
             SubmitError::Invalid(violations) => {
                 let errors: Vec<Value> = violations
                     .iter()

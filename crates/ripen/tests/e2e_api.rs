@@ -446,6 +446,10 @@ async fn deeply_nested_json_is_a_client_error() {
             "deep JSON must be a 4xx, got {r}"
         );
         assert_problem_in(&r, &[r.status]);
+        // Valid JSON, only too deep: the problem says so and names the limit.
+        let p = r.json();
+        assert_eq!(p["type"], "urn:ripen:problem:json-too-deep", "{p:#}");
+        assert_eq!(p["depth_max"], 127, "{p:#}");
     }
     let mut srv = srv;
     assert!(srv.exited().is_none(), "the server died on deep JSON");

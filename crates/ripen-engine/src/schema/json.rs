@@ -19,16 +19,24 @@ use serde_json::{Map, Number, Value};
 
 /// Reads `raw` as a JSON text and says whether it is an object, keeping
 /// nothing of it.
-pub(super) fn read_plain(raw: &str) -> Result<bool, String> {
+pub(super) fn read_plain(raw: &str) -> Result<bool, Refused> {
     read(raw, Skip::default()).map(|kind| kind == Kind::Object)
 }
 
 /// Reads `raw` as a JSON text into a value.
-pub(super) fn read_value(raw: &str) -> Result<Value, String> {
+pub(super) fn read_value(raw: &str) -> Result<Value, Refused> {
     read(raw, Build)
 }
 
-fn read<'de, K: Keep<'de>>(raw: &'de str, keep: K) -> Result<K::Value, String> {
+/// Why a text is refused: not JSON by intake's rules, or nested deeper than
+/// intake reads.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Refused {
+    Malformed(String),
+    TooDeep(String),
+}
+
+fn read<'de, K: Keep<'de>>(raw: &'de str, keep: K) -> Result<K::Value, Refused> {
     let mut state = State { keep, dup: None };
     let mut de = serde_json::Deserializer::from_str(raw);
     // serde_json refuses nesting deeper than JSON_DEPTH_MAX on this path,
@@ -37,8 +45,17 @@ fn read<'de, K: Keep<'de>>(raw: &'de str, keep: K) -> Result<K::Value, String> {
         .deserialize(&mut de)
         .and_then(|value| de.end().map(|()| value));
     read.map_err(|e| match state.dup.take() {
-        Some(dup) => dup.message(),
-        None => format!("the body is not JSON: {e}"),
+        Some(dup) => Refused::Malformed(dup.message()),
+        // serde_json's own words for its depth limit.
+        None if e.to_string().starts_with("recursion limit exceeded") => {
+            Refused::TooDeep(format!(
+                "the body nests objects and arrays deeper than {} levels, the most intake reads (line {}, column {})",
+                super::JSON_DEPTH_MAX,
+                e.line(),
+                e.column()
+            ))
+        }
+        None => Refused::Malformed(format!("the body is not JSON: {e}")),
     })
 }
 
