@@ -322,6 +322,22 @@ impl DeliveryClaim {
     }
 }
 
+/// Whether a delivery whose status is `status` (`None`: the tenant has no
+/// such delivery) may be queued again: `Ok(None)` when it may, the answer
+/// otherwise. Only a dead delivery is redelivered.
+pub fn redeliver_refusal(status: Option<&str>) -> crate::Result<Option<RedeliverOutcome>> {
+    let Some(status) = status else {
+        return Ok(Some(RedeliverOutcome::NotFound));
+    };
+    match DeliveryStatus::parse(status) {
+        Some(DeliveryStatus::Dead) => Ok(None),
+        Some(other) => Ok(Some(RedeliverOutcome::NotDead(other))),
+        None => Err(crate::StoreError::Internal(format!(
+            "unknown delivery status {status}"
+        ))),
+    }
+}
+
 /// How the deliveries of one subscription are listed: newest first.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DeliveryQuery {

@@ -1748,6 +1748,26 @@ impl Shared {
         Ok(lost)
     }
 
+    /// Locks `tenant`'s entity `id` for the caller's transaction and reads
+    /// it; `None` when the tenant has no such entity.
+    pub(super) async fn lock_entity(
+        &self,
+        conn: &Conn,
+        tenant: &str,
+        id: EntityId,
+    ) -> Result<Option<Stored>> {
+        let found = conn
+            .query_opt(
+                "SELECT id FROM entities WHERE id = $1 AND tenant = $2 FOR UPDATE",
+                &[&id.as_bytes().as_slice(), &tenant],
+            )
+            .await?;
+        if found.is_none() {
+            return Ok(None);
+        }
+        Ok(self.read_entities(conn, &[id]).await?.into_iter().next())
+    }
+
     async fn command(
         &self,
         conn: &Conn,
@@ -1756,16 +1776,7 @@ impl Shared {
         input: Input,
         now_us: UnixMicros,
     ) -> Result<CommandOutcome> {
-        let found = conn
-            .query_opt(
-                "SELECT id FROM entities WHERE id = $1 AND tenant = $2 FOR UPDATE",
-                &[&id.as_bytes().as_slice(), &tenant],
-            )
-            .await?;
-        if found.is_none() {
-            return Ok(CommandOutcome::NotFound);
-        }
-        let Some(stored) = self.read_entities(conn, &[id]).await?.into_iter().next() else {
+        let Some(stored) = self.lock_entity(conn, tenant, id).await? else {
             return Ok(CommandOutcome::NotFound);
         };
         let mut w = self.decider.working(stored)?;

@@ -212,15 +212,8 @@ impl Dispatcher {
                 results.push(self.record(&done));
             }
             if subs_read.is_none_or(|at| at.elapsed() > SUBSCRIPTIONS_MAX_AGE) {
-                match self.store.subscription_list().await {
-                    Ok(list) => {
-                        subs = list
-                            .into_iter()
-                            .map(|s| (s.id.clone(), Arc::new(s)))
-                            .collect();
-                        subs_read = Some(tokio::time::Instant::now());
-                    }
-                    Err(e) => tracing::warn!(error = %e, "read the subscriptions"),
+                if let Some(read) = self.subscriptions().await {
+                    (subs, subs_read) = (read, Some(tokio::time::Instant::now()));
                 }
             }
             let per = self.config.per_subscription;
@@ -268,12 +261,8 @@ impl Dispatcher {
                 .any(|d| !subs.contains_key(&d.subscription_id))
             {
                 // Created since this node last looked.
-                if let Ok(list) = self.store.subscription_list().await {
-                    subs = list
-                        .into_iter()
-                        .map(|s| (s.id.clone(), Arc::new(s)))
-                        .collect();
-                    subs_read = Some(tokio::time::Instant::now());
+                if let Some(read) = self.subscriptions().await {
+                    (subs, subs_read) = (read, Some(tokio::time::Instant::now()));
                 }
             }
             let full = claimed.len() as u32 >= limit;
@@ -321,6 +310,22 @@ impl Dispatcher {
                     // Put it back for the next round: handled above.
                     let _ = done_tx.send(done);
                 }
+            }
+        }
+    }
+
+    /// Every subscription by id, or `None` (logged) when the store cannot
+    /// say; the dispatcher then keeps what it had.
+    async fn subscriptions(&self) -> Option<HashMap<String, Arc<Subscription>>> {
+        match self.store.subscription_list().await {
+            Ok(list) => Some(
+                list.into_iter()
+                    .map(|s| (s.id.clone(), Arc::new(s)))
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "read the subscriptions");
+                None
             }
         }
     }

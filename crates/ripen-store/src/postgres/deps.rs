@@ -358,16 +358,7 @@ pub(super) async fn retry(
     id: EntityId,
     now_us: UnixMicros,
 ) -> Result<CommandOutcome> {
-    let found = conn
-        .query_opt(
-            "SELECT id FROM entities WHERE id = $1 AND tenant = $2 FOR UPDATE",
-            &[&id.as_bytes().as_slice(), &tenant],
-        )
-        .await?;
-    if found.is_none() {
-        return Ok(CommandOutcome::NotFound);
-    }
-    let Some(stored) = shared.read_entities(conn, &[id]).await?.into_iter().next() else {
+    let Some(stored) = shared.lock_entity(conn, tenant, id).await? else {
         return Ok(CommandOutcome::NotFound);
     };
     let ids: Vec<EntityId> = stored.record.deps.iter().map(|d| d.id).collect();

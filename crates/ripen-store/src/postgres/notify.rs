@@ -18,9 +18,9 @@ use tokio_postgres::Row;
 use super::{decode_error, pg_text, Conn};
 use crate::decode::{entity_id, to_i64, to_u32, to_u64};
 use crate::notify::{
-    names_from_json, names_json, outcome_columns, Delivery, DeliveryClaim, DeliveryCounts,
-    DeliveryQuery, DeliveryResult, DeliveryStatus, FanOut, Notification, RedeliverOutcome,
-    SinkKind, Subscription,
+    names_from_json, names_json, outcome_columns, redeliver_refusal, Delivery, DeliveryClaim,
+    DeliveryCounts, DeliveryQuery, DeliveryResult, DeliveryStatus, FanOut, Notification,
+    RedeliverOutcome, SinkKind, Subscription,
 };
 use crate::{OutboxEntry, Result, StoreError};
 
@@ -566,18 +566,12 @@ pub(super) async fn redeliver(
             &[&id, &tenant],
         )
         .await?;
-    let Some(row) = row else {
-        return Ok(RedeliverOutcome::NotFound);
+    let status: Option<String> = match row {
+        Some(row) => Some(row.try_get(0).map_err(decode_error)?),
+        None => None,
     };
-    let status: String = row.try_get(0).map_err(decode_error)?;
-    match DeliveryStatus::parse(&status) {
-        Some(DeliveryStatus::Dead) => {}
-        Some(other) => return Ok(RedeliverOutcome::NotDead(other)),
-        None => {
-            return Err(StoreError::Internal(format!(
-                "unknown delivery status {status}"
-            )))
-        }
+    if let Some(refused) = redeliver_refusal(status.as_deref())? {
+        return Ok(refused);
     }
     // A redelivery starts its retry period over.
     conn.query(

@@ -11,9 +11,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::decode::{entity_id, to_i64, to_u32, to_u64};
 use crate::notify::{
-    names_from_json, names_json, outcome_columns, Delivery, DeliveryClaim, DeliveryCounts,
-    DeliveryQuery, DeliveryResult, DeliveryStatus, FanOut, Notification, RedeliverOutcome,
-    SinkKind, Subscription,
+    names_from_json, names_json, outcome_columns, redeliver_refusal, Delivery, DeliveryClaim,
+    DeliveryCounts, DeliveryQuery, DeliveryResult, DeliveryStatus, FanOut, Notification,
+    RedeliverOutcome, SinkKind, Subscription,
 };
 use crate::working;
 use crate::{OutboxEntry, Result, StoreError};
@@ -450,17 +450,8 @@ pub(super) fn redeliver(
         )?
         .query_row(params![id, tenant], |r| r.get(0))
         .optional()?;
-    let Some(status) = status else {
-        return Ok(RedeliverOutcome::NotFound);
-    };
-    match DeliveryStatus::parse(&status) {
-        Some(DeliveryStatus::Dead) => {}
-        Some(other) => return Ok(RedeliverOutcome::NotDead(other)),
-        None => {
-            return Err(StoreError::Internal(format!(
-                "unknown delivery status {status}"
-            )))
-        }
+    if let Some(refused) = redeliver_refusal(status.as_deref())? {
+        return Ok(refused);
     }
     // A redelivery starts its retry period over.
     conn.prepare_cached(
