@@ -100,12 +100,22 @@ def wait(what, condition, timeout=PATIENCE):
         time.sleep(0.1)
 
 
+def fresh(read, tries=20):
+    """read(), again when the live view re-rendered the element under it."""
+    for _ in range(tries - 1):
+        try:
+            return read()
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    return read()
+
+
 def text(driver, css):
-    return driver.find_element(By.CSS_SELECTOR, css).text
+    return fresh(lambda: driver.find_element(By.CSS_SELECTOR, css).text)
 
 
 def texts(driver, css):
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
+    return fresh(lambda: [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)])
 
 
 def open_view(driver, fragment):

@@ -12,8 +12,8 @@ def test(driver):
          lambda: f"waiting for merchant {merchant}" in text(driver, row) and "blocked" in text(driver, row).lower())
     deps = text(driver, "#dependencies")
     assert merchant in deps and "merchant_id" in deps, deps
-    link = driver.find_element(By.CSS_SELECTOR, "#dependencies a")
-    assert link.get_attribute("href").endswith(f"#/entities/{merchant}"), link.get_attribute("href")
+    href = fresh(lambda: driver.find_element(By.CSS_SELECTOR, "#dependencies a").get_attribute("href"))
+    assert href.endswith(f"#/entities/{merchant}"), href
     check_contrast(driver, "#steps .reason")
     shot(driver, "waiting")
     status, view = api("POST", f"/v1/entities/{merchant}/cancel")

@@ -6,6 +6,10 @@ STATUSES = ["pending", "ready", "failed", "cancelled"]
 
 
 def page_counts(driver):
+    return fresh(lambda: read_counts(driver))
+
+
+def read_counts(driver):
     counts = {}
     for row in driver.find_elements(By.CSS_SELECTOR, "#counts tbody tr"):
         t = row.get_attribute("data-type")
@@ -37,8 +41,9 @@ def test(driver):
     assert f"{created} created" in text(driver, "#rates-summary"), text(driver, "#rates-summary")
     assert len(driver.find_elements(By.CSS_SELECTOR, 'svg.bars[data-kind="created"] rect')) == 30
     # A count links to the list it counts.
-    link = driver.find_element(By.CSS_SELECTOR, '#counts tr[data-type="merchant"] td[data-status="failed"] a')
-    assert link.get_attribute("href").endswith("#/entities?type=merchant&status=failed"), link.get_attribute("href")
+    href = fresh(lambda: driver.find_element(
+        By.CSS_SELECTOR, '#counts tr[data-type="merchant"] td[data-status="failed"] a').get_attribute("href"))
+    assert href.endswith("#/entities?type=merchant&status=failed"), href
     check_contrast(driver, ".top a, #counts th, #counts a, .muted, figcaption, #rates-summary")
     shot(driver, "counts")
 
