@@ -14,6 +14,7 @@
 mod decode;
 pub mod deps;
 pub mod history;
+pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod postgres;
@@ -30,6 +31,7 @@ use ripen_core::{EntityState, EntityStatus, StepState, UnixMicros};
 use uuid::Uuid;
 
 pub use history::HistoryEvent;
+pub use keys::ApiKey;
 pub use metrics::{DecisionMetrics, Instrumented};
 pub use notify::{
     Delivery, DeliveryClaim, DeliveryCounts, DeliveryOutcome, DeliveryQuery, DeliveryResult,
@@ -293,6 +295,9 @@ pub struct Changes<'a> {
     pub outbox_written: bool,
     /// New outbox positions are readable.
     pub sequenced: bool,
+    /// API keys were created or revoked (by any node), or notifications
+    /// may have been missed: what a node remembers of keys is stale.
+    pub keys: bool,
 }
 
 /// Called by a store after commits: see [`Store::watch_changes`].
@@ -660,6 +665,28 @@ pub trait Store: Send + Sync + 'static {
     /// How many pending entities of `tenant` each version of `type_name`
     /// has: `(version, count)`, versions without any left out.
     async fn live_entities(&self, tenant: &str, type_name: &str) -> Result<Vec<(u32, u64)>>;
+
+    /// Stores a new API key. Every node hears of it ([`Changes::keys`]).
+    async fn put_key(&self, key: ApiKey) -> Result<()>;
+
+    /// The key whose secret hashes to `hash`, revoked or not.
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<ApiKey>>;
+
+    /// The keys of `tenant` (of every tenant for `None`), oldest first.
+    async fn keys(&self, tenant: Option<&str>) -> Result<Vec<ApiKey>>;
+
+    /// Revokes a key of `tenant` (of any tenant for `None`) and returns it;
+    /// revoking a revoked key keeps its first revocation time. `None` when
+    /// there is no such key. Every node hears of it ([`Changes::keys`]).
+    async fn revoke_key(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+        now_us: UnixMicros,
+    ) -> Result<Option<ApiKey>>;
+
+    /// Whether the store has ever held a key, revoked ones included.
+    async fn any_keys(&self) -> Result<bool>;
 
     /// Fails each pending entity among `ids` whose pipeline this node cannot
     /// run, with the cause in its history and steps, and skips the live

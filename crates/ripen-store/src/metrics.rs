@@ -517,6 +517,28 @@ impl<S: Store> Store for Instrumented<S> {
         let call = self.inner.live_entities(tenant, type_name);
         self.timed("live_entities", call).await
     }
+    async fn put_key(&self, key: crate::ApiKey) -> Result<()> {
+        self.timed("put_key", self.inner.put_key(key)).await
+    }
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<crate::ApiKey>> {
+        self.timed("key_by_hash", self.inner.key_by_hash(hash))
+            .await
+    }
+    async fn keys(&self, tenant: Option<&str>) -> Result<Vec<crate::ApiKey>> {
+        self.timed("keys", self.inner.keys(tenant)).await
+    }
+    async fn revoke_key(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+        now_us: UnixMicros,
+    ) -> Result<Option<crate::ApiKey>> {
+        let call = self.inner.revoke_key(tenant, id, now_us);
+        self.timed("revoke_key", call).await
+    }
+    async fn any_keys(&self) -> Result<bool> {
+        self.timed("any_keys", self.inner.any_keys()).await
+    }
     async fn fail_unrunnable(
         &self,
         ids: Vec<EntityId>,

@@ -53,6 +53,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Config, Row, Statement};
 
 mod deps;
+mod keys;
 mod notify;
 mod registry;
 mod tls;
@@ -72,7 +73,7 @@ use crate::{
 };
 
 /// The schema this build writes, kept in `ripen_schema`.
-const SCHEMA_VERSION: i32 = 4;
+const SCHEMA_VERSION: i32 = 5;
 /// The advisory lock that serializes schema migrations of nodes starting at once.
 const MIGRATION_LOCK: i64 = 0x7269_7065_6e5f_6d31; // "ripen_m1"
 /// The channel of work notifications.
@@ -619,6 +620,44 @@ impl Store for PostgresStore {
         registry::live_entities(&conn, tenant, type_name).await
     }
 
+    async fn put_key(&self, key: crate::ApiKey) -> Result<()> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = keys::put(&conn, &key).await;
+        conn.finish(result).await?;
+        self.keys_changed();
+        Ok(())
+    }
+
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<crate::ApiKey>> {
+        let conn = self.shared.pool.get().await?;
+        keys::by_hash(&conn, hash).await
+    }
+
+    async fn keys(&self, tenant: Option<&str>) -> Result<Vec<crate::ApiKey>> {
+        let conn = self.shared.pool.get().await?;
+        keys::list(&conn, tenant).await
+    }
+
+    async fn revoke_key(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+        now_us: UnixMicros,
+    ) -> Result<Option<crate::ApiKey>> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = keys::revoke(&conn, tenant, id, now_us).await;
+        let key = conn.finish(result).await?;
+        self.keys_changed();
+        Ok(key)
+    }
+
+    async fn any_keys(&self) -> Result<bool> {
+        let conn = self.shared.pool.get().await?;
+        keys::any(&conn).await
+    }
+
     async fn fail_unrunnable(
         &self,
         ids: Vec<EntityId>,
@@ -778,6 +817,17 @@ impl Store for PostgresStore {
 }
 
 impl PostgresStore {
+    /// Tells this node's change watchers that keys changed, at once; the
+    /// other nodes hear it from the notification of the commit.
+    fn keys_changed(&self) {
+        self.changes.tell(&Changes {
+            entities: Some(&[]),
+            outbox_written: false,
+            sequenced: false,
+            keys: true,
+        });
+    }
+
     /// Starts the notification listener, once.
     fn listen(&self) {
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
@@ -1121,6 +1171,7 @@ async fn migrate(conn: &Conn) -> Result<()> {
         conn.simple(notify::SCHEMA).await?;
         conn.simple(deps::SCHEMA).await?;
         conn.simple(registry::SCHEMA).await?;
+        conn.simple(keys::SCHEMA).await?;
         conn.simple(&format!(
             "INSERT INTO ripen_schema (singleton, version) VALUES (true, {SCHEMA_VERSION})
              ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version"
@@ -2212,11 +2263,19 @@ async fn listen_for_work(
             entities: None,
             outbox_written: false,
             sequenced: true,
+            keys: false,
+        }),
+        keys::CHANNEL => changes.tell(&Changes {
+            entities: Some(&[]),
+            outbox_written: false,
+            sequenced: false,
+            keys: true,
         }),
         _ => changes.tell(&Changes {
             entities: None,
             outbox_written: n.payload() == "o",
             sequenced: false,
+            keys: false,
         }),
     };
     let mut backoff_ms = LISTEN_BACKOFF_MIN_MS;
@@ -2227,9 +2286,10 @@ async fn listen_for_work(
                     futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                 // LISTEN needs the connection driven while it runs.
                 let listen_sql = format!(
-                    "LISTEN {WORK_CHANNEL}; LISTEN {}; LISTEN {}",
+                    "LISTEN {WORK_CHANNEL}; LISTEN {}; LISTEN {}; LISTEN {}",
                     notify::OUTBOX_CHANNEL,
-                    notify::CHANGED_CHANNEL
+                    notify::CHANGED_CHANNEL,
+                    keys::CHANNEL
                 );
                 let listening = {
                     let listen = client.batch_execute(&listen_sql);
@@ -2253,6 +2313,7 @@ async fn listen_for_work(
                         entities: None,
                         outbox_written: true,
                         sequenced: true,
+                        keys: true,
                     });
                     while let Some(message) = messages.next().await {
                         match message {

@@ -61,6 +61,7 @@ use crate::{
 };
 
 mod deps;
+mod keys;
 mod notify;
 mod registry;
 
@@ -99,7 +100,7 @@ const ENTITY_COLUMNS: &[&str] = &[
 ];
 
 /// The schema this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 /// Write commands waiting for the writer thread; senders wait beyond this.
 const WRITE_QUEUE_MAX: usize = 4_096;
 /// How long a connection waits for a lock before reporting the store busy.
@@ -337,6 +338,19 @@ pub struct SqliteStore {
     watchers: Arc<WorkWatchers>,
     changes: Arc<ChangeWatchers>,
     commits: CommitMetrics,
+}
+
+impl SqliteStore {
+    /// Tells the change watchers that keys changed: this store's only node
+    /// forgets what it remembers of them at once.
+    fn keys_changed(&self) {
+        self.changes.tell(&Changes {
+            entities: Some(&[]),
+            outbox_written: false,
+            sequenced: false,
+            keys: true,
+        });
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -828,6 +842,41 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn put_key(&self, key: crate::ApiKey) -> Result<()> {
+        self.write(move |w| keys::put(&w.conn, &key)).await?;
+        self.keys_changed();
+        Ok(())
+    }
+
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<crate::ApiKey>> {
+        let hash = hash.to_owned();
+        self.read(move |conn| keys::by_hash(conn, &hash)).await
+    }
+
+    async fn keys(&self, tenant: Option<&str>) -> Result<Vec<crate::ApiKey>> {
+        let tenant = tenant.map(str::to_owned);
+        self.read(move |conn| keys::list(conn, tenant.as_deref()))
+            .await
+    }
+
+    async fn revoke_key(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+        now_us: UnixMicros,
+    ) -> Result<Option<crate::ApiKey>> {
+        let (tenant, id) = (tenant.map(str::to_owned), id.to_owned());
+        let key = self
+            .write(move |w| keys::revoke(&w.conn, tenant.as_deref(), &id, now_us))
+            .await?;
+        self.keys_changed();
+        Ok(key)
+    }
+
+    async fn any_keys(&self) -> Result<bool> {
+        self.read(keys::any).await
+    }
+
     async fn fail_unrunnable(
         &self,
         ids: Vec<EntityId>,
@@ -1007,14 +1056,17 @@ fn migrate(conn: &Connection) -> Result<()> {
     // the fan-out's cursor).
     // Version 5 adds entity dependencies (the `deps` column, the
     // `dependencies` index, the resolver's cursor) and the type registry.
+    // Version 6 adds API keys.
     let notify = notify::SCHEMA;
     let v5 = format!("{} {}", deps::UPGRADE_TO_V5, registry::SCHEMA);
+    let v6 = keys::SCHEMA;
     let steps = match version {
         SCHEMA_VERSION => return Ok(()),
-        0 => format!("{SCHEMA} {notify} {v5}"),
-        3 => format!("{notify} {v5}"),
-        4 => v5,
-        _ => format!("{upgrade} {SCHEMA_V2} {copy} {UPGRADE_V2_TO_V3} {notify} {v5}"),
+        0 => format!("{SCHEMA} {notify} {v5} {v6}"),
+        3 => format!("{notify} {v5} {v6}"),
+        4 => format!("{v5} {v6}"),
+        5 => v6.to_owned(),
+        _ => format!("{upgrade} {SCHEMA_V2} {copy} {UPGRADE_V2_TO_V3} {notify} {v5} {v6}"),
     };
     conn.execute_batch(&format!(
         "BEGIN IMMEDIATE; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
@@ -1635,6 +1687,7 @@ impl Writer {
                         entities: Some(&changed),
                         outbox_written: self.outbox_written,
                         sequenced: self.outbox_written,
+                        keys: false,
                     });
                 }
                 self.outbox_written = false;

@@ -91,6 +91,7 @@ macro_rules! store_test_suite {
             registry_numbers_versions_and_keeps_them,
             concurrent_registrations_are_serialized,
             live_entities_count_pending_by_version,
+            keys_are_stored_found_by_hash_listed_and_revoked,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -107,7 +108,9 @@ macro_rules! store_test_suite {
 mod deps;
 mod notify;
 pub use deps::*;
+mod keys;
 mod registry;
+pub use keys::*;
 pub use notify::*;
 pub use registry::*;
 
@@ -341,6 +344,26 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     }
     async fn live_entities(&self, tenant: &str, type_name: &str) -> Result<Vec<(u32, u64)>> {
         self.store.live_entities(tenant, type_name).await
+    }
+    async fn put_key(&self, key: crate::ApiKey) -> Result<()> {
+        self.store.put_key(key).await
+    }
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<crate::ApiKey>> {
+        self.store.key_by_hash(hash).await
+    }
+    async fn keys(&self, tenant: Option<&str>) -> Result<Vec<crate::ApiKey>> {
+        self.store.keys(tenant).await
+    }
+    async fn revoke_key(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+        now_us: UnixMicros,
+    ) -> Result<Option<crate::ApiKey>> {
+        self.store.revoke_key(tenant, id, now_us).await
+    }
+    async fn any_keys(&self) -> Result<bool> {
+        self.store.any_keys().await
     }
     async fn fail_unrunnable(
         &self,

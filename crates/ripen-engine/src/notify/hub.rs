@@ -182,6 +182,7 @@ mod tests {
             entities: Some(&[a]),
             outbox_written: false,
             sequenced: false,
+            keys: false,
         });
         assert!(fa.changes.has_changed().expect("open"));
         assert!(!fb.changes.has_changed().expect("open"));
@@ -190,6 +191,7 @@ mod tests {
             entities: None,
             outbox_written: false,
             sequenced: false,
+            keys: false,
         });
         assert!(fa.changes.has_changed().expect("open"));
         assert!(fb.changes.has_changed().expect("open"));
