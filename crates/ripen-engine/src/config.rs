@@ -41,6 +41,25 @@ pub struct Config {
     pub tls: HttpTls,
     /// `[notify]`: webhooks, email and the outbox.
     pub notify: NotifyConfig,
+    /// `[auth]`: API keys and request rates. See docs/security.md.
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: when the API may run without keys, and how fast a key or a
+/// tenant may call it.
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Serve without keys on a non-loopback address while the store has
+    /// none. A loopback-bound server runs open without it (with a warning).
+    pub open: bool,
+    /// Requests per second one key may make (a token bucket); 0: no limit.
+    pub rate_per_key: f64,
+    /// Requests per second all the keys of one tenant may make together;
+    /// 0: no limit.
+    pub rate_per_tenant: f64,
+    /// How many requests a bucket holds: the burst above the rate. 0: one
+    /// second's worth of the rate (at least 1).
+    pub burst: u32,
 }
 
 /// `[notify]`: how notifications are delivered. See docs/notifications.md.
@@ -327,6 +346,7 @@ impl Config {
         }
         let notify =
             notify_config(raw.notify.unwrap_or_default(), base).map_err(|(k, p)| err(&k, p))?;
+        let auth = auth_config(raw.auth.unwrap_or_default()).map_err(|(k, p)| err(&k, p))?;
 
         Ok(Config {
             path: path.to_owned(),
@@ -337,6 +357,7 @@ impl Config {
             types,
             tls,
             notify,
+            auth,
         })
     }
 }
@@ -702,8 +723,38 @@ struct RawConfig {
     engine: Option<RawEngine>,
     tls: Option<RawTls>,
     notify: Option<RawNotify>,
+    auth: Option<RawAuth>,
     #[serde(default)]
     types: BTreeMap<String, RawType>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    open: Option<bool>,
+    rate_per_key: Option<f64>,
+    rate_per_tenant: Option<f64>,
+    burst: Option<u32>,
+}
+
+/// The most requests per second a rate may name.
+const RATE_MAX: f64 = 1e9;
+
+fn auth_config(raw: RawAuth) -> Result<AuthConfig, (String, String)> {
+    let rate = |key: &str, v: Option<f64>| match v {
+        None => Ok(0.0),
+        Some(r) if r.is_finite() && (0.0..=RATE_MAX).contains(&r) => Ok(r),
+        Some(r) => Err((
+            format!("auth.{key}"),
+            format!("{r} is not a rate: give requests per second, 0 for no limit"),
+        )),
+    };
+    Ok(AuthConfig {
+        open: raw.open.unwrap_or(false),
+        rate_per_key: rate("rate_per_key", raw.rate_per_key)?,
+        rate_per_tenant: rate("rate_per_tenant", raw.rate_per_tenant)?,
+        burst: raw.burst.unwrap_or(0),
+    })
 }
 
 #[derive(Deserialize, Default)]

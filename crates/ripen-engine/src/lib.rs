@@ -24,6 +24,7 @@ pub mod deps;
 pub mod executor;
 pub mod feed;
 mod intake;
+pub mod keys;
 pub mod metrics;
 pub mod notify;
 pub mod registry;
@@ -214,20 +215,7 @@ impl Engine {
         // Filled from the type registry once the store is open: the store
         // decides with it, and the registry replaces it as versions arrive.
         let pipelines = ripen_store::Pipelines::default();
-        let (store, lock): (Arc<dyn Store>, _) = match &config.storage {
-            StorageUrl::Sqlite(path) => {
-                let lock = lock_database(path)?;
-                let mut opts = SqliteOptions::new(path.clone());
-                opts.lease_grace_ms = config.engine.lease_grace_ms;
-                let store = SqliteStore::open(opts, pipelines.clone())
-                    .with_context(|| format!("open the database {}", path.display()))?;
-                (Arc::new(Instrumented::new(store)), Some(lock))
-            }
-            StorageUrl::Postgres(url) => {
-                let store = connect_postgres(url, &config, &pipelines).await?;
-                (Arc::new(Instrumented::new(store)), None)
-            }
-        };
+        let (store, lock) = open_store(&config, &pipelines).await?;
         let mut background = tokio::task::JoinSet::new();
         let clock: Arc<dyn Clock> = match parts.clock {
             Some(clock) => clock,
@@ -405,6 +393,54 @@ impl Engine {
     /// The configuration the engine runs with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// Mints and stores an API key; the secret is in the answer only.
+    pub async fn create_key(
+        &self,
+        tenant: &str,
+        name: &str,
+        scopes: keys::Scopes,
+    ) -> Result<keys::Minted, SubmitError> {
+        let minted = keys::mint(tenant, name, scopes, self.clock.now_us())
+            .map_err(SubmitError::Malformed)?;
+        self.store
+            .put_key(minted.key.clone())
+            .await
+            .map_err(SubmitError::Store)?;
+        Ok(minted)
+    }
+
+    /// The key a request presents, revoked or not.
+    pub async fn key_by_secret(
+        &self,
+        secret: &str,
+    ) -> Result<Option<ripen_store::ApiKey>, StoreError> {
+        self.store.key_by_hash(&keys::hash(secret)).await
+    }
+
+    /// The keys of `tenant` (of every tenant for `None`).
+    pub async fn keys(&self, tenant: Option<&str>) -> Result<Vec<ripen_store::ApiKey>, StoreError> {
+        self.store.keys(tenant).await
+    }
+
+    /// Revokes a key of `tenant` (of any tenant for `None`).
+    pub async fn revoke_key(
+        &self,
+        tenant: Option<&str>,
+        id: &str,
+    ) -> Result<Option<ripen_store::ApiKey>, StoreError> {
+        self.store.revoke_key(tenant, id, self.clock.now_us()).await
+    }
+
+    /// Whether the store has ever held a key.
+    pub async fn any_keys(&self) -> Result<bool, StoreError> {
+        self.store.any_keys().await
+    }
+
+    /// Calls `heard` whenever any node creates or revokes a key.
+    pub fn watch_keys(&self, heard: Arc<dyn Fn() + Send + Sync>) {
+        keys::watch(self.store.as_ref(), heard);
     }
 
     /// Validates one submission and stores it durably; it runs once the
@@ -832,6 +868,30 @@ fn watch_work(
             }
         }
     }));
+}
+
+/// Opens the configured store: on SQLite, with the lock that makes this
+/// process the database's one owner (held as long as the file handle is).
+/// What the engine starts on, and what `ripen keys create --config` writes
+/// to with no server running.
+pub async fn open_store(
+    config: &Config,
+    pipelines: &ripen_store::Pipelines,
+) -> Result<(Arc<dyn Store>, Option<std::fs::File>)> {
+    Ok(match &config.storage {
+        StorageUrl::Sqlite(path) => {
+            let lock = lock_database(path)?;
+            let mut opts = SqliteOptions::new(path.clone());
+            opts.lease_grace_ms = config.engine.lease_grace_ms;
+            let store = SqliteStore::open(opts, pipelines.clone())
+                .with_context(|| format!("open the database {}", path.display()))?;
+            (Arc::new(Instrumented::new(store)), Some(lock))
+        }
+        StorageUrl::Postgres(url) => {
+            let store = connect_postgres(url, config, pipelines).await?;
+            (Arc::new(Instrumented::new(store)), None)
+        }
+    })
 }
 
 /// How long a starting node waits for PostgreSQL to answer.

@@ -1,8 +1,10 @@
 //! Ripen's HTTP API (docs/api.md): intake, entity reads, operator commands and
 //! health, with every error as RFC 9457 problem+json.
 
+mod auth;
 mod dashboard;
 mod deps;
+mod keys;
 mod notify;
 mod problem;
 mod stats;
@@ -16,18 +18,21 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use ripen_core::EntityStatus;
 use ripen_engine::{Config, Engine, SubmitError};
-use ripen_store::{CommandOutcome, EntityId, IntakeOutcome, ListQuery, StoreError, DEFAULT_TENANT};
+use ripen_store::{CommandOutcome, EntityId, IntakeOutcome, ListQuery, StoreError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+pub use auth::{rule, Access};
 pub use problem::Problem;
+
+use auth::Caller;
 
 /// The largest page of the list endpoint.
 pub const PAGE_LIMIT_MAX: u32 = 1_000;
@@ -41,6 +46,8 @@ pub(crate) struct AppState {
     stopping: tokio::sync::watch::Receiver<bool>,
     /// The rates and counts of `GET /v1/stats`.
     stats: stats::Stats,
+    /// Who may call what.
+    auth: Arc<auth::Auth>,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -72,6 +79,7 @@ pub async fn serve(
         writeln!(out, "listening on http://{addr}")?;
         out.flush()?;
     }
+    let auth = auth::Auth::start(&engine, addr).await?;
     tracing::info!(%addr, "serving");
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
     let mut stop_http = stop_tx.subscribe();
@@ -80,8 +88,10 @@ pub async fn serve(
         engine,
         stopping,
         stats,
+        auth,
     });
     let sampler = tokio::spawn(stats::sample(state.clone(), stop_tx.subscribe()));
+    let closer = tokio::spawn(auth::stay_open(state.clone()));
     let http = axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move {
             let _ = stop_http.wait_for(|stop| *stop).await;
@@ -94,6 +104,7 @@ pub async fn serve(
     };
     state.engine.shutdown().await;
     sampler.abort();
+    closer.abort();
     if let Some(served) = failed {
         // HTTP ended without being asked to, so it cannot be closed gracefully.
         return served.context("serve HTTP");
@@ -142,6 +153,12 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tasks/{task}/heartbeat", post(workers::heartbeat))
         .route("/v1/tasks/{task}/complete", post(workers::complete))
         .route("/v1/tasks/{task}/fail", post(workers::fail))
+        .route("/v1/keys", post(keys::create).get(keys::list))
+        .route("/v1/keys/{id}", axum::routing::delete(keys::revoke))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -237,6 +254,7 @@ fn no_entity(id: EntityId) -> Problem {
 
 async fn submit(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
     request: axum::extract::Request,
 ) -> Result<Response, Problem> {
@@ -255,13 +273,13 @@ async fn submit(
         })?),
     };
     let bytes = read_body(body, limit).await?;
-    let caller = headers
+    let trace_parent = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(ripen_engine::trace::parse_traceparent);
     let outcome = state
         .engine
-        .submit_traced(DEFAULT_TENANT, &type_name, &bytes, key, caller)
+        .submit_traced(&caller.tenant, &type_name, &bytes, key, trace_parent)
         .await
         .map_err(|e| match e {
             SubmitError::UnknownType(t) => {
@@ -416,12 +434,13 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::B
 
 async fn get_entity(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = entity_id(p)?;
     match state
         .engine
-        .get(DEFAULT_TENANT, id)
+        .get(&caller.tenant, id)
         .await
         .map_err(store_problem)?
     {
@@ -447,6 +466,7 @@ struct DataParams {
 
 async fn get_data(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
     q: Result<Query<DataParams>, QueryRejection>,
 ) -> Result<Response, Problem> {
@@ -471,13 +491,13 @@ async fn get_data(
         Some(wait) => {
             let mut stopping = state.stopping.clone();
             tokio::select! {
-                found = state.engine.wait_settled(DEFAULT_TENANT, id, wait) => found,
+                found = state.engine.wait_settled(&caller.tenant, id, wait) => found,
                 () = async move { let _ = stopping.wait_for(|s| *s).await.is_ok(); } => {
-                    state.engine.get_data(DEFAULT_TENANT, id).await
+                    state.engine.get_data(&caller.tenant, id).await
                 }
             }
         }
-        None => state.engine.get_data(DEFAULT_TENANT, id).await,
+        None => state.engine.get_data(&caller.tenant, id).await,
     };
     let Some(d) = found.map_err(store_problem)? else {
         return Err(no_entity(id));
@@ -530,6 +550,7 @@ fn time_param(name: &str, value: Option<&str>) -> Result<Option<i64>, Problem> {
 
 async fn list(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(q) = q.map_err(|e| Problem::bad_request(format!("bad query: {}", e.body_text())))?;
@@ -575,7 +596,7 @@ async fn list(
     let mut items = state
         .engine
         .list(
-            DEFAULT_TENANT,
+            &caller.tenant,
             ListQuery {
                 type_name,
                 status,
@@ -616,6 +637,7 @@ async fn list(
 
 async fn events(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
@@ -633,7 +655,7 @@ async fn events(
             .unwrap_or(0);
         let Some(feed) = state
             .engine
-            .follow(DEFAULT_TENANT, id, after_seq)
+            .follow(&caller.tenant, id, after_seq)
             .await
             .map_err(store_problem)?
         else {
@@ -643,7 +665,7 @@ async fn events(
     }
     let Some(events) = state
         .engine
-        .events(DEFAULT_TENANT, id, 0, EVENTS_MAX)
+        .events(&caller.tenant, id, 0, EVENTS_MAX)
         .await
         .map_err(store_problem)?
     else {
@@ -655,10 +677,11 @@ async fn events(
 
 async fn retry(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = entity_id(p)?;
-    let outcome = state.engine.retry(DEFAULT_TENANT, id).await;
+    let outcome = state.engine.retry(&caller.tenant, id).await;
     command_answer(
         &state.engine,
         id,
@@ -670,10 +693,11 @@ async fn retry(
 
 async fn cancel(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = entity_id(p)?;
-    let outcome = state.engine.cancel(DEFAULT_TENANT, id).await;
+    let outcome = state.engine.cancel(&caller.tenant, id).await;
     command_answer(
         &state.engine,
         id,
@@ -744,6 +768,7 @@ fn invalid(detail: impl Into<String>) -> Problem {
 /// newest `limit` failed entities of the type. Answers `{"requeued": n}`.
 async fn retry_many(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     request: axum::extract::Request,
 ) -> Result<Response, Problem> {
     let (parts, body) = request.into_parts();
@@ -791,7 +816,7 @@ async fn retry_many(
                 .collect::<Result<Vec<_>, _>>()?;
             state
                 .engine
-                .retry_many(DEFAULT_TENANT, &body.type_name, &ids)
+                .retry_many(&caller.tenant, &body.type_name, &ids)
                 .await
         }
         (None, Some(status)) => {
@@ -808,7 +833,7 @@ async fn retry_many(
             }
             state
                 .engine
-                .retry_failed(DEFAULT_TENANT, &body.type_name, limit)
+                .retry_failed(&caller.tenant, &body.type_name, limit)
                 .await
         }
         _ => {

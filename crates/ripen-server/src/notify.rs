@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,13 +17,14 @@ use ripen_engine::notify::{notification_json, NewSubscription, SubscriptionError
 use ripen_engine::time::rfc3339;
 use ripen_store::{
     Delivery, DeliveryCounts, DeliveryQuery, DeliveryStatus, Notification, RedeliverOutcome,
-    Subscription, DEFAULT_TENANT,
+    Subscription,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, watch};
 
+use crate::auth::Caller;
 use crate::workers::{invalid, read_json};
 use crate::{json_response, path_param, store_problem, Problem, Shared};
 
@@ -86,13 +87,17 @@ fn no_subscription(id: &str) -> Problem {
 }
 
 /// `POST /v1/subscriptions`.
-pub async fn create(State(state): Shared, request: Request) -> Result<Response, Problem> {
+pub async fn create(
+    State(state): Shared,
+    Extension(caller): Extension<Caller>,
+    request: Request,
+) -> Result<Response, Problem> {
     let body: CreateRequest = read_json(&state, request).await?;
     let created = state
         .engine
         .notifications()
         .create(
-            DEFAULT_TENANT,
+            &caller.tenant,
             NewSubscription {
                 url: body.url,
                 events: body.events,
@@ -136,11 +141,14 @@ pub async fn create(State(state): Shared, request: Request) -> Result<Response, 
 }
 
 /// `GET /v1/subscriptions`.
-pub async fn list(State(state): Shared) -> Result<Response, Problem> {
+pub async fn list(
+    State(state): Shared,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, Problem> {
     let subs = state
         .engine
         .notifications()
-        .list(DEFAULT_TENANT)
+        .list(&caller.tenant)
         .await
         .map_err(store_problem)?;
     let items: Vec<Value> = subs
@@ -153,13 +161,14 @@ pub async fn list(State(state): Shared) -> Result<Response, Problem> {
 /// `GET /v1/subscriptions/{id}`.
 pub async fn get(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = path_param(p)?;
     match state
         .engine
         .notifications()
-        .get(DEFAULT_TENANT, &id)
+        .get(&caller.tenant, &id)
         .await
         .map_err(store_problem)?
     {
@@ -174,13 +183,14 @@ pub async fn get(
 /// `DELETE /v1/subscriptions/{id}`.
 pub async fn delete(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let id = path_param(p)?;
     if state
         .engine
         .notifications()
-        .delete(DEFAULT_TENANT, &id)
+        .delete(&caller.tenant, &id)
         .await
         .map_err(store_problem)?
     {
@@ -201,6 +211,7 @@ pub struct DeliveryParams {
 /// `GET /v1/subscriptions/{id}/deliveries?status=&limit=&before=`.
 pub async fn deliveries(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
     q: Result<Query<DeliveryParams>, QueryRejection>,
 ) -> Result<Response, Problem> {
@@ -224,7 +235,7 @@ pub async fn deliveries(
         .engine
         .notifications()
         .deliveries(
-            DEFAULT_TENANT,
+            &caller.tenant,
             &id,
             DeliveryQuery {
                 status,
@@ -253,6 +264,7 @@ pub async fn deliveries(
 /// `POST /v1/deliveries/{id}/redeliver`.
 pub async fn redeliver(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let raw = path_param(p)?;
@@ -261,7 +273,7 @@ pub async fn redeliver(
     match state
         .engine
         .notifications()
-        .redeliver(DEFAULT_TENANT, id)
+        .redeliver(&caller.tenant, id)
         .await
         .map_err(store_problem)?
     {
@@ -311,6 +323,7 @@ impl Filter {
 /// `Last-Event-ID` (or `after=`), first everything after that position.
 pub async fn stream(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<EventParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
@@ -341,7 +354,7 @@ pub async fn stream(
         ),
     };
     let filter = Filter {
-        tenant: DEFAULT_TENANT.to_owned(),
+        tenant: caller.tenant.to_string(),
         type_name,
         status,
     };

@@ -11,6 +11,8 @@ pub struct Problem {
     detail: String,
     extra: Map<String, Value>,
     retry_after_s: Option<u64>,
+    /// A 401 says how to authenticate (RFC 6750).
+    challenge: bool,
 }
 
 impl Problem {
@@ -27,6 +29,7 @@ impl Problem {
             detail: detail.into(),
             extra: Map::new(),
             retry_after_s: None,
+            challenge: false,
         }
     }
 
@@ -51,6 +54,23 @@ impl Problem {
 
     pub fn not_found(detail: impl Into<String>) -> Problem {
         Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+
+    /// 401, with the bearer challenge.
+    pub fn unauthorized(detail: impl Into<String>) -> Problem {
+        Problem {
+            challenge: true,
+            ..Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                detail,
+            )
+        }
+    }
+
+    pub fn forbidden(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
     }
 
     pub fn unavailable(detail: impl Into<String>) -> Problem {
@@ -83,6 +103,12 @@ impl IntoResponse for Problem {
         );
         if let Some(s) = self.retry_after_s {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.challenge {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ripen\""),
+            );
         }
         response
     }

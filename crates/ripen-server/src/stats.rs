@@ -106,7 +106,10 @@ pub async fn sample(state: Arc<AppState>, mut stopping: tokio::sync::watch::Rece
 }
 
 /// `GET /v1/stats`.
-pub async fn get(State(state): Shared) -> Result<Response, Problem> {
+pub async fn get(
+    State(state): Shared,
+    axum::extract::Extension(caller): axum::extract::Extension<crate::auth::Caller>,
+) -> Result<Response, Problem> {
     let (counted_at_us, counts) = {
         // One count at a time: requests that arrive meanwhile wait for it
         // and share it.
@@ -128,17 +131,23 @@ pub async fn get(State(state): Shared) -> Result<Response, Problem> {
         .iter()
         .map(|t| t.name.as_str())
         .collect();
-    let (created, ready) = lock(&state.stats.rates).buckets(state.engine.activity());
+    // A tenant sees its own entities. The rates are the node's, every
+    // tenant's together: only the default tenant sees them.
+    let counts = counts.of_tenant(&caller.tenant);
+    let rates = (&*caller.tenant == ripen_store::DEFAULT_TENANT).then(|| {
+        let (created, ready) = lock(&state.stats.rates).buckets(state.engine.activity());
+        json!({
+            "bucket_seconds": BUCKET_SECONDS,
+            "created": created,
+            "ready": ready,
+        })
+    });
     Ok(json_response(
         StatusCode::OK,
         json!({
             "types": types_json(&configured, &counts),
             "counted_at": ripen_engine::time::rfc3339(counted_at_us),
-            "rates": {
-                "bucket_seconds": BUCKET_SECONDS,
-                "created": created,
-                "ready": ready,
-            },
+            "rates": rates,
         }),
     ))
 }
@@ -223,9 +232,9 @@ mod tests {
     #[test]
     fn counts_list_every_configured_type_then_the_others() {
         let mut counts = Counts::default();
-        counts.add_entities("merchant".into(), EntityStatus::Ready, 3);
-        counts.add_entities("merchant".into(), EntityStatus::Failed, 1);
-        counts.add_entities("old".into(), EntityStatus::Cancelled, 2);
+        counts.add_entities("default".into(), "merchant".into(), EntityStatus::Ready, 3);
+        counts.add_entities("default".into(), "merchant".into(), EntityStatus::Failed, 1);
+        counts.add_entities("default".into(), "old".into(), EntityStatus::Cancelled, 2);
         let v = types_json(&["order", "merchant"], &counts);
         assert_eq!(
             v,

@@ -3,15 +3,16 @@
 //! (`n` may be `latest`) and `POST /v1/types/{type}/versions`.
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use ripen_core::Pipeline;
 use ripen_engine::registry::{Definition, RegisterError, Registration, Version};
 use ripen_engine::time::rfc3339;
-use ripen_store::{TypeVersion, DEFAULT_TENANT};
+use ripen_store::TypeVersion;
 use serde_json::{json, Value};
 
+use crate::auth::Caller;
 use crate::{check_declared_length, json_response, read_body, store_problem, Problem, Shared};
 
 /// The steps of a pipeline as the dashboard draws them.
@@ -161,6 +162,7 @@ pub async fn get(
 /// with its pending entities.
 pub async fn versions(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Problem> {
     let t = type_name(p)?;
@@ -170,7 +172,7 @@ pub async fn versions(
         return Err(no_type(&t));
     }
     let live = registry
-        .live_entities(DEFAULT_TENANT, &t)
+        .live_entities(&caller.tenant, &t)
         .await
         .map_err(store_problem)?;
     let items: Vec<Value> = versions
@@ -196,6 +198,7 @@ pub async fn versions(
 /// latest.
 pub async fn version(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, Problem> {
     let (t, n) = p
@@ -227,7 +230,7 @@ pub async fn version(
         )));
     };
     let live = registry
-        .live_entities(DEFAULT_TENANT, &t)
+        .live_entities(&caller.tenant, &t)
         .await
         .map_err(store_problem)?;
     let count = live.get(&row.version).copied().unwrap_or(0);
@@ -245,10 +248,17 @@ pub async fn version(
 /// `422` with `errors` when the version is not valid.
 pub async fn register(
     State(state): Shared,
+    Extension(caller): Extension<Caller>,
     p: Result<Path<String>, PathRejection>,
     request: axum::extract::Request,
 ) -> Result<Response, Problem> {
     let t = type_name(p)?;
+    if !caller.is_operator() {
+        // Types are shared by every tenant: only the operator changes them.
+        return Err(Problem::forbidden(
+            "type versions are registered by an admin of the default tenant",
+        ));
+    }
     let (parts, body) = request.into_parts();
     let limit = state.engine.config().body_limit_bytes;
     check_declared_length(&parts.headers, limit)?;
@@ -315,7 +325,7 @@ pub async fn register(
     let live = state
         .engine
         .registry()
-        .live_entities(DEFAULT_TENANT, &t)
+        .live_entities(&caller.tenant, &t)
         .await
         .map_err(store_problem)?;
     let count = live.get(&v.version).copied().unwrap_or(0);

@@ -477,17 +477,24 @@ impl ListQuery {
 /// What the gauges of the metrics show, counted by the database.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Counts {
-    /// Stored entities by tenant-wide type and status.
+    /// Stored entities by type and status, every tenant's summed.
     pub entities: Vec<(String, EntityStatus, u64)>,
+    /// Stored entities by tenant, type and status.
+    pub by_tenant: Vec<(String, String, EntityStatus, u64)>,
     /// Entities with a step due now, by queue: the work waiting for a
     /// consumer of that queue.
     pub due: Vec<(String, u64)>,
 }
 
 impl Counts {
-    /// Adds `n` entities of `type_name` in `status`: rows counted per
-    /// tenant sum up by type.
-    pub fn add_entities(&mut self, type_name: String, status: EntityStatus, n: i64) {
+    /// Adds `n` entities of `tenant`'s `type_name` in `status`.
+    pub fn add_entities(
+        &mut self,
+        tenant: String,
+        type_name: String,
+        status: EntityStatus,
+        n: i64,
+    ) {
         let n = u64::try_from(n).unwrap_or(0);
         match self
             .entities
@@ -495,8 +502,20 @@ impl Counts {
             .find(|(t, s, _)| *t == type_name && *s == status)
         {
             Some((_, _, total)) => *total += n,
-            None => self.entities.push((type_name, status, n)),
+            None => self.entities.push((type_name.clone(), status, n)),
         }
+        self.by_tenant.push((tenant, type_name, status, n));
+    }
+
+    /// The counts of one tenant's entities; no queue is anyone's own.
+    pub fn of_tenant(&self, tenant: &str) -> Counts {
+        let mut own = Counts::default();
+        for (t, type_name, status, n) in &self.by_tenant {
+            if t == tenant {
+                own.add_entities(t.clone(), type_name.clone(), *status, *n as i64);
+            }
+        }
+        own
     }
 }
 

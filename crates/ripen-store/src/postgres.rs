@@ -772,15 +772,16 @@ impl Store for PostgresStore {
         let mut counts = Counts::default();
         let rows = conn
             .query(
-                "SELECT type, status, COUNT(*) FROM entities GROUP BY type, status",
+                "SELECT tenant, type, status, COUNT(*) FROM entities GROUP BY tenant, type, status",
                 &[],
             )
             .await?;
         for r in rows {
-            let status: &str = r.try_get(1).map_err(decode_error)?;
-            let n: i64 = r.try_get(2).map_err(decode_error)?;
+            let status: &str = r.try_get(2).map_err(decode_error)?;
+            let n: i64 = r.try_get(3).map_err(decode_error)?;
             counts.add_entities(
                 r.try_get(0).map_err(decode_error)?,
+                r.try_get(1).map_err(decode_error)?,
                 entity_status(status)?,
                 n,
             );

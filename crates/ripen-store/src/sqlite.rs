@@ -916,13 +916,13 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let mut counts = Counts::default();
             let mut stmt = conn.prepare_cached(
-                "SELECT type, status, COUNT(*) FROM entities GROUP BY tenant, type, status",
+                "SELECT tenant, type, status, COUNT(*) FROM entities GROUP BY tenant, type, status",
             )?;
             let mut rows = stmt.query([])?;
             while let Some(r) = rows.next()? {
-                let status: String = r.get(1)?;
-                let n: i64 = r.get(2)?;
-                counts.add_entities(r.get(0)?, entity_status(&status)?, n);
+                let status: String = r.get(2)?;
+                let n: i64 = r.get(3)?;
+                counts.add_entities(r.get(0)?, r.get(1)?, entity_status(&status)?, n);
             }
             let mut stmt = conn.prepare_cached(
                 "SELECT queue, COUNT(*) FROM due WHERE due_at <= ?1 GROUP BY queue",

@@ -2,6 +2,7 @@
 
 mod cli;
 mod demo;
+mod keys;
 mod subscriptions;
 mod types;
 
@@ -70,6 +71,13 @@ enum Command {
     Subscriptions {
         #[command(subcommand)]
         command: subscriptions::SubscriptionsCommand,
+        #[command(flatten)]
+        server: ServerArg,
+    },
+    /// API keys: create, list, revoke.
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
         #[command(flatten)]
         server: ServerArg,
     },
@@ -229,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
                 subscriptions::run(&server, command).await
             }
             Command::Types { command, server } => types::run(&server, command).await,
+            Command::Keys { command, server } => keys::run(&server, command).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => ripen_bench::run(args.into_options()?).await,
         }
