@@ -339,6 +339,6 @@ mod tests {
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .expect("version");
-        assert_eq!(version, 5);
+        assert_eq!(version, super::super::SCHEMA_VERSION);
     }
 }
