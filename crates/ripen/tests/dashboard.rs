@@ -811,3 +811,88 @@ async fn browser_a_waiting_entity_shows_what_it_waits_for_and_why_it_failed() {
     let case = json!({"merchant": merchant, "store": store});
     run_browser("dependency.py", srv.base(), case).await;
 }
+
+/// A key's request to the server; panics unless it answers `status`.
+async fn with_key(
+    srv: &Server,
+    key: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Value,
+    status: u16,
+) -> Value {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut headers = vec![
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+    ];
+    if let Some(a) = auth.as_deref() {
+        headers.push(("authorization", a));
+    }
+    let method = ripen_client::Method::from_bytes(method.as_bytes()).expect("a method");
+    let r = srv
+        .request(method, path, &headers, Some(body.to_string().into_bytes()))
+        .await;
+    assert_eq!(r.status, status, "{r}");
+    r.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browser_asks_for_a_key_and_shows_that_tenants_entities_only() {
+    let ds = Downstream::start().await;
+    let srv = Server::start(&Config::new().with_type(single("merchant", &ds))).await;
+    let root = with_key(
+        &srv,
+        None,
+        "POST",
+        "/v1/keys",
+        json!({"scopes": ["admin"]}),
+        201,
+    )
+    .await;
+    let root = root["key"].as_str().expect("key").to_owned();
+    let mut case = json!({});
+    for tenant in ["acme", "beta"] {
+        let key = with_key(
+            &srv,
+            Some(&root),
+            "POST",
+            "/v1/keys",
+            json!({"tenant": tenant, "scopes": ["submit", "read"]}),
+            201,
+        )
+        .await;
+        let key = key["key"].as_str().expect("key").to_owned();
+        let e = with_key(
+            &srv,
+            Some(&key),
+            "POST",
+            "/v1/entities/merchant",
+            json!({"name": tenant}),
+            202,
+        )
+        .await;
+        let id = e["id"].as_str().expect("id").to_owned();
+        let deadline = Instant::now() + SETTLE;
+        while with_key(
+            &srv,
+            Some(&key),
+            "GET",
+            &format!("/v1/entities/{id}"),
+            json!({}),
+            200,
+        )
+        .await["status"]
+            != "ready"
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{tenant}'s entity did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        case[format!("{tenant}_key")] = json!(key);
+        case[format!("{tenant}_entity")] = json!(id);
+    }
+    run_browser("auth.py", srv.base(), case).await;
+}

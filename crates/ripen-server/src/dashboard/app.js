@@ -57,7 +57,7 @@ function settled(e) {
 
 /** The answer's JSON; a refusal throws an Error saying the problem's title and detail. */
 async function api(path, init) {
-  const opts = Object.assign({headers: {accept: "application/json"}}, init || {});
+  const opts = Object.assign({headers: Object.assign({accept: "application/json"}, authHeaders())}, init || {});
   if (opts.json !== undefined) {
     opts.body = JSON.stringify(opts.json);
     opts.headers["content-type"] = "application/json";
@@ -67,6 +67,12 @@ async function api(path, init) {
   const text = await r.text();
   let body = null;
   try { body = text ? JSON.parse(text) : null; } catch (_) { body = null; }
+  if (r.status === 401) {
+    askKey(apiKey() ? "The server refused the key this tab used." : "This server needs an API key.");
+    const e = new Error("an API key is needed");
+    e.status = 401;
+    throw e;
+  }
   if (!r.ok) {
     const e = new Error(body && body.title
       ? (body.detail ? `${body.title}: ${body.detail}` : body.title)
@@ -91,33 +97,102 @@ function throttle(fn, gap) {
   return t;
 }
 
-/** An SSE subscription to `url` with a listener per event kind. The browser
- *  reconnects with Last-Event-ID by itself; a refused stream is tried again
- *  every 5 s. `state` hears "live", "reconnecting" or "unavailable". */
+/** An SSE subscription to `url` with a listener per event kind, read with
+ *  fetch so that it carries the API key. A stream that ends is opened again
+ *  with Last-Event-ID, as a browser's EventSource would; a refused one is
+ *  tried again every 5 s. `state` hears "live", "reconnecting" or
+ *  "unavailable". */
 function subscribe(url, listeners, state) {
-  let es = null, retry = null, closed = false;
-  const open = () => {
-    es = new EventSource(url);
-    es.onopen = () => state("live");
-    es.onerror = () => {
-      if (closed) return;
-      if (es.readyState === EventSource.CLOSED) {
-        state("unavailable");
-        retry = setTimeout(open, 5000);
-      } else {
-        state("reconnecting");
-      }
-    };
-    for (const [kind, fn] of Object.entries(listeners)) {
-      es.addEventListener(kind, ev => {
-        let data = null;
-        try { data = JSON.parse(ev.data); } catch (_) { return; }
-        fn(data, ev);
-      });
+  let closed = false, retry = null, lastId = null, control = null;
+  const again = (ms) => { if (!closed) retry = setTimeout(open, ms); };
+  const dispatch = (block) => {
+    let kind = "message", data = [];
+    for (const line of block.split("\n")) {
+      const colon = line.indexOf(":");
+      if (colon === 0) continue;
+      const field = colon < 0 ? line : line.slice(0, colon);
+      const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+      if (field === "event") kind = value;
+      else if (field === "data") data.push(value);
+      else if (field === "id") lastId = value;
     }
+    const fn = listeners[kind];
+    if (!fn || !data.length) return;
+    let parsed = null;
+    try { parsed = JSON.parse(data.join("\n")); } catch (_) { return; }
+    fn(parsed, {lastEventId: lastId});
+  };
+  const open = async () => {
+    control = new AbortController();
+    const headers = Object.assign({accept: "text/event-stream"}, authHeaders());
+    if (lastId !== null) headers["last-event-id"] = lastId;
+    let r;
+    try { r = await fetch(url, {headers, signal: control.signal}); }
+    catch (_) { if (!closed) { state("reconnecting"); again(1000); } return; }
+    if (r.status === 401) { askKey("The server needs an API key to stream changes."); return; }
+    if (!r.ok || !r.body) { state("unavailable"); again(5000); return; }
+    state("live");
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    try {
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, {stream: true}).replace(/\r\n?/g, "\n");
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          dispatch(buffer.slice(0, cut));
+          buffer = buffer.slice(cut + 2);
+        }
+      }
+    } catch (_) { /* the connection broke, or the view closed it */ }
+    if (!closed) { state("reconnecting"); again(3000); }
   };
   open();
-  return { close() { closed = true; clearTimeout(retry); if (es) es.close(); } };
+  return { close() { closed = true; clearTimeout(retry); if (control) control.abort(); } };
+}
+
+// ---- The API key: kept in this browser tab's session only.
+
+const KEY_SLOT = "ripen.apiKey";
+function apiKey() { try { return sessionStorage.getItem(KEY_SLOT); } catch (_) { return null; } }
+function authHeaders() { const k = apiKey(); return k ? {authorization: `Bearer ${k}`} : {}; }
+
+/** Shows the key form in place of the view; a key given is kept for the
+ *  session and the view is opened again. */
+function askKey(why) {
+  if (current) current.stop();
+  showLive("");
+  document.title = "API key · Ripen";
+  const input = h("input", {id: "api-key", type: "password", autocomplete: "off", required: true,
+    spellcheck: "false", "aria-describedby": "api-key-why"});
+  const form = h("form", {id: "key-form", class: "key-form", onsubmit: (e) => {
+    e.preventDefault();
+    const k = input.value.trim();
+    if (!k) return;
+    try { sessionStorage.setItem(KEY_SLOT, k); } catch (_) { /* private mode: asked again next time */ }
+    showKey();
+    route(true);
+  }},
+    h("label", {for: "api-key"}, "API key"), input,
+    h("button", {type: "submit"}, "Use this key"));
+  fill(main, h("h1", null, "An API key is needed"),
+    h("p", {id: "api-key-why"}, why, " It is kept in this tab only, until the tab is closed."), form);
+  input.focus();
+}
+
+function showKey() {
+  const slot = document.getElementById("key-state");
+  if (!slot) return;
+  slot.replaceChildren();
+  if (apiKey()) {
+    slot.append(h("button", {type: "button", id: "forget-key", onclick: () => {
+      try { sessionStorage.removeItem(KEY_SLOT); } catch (_) { /* nothing kept */ }
+      showKey();
+      route(true);
+    }}, "Forget key"));
+  }
 }
 
 function showLive(s) {
@@ -192,6 +267,11 @@ function overview(view) {
         h("tbody", null, rows)),
       h("p", {class: "muted", id: "counts-summary"}, STATUSES.map(s => `${sum(s)} ${s}`).join(", ")));
     const r = stats.rates;
+    if (!r) {
+      // The node's rates cover every tenant: only the default tenant sees them.
+      fill(ratesBox, h("p", {class: "muted", id: "rates-summary"}, "This node's rates are shown to the default tenant only."));
+      return;
+    }
     const total = a => a.reduce((x, y) => x + y, 0);
     const minutes = Math.round(r.bucket_seconds * r.created.length / 60);
     fill(ratesBox,
@@ -228,9 +308,10 @@ function overview(view) {
     t.counts[to] += 1;
     // The rates are read fresh with every count; only a change heard after
     // that is added to the bucket in progress.
+    if (!rates || !stats.rates) return;
     const last = stats.rates.created.length - 1;
-    if (rates && ev.kind === "entity.created") stats.rates.created[last] += 1;
-    if (rates && ev.kind === "entity.ready") stats.rates.ready[last] += 1;
+    if (ev.kind === "entity.created") stats.rates.created[last] += 1;
+    if (ev.kind === "entity.ready") stats.rates.ready[last] += 1;
   };
   const onEvent = (ev) => {
     const d = ev.data || {};
@@ -714,4 +795,5 @@ function typesPage(view) {
   }).catch(e => { if (view.alive) fill(main, h("h1", null, "Entity types"), h("p", null, `The types could not be read: ${e.message}`)); });
 }
 
+showKey();
 route(false);
