@@ -112,7 +112,13 @@ impl Caller {
     /// tenants' keys and register type versions (types are shared by
     /// every tenant).
     pub fn is_operator(&self) -> bool {
-        &*self.tenant == DEFAULT_TENANT && self.scopes.has(Scope::Admin)
+        self.is_default_tenant() && self.scopes.has(Scope::Admin)
+    }
+
+    /// Whether the caller speaks for the default tenant, the operator's:
+    /// what sees node-wide figures such as rates.
+    pub fn is_default_tenant(&self) -> bool {
+        &*self.tenant == DEFAULT_TENANT
     }
 }
 
@@ -328,7 +334,7 @@ pub async fn authorize(
             .with("scope", serde_json::json!(needs.as_str()))
             .into_response();
     }
-    if needs == Scope::Worker && &*caller.tenant != DEFAULT_TENANT {
+    if needs == Scope::Worker && !caller.is_default_tenant() {
         // A task carries any tenant's payload: worker queues are the
         // operator's, served by keys of the default tenant.
         return Problem::forbidden("worker keys belong to the default tenant")

@@ -134,7 +134,7 @@ pub async fn get(
     // A tenant sees its own entities. The rates are the node's, every
     // tenant's together: only the default tenant sees them.
     let counts = counts.of_tenant(&caller.tenant);
-    let rates = (&*caller.tenant == ripen_store::DEFAULT_TENANT).then(|| {
+    let rates = caller.is_default_tenant().then(|| {
         let (created, ready) = lock(&state.stats.rates).buckets(state.engine.activity());
         json!({
             "bucket_seconds": BUCKET_SECONDS,
