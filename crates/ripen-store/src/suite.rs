@@ -92,6 +92,7 @@ macro_rules! store_test_suite {
             concurrent_registrations_are_serialized,
             live_entities_count_pending_by_version,
             keys_are_stored_found_by_hash_listed_and_revoked,
+            tenants_never_see_each_other_in_random_histories,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -110,9 +111,11 @@ mod notify;
 pub use deps::*;
 mod keys;
 mod registry;
+mod tenants;
 pub use keys::*;
 pub use notify::*;
 pub use registry::*;
+pub use tenants::*;
 
 /// The start of time in every test.
 pub const T0: UnixMicros = 1_700_000_000_000_000;
