@@ -149,6 +149,9 @@ pub struct Options {
     pub storage: Option<String>,
     /// Servers sharing `storage` in the W5 row; clients are spread over them.
     pub nodes: usize,
+    /// Serve with API keys: each fresh server gets a key with every scope,
+    /// and every request of the bench carries it (what auth costs).
+    pub auth: bool,
     /// Where the `million` row keeps its database (default: a temporary
     /// directory, removed afterwards). A directory that already holds a
     /// preloaded database is reused as it is.
@@ -209,12 +212,17 @@ pub async fn run(args: Options) -> Result<()> {
         "SQLite (WAL, synchronous=FULL: every ack is on disk)".to_owned()
     };
     println!(
-        "ripen bench: {storage}, {} B payloads, {}, {} run(s) per row",
+        "ripen bench: {storage}, {} B payloads, {}, {}, {} run(s) per row",
         args.payload_bytes,
         if args.no_keys {
             "no idempotency keys"
         } else {
             "an idempotency key per request"
+        },
+        if args.auth {
+            "an API key on every request"
+        } else {
+            "no API keys (open)"
         },
         args.runs,
     );
@@ -403,6 +411,7 @@ async fn million(
                 count: need,
                 clients: args.intake_clients,
                 rate_per_s: None,
+                auth: None,
             },
             pad.clone(),
             args.payload_bytes,
@@ -520,6 +529,7 @@ impl Node {
                 count: usize::MAX / 2,
                 clients: args.intake_clients,
                 rate_per_s: None,
+                auth: None,
             },
             pad.clone(),
             args.payload_bytes,
@@ -561,10 +571,33 @@ struct Bench<'a> {
     server: ServerProcess,
     /// Further nodes on the same shared database (`--nodes`).
     others: Vec<ServerProcess>,
+    /// `Authorization` of every request, with `--auth`.
+    auth: Option<String>,
     /// Counts contract violations; the 1M row counts its shared one itself.
     downstream: Option<Downstream>,
     /// Removed after the server is killed (fields drop in order).
     _dir: Option<TempDir>,
+}
+
+/// Makes a key with every scope on a server that has none yet (it runs
+/// open until then), and returns it.
+async fn make_key(client: &Client) -> Result<String> {
+    let body = r#"{"scopes": ["submit", "read", "operate", "admin", "worker"], "name": "bench"}"#;
+    let r = client
+        .request(
+            ripen_client::Method::POST,
+            "/v1/keys",
+            &[("content-type", "application/json")],
+            Some(bytes::Bytes::from_static(body.as_bytes())),
+        )
+        .await
+        .and_then(|r| r.expect(ripen_client::StatusCode::CREATED))
+        .context("create the bench's API key")?;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).context("the key's answer")?;
+    v["key"]
+        .as_str()
+        .map(str::to_owned)
+        .context("the key's answer has no key")
 }
 
 impl<'a> Bench<'a> {
@@ -581,16 +614,26 @@ impl<'a> Bench<'a> {
             payload_bytes: args.payload_bytes,
             storage: args.storage.clone(),
         };
-        let server = node.start(execute).await?;
+        let mut server = node.start(execute).await?;
         let mut others = Vec::new();
         for i in 2..=args.nodes {
             others.push(node.start_another(i).await?);
         }
+        let auth = if args.auth {
+            let key = make_key(server.client()).await?;
+            for s in std::iter::once(&mut server).chain(others.iter_mut()) {
+                s.use_api_key(&key)?;
+            }
+            Some(format!("Bearer {key}"))
+        } else {
+            None
+        };
         Ok(Bench {
             args,
             pad: pad.clone(),
             server,
             others,
+            auth,
             downstream: Some(downstream),
             _dir: if std::env::var_os("RIPEN_BENCH_KEEP").is_some() {
                 println!("keeping {}", dir.keep().display());
@@ -608,6 +651,7 @@ impl<'a> Bench<'a> {
             pad: pad.clone(),
             server,
             others: Vec::new(),
+            auth: None,
             downstream: None,
             _dir: None,
         }
@@ -627,6 +671,7 @@ impl<'a> Bench<'a> {
                 count: WARMUP_REQUESTS,
                 clients: self.args.intake_clients,
                 rate_per_s: None,
+                auth: self.auth.clone(),
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -643,6 +688,7 @@ impl<'a> Bench<'a> {
                 count: self.args.intake_entities,
                 clients: self.args.intake_clients,
                 rate_per_s: None,
+                auth: self.auth.clone(),
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -664,6 +710,7 @@ impl<'a> Bench<'a> {
                 count: half_count,
                 clients: self.args.intake_clients,
                 rate_per_s: Some(HALF_RATE_PER_S),
+                auth: self.auth.clone(),
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -760,6 +807,7 @@ impl<'a> Bench<'a> {
                 count: self.args.entities,
                 clients: self.args.clients,
                 rate_per_s: None,
+                auth: self.auth.clone(),
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -869,6 +917,7 @@ impl<'a> Bench<'a> {
                 count: self.args.worker_entities,
                 clients: self.args.clients,
                 rate_per_s: None,
+                auth: self.auth.clone(),
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -947,6 +996,7 @@ impl<'a> Bench<'a> {
                 count: self.args.burst_entities,
                 clients: self.args.burst_clients,
                 rate_per_s: None,
+                auth: self.auth.clone(),
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -1339,6 +1389,8 @@ struct SubmitPlan {
     /// `None` submits as fast as the server answers; otherwise requests are
     /// spread evenly at this overall rate.
     rate_per_s: Option<f64>,
+    /// `Authorization` of every request, with `--auth`.
+    auth: Option<String>,
 }
 
 struct SubmitOutcome {
@@ -1399,6 +1451,9 @@ async fn submit_phase(
                 );
                 if let Some(prefix) = &plan.key_prefix {
                     let _ = write!(request, "idempotency-key: {prefix}-{seq}\r\n");
+                }
+                if let Some(auth) = &plan.auth {
+                    let _ = write!(request, "authorization: {auth}\r\n");
                 }
                 request.extend_from_slice(b"\r\n");
                 request.extend_from_slice(&body);

@@ -67,6 +67,17 @@ impl ServerProcess {
     }
 
     /// A client of this server; it follows restarts to their new port.
+    /// Sends `key` as a bearer token with every request of [`Self::client`]
+    /// from now on.
+    pub fn use_api_key(&mut self, key: &str) -> std::io::Result<()> {
+        self.client = self
+            .client
+            .clone()
+            .with_api_key(key)
+            .map_err(|e| std::io::Error::other(format!("the API key: {e}")))?;
+        Ok(())
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }

@@ -142,6 +142,10 @@ struct BenchArgs {
     /// local receiver, and report the delivery lag.
     #[arg(long)]
     notify: bool,
+    /// Serve with API keys: every request carries a key, checked as in
+    /// production (what authentication costs).
+    #[arg(long)]
+    auth: bool,
     /// Also run the 1,000,000-entity row (takes several minutes).
     #[arg(long)]
     million: bool,
@@ -181,6 +185,7 @@ impl BenchArgs {
             workers_only: self.workers_only,
             worker_entities: self.worker_entities,
             notify: self.notify,
+            auth: self.auth,
             million: self.million,
             preload: self.preload,
             storage: self.storage,
