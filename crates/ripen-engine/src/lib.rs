@@ -92,6 +92,7 @@ async fn start_notifications(
     tracer: &Option<trace::Tracer>,
     background: &mut tokio::task::JoinSet<()>,
     registry: &Arc<registry::Registry>,
+    key: Option<Arc<ripen_notify::seal::MasterKey>>,
 ) -> Result<(Arc<notify::Hub>, notify::Notifications)> {
     let hub = Arc::new(notify::Hub::new(config.notify.stream_buffer));
     let heard = hub.clone();
@@ -102,9 +103,6 @@ async fn start_notifications(
     let head = store.outbox_head().await.context("read the outbox head")?;
     background.spawn(hub.clone().run(store.clone(), head, poll));
     let n = &config.notify;
-    let key = notify::master_key(n.master_key_file.as_deref(), &config.storage)
-        .map_err(|e| anyhow::anyhow!("{}: notify: {e}", config.path.display()))?
-        .map(Arc::new);
     let policy = ripen_notify::ssrf::Policy::new(&n.allow_networks)
         .map_err(|e| anyhow::anyhow!("{}: {e}", config.path.display()))?;
     let client = Arc::new(ripen_notify::client::SafeClient::with_system_defaults(
@@ -235,10 +233,15 @@ impl Engine {
         };
         // Every configured type is a registered version before anything is
         // decided: recovery and claims run on the registry's pipelines.
+        // The master key seals webhook secrets and connector passwords.
+        let key = notify::master_key(config.notify.master_key_file.as_deref(), &config.storage)
+            .map_err(|e| anyhow::anyhow!("{}: notify: {e}", config.path.display()))?
+            .map(Arc::new);
         let registry = Arc::new(registry::Registry::new(
             store.clone(),
             pipelines.clone(),
             clock.clone(),
+            key.clone(),
         ));
         registry.register_config(&config).await?;
         // Other nodes may hold the leases of the running attempts of a shared
@@ -353,6 +356,7 @@ impl Engine {
             &tracer,
             &mut background,
             &registry,
+            key,
         )
         .await?;
         // The dependency resolver looks whenever new outbox rows are

@@ -15,11 +15,14 @@
 //! node may have registered the version), and asks the store to fail the
 //! entities that still cannot run, with the cause in their history.
 
+pub mod seal;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use ripen_core::{Catalog, Executor, Pipeline, StepSpec};
+use ripen_notify::seal::MasterKey;
 use ripen_store::registry::{Known, Pipelines};
 use ripen_store::{NewTypeVersion, Registered, Store, StoreError, TypeHead, TypeVersion};
 use serde_json::{json, Map, Value};
@@ -411,8 +414,9 @@ pub struct Version {
 }
 
 impl Version {
-    fn from_row(row: &TypeVersion) -> Result<Version, String> {
-        let built = Definition::from_stored(&row.definition)?;
+    fn from_row(row: &TypeVersion, key: Option<&MasterKey>) -> Result<Version, String> {
+        let text = seal::open(key, &row.type_name, &row.definition)?;
+        let built = Definition::from_stored(&text)?;
         let references = built
             .definition
             .references
@@ -490,6 +494,8 @@ pub struct Registry {
     reading: tokio::sync::Mutex<()>,
     /// Called after each read of the store; see [`Registry::on_reload`].
     reloaded: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Seals connector passwords at rest ([`seal`]); none: stored as given.
+    key: Option<Arc<MasterKey>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -501,8 +507,14 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// A registry on `store`, which decides with `pipelines`; it knows
     /// nothing until [`Registry::reload`].
-    pub fn new(store: Arc<dyn Store>, pipelines: Pipelines, clock: Arc<dyn Clock>) -> Registry {
+    pub fn new(
+        store: Arc<dyn Store>,
+        pipelines: Pipelines,
+        clock: Arc<dyn Clock>,
+        key: Option<Arc<MasterKey>>,
+    ) -> Registry {
         Registry {
+            key,
             store,
             pipelines,
             clock,
@@ -567,7 +579,7 @@ impl Registry {
             .range((type_name.to_owned(), 0)..=(type_name.to_owned(), u32::MAX))
             .map(|(key, row)| {
                 let built = snap.built.get(key).cloned().ok_or_else(|| {
-                    Version::from_row(row)
+                    Version::from_row(row, self.key.as_deref())
                         .err()
                         .unwrap_or_else(|| "not built".into())
                 });
@@ -608,7 +620,7 @@ impl Registry {
             let reused = old.built.get(&key).filter(|v| v.digest == row.digest);
             let built = match reused {
                 Some(v) => Ok(v.clone()),
-                None => Version::from_row(&row).map(Arc::new),
+                None => Version::from_row(&row, self.key.as_deref()).map(Arc::new),
             };
             match built {
                 Ok(v) => {
@@ -703,7 +715,8 @@ impl Registry {
             let forced = !incompatibilities.is_empty();
             let new = NewTypeVersion {
                 type_name: type_name.to_owned(),
-                definition: definition.clone(),
+                definition: seal::seal(self.key.as_deref(), type_name, &definition)
+                    .map_err(StoreError::Internal)?,
                 digest: digest.clone(),
                 forced,
                 incompatibilities: serde_json::to_string(&incompatibilities)
@@ -724,7 +737,7 @@ impl Registry {
             self.reload().await?;
             let version = match self.version(&row.type_name, row.version) {
                 Some(v) => v,
-                None => Arc::new(Version::from_row(&row).map_err(|why| {
+                None => Arc::new(Version::from_row(&row, self.key.as_deref()).map_err(|why| {
                     StoreError::Internal(format!("a registered version does not build: {why}"))
                 })?),
             };

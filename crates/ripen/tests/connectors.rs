@@ -652,3 +652,78 @@ async fn a_failed_entity_takes_its_row_and_key_back() {
     assert_eq!(rows[0].get::<_, i64>(0), 0);
     assert_eq!(exists(format!("m:{other}")), "0");
 }
+
+/// A connector's password is sealed in the type registry, whatever the
+/// backend, opened again to connect, and hidden from the registry's views.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connector_password_is_sealed_at_rest_and_hidden_from_views() {
+    const PASSWORD: &str = "hunter2-not-in-the-store";
+    let plain = user_database(MERCHANTS).await;
+    // The test cluster trusts loopback, so any password connects.
+    let url = plain.replacen("@127.0.0.1", &format!(":{PASSWORD}@127.0.0.1"), 1);
+    assert!(url.contains(PASSWORD), "{url}");
+    let key_dir = TempDir::new("ripen-connector-key-").expect("temp dir");
+    let key_file = key_dir.path().join("master.key");
+    let steps = builtin_step(
+        "row",
+        &[],
+        &upsert(&url, "public.merchants", "name = \"/payload/name\""),
+    );
+    let master = format!(
+        "\n[notify]\nmaster_key_file = {}\n",
+        toml_str(&key_file.to_string_lossy())
+    );
+    let server = serve_builtin_only(master + &steps).await;
+    let id = server
+        .submit_ok("merchant", &json!({"name": "Sealed"}))
+        .await;
+    let view = server.wait_terminal(&id, PATIENCE).await;
+    assert_eq!(
+        view["status"], "ready",
+        "the opened password connects: {view:#}"
+    );
+
+    let toml = std::fs::read_to_string(server.dir().join("ripen.toml")).expect("read ripen.toml");
+    let storage: String = toml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("url = "))
+        .map(|v| serde_json::from_str(v).expect("a TOML basic string"))
+        .expect("a storage url");
+    let stored: Vec<String> = if let Some(path) = storage.strip_prefix("sqlite://") {
+        let db = rusqlite::Connection::open(path).expect("open the database");
+        let mut stmt = db
+            .prepare("SELECT definition FROM type_versions")
+            .expect("prepare");
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .expect("query")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("rows");
+        rows
+    } else {
+        pg(&storage)
+            .await
+            .query("SELECT definition FROM type_versions", &[])
+            .await
+            .expect("query")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    assert!(!stored.is_empty());
+    for definition in &stored {
+        assert!(
+            !definition.contains(PASSWORD),
+            "stored in the clear: {definition}"
+        );
+        assert!(definition.contains(":sealed."), "{definition}");
+    }
+    let version = server.get("/v1/types/merchant/versions/1").await;
+    assert_eq!(version.status, 200, "{version}");
+    let text = String::from_utf8_lossy(&version.body).into_owned();
+    assert!(
+        !text.contains(PASSWORD) && !text.contains("sealed."),
+        "{text}"
+    );
+    assert!(text.contains(":***@127.0.0.1"), "{text}");
+}
