@@ -92,8 +92,8 @@ async fn start_notifications(
     tracer: &Option<trace::Tracer>,
     background: &mut tokio::task::JoinSet<()>,
     registry: &Arc<registry::Registry>,
-    key: Option<Arc<ripen_notify::seal::MasterKey>>,
 ) -> Result<(Arc<notify::Hub>, notify::Notifications)> {
+    let key = registry.master_key();
     let hub = Arc::new(notify::Hub::new(config.notify.stream_buffer));
     let heard = hub.clone();
     store.watch_changes(Arc::new(move |c: &ripen_store::Changes<'_>| heard.heard(c)));
@@ -356,7 +356,6 @@ impl Engine {
             &tracer,
             &mut background,
             &registry,
-            key,
         )
         .await?;
         // The dependency resolver looks whenever new outbox rows are

@@ -524,6 +524,11 @@ impl Registry {
         }
     }
 
+    /// The master key, which also seals webhook secrets.
+    pub fn master_key(&self) -> Option<Arc<MasterKey>> {
+        self.key.clone()
+    }
+
     /// Calls `f` after every later read of the store: what the engine
     /// wakes or teaches when new versions may have arrived. Set once.
     pub fn on_reload(&self, f: Box<dyn Fn() + Send + Sync>) {
