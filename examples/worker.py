@@ -4,15 +4,19 @@
 Serves one worker queue: claims tasks with a long poll, runs them, and
 reports each result with its lease. Usage:
     RIPEN_URL=http://127.0.0.1:8080 python3 examples/worker.py billing
+A server with API keys needs a key with the worker scope in RIPEN_API_KEY.
 """
 import json, os, sys, urllib.error, urllib.request
 
 URL = os.environ.get("RIPEN_URL", "http://127.0.0.1:8080")
 QUEUE = sys.argv[1] if len(sys.argv) > 1 else "billing"
 
+HEADERS = {"Content-Type": "application/json"}
+if os.environ.get("RIPEN_API_KEY"):
+    HEADERS["Authorization"] = "Bearer " + os.environ["RIPEN_API_KEY"]
+
 def post(path, body):
-    req = urllib.request.Request(URL + path, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(URL + path, json.dumps(body).encode(), HEADERS)
     with urllib.request.urlopen(req, timeout=70) as answer:
         return json.load(answer)
 

@@ -118,9 +118,21 @@ type ReadyHook = Box<dyn FnOnce() + Send>;
 impl Worker {
     /// A worker of queue `queue` (the `worker = "…"` name of its steps) on
     /// the server at `url`, such as `http://127.0.0.1:8080`: one task at a
-    /// time, id `{hostname}-{pid}`.
+    /// time, id `{hostname}-{pid}`. It sends the API key in `RIPEN_API_KEY`,
+    /// if the environment has one (a key with the `worker` scope).
     pub fn new(url: &str, queue: &str) -> Worker {
-        Worker::with_client(Client::new(url).with_timeout(CALL_TIMEOUT), queue)
+        let client = Client::new(url).with_timeout(CALL_TIMEOUT);
+        let client = match std::env::var("RIPEN_API_KEY") {
+            Ok(key) if !key.is_empty() => match client.clone().with_api_key(&key) {
+                Ok(with_key) => with_key,
+                Err(e) => {
+                    tracing::warn!(error = %e, "RIPEN_API_KEY is not a usable key; sending none");
+                    client
+                }
+            },
+            _ => client,
+        };
+        Worker::with_client(client, queue)
     }
 
     /// A worker on a client of the caller's (its timeout bounds heartbeats

@@ -740,3 +740,57 @@ async fn a_revoke_on_one_node_stops_the_key_on_another() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A tenant's entity whose step runs on a worker: the operator's worker
+/// key claims it (with the tenant's payload) and completes it, and the
+/// entity is ready for its tenant; a worker key cannot read entities.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_worker_key_serves_every_tenants_tasks() {
+    let srv = Server::start(
+        &Config::new().with_type(TypeDef::new("merchant", vec![Step::worker("kyc", "kyc")])),
+    )
+    .await;
+    let api = srv.api();
+    let (_, root) = make_key(api, None, "default", &["admin"]).await;
+    let (_, worker) = make_key(api, Some(&root), "default", &["worker"]).await;
+    let (_, acme) = make_key(api, Some(&root), "acme", &["submit", "read"]).await;
+    let r = call(
+        api,
+        Method::POST,
+        "/v1/entities/merchant",
+        Some(&acme),
+        Some(&json!({"name": "w"})),
+    )
+    .await;
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let r = call(
+        api,
+        Method::POST,
+        "/v1/queues/kyc/claim",
+        Some(&worker),
+        Some(&json!({"max": 1, "wait_ms": 10000})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r}");
+    let task = r.json()["tasks"][0].clone();
+    assert_eq!(task["entity_id"], id.as_str(), "{task}");
+    assert_eq!(task["payload"]["name"], "w");
+    let r = call(
+        api,
+        Method::POST,
+        &format!(
+            "/v1/tasks/{}/complete",
+            task["task_id"].as_str().expect("task id")
+        ),
+        Some(&worker),
+        Some(&json!({"lease": task["lease"], "output": {"ok": true}})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r}");
+    eventually("the worker's entity ready", || async {
+        get(api, &format!("/v1/entities/{id}"), &acme).await.json()["status"] == "ready"
+    })
+    .await;
+    let r = get(api, &format!("/v1/entities/{id}"), &worker).await;
+    assert_eq!(assert_problem(&r, 403)["scope"], "read");
+}
