@@ -291,6 +291,42 @@ fn event_table(events: &[Event]) -> String {
 
 /// The error of a call to the server at `url`, in words a user can act on:
 /// the server's problem detail, or why it could not be reached.
+/// One JSON request to the server at `url`: the answer's JSON (`null`
+/// when it has no body), or a friendly error unless it is `expected`.
+pub async fn call_json(
+    client: &Client,
+    url: &str,
+    method: ripen_client::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    expected: ripen_client::StatusCode,
+) -> Result<serde_json::Value> {
+    let body = body.map(|b| bytes::Bytes::from(b.to_string()));
+    let headers = [
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+    ];
+    let response = client
+        .request(method, path, &headers, body)
+        .await
+        .and_then(|r| r.expect(expected))
+        .map_err(|e| friendly(url, e))?;
+    if response.body.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_slice(&response.body)
+        .map_err(|e| anyhow!("the server's answer is not JSON: {e}"))
+}
+
+/// A JSON value as a table cell: strings bare, null empty.
+pub fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
 pub fn friendly(url: &str, e: ripen_client::Error) -> anyhow::Error {
     if let Some(response) = e.response() {
         if let Some(p) = e.problem() {

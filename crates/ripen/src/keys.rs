@@ -6,13 +6,12 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use bytes::Bytes;
 use clap::Subcommand;
 use ripen_client::{Method, StatusCode};
 use ripen_engine::keys::Scopes;
 use serde_json::{json, Value};
 
-use crate::cli::{friendly, Output, ServerArg};
+use crate::cli::{call_json, cell, Output, ServerArg};
 
 #[derive(Subcommand)]
 pub enum KeysCommand {
@@ -61,22 +60,8 @@ pub async fn run(server: &ServerArg, command: KeysCommand) -> Result<()> {
     }
     let (url, client) = server.connect()?;
     let call = |method: Method, path: String, body: Option<Value>, expected: StatusCode| {
-        let client = &client;
-        let url = &url;
-        async move {
-            let body = body.map(|b| Bytes::from(b.to_string()));
-            let headers = [
-                ("accept", "application/json"),
-                ("content-type", "application/json"),
-            ];
-            let response = client
-                .request(method, &path, &headers, body)
-                .await
-                .and_then(|r| r.expect(expected))
-                .map_err(|e| friendly(url, e))?;
-            serde_json::from_slice::<Value>(&response.body)
-                .map_err(|e| anyhow::anyhow!("the server's answer is not JSON: {e}"))
-        }
+        let (client, url) = (&client, &url);
+        async move { call_json(client, url, method, &path, body, expected).await }
     };
     match command {
         KeysCommand::Create {
@@ -161,19 +146,11 @@ fn print_created(key: &Value, output: Output) -> Result<()> {
             print!("{}", key_table(std::slice::from_ref(key)));
             println!(
                 "key: {}  (shown once: keep it secret; send it as Authorization: Bearer KEY)",
-                text(&key["key"])
+                cell(&key["key"])
             );
         }
     }
     Ok(())
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
 }
 
 fn key_table(items: &[Value]) -> String {
@@ -186,17 +163,17 @@ fn key_table(items: &[Value]) -> String {
     for k in items {
         let scopes: Vec<String> = k["scopes"]
             .as_array()
-            .map(|a| a.iter().map(text).collect())
+            .map(|a| a.iter().map(cell).collect())
             .unwrap_or_default();
         let _ = writeln!(
             out,
             "{:<20}  {:<16} {:<28} {:<24} {:<24} {}",
-            text(&k["id"]),
-            text(&k["tenant"]),
+            cell(&k["id"]),
+            cell(&k["tenant"]),
             scopes.join(","),
-            text(&k["created_at"]),
-            text(&k["revoked_at"]),
-            text(&k["name"]),
+            cell(&k["created_at"]),
+            cell(&k["revoked_at"]),
+            cell(&k["name"]),
         );
     }
     out

@@ -4,12 +4,11 @@
 use std::fmt::Write as _;
 
 use anyhow::Result;
-use bytes::Bytes;
 use clap::Subcommand;
 use ripen_client::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::cli::{friendly, Output, ServerArg};
+use crate::cli::{call_json, cell, Output, ServerArg};
 
 #[derive(Subcommand)]
 pub enum SubscriptionsCommand {
@@ -60,22 +59,8 @@ pub enum SubscriptionsCommand {
 pub async fn run(server: &ServerArg, command: SubscriptionsCommand) -> Result<()> {
     let (url, client) = server.connect()?;
     let call = |method: Method, path: String, body: Option<Value>, expected: StatusCode| {
-        let client = &client;
-        let url = &url;
-        async move {
-            let body = body.map(|b| Bytes::from(b.to_string()));
-            let headers = [("accept", "application/json")];
-            let response = client
-                .request(method, &path, &headers, body)
-                .await
-                .and_then(|r| r.expect(expected))
-                .map_err(|e| friendly(url, e))?;
-            if response.body.is_empty() {
-                return Ok(Value::Null);
-            }
-            serde_json::from_slice::<Value>(&response.body)
-                .map_err(|e| anyhow::anyhow!("the server's answer is not JSON: {e}"))
-        }
+        let (client, url) = (&client, &url);
+        async move { call_json(client, url, method, &path, body, expected).await }
     };
     match command {
         SubscriptionsCommand::Create {
@@ -174,18 +159,10 @@ pub async fn run(server: &ServerArg, command: SubscriptionsCommand) -> Result<()
     Ok(())
 }
 
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    }
-}
-
 fn names(v: &Value) -> String {
     let list: Vec<String> = v
         .as_array()
-        .map(|a| a.iter().map(text).collect())
+        .map(|a| a.iter().map(cell).collect())
         .unwrap_or_default();
     if list.is_empty() {
         "all".into()
@@ -206,13 +183,13 @@ fn subscription_table(items: &[Value]) -> String {
         let _ = writeln!(
             out,
             "{:<36}  {:<9} {:<9} {:<5}  {} / {}  {}",
-            text(&s["id"]),
-            text(&d["delivered"]),
-            text(&d["pending"]),
-            text(&d["dead"]),
+            cell(&s["id"]),
+            cell(&d["delivered"]),
+            cell(&d["pending"]),
+            cell(&d["dead"]),
             names(&s["events"]),
             names(&s["types"]),
-            text(&s["url"]),
+            cell(&s["url"]),
         );
     }
     out
@@ -229,12 +206,12 @@ fn delivery_table(items: &[Value]) -> String {
         let _ = writeln!(
             out,
             "{:>8}  {:<9}  {:<16}  {:<36}  {:>8}  {}",
-            text(&d["id"]),
-            text(&d["status"]),
-            text(&d["event"]),
-            text(&d["entity_id"]),
-            text(&d["attempts"]),
-            text(&d["last_error"]),
+            cell(&d["id"]),
+            cell(&d["status"]),
+            cell(&d["event"]),
+            cell(&d["entity_id"]),
+            cell(&d["attempts"]),
+            cell(&d["last_error"]),
         );
     }
     out
