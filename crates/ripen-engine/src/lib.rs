@@ -30,6 +30,7 @@ pub mod notify;
 pub mod registry;
 mod scheduler;
 pub mod schema;
+pub mod secrets;
 pub mod time;
 pub mod trace;
 pub mod workers;
@@ -244,6 +245,24 @@ impl Engine {
             key.clone(),
         ));
         registry.register_config(&config).await?;
+        if let Some(key) = key.as_deref().filter(|k| k.rotating()) {
+            let done = secrets::reseal(&store, key)
+                .await
+                .context("seal secrets again with the current master key")?;
+            tracing::info!(
+                secrets = done.secrets,
+                definitions = done.definitions,
+                written = done.written,
+                unopened = done.unopened,
+                "master key rotation: sealed again with the current key what previous keys had sealed"
+            );
+            if done.unopened > 0 {
+                tracing::warn!(
+                    unopened = done.unopened,
+                    "some sealed values open with none of the master keys; they stay as they are"
+                );
+            }
+        }
         // Other nodes may hold the leases of the running attempts of a shared
         // store: those are reclaimed only when they expire.
         if !store.is_shared() {

@@ -38,7 +38,7 @@ pub use notify::{
     DeliveryStatus, FanOut, Notification, RedeliverOutcome, SinkKind, Subscription,
 };
 pub use postgres::{PostgresOptions, PostgresStore};
-pub use registry::{NewTypeVersion, Pipelines, Registered, TypeHead, TypeVersion};
+pub use registry::{NewTypeVersion, Pipelines, Registered, Reseal, TypeHead, TypeVersion};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 /// The tenant of every request until API keys arrive.
@@ -706,6 +706,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether the store has ever held a key, revoked ones included.
     async fn any_keys(&self) -> Result<bool>;
+
+    /// Writes sealed values again, each only if its row still holds what
+    /// was read (a rotation of the master key, docs/security.md). Returns
+    /// how many rows changed.
+    async fn reseal(&self, values: Vec<Reseal>) -> Result<u64>;
 
     /// Fails each pending entity among `ids` whose pipeline this node cannot
     /// run, with the cause in its history and steps, and skips the live

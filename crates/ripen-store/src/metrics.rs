@@ -536,6 +536,9 @@ impl<S: Store> Store for Instrumented<S> {
         let call = self.inner.revoke_key(tenant, id, now_us);
         self.timed("revoke_key", call).await
     }
+    async fn reseal(&self, values: Vec<crate::Reseal>) -> Result<u64> {
+        self.timed("reseal", self.inner.reseal(values)).await
+    }
     async fn any_keys(&self) -> Result<bool> {
         self.timed("any_keys", self.inner.any_keys()).await
     }

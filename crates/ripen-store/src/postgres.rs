@@ -605,6 +605,13 @@ impl Store for PostgresStore {
         conn.finish(result).await
     }
 
+    async fn reseal(&self, values: Vec<crate::Reseal>) -> Result<u64> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = registry::reseal(&conn, &values).await;
+        conn.finish(result).await
+    }
+
     async fn type_heads(&self) -> Result<Vec<crate::TypeHead>> {
         let conn = self.shared.pool.get().await?;
         registry::type_heads(&conn).await

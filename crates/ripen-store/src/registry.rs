@@ -84,6 +84,26 @@ pub enum Registered {
     Taken { latest: u32 },
 }
 
+/// A sealed value to write again under the current master key, if its row
+/// still holds `was` ([`crate::Store::reseal`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reseal {
+    /// A subscription's signing secret.
+    Secret {
+        subscription_id: String,
+        was: Vec<u8>,
+        now: Vec<u8>,
+    },
+    /// The stored definition of a type version, with its connector
+    /// passwords.
+    Definition {
+        type_name: String,
+        version: u32,
+        was: String,
+        now: String,
+    },
+}
+
 /// A type in the registry: its latest version and how many it has.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TypeHead {

@@ -848,6 +848,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn reseal(&self, values: Vec<crate::Reseal>) -> Result<u64> {
+        self.write(move |w| registry::reseal(&w.conn, &values))
+            .await
+    }
+
     async fn key_by_hash(&self, hash: &str) -> Result<Option<crate::ApiKey>> {
         let hash = hash.to_owned();
         self.read(move |conn| keys::by_hash(conn, &hash)).await

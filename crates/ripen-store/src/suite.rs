@@ -92,6 +92,7 @@ macro_rules! store_test_suite {
             concurrent_registrations_are_serialized,
             live_entities_count_pending_by_version,
             keys_are_stored_found_by_hash_listed_and_revoked,
+            sealed_values_are_written_again_only_where_unchanged,
             tenants_never_see_each_other_in_random_histories,
         );
     };
@@ -364,6 +365,9 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
         now_us: UnixMicros,
     ) -> Result<Option<crate::ApiKey>> {
         self.store.revoke_key(tenant, id, now_us).await
+    }
+    async fn reseal(&self, values: Vec<crate::Reseal>) -> Result<u64> {
+        self.store.reseal(values).await
     }
     async fn any_keys(&self) -> Result<bool> {
         self.store.any_keys().await

@@ -673,7 +673,7 @@ async fn a_connector_password_is_sealed_at_rest_and_hidden_from_views() {
         "\n[notify]\nmaster_key_file = {}\n",
         toml_str(&key_file.to_string_lossy())
     );
-    let server = serve_builtin_only(master + &steps).await;
+    let mut server = serve_builtin_only(master + &steps).await;
     let id = server
         .submit_ok("merchant", &json!({"name": "Sealed"}))
         .await;
@@ -689,27 +689,7 @@ async fn a_connector_password_is_sealed_at_rest_and_hidden_from_views() {
         .find_map(|l| l.trim().strip_prefix("url = "))
         .map(|v| serde_json::from_str(v).expect("a TOML basic string"))
         .expect("a storage url");
-    let stored: Vec<String> = if let Some(path) = storage.strip_prefix("sqlite://") {
-        let db = rusqlite::Connection::open(path).expect("open the database");
-        let mut stmt = db
-            .prepare("SELECT definition FROM type_versions")
-            .expect("prepare");
-        let rows = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .expect("query")
-            .collect::<Result<Vec<_>, _>>()
-            .expect("rows");
-        rows
-    } else {
-        pg(&storage)
-            .await
-            .query("SELECT definition FROM type_versions", &[])
-            .await
-            .expect("query")
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
-    };
+    let stored = stored_definitions(&storage).await;
     assert!(!stored.is_empty());
     for definition in &stored {
         assert!(
@@ -726,4 +706,63 @@ async fn a_connector_password_is_sealed_at_rest_and_hidden_from_views() {
         "{text}"
     );
     assert!(text.contains(":***@127.0.0.1"), "{text}");
+
+    // A rotation: a start with the new key followed by the old one seals
+    // the password again with the new key, which alone then connects.
+    let old_key = std::fs::read_to_string(&key_file).expect("read the key file");
+    let new_key = "5e".repeat(32);
+    server.kill();
+    std::fs::write(&key_file, format!("{new_key}\n{}", old_key.trim())).expect("write the ring");
+    server.restart().await;
+    let log = server.log();
+    let rotated = log
+        .lines()
+        .find(|l| l.contains("master key rotation"))
+        .unwrap_or_else(|| panic!("no rotation line in the log:\n{log}"));
+    assert!(rotated.contains("definitions=1"), "{rotated}");
+    assert!(rotated.contains("written=1"), "{rotated}");
+    let resealed = stored_definitions(&storage).await;
+    assert_ne!(resealed, stored, "sealed again");
+    assert!(resealed
+        .iter()
+        .all(|d| d.contains(":sealed.") && !d.contains(PASSWORD)));
+    server.kill();
+    std::fs::write(&key_file, format!("{new_key}\n")).expect("write the new key");
+    server.restart().await;
+    let id = server
+        .submit_ok("merchant", &json!({"name": "Rotated"}))
+        .await;
+    let view = server.wait_terminal(&id, PATIENCE).await;
+    assert_eq!(
+        view["status"], "ready",
+        "the new key alone opens the password: {view:#}"
+    );
+}
+
+/// The stored definitions of every type version, sealed as they are.
+async fn stored_definitions(storage: &str) -> Vec<String> {
+    if let Some(path) = storage.strip_prefix("sqlite://") {
+        let db = rusqlite::Connection::open(path).expect("open the database");
+        let mut stmt = db
+            .prepare("SELECT definition FROM type_versions ORDER BY type, version")
+            .expect("prepare");
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .expect("query")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("rows");
+        rows
+    } else {
+        pg(storage)
+            .await
+            .query(
+                "SELECT definition FROM type_versions ORDER BY type, version",
+                &[],
+            )
+            .await
+            .expect("query")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
 }

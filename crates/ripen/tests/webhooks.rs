@@ -418,6 +418,62 @@ async fn kill_9_during_a_delivery_delivers_it_again_with_the_same_id() {
     assert_eq!(ids.len(), 1, "one notification, one webhook-id: {ids:?}");
 }
 
+/// A master key rotation: a start with the new key followed by the old one
+/// seals the subscription's secret again, and the new key alone then signs
+/// with the same secret, which the receiver still verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_master_key_keeps_signing_with_the_same_secret() {
+    let ds = Downstream::start().await;
+    let receiver = Receiver::start().await;
+    let k = key();
+    let key_file = k.path().join("master.key");
+    let mut server = Server::start(&config(&ds, &k, &[])).await;
+    subscribe(
+        &server,
+        &receiver,
+        json!({"url": receiver.url("/hooks"), "events": ["entity.ready"]}),
+    )
+    .await;
+    let before = server.submit_ok("merchant", &json!({})).await;
+    receiver
+        .wait_for("the ready of the first", Duration::from_secs(30), |got| {
+            verified_ok(got).iter().any(|d| entity_of(d) == before)
+        })
+        .await;
+
+    let old_key = std::fs::read_to_string(&key_file).expect("read the key file");
+    let new_key = "a7".repeat(32);
+    server.kill();
+    std::fs::write(&key_file, format!("{new_key},{}", old_key.trim())).expect("write the ring");
+    server.restart().await;
+    let log = server.log();
+    let rotated = log
+        .lines()
+        .find(|l| l.contains("master key rotation"))
+        .unwrap_or_else(|| panic!("no rotation line in the log:\n{log}"));
+    assert!(rotated.contains("secrets=1"), "{rotated}");
+    assert!(rotated.contains("written=1"), "{rotated}");
+
+    server.kill();
+    std::fs::write(&key_file, format!("{new_key}\n")).expect("write the new key");
+    server.restart().await;
+    let after = server.submit_ok("merchant", &json!({})).await;
+    let got = receiver
+        .wait_for("the ready of the second", Duration::from_secs(30), |got| {
+            got.iter().any(|d| entity_of(d) == after)
+        })
+        .await;
+    for d in got.iter().filter(|d| entity_of(d) == after) {
+        assert_eq!(d["verified"], true, "signed with the same secret: {d:#}");
+        assert_eq!(d["answered"], 200, "{d:#}");
+    }
+    assert!(
+        !server.log().contains("does not open"),
+        "{}",
+        server.log_tail(20)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_refuse_private_addresses_and_bad_fields() {
     let ds = Downstream::start().await;

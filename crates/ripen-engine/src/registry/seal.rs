@@ -106,6 +106,36 @@ pub fn open(key: Option<&MasterKey>, type_name: &str, text: &str) -> Result<Stri
     Ok(definition.to_string())
 }
 
+/// A stored definition whose passwords were sealed with a previous master
+/// key, sealed again with the current one; `None` when every password
+/// already opens with the current key (or none is sealed).
+pub fn reseal(key: &MasterKey, type_name: &str, text: &str) -> Result<Option<String>, String> {
+    if !text.contains(SEALED) {
+        return Ok(None);
+    }
+    let mut definition: Value =
+        serde_json::from_str(text).map_err(|e| format!("the definition is not JSON: {e}"))?;
+    let mut changed = false;
+    each_url(&mut definition, |url| {
+        let Some((from, to)) = password_span(url) else {
+            return Ok(());
+        };
+        let Some(sealed) = url[from..to].strip_prefix(SEALED) else {
+            return Ok(());
+        };
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sealed)
+            .map_err(|_| "a sealed connector password is not base64url".to_owned())?;
+        if let Some(again) = key.reseal(&bytes, &row(type_name))? {
+            let again = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(again);
+            url.replace_range(from..to, &format!("{SEALED}{again}"));
+            changed = true;
+        }
+        Ok(())
+    })?;
+    Ok(changed.then(|| definition.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +166,16 @@ mod tests {
         assert!(open(None, "merchant", &stored)
             .unwrap_err()
             .contains("master key"));
+        // Sealed again for a rotation: the new key alone opens it then.
+        let ring =
+            MasterKey::parse(&format!("{},{}", "cd".repeat(32), "ab".repeat(32))).expect("ring");
+        let again = reseal(&ring, "merchant", &stored)
+            .expect("reseal")
+            .expect("sealed with the old key");
+        assert!(open(Some(&other), "merchant", &again).is_ok());
+        assert!(open(Some(&key), "merchant", &again).is_err());
+        assert_eq!(reseal(&ring, "merchant", &again).expect("reseal"), None);
+        assert_eq!(reseal(&ring, "merchant", &plain).expect("plain"), None);
         // Sealed twice is sealed once.
         assert_eq!(seal(Some(&key), "merchant", &stored).expect("seal"), stored);
     }

@@ -12,7 +12,7 @@ use tokio_postgres::Row;
 
 use super::{decode_error, id_params, Conn, Shared, Writes};
 use crate::decode::{entity_id, to_u32, to_u64};
-use crate::registry::{self, Decision, NewTypeVersion, Registered, TypeHead, TypeVersion};
+use crate::registry::{self, Decision, NewTypeVersion, Registered, Reseal, TypeHead, TypeVersion};
 use crate::working::Rows;
 use crate::{EntityId, EntityRecord, Result};
 
@@ -97,6 +97,42 @@ pub(super) async fn register(
             Registered::Created(row)
         }
     })
+}
+
+/// Writes each value whose row still holds what was read, inside the
+/// caller's transaction.
+pub(super) async fn reseal(conn: &Conn, values: &[Reseal]) -> Result<u64> {
+    let mut changed = 0;
+    for value in values {
+        changed += match value {
+            Reseal::Secret {
+                subscription_id,
+                was,
+                now,
+            } => conn
+                .query(
+                    "UPDATE subscriptions SET secret = $1 WHERE id = $2 AND secret = $3
+                     RETURNING 1",
+                    &[now, subscription_id, was],
+                )
+                .await?
+                .len(),
+            Reseal::Definition {
+                type_name,
+                version,
+                was,
+                now,
+            } => conn
+                .query(
+                    "UPDATE type_versions SET definition = $1
+                     WHERE type = $2 AND version = $3 AND definition = $4 RETURNING 1",
+                    &[now, type_name, &i64::from(*version), was],
+                )
+                .await?
+                .len(),
+        } as u64;
+    }
+    Ok(changed)
 }
 
 pub(super) async fn type_versions(

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{encode_steps, read_entity, Writer};
 use crate::decode::{to_u32, to_u64};
-use crate::registry::{self, Decision, NewTypeVersion, Registered, TypeHead, TypeVersion};
+use crate::registry::{self, Decision, NewTypeVersion, Registered, Reseal, TypeHead, TypeVersion};
 use crate::working::Rows;
 use crate::{EntityId, EntityRecord, Result};
 
@@ -79,6 +79,37 @@ pub(super) fn register(
             Registered::Created(row)
         }
     })
+}
+
+/// Writes each value whose row still holds what was read, in the writer's
+/// transaction.
+pub(super) fn reseal(conn: &Connection, values: &[Reseal]) -> Result<u64> {
+    let mut changed = 0;
+    for value in values {
+        changed += match value {
+            Reseal::Secret {
+                subscription_id,
+                was,
+                now,
+            } => conn
+                .prepare_cached(
+                    "UPDATE subscriptions SET secret = ?1 WHERE id = ?2 AND secret = ?3",
+                )?
+                .execute(params![now, subscription_id, was])?,
+            Reseal::Definition {
+                type_name,
+                version,
+                was,
+                now,
+            } => conn
+                .prepare_cached(
+                    "UPDATE type_versions SET definition = ?1
+                     WHERE type = ?2 AND version = ?3 AND definition = ?4",
+                )?
+                .execute(params![now, type_name, i64::from(*version), was])?,
+        } as u64;
+    }
+    Ok(changed)
 }
 
 pub(super) fn type_versions(

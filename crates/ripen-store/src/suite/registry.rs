@@ -381,3 +381,70 @@ pub async fn a_ready_entity_with_live_steps_becomes_degraded(
     .await;
     assert_eq!(late.results, vec![CompletionResult::Stale]);
 }
+
+/// A reseal writes each sealed value only where its row still holds what
+/// was read, for subscriptions and type versions alike, and says how many
+/// rows it changed.
+pub async fn sealed_values_are_written_again_only_where_unchanged(store: Arc<dyn Store>) {
+    use crate::{Reseal, SinkKind, Subscription};
+    let store = &*store;
+    let sub = Subscription {
+        id: "sub_reseal".into(),
+        tenant: TENANT.into(),
+        kind: SinkKind::Webhook,
+        url: "http://127.0.0.1:9/hooks".into(),
+        events: vec![],
+        types: vec![],
+        sealed_secret: vec![1, 2, 3],
+        created_at_us: T0,
+        start_pos: 0,
+    };
+    store.put_subscription(sub).await.expect("put subscription");
+    let v1 = created(register(store, registration("t", "one", None), T0).await);
+
+    let stale = vec![
+        Reseal::Secret {
+            subscription_id: "sub_reseal".into(),
+            was: vec![9, 9],
+            now: vec![4, 5, 6],
+        },
+        Reseal::Definition {
+            type_name: "t".into(),
+            version: 1,
+            was: "{\"content\":\"other\"}".into(),
+            now: "{\"content\":\"sealed again\"}".into(),
+        },
+        Reseal::Secret {
+            subscription_id: "sub_missing".into(),
+            was: vec![1, 2, 3],
+            now: vec![4, 5, 6],
+        },
+    ];
+    assert_eq!(store.reseal(stale).await.expect("reseal"), 0);
+    let fresh = vec![
+        Reseal::Secret {
+            subscription_id: "sub_reseal".into(),
+            was: vec![1, 2, 3],
+            now: vec![4, 5, 6],
+        },
+        Reseal::Definition {
+            type_name: "t".into(),
+            version: 1,
+            was: v1.definition.clone(),
+            now: "{\"content\":\"sealed again\"}".into(),
+        },
+    ];
+    assert_eq!(store.reseal(fresh.clone()).await.expect("reseal"), 2);
+    assert_eq!(
+        store.reseal(fresh).await.expect("again"),
+        0,
+        "what was read is gone"
+    );
+    let subs = store.subscription_list().await.expect("subscriptions");
+    assert_eq!(subs.len(), 1);
+    assert_eq!(subs[0].sealed_secret, vec![4, 5, 6]);
+    let versions = store.type_versions(Some("t")).await.expect("versions");
+    assert_eq!(versions.len(), 1);
+    assert_eq!(versions[0].definition, "{\"content\":\"sealed again\"}");
+    assert_eq!(versions[0].digest, v1.digest, "the digest stays");
+}
