@@ -33,6 +33,8 @@ pub struct ServerProcess {
     child: Option<Child>,
     client: Client,
     starts: u32,
+    /// Environment variables set for the server at every later start.
+    env: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for ServerProcess {
@@ -61,6 +63,7 @@ impl ServerProcess {
             child: None,
             client: Client::new("http://127.0.0.1:1"),
             starts: 0,
+            env: Vec::new(),
         };
         server.spawn().await?;
         Ok(server)
@@ -76,6 +79,13 @@ impl ServerProcess {
             .with_api_key(key)
             .map_err(|e| std::io::Error::other(format!("the API key: {e}")))?;
         Ok(())
+    }
+
+    /// Sets `name` to `value` in the server's environment from its next
+    /// start on.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(n, _)| n != name);
+        self.env.push((name.to_owned(), value.to_owned()));
     }
 
     pub fn client(&self) -> &Client {
@@ -131,6 +141,7 @@ impl ServerProcess {
             .arg(&self.config_path)
             .current_dir(dir)
             .env_remove("RIPEN_SERVER")
+            .envs(self.env.iter().map(|(n, v)| (n, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

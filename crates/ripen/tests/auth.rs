@@ -794,3 +794,103 @@ async fn the_operators_worker_key_serves_every_tenants_tasks() {
     let r = get(api, &format!("/v1/entities/{id}"), &worker).await;
     assert_eq!(assert_problem(&r, 403)["scope"], "read");
 }
+
+/// With every debug line on, the server's log holds no API key (good or
+/// bad), no webhook secret and no payload, whether a request was accepted
+/// or refused; a refusal does not echo the key it refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_key_secret_or_payload_reaches_the_log() {
+    let ds = Downstream::start().await;
+    let sealing = TempDir::new("ripen-auth-key-").expect("temp dir");
+    let key_file = sealing.path().join("master.key");
+    let mut srv = Server::start(
+        &Config::new()
+            .with_type(merchant(&ds).schema(json!({
+                "type": "object",
+                "properties": {"n": {"type": "integer"}}
+            })))
+            .notify("allow_networks = [\"127.0.0.0/8\"]")
+            .notify(&format!(
+                "master_key_file = {}",
+                ripen_testkit::toml_str(&key_file.to_string_lossy())
+            )),
+    )
+    .await;
+    srv.set_env("RIPEN_LOG", "debug");
+    srv.restart().await;
+    let api = srv.api().clone();
+    let (_, root) = make_key(&api, None, "default", &["admin", "submit", "read"]).await;
+
+    let accepted = "payload-mark-accepted-4f1c";
+    let r = call(
+        &api,
+        Method::POST,
+        "/v1/entities/merchant",
+        Some(&root),
+        Some(&json!({"note": accepted})),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{r}");
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    let refused = "payload-mark-refused-9a2e";
+    let r = call(
+        &api,
+        Method::POST,
+        "/v1/entities/merchant",
+        Some(&root),
+        Some(&json!({"n": refused})),
+    )
+    .await;
+    assert_problem(&r, 422);
+    let broken = "payload-mark-malformed-77d0";
+    let r = api
+        .request(
+            Method::POST,
+            "/v1/entities/merchant",
+            &[
+                ("authorization", &bearer(&root)),
+                ("content-type", "application/json"),
+            ],
+            Some(format!("{{\"note\": \"{broken}\"").into_bytes()),
+        )
+        .await;
+    assert_problem(&r, 400);
+    let wrong = "rpk_wrongkeymarkwrongkeymarkwrongkeymark0000";
+    let r = get(&api, "/v1/entities", wrong).await;
+    assert_problem(&r, 401);
+    assert!(
+        !String::from_utf8_lossy(&r.body).contains(wrong),
+        "the refusal echoes the key: {r}"
+    );
+    let r = call(
+        &api,
+        Method::POST,
+        "/v1/subscriptions",
+        Some(&root),
+        Some(&json!({"url": "http://127.0.0.1:9/hooks"})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{r}");
+    let secret = r.json()["secret"].as_str().expect("secret").to_owned();
+    eventually("the entity to be ready", || async {
+        get(&api, &format!("/v1/entities/{id}"), &root).await.json()["status"] == "ready"
+    })
+    .await;
+
+    srv.kill();
+    let log = srv.log();
+    assert!(
+        log.lines().any(|l| l.contains(" DEBUG ")),
+        "debug lines are on: {log}"
+    );
+    for (what, needle) in [
+        ("the admin key", root.as_str()),
+        ("the refused key", wrong),
+        ("the webhook secret", secret.as_str()),
+        ("an accepted payload", accepted),
+        ("a refused payload", refused),
+        ("a malformed payload", broken),
+    ] {
+        assert!(!log.contains(needle), "{what} is in the log:\n{log}");
+    }
+}

@@ -528,6 +528,12 @@ impl Server {
         }
     }
 
+    /// Sets `name` to `value` in the server's environment from its next
+    /// start on.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.process.set_env(name, value);
+    }
+
     /// Like [`Server::restart`], but a start that fails is returned, for a
     /// test that counts failed starts rather than stopping at the first.
     pub async fn try_restart(&mut self) -> std::io::Result<()> {
