@@ -485,3 +485,42 @@ async fn a_limit_out_of_range_names_its_key() {
     assert!(!out.success());
     assert!(out.stderr.contains("limits.connections_max"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_streams_max_get_503_until_one_ends() {
+    let ds = Downstream::start().await;
+    let cfg = Config::new()
+        .with_type(single("plain", &ds))
+        .extra(&limits("streams_max = 1"));
+    let srv = Server::start(&cfg).await;
+    let open = |addr: String| async move {
+        let mut c = TcpStream::connect(&addr).await.unwrap();
+        c.write_all(b"GET /v1/events HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = c.read(&mut buf).await.unwrap();
+        (c, String::from_utf8_lossy(&buf[..n]).to_string())
+    };
+    let (first, head) = open(srv.addr()).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (_, head) = open(srv.addr()).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    assert!(head.contains("streams_max"), "{head}");
+    drop(first);
+    // The server notices the closed stream at its next write or read; a
+    // new stream is served as soon as it has.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_c, head) = open(srv.addr()).await;
+        if head.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {head}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
