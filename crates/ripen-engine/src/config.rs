@@ -43,6 +43,9 @@ pub struct Config {
     pub notify: NotifyConfig,
     /// `[auth]`: API keys and request rates. See docs/security.md.
     pub auth: AuthConfig,
+    /// `[limits]`: timeouts, caps and the shape of JSON bodies. See
+    /// docs/security.md.
+    pub limits: crate::limits::Limits,
 }
 
 /// `[auth]`: when the API may run without keys, and how fast a key or a
@@ -347,6 +350,11 @@ impl Config {
         let notify =
             notify_config(raw.notify.unwrap_or_default(), base).map_err(|(k, p)| err(&k, p))?;
         let auth = auth_config(raw.auth.unwrap_or_default()).map_err(|(k, p)| err(&k, p))?;
+        let limits = raw
+            .limits
+            .unwrap_or_default()
+            .parse()
+            .map_err(|(k, p)| err(&k, p))?;
 
         Ok(Config {
             path: path.to_owned(),
@@ -358,6 +366,7 @@ impl Config {
             tls,
             notify,
             auth,
+            limits,
         })
     }
 }
@@ -724,6 +733,7 @@ struct RawConfig {
     tls: Option<RawTls>,
     notify: Option<RawNotify>,
     auth: Option<RawAuth>,
+    limits: Option<crate::limits::RawLimits>,
     #[serde(default)]
     types: BTreeMap<String, RawType>,
 }

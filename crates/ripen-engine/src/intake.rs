@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 use ripen_store::{EntityId, IntakeOutcome, NewEntity, Store, StoreError};
 use tokio::sync::Notify;
 
+use crate::limits::{JsonLimit, JsonLimits};
 use crate::registry::Registry;
 use crate::schema::{self, PayloadError, Violation};
 use crate::time::Clock;
+use crate::validation::{PoolRefusal, ValidationPool};
 
 /// The longest idempotency key accepted.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
@@ -20,10 +22,17 @@ pub enum SubmitError {
     UnknownType(String),
     #[error("{0}")]
     Malformed(String),
-    #[error("{0}")]
-    TooDeep(String),
+    /// Past one of intake's JSON limits, named by `limit`.
+    #[error("{message}")]
+    JsonLimit { limit: JsonLimit, message: String },
     #[error("the payload does not satisfy the schema of its type")]
     Invalid(Vec<Violation>),
+    /// Validating the payload cost more than intake spends on one.
+    #[error("{0}")]
+    TooCostly(String),
+    /// Intake has no room for the submission now; the caller may retry.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("the idempotency key must be 1 to {IDEMPOTENCY_KEY_LEN_MAX} visible ASCII characters")]
     BadKey,
     #[error("a request with this idempotency key is still being processed")]
@@ -130,6 +139,9 @@ pub struct Intake {
     in_flight: Arc<Mutex<HashSet<(String, String, String)>>>,
     wake_scheduler: Arc<Notify>,
     clock: Arc<dyn Clock>,
+    /// Where costly validations run.
+    pool: Arc<ValidationPool>,
+    json_limits: JsonLimits,
 }
 
 /// Removes a key from the in-flight set when its request ends, however it ends.
@@ -156,6 +168,7 @@ impl Intake {
         wake_scheduler: Arc<Notify>,
         clock: Arc<dyn Clock>,
         load: Arc<IntakeLoad>,
+        limits: &crate::limits::Limits,
     ) -> Intake {
         Intake {
             load,
@@ -164,6 +177,12 @@ impl Intake {
             in_flight: Arc::default(),
             wake_scheduler,
             clock,
+            pool: Arc::new(ValidationPool::start(
+                limits.validation_threads,
+                limits.validation_queue_max,
+                limits.validation_timeout,
+            )),
+            json_limits: limits.json,
         }
     }
 
@@ -187,10 +206,27 @@ impl Intake {
                 return Err(SubmitError::BadKey);
             }
         }
-        let payload = schema::validate(body, entry.schema.as_deref()).map_err(|e| match e {
+        let validated = if ValidationPool::wants(entry.schema.as_deref(), body.len()) {
+            self.pool
+                .validate(
+                    (type_name, entry.version),
+                    body.to_vec(),
+                    entry.schema.clone(),
+                    self.json_limits,
+                )
+                .await
+                .map_err(|r| match r {
+                    PoolRefusal::Overloaded(m) => SubmitError::Overloaded(m),
+                    PoolRefusal::TooCostly(m) => SubmitError::TooCostly(m),
+                })?
+        } else {
+            schema::validate(body, entry.schema.as_deref(), &self.json_limits)
+        };
+        let payload = validated.map_err(|e| match e {
             PayloadError::Malformed(m) => SubmitError::Malformed(m),
-            PayloadError::TooDeep(m) => SubmitError::TooDeep(m),
+            PayloadError::Limit { limit, message } => SubmitError::JsonLimit { limit, message },
             PayloadError::Invalid(v) => SubmitError::Invalid(v),
+            PayloadError::TooCostly(m) => SubmitError::TooCostly(m),
         })?;
         let refs = crate::deps::references(&entry.references, payload.raw())?;
         let _guard = match idempotency_key {

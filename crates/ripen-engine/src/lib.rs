@@ -25,6 +25,7 @@ pub mod executor;
 pub mod feed;
 mod intake;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod registry;
@@ -33,6 +34,7 @@ pub mod schema;
 pub mod secrets;
 pub mod time;
 pub mod trace;
+mod validation;
 pub mod workers;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -366,6 +368,7 @@ impl Engine {
             scheduler.waker(),
             clock.clone(),
             load,
+            &config.limits,
         );
         let (hub, notifications) = start_notifications(
             &config,
@@ -505,8 +508,15 @@ impl Engine {
             Err(SubmitError::BadReference(_)) => "bad_reference",
             Err(SubmitError::UnknownType(_)) => "unknown_type",
             Err(SubmitError::Malformed(_)) => "malformed",
-            Err(SubmitError::TooDeep(_)) => "too_deep",
+            Err(SubmitError::JsonLimit {
+                limit: limits::JsonLimit::Depth,
+                ..
+            }) => "too_deep",
+            Err(SubmitError::JsonLimit { .. }) => "json_limit",
             Err(SubmitError::Invalid(_)) => "invalid",
+            Err(SubmitError::TooCostly(_)) => "too_costly",
+            Err(SubmitError::Overloaded(_))
+            | Err(SubmitError::Store(StoreError::Overloaded(_))) => "overloaded",
             Err(SubmitError::BadKey) => "bad_key",
             Err(SubmitError::KeyInFlight) => "in_flight",
             Err(SubmitError::Store(StoreError::Unavailable(_))) => "unavailable",
@@ -905,6 +915,7 @@ pub async fn open_store(
             let lock = lock_database(path)?;
             let mut opts = SqliteOptions::new(path.clone());
             opts.lease_grace_ms = config.engine.lease_grace_ms;
+            opts.write_queue_max = config.limits.write_queue_max;
             let store = SqliteStore::open(opts, pipelines.clone())
                 .with_context(|| format!("open the database {}", path.display()))?;
             (Arc::new(Instrumented::new(store)), Some(lock))

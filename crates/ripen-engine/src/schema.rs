@@ -5,17 +5,42 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::limits::{JsonLimit, JsonLimits};
+
 mod json;
 
 /// The most violations reported for one submission.
 pub const VIOLATIONS_MAX: usize = 64;
-/// The deepest nesting of arrays and objects a payload may have: what
-/// serde_json accepts when it builds a value, so that every stored payload
-/// can be parsed again by anyone who reads it.
-pub const JSON_DEPTH_MAX: usize = 127;
+pub use crate::limits::JSON_DEPTH_MAX;
+
+/// How often one `pattern` or `patternProperties` match may backtrack
+/// before the payload is refused: a backtracking pattern such as
+/// `^(?=\w)(\w+\s?)+$` then costs a request about a millisecond, never
+/// seconds.
+pub const PATTERN_BACKTRACK_MAX: usize = 20_000;
+
+/// The keywords whose cost grows with more than the payload's size: a
+/// schema with any of them is validated off the async threads.
+const COSTLY_KEYWORDS: &[&str] = &[
+    "pattern",
+    "patternProperties",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "not",
+    "if",
+    "$ref",
+    "$dynamicRef",
+    "dependentSchemas",
+    "contains",
+    "uniqueItems",
+    "format",
+];
 
 pub struct Schema {
     validator: jsonschema::Validator,
+    /// Whether it uses a [`COSTLY_KEYWORDS`] keyword anywhere.
+    costly: bool,
     /// The schema as written: what the type registry stores and compares.
     source: Value,
 }
@@ -61,12 +86,23 @@ impl Schema {
     }
 
     pub fn from_value(schema: &Value) -> Result<Schema, String> {
-        let validator = jsonschema::validator_for(schema)
+        let validator = jsonschema::options()
+            .with_pattern_options(
+                jsonschema::PatternOptions::fancy_regex().backtrack_limit(PATTERN_BACKTRACK_MAX),
+            )
+            .build(schema)
             .map_err(|e| format!("not a valid JSON Schema: {e}"))?;
         Ok(Schema {
             validator,
+            costly: uses_costly_keywords(schema),
             source: schema.clone(),
         })
+    }
+
+    /// Whether validating against it may cost more than reading the
+    /// payload: see [`COSTLY_KEYWORDS`].
+    pub fn costly(&self) -> bool {
+        self.costly
     }
 
     /// The schema document it was compiled from.
@@ -74,15 +110,36 @@ impl Schema {
         &self.source
     }
 
-    fn violations(&self, instance: &Value) -> Vec<Violation> {
-        self.validator
-            .iter_errors(instance)
-            .take(VIOLATIONS_MAX)
-            .map(|e| Violation {
+    fn violations(&self, instance: &Value) -> Result<Vec<Violation>, PayloadError> {
+        if self.validator.is_valid(instance) {
+            return Ok(Vec::new());
+        }
+        let mut violations = Vec::new();
+        for e in self.validator.iter_errors(instance).take(VIOLATIONS_MAX) {
+            if let jsonschema::error::ValidationErrorKind::BacktrackLimitExceeded { .. } = e.kind {
+                return Err(PayloadError::TooCostly(format!(
+                    "matching the pattern at {} against the value at {:?} backtracked more than {PATTERN_BACKTRACK_MAX} times",
+                    e.schema_path, e.instance_path.to_string()
+                )));
+            }
+            violations.push(Violation {
                 pointer: e.instance_path.to_string(),
                 message: e.to_string(),
-            })
-            .collect()
+            });
+        }
+        Ok(violations)
+    }
+}
+
+/// Whether a schema document names a costly keyword anywhere (a property
+/// merely named like one counts too, which only costs a thread hop).
+fn uses_costly_keywords(schema: &Value) -> bool {
+    match schema {
+        Value::Object(map) => map
+            .iter()
+            .any(|(k, v)| COSTLY_KEYWORDS.contains(&k.as_str()) || uses_costly_keywords(v)),
+        Value::Array(items) => items.iter().any(uses_costly_keywords),
+        _ => false,
     }
 }
 
@@ -93,17 +150,21 @@ pub enum PayloadError {
     /// (a number out of range, a lone surrogate, nesting too deep, a key
     /// twice in one object). The message says which, and where.
     Malformed(String),
-    /// JSON nested deeper than [`JSON_DEPTH_MAX`].
-    TooDeep(String),
+    /// JSON past one of intake's [`JsonLimits`]: nested too deep, too many
+    /// keys or items, too long a string.
+    Limit { limit: JsonLimit, message: String },
     /// JSON, but not an object or not matching the schema.
     Invalid(Vec<Violation>),
+    /// Validating it would cost more than intake spends on one payload (a
+    /// pattern that backtracks too much).
+    TooCostly(String),
 }
 
 impl From<json::Refused> for PayloadError {
     fn from(r: json::Refused) -> PayloadError {
         match r {
             json::Refused::Malformed(m) => PayloadError::Malformed(m),
-            json::Refused::TooDeep(m) => PayloadError::TooDeep(m),
+            json::Refused::Limit { limit, message } => PayloadError::Limit { limit, message },
         }
     }
 }
@@ -116,7 +177,11 @@ impl From<json::Refused> for PayloadError {
 /// one object (`Malformed`), and it must be an object (`Invalid`). Without a
 /// schema the body is only read, never built into a value: intake keeps the
 /// raw text anyway.
-pub fn validate(body: &[u8], schema: Option<&Schema>) -> Result<ValidatedPayload, PayloadError> {
+pub fn validate(
+    body: &[u8],
+    schema: Option<&Schema>,
+    limits: &JsonLimits,
+) -> Result<ValidatedPayload, PayloadError> {
     let raw = std::str::from_utf8(body)
         .map_err(|_| PayloadError::Malformed("the body is not UTF-8".into()))?;
     let not_an_object = || {
@@ -127,17 +192,17 @@ pub fn validate(body: &[u8], schema: Option<&Schema>) -> Result<ValidatedPayload
     };
     match schema {
         Some(schema) => {
-            let value = json::read_value(raw)?;
+            let value = json::read_value(raw, limits)?;
             if !value.is_object() {
                 return Err(not_an_object());
             }
-            let violations = schema.violations(&value);
+            let violations = schema.violations(&value)?;
             if !violations.is_empty() {
                 return Err(PayloadError::Invalid(violations));
             }
         }
         None => {
-            if !json::read_plain(raw)? {
+            if !json::read_plain(raw, limits)? {
                 return Err(not_an_object());
             }
         }
@@ -160,26 +225,32 @@ mod tests {
             "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}}
         }))
         .unwrap();
-        assert!(validate(br#"{"name":"a"}"#, Some(&schema)).is_ok());
+        assert!(validate(br#"{"name":"a"}"#, Some(&schema), &JsonLimits::default()).is_ok());
         assert!(matches!(
-            validate(b"{", Some(&schema)),
+            validate(b"{", Some(&schema), &JsonLimits::default()),
             Err(PayloadError::Malformed(_))
         ));
         assert!(matches!(
-            validate(b"\xff", None),
+            validate(b"\xff", None, &JsonLimits::default()),
             Err(PayloadError::Malformed(_))
         ));
         let deep = "[".repeat(10_000);
         assert!(matches!(
-            validate(deep.as_bytes(), None),
-            Err(PayloadError::TooDeep(_))
+            validate(deep.as_bytes(), None, &JsonLimits::default()),
+            Err(PayloadError::Limit {
+                limit: JsonLimit::Depth,
+                ..
+            })
         ));
-        let Err(PayloadError::Invalid(v)) = validate(b"[1]", None) else {
+        let Err(PayloadError::Invalid(v)) = validate(b"[1]", None, &JsonLimits::default()) else {
             panic!("an array is not a payload")
         };
         assert_eq!(v[0].pointer, "");
-        let Err(PayloadError::Invalid(v)) = validate(br#"{"name":"a","age":-1}"#, Some(&schema))
-        else {
+        let Err(PayloadError::Invalid(v)) = validate(
+            br#"{"name":"a","age":-1}"#,
+            Some(&schema),
+            &JsonLimits::default(),
+        ) else {
             panic!("age below minimum")
         };
         assert_eq!(v.len(), 1);
@@ -207,12 +278,15 @@ mod tests {
 
     /// `ok`, `invalid` or the malformed message.
     fn outcome(body: &str, schema: Option<&Schema>) -> String {
-        match validate(body.as_bytes(), schema) {
+        match validate(body.as_bytes(), schema, &JsonLimits::default()) {
             Ok(_) => "ok".into(),
             Err(PayloadError::Invalid(_)) => "invalid".into(),
             Err(PayloadError::Malformed(m)) => format!("malformed: {m}"),
             // Deeper than serde_json reads is not JSON to it either.
-            Err(PayloadError::TooDeep(m)) => format!("malformed (too deep): {m}"),
+            Err(PayloadError::Limit { message, .. }) => {
+                format!("malformed (past a limit): {message}")
+            }
+            Err(PayloadError::TooCostly(m)) => format!("too costly: {m}"),
         }
     }
 
@@ -327,6 +401,81 @@ mod tests {
         assert!(outcome(r#"{"a":1,"b":}"#, None).starts_with("malformed: the body is not JSON"));
     }
 
+    /// Each JSON limit refuses one past it, on both paths, naming itself
+    /// and where; at the limit a body passes.
+    #[test]
+    fn json_limits_refuse_one_past_and_name_where() {
+        let limits = JsonLimits {
+            depth_max: 4,
+            object_keys_max: 3,
+            keys_total_max: 6,
+            string_bytes_max: 5,
+            array_items_max: 2,
+        };
+        let cases = [
+            (r#"{"a":[[[1]]]}"#, None, ""),
+            (r#"{"a":[[[[1]]]]}"#, Some(JsonLimit::Depth), ""),
+            (r#"{"a":1,"b":2,"c":3}"#, None, ""),
+            (
+                r#"{"o":{"a":1,"b":2,"c":3,"d":4}}"#,
+                Some(JsonLimit::ObjectKeys),
+                "at /o",
+            ),
+            (r#"{"a":{"b":1,"c":2},"d":{"e":1,"f":2}}"#, None, ""),
+            (
+                r#"{"a":{"b":1,"c":2},"d":{"e":1,"f":2,"g":3}}"#,
+                Some(JsonLimit::KeysTotal),
+                "at /d",
+            ),
+            (r#"{"s":"12345"}"#, None, ""),
+            (
+                r#"{"s":["123456"]}"#,
+                Some(JsonLimit::StringBytes),
+                "at /s/0",
+            ),
+            (
+                r#"{"123456":1}"#,
+                Some(JsonLimit::StringBytes),
+                "at the top level",
+            ),
+            (r#"{"l":[1,2]}"#, None, ""),
+            (r#"{"l":[1,2,3]}"#, Some(JsonLimit::ArrayItems), "at /l"),
+        ];
+        for schema in [None, Some(&any_object())] {
+            for (body, want, at) in cases {
+                match (validate(body.as_bytes(), schema, &limits), want) {
+                    (Ok(_), None) => {}
+                    (Err(PayloadError::Limit { limit, message }), Some(want)) => {
+                        assert_eq!(limit, want, "{body}");
+                        assert!(message.contains(at), "{body}: {message}");
+                        if want != JsonLimit::Depth {
+                            assert!(message.contains(want.key()), "{body}: {message}");
+                        }
+                    }
+                    (got, _) => panic!("{body}: {got:?}, expected {want:?}"),
+                }
+            }
+        }
+    }
+
+    /// A backtracking pattern is refused as too costly, not as a violation.
+    #[test]
+    fn a_backtracking_pattern_is_too_costly() {
+        let schema = Schema::from_value(&json!({
+            "properties": {"v": {"type": "string", "pattern": "^(?=\\w)(\\w+\\s?)+$"}}
+        }))
+        .unwrap();
+        assert!(schema.costly());
+        let body = json!({"v": format!("{}!", "a".repeat(300))}).to_string();
+        assert!(matches!(
+            validate(body.as_bytes(), Some(&schema), &JsonLimits::default()),
+            Err(PayloadError::TooCostly(_))
+        ));
+        let ok = json!({"v": "hello world"}).to_string();
+        assert!(validate(ok.as_bytes(), Some(&schema), &JsonLimits::default()).is_ok());
+        assert!(!any_object().costly());
+    }
+
     /// The same key in different objects is no duplicate.
     #[test]
     fn repeated_keys_in_different_objects_are_fine() {
@@ -363,8 +512,9 @@ mod tests {
         ];
         let merchant = merchant();
         for body in &bodies {
-            let plain = validate(body.as_bytes(), None).map(|_| ());
-            let typed = validate(body.as_bytes(), Some(&merchant)).map(|_| ());
+            let plain = validate(body.as_bytes(), None, &JsonLimits::default()).map(|_| ());
+            let typed =
+                validate(body.as_bytes(), Some(&merchant), &JsonLimits::default()).map(|_| ());
             assert!(plain.is_err(), "{body}");
             assert_eq!(plain, typed, "{body}");
         }
@@ -374,7 +524,7 @@ mod tests {
     #[test]
     fn the_typed_path_builds_what_serde_json_builds() {
         let body = r#"{"a":[1,-2,3.5,1e300,18446744073709551615,true,null,"\u00e9\ud83d\ude00"],"b":{"c":{}},"d":""}"#;
-        let ours = json::read_value(body).unwrap();
+        let ours = json::read_value(body, &JsonLimits::default()).unwrap();
         assert_eq!(ours, serde_json::from_str::<Value>(body).unwrap());
     }
 
@@ -405,10 +555,14 @@ mod tests {
             start.elapsed().as_nanos() as f64 / rounds as f64 / kib
         };
         let typed = any_object();
-        let plain = per_kib(&|| assert!(validate(body.as_bytes(), None).is_ok()));
-        let refused = per_kib(&|| assert!(validate(dup.as_bytes(), None).is_err()));
-        let read = per_kib(&|| assert!(json::read_value(&body).is_ok()));
-        let whole = per_kib(&|| assert!(validate(body.as_bytes(), Some(&typed)).is_ok()));
+        let plain =
+            per_kib(&|| assert!(validate(body.as_bytes(), None, &JsonLimits::default()).is_ok()));
+        let refused =
+            per_kib(&|| assert!(validate(dup.as_bytes(), None, &JsonLimits::default()).is_err()));
+        let read = per_kib(&|| assert!(json::read_value(&body, &JsonLimits::default()).is_ok()));
+        let whole = per_kib(&|| {
+            assert!(validate(body.as_bytes(), Some(&typed), &JsonLimits::default()).is_ok())
+        });
         let ignored =
             per_kib(&|| assert!(serde_json::from_str::<serde::de::IgnoredAny>(&body).is_ok()));
         let value = per_kib(&|| assert!(serde_json::from_str::<Value>(&body).is_ok()));
@@ -524,9 +678,9 @@ mod props {
         fn serialised_objects_are_accepted(value in object()) {
             let text = serde_json::to_string(&value).unwrap();
             let typed = Schema::from_value(&serde_json::json!({"type": "object"})).unwrap();
-            prop_assert!(validate(text.as_bytes(), None).is_ok(), "{text}");
-            prop_assert!(validate(text.as_bytes(), Some(&typed)).is_ok(), "{text}");
-            prop_assert_eq!(json::read_value(&text).unwrap(), serde_json::from_str::<Value>(&text).unwrap());
+            prop_assert!(validate(text.as_bytes(), None, &JsonLimits::default()).is_ok(), "{text}");
+            prop_assert!(validate(text.as_bytes(), Some(&typed), &JsonLimits::default()).is_ok(), "{text}");
+            prop_assert_eq!(json::read_value(&text, &JsonLimits::default()).unwrap(), serde_json::from_str::<Value>(&text).unwrap());
         }
 
         /// The same text with one member of one object written twice is
@@ -539,12 +693,12 @@ mod props {
             let target = pick.index(count);
             prop_assert!(write_with_duplicate(&value, target, &mut 0, &mut text));
             let typed = Schema::from_value(&serde_json::json!({"type": "object"})).unwrap();
-            let plain = validate(text.as_bytes(), None).map(|_| ());
+            let plain = validate(text.as_bytes(), None, &JsonLimits::default()).map(|_| ());
             let Err(PayloadError::Malformed(message)) = &plain else {
                 return Err(TestCaseError::fail(format!("accepted: {text}")));
             };
             prop_assert!(message.starts_with("duplicate key "), "{message}");
-            prop_assert_eq!(&validate(text.as_bytes(), Some(&typed)).map(|_| ()), &plain);
+            prop_assert_eq!(&validate(text.as_bytes(), Some(&typed), &JsonLimits::default()).map(|_| ()), &plain);
         }
     }
 }

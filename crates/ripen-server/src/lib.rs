@@ -2,9 +2,11 @@
 //! health, with every error as RFC 9457 problem+json.
 
 mod auth;
+mod conn;
 mod dashboard;
 mod deps;
 mod keys;
+mod limits;
 mod notify;
 mod problem;
 mod stats;
@@ -13,7 +15,7 @@ mod types;
 mod view;
 mod workers;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -48,6 +50,8 @@ pub(crate) struct AppState {
     stats: stats::Stats,
     /// Who may call what.
     auth: Arc<auth::Auth>,
+    /// How many intake requests and streams may be open at once.
+    gates: limits::Gates,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -82,21 +86,24 @@ pub async fn serve(
     let auth = auth::Auth::start(&engine, addr).await?;
     tracing::info!(%addr, "serving");
     let (stop_tx, stopping) = tokio::sync::watch::channel(false);
-    let mut stop_http = stop_tx.subscribe();
+    let stop_http = stop_tx.subscribe();
     let stats = stats::Stats::new(engine.activity());
+    let gates = limits::Gates::new(&engine.config().limits);
     let state = Arc::new(AppState {
         engine,
         stopping,
         stats,
         auth,
+        gates,
     });
     let sampler = tokio::spawn(stats::sample(state.clone(), stop_tx.subscribe()));
     let closer = tokio::spawn(auth::stay_open(state.clone()));
-    let http = axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(async move {
-            let _ = stop_http.wait_for(|stop| *stop).await;
-        })
-        .into_future();
+    let http = conn::serve(
+        listener,
+        router(state.clone()),
+        state.engine.config().limits.clone(),
+        stop_http,
+    );
     tokio::pin!(http);
     let failed = tokio::select! {
         served = &mut http => Some(served),
@@ -215,6 +222,7 @@ fn json_text(status: StatusCode, body: String) -> Response {
 fn store_problem(e: StoreError) -> Problem {
     match e {
         StoreError::Unavailable(m) => Problem::unavailable(m),
+        StoreError::Overloaded(m) => limits::overloaded(m, "write_queue_max"),
         // An entity pinned to a version this node cannot run: nothing can
         // be done to its steps (see docs/types.md).
         StoreError::UnknownPipeline { type_name, version } => Problem::new(
@@ -259,6 +267,7 @@ async fn submit(
     request: axum::extract::Request,
 ) -> Result<Response, Problem> {
     let type_name = path_param(p)?;
+    let _slot = state.gates.intake.enter()?;
     // The request is taken whole so that its headers are read in place
     // rather than copied.
     let (parts, body) = request.into_parts();
@@ -272,7 +281,7 @@ async fn submit(
             Problem::bad_request("the Idempotency-Key header is not visible ASCII")
         })?),
     };
-    let bytes = read_body(body, limit).await?;
+    let bytes = read_body(&state, body, limit).await?;
     let trace_parent = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
@@ -296,13 +305,38 @@ async fn submit(
                 "Malformed JSON",
                 m,
             ),
-            SubmitError::TooDeep(m) => Problem::new(
+            SubmitError::JsonLimit {
+                limit: ripen_engine::limits::JsonLimit::Depth,
+                message,
+            } => Problem::new(
                 StatusCode::BAD_REQUEST,
                 "json-too-deep",
                 "JSON nested too deeply",
-                m,
+                message,
             )
-            .with("depth_max", json!(ripen_engine::schema::JSON_DEPTH_MAX)),
+            .with("limit", json!("json_depth_max"))
+            .with(
+                "depth_max",
+                json!(state.engine.config().limits.json.depth_max),
+            ),
+            SubmitError::JsonLimit { limit, message } => Problem::new(
+                StatusCode::BAD_REQUEST,
+                "json-limit",
+                "JSON past a limit",
+                message,
+            )
+            .with("limit", json!(limit.key()))
+            .with(
+                "limit_max",
+                json!(limit.max(&state.engine.config().limits.json)),
+            ),
+            SubmitError::TooCostly(m) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation-too-costly",
+                "Validation too costly",
+                m,
+            ),
+            SubmitError::Overloaded(m) => limits::overloaded(m, "validation_threads"),
             SubmitError::Invalid(violations) => {
                 let errors: Vec<Value> = violations
                     .iter()
@@ -417,9 +451,27 @@ fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), Proble
     Ok(())
 }
 
-/// Reads a whole body of at most `limit` bytes.
-async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, Problem> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+/// Reads a whole body of at most `limit` bytes, within
+/// `limits.body_timeout` (408 past it).
+async fn read_body(
+    state: &AppState,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, Problem> {
+    let timeout = state.engine.config().limits.body_timeout;
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit));
+    let Ok(read) = read.await else {
+        return Err(Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-timeout",
+            "Body too slow",
+            format!(
+                "the body did not arrive whole within {} ms (limits.body_timeout)",
+                timeout.as_millis()
+            ),
+        ));
+    };
+    read.map_err(|e| {
         let inner = e.into_inner();
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
         while let Some(err) = source {
@@ -647,6 +699,7 @@ async fn events(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_stream {
+        let slot = state.gates.streams.enter()?;
         // Resume after the last event the client saw, if it says so.
         let after_seq = headers
             .get("last-event-id")
@@ -661,7 +714,7 @@ async fn events(
         else {
             return Err(no_entity(id));
         };
-        return Ok(stream::entity_events(feed, state.stopping.clone()).into_response());
+        return Ok(stream::entity_events(feed, state.stopping.clone(), slot).into_response());
     }
     let Some(events) = state
         .engine
@@ -774,7 +827,7 @@ async fn retry_many(
     let (parts, body) = request.into_parts();
     let limit = state.engine.config().body_limit_bytes;
     check_declared_length(&parts.headers, limit)?;
-    let bytes = read_body(body, limit).await?;
+    let bytes = read_body(&state, body, limit).await?;
     let body: BulkRetry = serde_json::from_slice(&bytes).map_err(|e| {
         if e.is_data() {
             invalid(format!("the request does not fit: {e}"))

@@ -328,6 +328,7 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let Query(q) = q.map_err(|e| Problem::bad_request(format!("bad query: {}", e.body_text())))?;
+    let slot = state.gates.streams.enter()?;
     let type_name = q.type_name.filter(|t| !t.is_empty());
     if let Some(t) = &type_name {
         if state.engine.registry().latest(t).is_none() {
@@ -370,6 +371,7 @@ pub async fn stream(
         stopping: state.stopping.clone(),
         deadline: tokio::time::Instant::now() + STREAM_LIFETIME_MAX,
         ended: false,
+        _slot: slot,
     };
     Ok(Sse::new(events(cursor))
         .keep_alive(KeepAlive::default())
@@ -388,6 +390,8 @@ struct Cursor {
     stopping: watch::Receiver<bool>,
     deadline: tokio::time::Instant,
     ended: bool,
+    /// Counts this stream under `limits.streams_max` while it lives.
+    _slot: crate::limits::Slot,
 }
 
 impl Cursor {

@@ -21,17 +21,21 @@ struct Cursor {
     stopping: watch::Receiver<bool>,
     pending: VecDeque<Event>,
     deadline: tokio::time::Instant,
+    /// Counts this stream under `limits.streams_max` while it lives.
+    _slot: crate::limits::Slot,
 }
 
 pub fn entity_events(
     feed: EntityFeed,
     stopping: watch::Receiver<bool>,
+    slot: crate::limits::Slot,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let cursor = Cursor {
         feed,
         stopping,
         pending: VecDeque::new(),
         deadline: tokio::time::Instant::now() + STREAM_LIFETIME_MAX,
+        _slot: slot,
     };
     let events = stream::unfold(cursor, |mut c| async move {
         loop {

@@ -262,7 +262,7 @@ pub async fn register(
     let (parts, body) = request.into_parts();
     let limit = state.engine.config().body_limit_bytes;
     check_declared_length(&parts.headers, limit)?;
-    let bytes = read_body(body, limit).await?;
+    let bytes = read_body(&state, body, limit).await?;
     let body: Value = serde_json::from_slice(&bytes).map_err(|e| {
         Problem::new(
             StatusCode::BAD_REQUEST,

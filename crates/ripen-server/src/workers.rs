@@ -217,7 +217,7 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
     let limit = state.engine.config().body_limit_bytes.max(WORKER_BODY_MAX);
     let (parts, body) = request.into_parts();
     check_declared_length(&parts.headers, limit)?;
-    let bytes = read_body(body, limit).await?;
+    let bytes = read_body(state, body, limit).await?;
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {

@@ -524,6 +524,10 @@ pub enum StoreError {
     /// The database cannot be reached or written now; the caller may retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Too many writes wait already; the caller may retry shortly. Nothing
+    /// was written.
+    #[error("store overloaded: {0}")]
+    Overloaded(String),
     #[error("no pipeline for entity type {type_name:?} version {version}")]
     UnknownPipeline { type_name: String, version: u32 },
     #[error("store failure: {0}")]

@@ -294,6 +294,7 @@ impl<S: Store> Instrumented<S> {
         if let Err(e) = &result {
             let kind = match e {
                 StoreError::Unavailable(_) => "unavailable",
+                StoreError::Overloaded(_) => "overloaded",
                 StoreError::UnknownPipeline { .. } => "unknown_pipeline",
                 StoreError::Internal(_) => "internal",
             };

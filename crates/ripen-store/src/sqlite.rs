@@ -316,6 +316,9 @@ pub struct SqliteOptions {
     pub lease_grace_ms: u64,
     /// Where backoff jitter comes from.
     pub jitter: Jitter,
+    /// Submissions waiting for the writer (queued or in its batch) from
+    /// which `create` answers [`StoreError::Overloaded`] at once.
+    pub write_queue_max: usize,
 }
 
 impl SqliteOptions {
@@ -326,6 +329,7 @@ impl SqliteOptions {
             batch_max: 1_024,
             lease_grace_ms: 5_000,
             jitter: Jitter::random(),
+            write_queue_max: WRITE_QUEUE_MAX,
         }
     }
 }
@@ -338,6 +342,18 @@ pub struct SqliteStore {
     watchers: Arc<WorkWatchers>,
     changes: Arc<ChangeWatchers>,
     commits: CommitMetrics,
+    /// Submissions sent to the writer and not answered yet.
+    creates_waiting: Arc<std::sync::atomic::AtomicUsize>,
+    write_queue_max: usize,
+}
+
+/// One submission counted in [`SqliteStore::creates_waiting`] until dropped.
+struct Waiting(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl SqliteStore {
@@ -417,6 +433,8 @@ impl SqliteStore {
             watchers,
             changes,
             commits,
+            creates_waiting: Arc::default(),
+            write_queue_max: opts.write_queue_max.max(1),
         })
     }
 
@@ -476,6 +494,15 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn create(&self, entity: NewEntity, now_us: UnixMicros) -> Result<IntakeOutcome> {
+        let waiting = self
+            .creates_waiting
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _waiting = Waiting(self.creates_waiting.clone());
+        if waiting >= self.write_queue_max {
+            return Err(StoreError::Overloaded(format!(
+                "{waiting} submissions already wait for the sqlite writer, the most it queues"
+            )));
+        }
         let pipeline = self.decider.pipeline(&entity.type_name, entity.version)?;
         // Everything that does not need the database is prepared here, on
         // the caller's task, so that the one writer thread only binds values.

@@ -1,14 +1,15 @@
 //! The one JSON reader of intake, shared by typed and schema-less types so
 //! that both refuse the same bodies: text that is not JSON, numbers out of
-//! range (`1e400`), lone surrogates (`"\ud800"`), nesting deeper than
-//! [`JSON_DEPTH_MAX`](super::JSON_DEPTH_MAX), and duplicate keys at any
-//! depth.
+//! range (`1e400`), lone surrogates (`"\ud800"`), duplicate keys at any
+//! depth, and bodies past a [`JsonLimits`] (nesting, keys per object and in
+//! all, bytes of a string, items of an array).
 //!
 //! One pass over the text does it all. The reader either keeps nothing (a
 //! type without a schema: only the root's kind and the keys of the objects
 //! being read are held, borrowed from the text where they have no escapes)
 //! or builds the [`Value`] the schema validates. Both go through the same
-//! visitor, so they cannot drift apart.
+//! visitor, so they cannot drift apart, and every limit is checked before
+//! what breaches it is kept.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -17,71 +18,127 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
+use crate::limits::{JsonLimit, JsonLimits};
+
 /// Reads `raw` as a JSON text and says whether it is an object, keeping
 /// nothing of it.
-pub(super) fn read_plain(raw: &str) -> Result<bool, Refused> {
-    read(raw, Skip::default()).map(|kind| kind == Kind::Object)
+pub(super) fn read_plain(raw: &str, limits: &JsonLimits) -> Result<bool, Refused> {
+    read(raw, Skip::default(), limits).map(|kind| kind == Kind::Object)
 }
 
 /// Reads `raw` as a JSON text into a value.
-pub(super) fn read_value(raw: &str) -> Result<Value, Refused> {
-    read(raw, Build)
+pub(super) fn read_value(raw: &str, limits: &JsonLimits) -> Result<Value, Refused> {
+    read(raw, Build, limits)
 }
 
-/// Why a text is refused: not JSON by intake's rules, or nested deeper than
-/// intake reads.
+/// Why a text is refused: not JSON by intake's rules, or past one of its
+/// limits.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Refused {
     Malformed(String),
-    TooDeep(String),
+    /// Past `limit` (nesting deeper than the depth limit included).
+    Limit {
+        limit: JsonLimit,
+        message: String,
+    },
 }
 
-fn read<'de, K: Keep<'de>>(raw: &'de str, keep: K) -> Result<K::Value, Refused> {
-    let mut state = State { keep, dup: None };
+fn read<'de, K: Keep<'de>>(
+    raw: &'de str,
+    keep: K,
+    limits: &JsonLimits,
+) -> Result<K::Value, Refused> {
+    let mut state = State {
+        keep,
+        breach: None,
+        limits: *limits,
+        depth: 0,
+        keys: 0,
+    };
     let mut de = serde_json::Deserializer::from_str(raw);
-    // serde_json refuses nesting deeper than JSON_DEPTH_MAX on this path,
-    // which also bounds the stack a hostile body can use.
+    // serde_json also refuses nesting deeper than JSON_DEPTH_MAX on this
+    // path, which bounds the stack a hostile body can use.
     let read = Node(&mut state)
         .deserialize(&mut de)
         .and_then(|value| de.end().map(|()| value));
-    read.map_err(|e| match state.dup.take() {
-        Some(dup) => Refused::Malformed(dup.message()),
+    let depth = |line: usize, column: usize| {
+        Refused::Limit {
+        limit: JsonLimit::Depth,
+        message: format!(
+            "the body nests objects and arrays deeper than {} levels, the most intake reads (line {line}, column {column})",
+            limits.depth_max,
+        ),
+    }
+    };
+    read.map_err(|e| match state.breach.take() {
+        Some(Breach {
+            kind: BreachKind::Duplicate(key),
+            path_rev,
+        }) => Refused::Malformed(duplicate_message(&key, &path_rev)),
+        Some(Breach {
+            kind: BreachKind::Limit(JsonLimit::Depth),
+            ..
+        }) => depth(e.line(), e.column()),
+        Some(Breach {
+            kind: BreachKind::Limit(limit),
+            path_rev,
+        }) => Refused::Limit {
+            limit,
+            message: format!(
+                "the body has more than {} {} ({} is {}), at {}",
+                limit.max(limits),
+                limit.what(),
+                limit.key(),
+                limit.max(limits),
+                pointer(&path_rev)
+            ),
+        },
         // serde_json's own words for its depth limit.
         None if e.to_string().starts_with("recursion limit exceeded") => {
-            Refused::TooDeep(format!(
-                "the body nests objects and arrays deeper than {} levels, the most intake reads (line {}, column {})",
-                super::JSON_DEPTH_MAX,
-                e.line(),
-                e.column()
-            ))
+            depth(e.line(), e.column())
         }
         None => Refused::Malformed(format!("the body is not JSON: {e}")),
     })
 }
 
-/// A key seen twice in one object, and where that object is.
-struct Duplicate {
-    key: String,
-    /// The path to the object, innermost segment first (it is collected
-    /// while the error unwinds).
+/// Why the reader stopped short of the end, and where: the path to the
+/// value, innermost segment first (it is collected while the error
+/// unwinds).
+struct Breach {
+    kind: BreachKind,
     path_rev: Vec<String>,
 }
 
-impl Duplicate {
-    fn message(&self) -> String {
-        let key = Value::from(self.key.as_str());
-        if self.path_rev.is_empty() {
-            return format!(
-                "duplicate key {key} in the top-level object: a key may appear only once in an object"
-            );
-        }
-        let mut pointer = String::new();
-        for segment in self.path_rev.iter().rev() {
-            pointer.push('/');
-            pointer.push_str(&segment.replace('~', "~0").replace('/', "~1"));
-        }
-        format!("duplicate key {key} at {pointer}: a key may appear only once in an object")
+enum BreachKind {
+    /// A key seen twice in one object.
+    Duplicate(String),
+    Limit(JsonLimit),
+}
+
+/// The JSON pointer of a reversed path; "the top level" for the root.
+fn pointer(path_rev: &[String]) -> String {
+    if path_rev.is_empty() {
+        return "the top level".into();
     }
+    let mut pointer = String::new();
+    for segment in path_rev.iter().rev() {
+        pointer.push('/');
+        pointer.push_str(&segment.replace('~', "~0").replace('/', "~1"));
+    }
+    pointer
+}
+
+fn duplicate_message(key: &str, path_rev: &[String]) -> String {
+    let key = Value::from(key);
+    if path_rev.is_empty() {
+        return format!(
+            "duplicate key {key} in the top-level object: a key may appear only once in an object"
+        );
+    }
+    format!(
+        "duplicate key {key} at {}: a key may appear only once in an object",
+        pointer(path_rev)
+    )
 }
 
 /// The kind of a value read by [`Skip`].
@@ -240,7 +297,38 @@ impl<'de> Keep<'de> for Build {
 
 struct State<K> {
     keep: K,
-    dup: Option<Duplicate>,
+    breach: Option<Breach>,
+    limits: JsonLimits,
+    /// Arrays and objects open around the value being read.
+    depth: usize,
+    /// Keys read so far, in all objects.
+    keys: usize,
+}
+
+impl<K> State<K> {
+    /// Records a breached limit; the error that carries it unwinds.
+    fn breach<E: de::Error>(&mut self, limit: JsonLimit) -> E {
+        self.breach = Some(Breach {
+            kind: BreachKind::Limit(limit),
+            path_rev: Vec::new(),
+        });
+        E::custom("limit breached")
+    }
+
+    /// Adds `segment` to the path of a breach on the way out.
+    fn unwind(&mut self, segment: impl FnOnce() -> String) {
+        if let Some(breach) = &mut self.breach {
+            breach.path_rev.push(segment());
+        }
+    }
+
+    fn enter<E: de::Error>(&mut self) -> Result<(), E> {
+        if self.depth >= self.limits.depth_max {
+            return Err(self.breach(JsonLimit::Depth));
+        }
+        self.depth += 1;
+        Ok(())
+    }
 }
 
 /// Reads one value of any kind.
@@ -276,47 +364,66 @@ impl<'de, K: Keep<'de>> Visitor<'de> for Node<'_, K> {
         let n = Number::from_f64(n).ok_or_else(|| E::custom("number out of range"))?;
         Ok(self.0.keep.number(n))
     }
-    fn visit_str<E>(self, s: &str) -> Result<K::Value, E> {
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<K::Value, E> {
+        if s.len() > self.0.limits.string_bytes_max {
+            return Err(self.0.breach(JsonLimit::StringBytes));
+        }
         Ok(self.0.keep.string(s))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<K::Value, A::Error> {
+        self.0.enter()?;
         let mut array = self.0.keep.array();
         let mut index = 0usize;
         loop {
-            match seq.next_element_seed(Node(&mut *self.0)) {
+            let next = seq.next_element_seed(Node(&mut *self.0));
+            match next {
+                Ok(Some(_)) if index == self.0.limits.array_items_max => {
+                    return Err(self.0.breach(JsonLimit::ArrayItems));
+                }
                 Ok(Some(value)) => self.0.keep.element(&mut array, value),
                 Ok(None) => break,
                 Err(e) => {
-                    if let Some(dup) = &mut self.0.dup {
-                        dup.path_rev.push(index.to_string());
-                    }
+                    self.0.unwind(|| index.to_string());
                     return Err(e);
                 }
             }
             index += 1;
         }
+        self.0.depth -= 1;
         Ok(self.0.keep.end_array(array))
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<K::Value, A::Error> {
+        self.0.enter()?;
         let mut object = self.0.keep.object();
+        let mut count = 0usize;
         while let Some(key) = map.next_key_seed(KeySeed)? {
+            count += 1;
+            self.0.keys += 1;
+            if key.len() > self.0.limits.string_bytes_max {
+                return Err(self.0.breach(JsonLimit::StringBytes));
+            }
+            if count > self.0.limits.object_keys_max {
+                return Err(self.0.breach(JsonLimit::ObjectKeys));
+            }
+            if self.0.keys > self.0.limits.keys_total_max {
+                return Err(self.0.breach(JsonLimit::KeysTotal));
+            }
             let value = match map.next_value_seed(Node(&mut *self.0)) {
                 Ok(value) => value,
                 Err(e) => {
-                    if let Some(dup) = &mut self.0.dup {
-                        dup.path_rev.push(key.into_owned());
-                    }
+                    self.0.unwind(|| key.into_owned());
                     return Err(e);
                 }
             };
             if let Err(key) = self.0.keep.member(&mut object, key, value) {
-                self.0.dup = Some(Duplicate {
-                    key: key.into_owned(),
+                self.0.breach = Some(Breach {
+                    kind: BreachKind::Duplicate(key.into_owned()),
                     path_rev: Vec::new(),
                 });
                 return Err(de::Error::custom("duplicate key"));
             }
         }
+        self.0.depth -= 1;
         Ok(self.0.keep.end_object(object))
     }
 }
