@@ -6,6 +6,7 @@ mod dashboard;
 mod deps;
 mod keys;
 mod notify;
+mod openapi;
 mod problem;
 mod stats;
 mod stream;
@@ -126,6 +127,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::document))
         .route("/v1/entities", get(list))
         .route("/v1/entities:retry", post(retry_many))
         .route("/v1/stats", get(stats::get))
