@@ -196,6 +196,42 @@ mod tests {
         }
     }
 
+    /// Every link names an operation and parameters it has.
+    #[test]
+    fn links_name_operations_and_their_parameters() {
+        let doc = doc();
+        let mut params = std::collections::BTreeMap::new();
+        for item in doc["paths"].as_object().expect("paths").values() {
+            for op in item.as_object().expect("a path item").values() {
+                let names: BTreeSet<String> = op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                    .collect();
+                params.insert(op["operationId"].as_str().expect("an id").to_owned(), names);
+            }
+        }
+        let mut links = 0;
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("a path item") {
+                for answer in op["responses"].as_object().expect("responses").values() {
+                    for (name, link) in answer["links"].as_object().into_iter().flatten() {
+                        let target = link["operationId"].as_str().expect("an operationId");
+                        let known = params
+                            .get(target)
+                            .unwrap_or_else(|| panic!("{method} {path}: {name} -> {target}"));
+                        for p in link["parameters"].as_object().expect("parameters").keys() {
+                            assert!(known.contains(p), "{method} {path}: {name} -> {target}.{p}");
+                        }
+                        links += 1;
+                    }
+                }
+            }
+        }
+        assert!(links > 20, "{links} links");
+    }
+
     /// Every `$ref` names something the document holds, and every error
     /// answer is a problem.
     #[test]

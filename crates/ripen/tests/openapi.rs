@@ -218,7 +218,7 @@ async fn schemathesis_finds_no_defect() {
     cmd.args(["-m", "schemathesis.cli", "run", &url])
         .args(["--checks", &checks])
         .args(["--max-examples", "8", "--workers", "1", "--seed", "7"])
-        .args(["--phases", "examples,coverage,fuzzing"])
+        .args(["--phases", "examples,coverage,fuzzing,stateful"])
         // The stream of every change never ends by itself.
         .args(["--exclude-path", "/v1/events"])
         // A key ends the open mode: every request after it would be 401.
