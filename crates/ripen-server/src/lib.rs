@@ -961,6 +961,18 @@ mod tests {
         }
     }
 
+    /// Found by the `ids` fuzz target: a time before 1970 reads as
+    /// negative microseconds (Ripen writes none), and as a list bound it is
+    /// the start of all ids, like 1970 itself.
+    #[test]
+    fn a_time_before_1970_bounds_a_list_from_the_start() {
+        let us = parse_rfc3339("1013-12-01T02:08:27.0+02:00");
+        assert_eq!(us, Some(-30_171_138_693_000_000));
+        let first = ripen_store::EntityId::first_minted_at(0);
+        assert_eq!(ripen_store::EntityId::first_minted_at(us.unwrap()), first);
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+    }
+
     #[test]
     fn the_forms_of_rfc_3339() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
