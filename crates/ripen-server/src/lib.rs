@@ -8,6 +8,7 @@ mod deps;
 mod keys;
 mod limits;
 mod notify;
+mod openapi;
 mod problem;
 mod stats;
 mod stream;
@@ -133,6 +134,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::document))
         .route("/v1/entities", get(list))
         .route("/v1/entities:retry", post(retry_many))
         .route("/v1/stats", get(stats::get))
@@ -1010,6 +1012,18 @@ mod tests {
         fn anything_else_is_refused_without_a_panic(s in "\\PC{0,40}") {
             let _ = parse_rfc3339(&s);
         }
+    }
+
+    /// Found by the `ids` fuzz target: a time before 1970 reads as
+    /// negative microseconds (Ripen writes none), and as a list bound it is
+    /// the start of all ids, like 1970 itself.
+    #[test]
+    fn a_time_before_1970_bounds_a_list_from_the_start() {
+        let us = parse_rfc3339("1013-12-01T02:08:27.0+02:00");
+        assert_eq!(us, Some(-30_171_138_693_000_000));
+        let first = ripen_store::EntityId::first_minted_at(0);
+        assert_eq!(ripen_store::EntityId::first_minted_at(us.unwrap()), first);
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
     }
 
     #[test]
