@@ -894,3 +894,209 @@ async fn no_key_secret_or_payload_reaches_the_log() {
         assert!(!log.contains(needle), "{what} is in the log:\n{log}");
     }
 }
+
+/// Every operation of the OpenAPI document that needs a key, called with no
+/// key, an unknown key, a revoked key, a key of the owner's tenant missing
+/// the operation's scope, and another tenant's key: 401, 401, 401, 403, and
+/// for a resource the owner's tenant holds 404 (never 403, never its data).
+/// The table is the document itself: a new operation cannot skip this test,
+/// and a path parameter it does not know fails it until it is taught here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_operation_refuses_who_may_not_call_it() {
+    const SCOPES: [&str; 5] = ["submit", "read", "operate", "admin", "worker"];
+    let ds = Downstream::start().await;
+    let sealing = TempDir::new("ripen-auth-key-").expect("temp dir");
+    let key_file = sealing.path().join("master.key");
+    let srv = Server::start(
+        &Config::new()
+            .with_type(merchant(&ds))
+            .notify("allow_networks = [\"127.0.0.0/8\"]")
+            .notify("initial_backoff = \"50ms\"")
+            .notify(&format!(
+                "master_key_file = {}",
+                ripen_testkit::toml_str(&key_file.to_string_lossy())
+            )),
+    )
+    .await;
+    let api = srv.api();
+    let (_, root) = make_key(api, None, "default", &SCOPES).await;
+    // The owner's resources, which the other tenant must never reach.
+    let (_, owner) = make_key(api, Some(&root), "acme", &SCOPES).await;
+    let (_, other) = make_key(api, Some(&root), "beta", &SCOPES).await;
+    let (victim_id, _) = make_key(api, Some(&root), "acme", &["read"]).await;
+    let (revoked_id, revoked) = make_key(api, Some(&root), "acme", &SCOPES).await;
+    let r = call(
+        api,
+        Method::DELETE,
+        &format!("/v1/keys/{revoked_id}"),
+        Some(&root),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r}");
+    let r = call(
+        api,
+        Method::POST,
+        "/v1/entities/merchant",
+        Some(&owner),
+        Some(&json!({"n": 1})),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{r}");
+    let entity = r.json()["id"].as_str().expect("id").to_owned();
+    let r = call(
+        api,
+        Method::POST,
+        "/v1/subscriptions",
+        Some(&owner),
+        Some(&json!({"url": "http://127.0.0.1:9/hooks"})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{r}");
+    let subscription = r.json()["id"].as_str().expect("id").to_owned();
+    let deliveries = format!("/v1/subscriptions/{subscription}/deliveries");
+    eventually("a delivery of the owner's subscription", || async {
+        get(api, &deliveries, &owner).await.json()["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty())
+    })
+    .await;
+    let delivery = get(api, &deliveries, &owner).await.json()["items"][0]["id"].to_string();
+    let delivery = delivery.trim_matches('"').to_owned();
+    // Delivery ids are small numbers, which any text may hold.
+    let owned = [entity.as_str(), subscription.as_str(), victim_id.as_str()];
+
+    let doc = srv.get("/openapi.json").await;
+    assert_eq!(doc.status, 200, "{doc}");
+    let doc = doc.json();
+    let mut checked = 0;
+    for (template, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("a path item") {
+            let Ok(method) = method.to_uppercase().parse::<Method>() else {
+                continue; // "parameters", "summary", ...
+            };
+            let scope = op["x-ripen-scope"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{method} {template} has no x-ripen-scope"));
+            if scope == "public" {
+                continue;
+            }
+            assert!(SCOPES.contains(&scope), "{method} {template}: {scope}");
+            // The path, each parameter filled with the owner's resource.
+            let mut holds_owned = false;
+            let path = fill(template, |name| match (name, template.as_str()) {
+                ("type_or_id", _) if method == Method::POST => "merchant".to_owned(),
+                ("type_or_id" | "id", t) if t.starts_with("/v1/entities/") => {
+                    holds_owned = true;
+                    entity.clone()
+                }
+                ("id", t) if t.starts_with("/v1/subscriptions/") => {
+                    holds_owned = true;
+                    subscription.clone()
+                }
+                ("id", t) if t.starts_with("/v1/deliveries/") => {
+                    holds_owned = true;
+                    delivery.clone()
+                }
+                ("id", t) if t.starts_with("/v1/keys/") => {
+                    holds_owned = true;
+                    victim_id.clone()
+                }
+                ("type", _) => "merchant".to_owned(),
+                ("n", _) => "1".to_owned(),
+                ("queue", _) => "billing".to_owned(),
+                ("task", _) => "task-of-nobody".to_owned(),
+                (other, _) => panic!("{method} {template}: teach this test the parameter {other}"),
+            });
+            let body = op.get("requestBody").map(|_| json!({}));
+            let what = format!("{method} {path}");
+            let missing: Vec<&str> = SCOPES.iter().copied().filter(|s| *s != scope).collect();
+            let (_, lacking) = make_key(api, Some(&root), "acme", &missing).await;
+            for (who, key) in [
+                ("no key", None),
+                (
+                    "an unknown key",
+                    Some("rpk_0000000000000000000000000000000000000000000"),
+                ),
+                ("a revoked key", Some(revoked.as_str())),
+            ] {
+                let r = call(api, method.clone(), &path, key, body.as_ref()).await;
+                assert_problem(&r, 401);
+                assert!(
+                    r.headers.contains_key("www-authenticate"),
+                    "{what}, {who}: {r}"
+                );
+            }
+            let r = call(api, method.clone(), &path, Some(&lacking), body.as_ref()).await;
+            let p = assert_problem(&r, 403);
+            assert_eq!(p["scope"], scope, "{what}, a key without {scope}: {p}");
+
+            // A stream of the other tenant's own changes never ends; that
+            // streams carry only their tenant's is tested above.
+            let streams = op["responses"]["200"]["content"]
+                .get("text/event-stream")
+                .is_some();
+            if streams && !holds_owned {
+                checked += 1;
+                continue;
+            }
+            let r = call(api, method.clone(), &path, Some(&other), body.as_ref()).await;
+            let text = String::from_utf8_lossy(&r.body).into_owned();
+            // Workers serve every tenant's tasks, so only the operator's
+            // tenant runs them; types are shared, so only the operator
+            // registers them.
+            let operator_only =
+                scope == "worker" || (method == Method::POST && template.ends_with("/versions"));
+            if operator_only {
+                assert_problem(&r, 403);
+            } else if holds_owned {
+                assert_problem(&r, 404);
+            } else {
+                assert!(
+                    r.status < 500 && r.status != 401 && r.status != 403,
+                    "{what}, another tenant: {r}"
+                );
+            }
+            // A 404 may name the id it was asked for; anything else must
+            // name none of the owner's ids.
+            if !holds_owned {
+                for id in owned {
+                    assert!(
+                        !text.contains(id),
+                        "{what} shows another tenant's {id}: {text}"
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 25, "only {checked} operations were checked");
+    // The owner's resources are as they were.
+    let view = get(api, &format!("/v1/entities/{entity}"), &owner).await;
+    assert_eq!(view.status, 200, "{view}");
+    let r = get(api, &format!("/v1/subscriptions/{subscription}"), &owner).await;
+    assert_eq!(r.status, 200, "{r}");
+    let keys = get(api, "/v1/keys", &owner).await.json();
+    assert!(
+        keys["items"]
+            .as_array()
+            .expect("keys")
+            .iter()
+            .any(|k| k["id"] == victim_id.as_str() && k["revoked_at"].is_null()),
+        "{keys}"
+    );
+}
+
+/// `template` with each `{name}` replaced by `value(name)`.
+fn fill(template: &str, mut value: impl FnMut(&str) -> String) -> String {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let close = rest[open..].find('}').expect("a closed parameter") + open;
+        out.push_str(&rest[..open]);
+        out.push_str(&value(&rest[open + 1..close]));
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
