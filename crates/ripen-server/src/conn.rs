@@ -13,6 +13,12 @@
 //! - **idle**: a keep-alive connection with nothing in flight is closed
 //!   after `idle_timeout`.
 //!
+//! The reader and the service only write the phase down (an uncontended
+//! lock, no wake-up): the watchdog looks at it when a deadline it armed
+//! comes, and at least once every `header_timeout`, so a request costs no
+//! timer of its own and every timeout still fires on time (a head that
+//! started between two looks is judged by its own start).
+//!
 //! Past `connections_max` open connections, a new one is answered 503
 //! `overloaded` with `Retry-After: 1` and closed; when even those answers
 //! are too many at once, it is closed at once.
@@ -36,7 +42,7 @@ use hyper_util::rt::TokioIo;
 use ripen_engine::limits::Limits;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -199,17 +205,12 @@ impl Phase {
 /// watchdog.
 struct Watch {
     phase: Mutex<Phase>,
-    changed: Notify,
 }
 
 impl Watch {
     fn update(&self, f: impl FnOnce(Phase) -> Phase) {
         let mut phase = self.phase.lock().unwrap_or_else(|p| p.into_inner());
-        let next = f(*phase);
-        if next != *phase {
-            *phase = next;
-            self.changed.notify_one();
-        }
+        *phase = f(*phase);
     }
 
     fn get(&self) -> Phase {
@@ -282,7 +283,6 @@ async fn serve_connection(
 ) {
     let watch = Arc::new(Watch {
         phase: Mutex::new(Phase::Head(Instant::now())),
-        changed: Notify::new(),
     });
     let service = {
         let watch = watch.clone();
@@ -316,14 +316,17 @@ async fn serve_connection(
         .header_read_timeout(None)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    let look = tokio::time::sleep(limits.header_timeout);
+    tokio::pin!(look);
     let mut stopping = false;
     loop {
+        let now = Instant::now();
         let verdict = if stopping {
             Verdict::WaitUntil(None)
         } else {
             watch
                 .get()
-                .judge(Instant::now(), limits.header_timeout, limits.idle_timeout)
+                .judge(now, limits.header_timeout, limits.idle_timeout)
         };
         let until = match verdict {
             Verdict::Close(why) => {
@@ -332,12 +335,10 @@ async fn serve_connection(
             }
             Verdict::WaitUntil(until) => until,
         };
-        let sleep = async move {
-            match until {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        // Phases change without telling the watchdog, so it looks again
+        // within a header timeout whatever it waits for.
+        let next = now + limits.header_timeout;
+        look.as_mut().reset(until.map_or(next, |at| at.min(next)));
         tokio::select! {
             served = conn.as_mut() => {
                 if let Err(e) = served {
@@ -345,8 +346,7 @@ async fn serve_connection(
                 }
                 return;
             }
-            () = sleep => {}
-            () = watch.changed.notified() => {}
+            () = look.as_mut() => {}
             _ = stop.wait_for(|s| *s), if !stopping => {
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
