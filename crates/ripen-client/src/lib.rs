@@ -316,7 +316,9 @@ impl Client {
     /// `host:port` of the server.
     pub fn authority(&self) -> String {
         let base = self.base();
-        base.trim_start_matches("http://").to_owned()
+        base.trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .to_owned()
     }
 
     /// Sends one request on a pooled keep-alive connection. A body without a

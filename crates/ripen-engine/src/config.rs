@@ -27,6 +27,14 @@ pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 pub const DEFAULT_WAITING_CLAIMS_MAX: usize = 1_000;
 pub const TYPES_MAX: usize = 256;
 
+/// The certificate chain and private key a node serves HTTPS with, both
+/// PEM files that were read and parsed when the configuration was.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
 /// A validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -34,6 +42,9 @@ pub struct Config {
     pub path: PathBuf,
     pub listen: String,
     pub body_limit_bytes: usize,
+    /// `server.tls_cert_file` and `server.tls_key_file`: serve HTTPS
+    /// rather than plain HTTP.
+    pub server_tls: Option<ServerTls>,
     pub storage: StorageUrl,
     pub engine: EngineConfig,
     pub types: Vec<TypeConfig>,
@@ -209,6 +220,33 @@ impl Config {
             ));
         }
 
+        let server_tls = match (server.tls_cert_file, server.tls_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let (cert_file, key_file) = (base.join(cert), base.join(key));
+                ripen_tls::read_cert_chain(&cert_file)
+                    .map_err(|p| err("server.tls_cert_file", p))?;
+                ripen_tls::read_private_key(&key_file)
+                    .map_err(|p| err("server.tls_key_file", p))?;
+                Some(ServerTls {
+                    cert_file,
+                    key_file,
+                })
+            }
+            (Some(_), None) => {
+                return Err(err(
+                    "server.tls_key_file",
+                    "is needed with server.tls_cert_file".to_owned(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    "server.tls_cert_file",
+                    "is needed with server.tls_key_file".to_owned(),
+                ))
+            }
+        };
+
         let url = raw
             .storage
             .and_then(|s| s.url)
@@ -360,6 +398,7 @@ impl Config {
             path: path.to_owned(),
             listen,
             body_limit_bytes,
+            server_tls,
             storage,
             engine,
             types,
@@ -804,6 +843,8 @@ struct RawTlsFiles {
 struct RawServer {
     listen: Option<String>,
     body_limit_bytes: Option<usize>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -1006,6 +1047,42 @@ mod tests {
     }
 
     const HTTPS_STEP: &str = "[[types.t.steps]]\nname = \"a\"\nhttp = \"https://localhost:9/a\"\n";
+
+    #[test]
+    fn the_api_serves_https_with_both_files_or_neither() {
+        let dir = tls_files();
+        let base = dir.path();
+        let parse_in = |text: &str| Config::parse(text, Path::new("ripen.toml"), base);
+        assert!(parse_in(HTTPS_STEP).unwrap().server_tls.is_none());
+        let c = parse_in(&format!(
+            "[server]\ntls_cert_file = \"certs/client.pem\"\ntls_key_file = \"certs/client.key\"\n{HTTPS_STEP}"
+        ))
+        .unwrap();
+        let tls = c.server_tls.expect("https");
+        assert_eq!(tls.cert_file, base.join("certs/client.pem"));
+        assert_eq!(tls.key_file, base.join("certs/client.key"));
+        for (server, key) in [
+            (
+                "tls_cert_file = \"certs/client.pem\"",
+                "server.tls_key_file",
+            ),
+            (
+                "tls_key_file = \"certs/client.key\"",
+                "server.tls_cert_file",
+            ),
+            (
+                "tls_cert_file = \"certs/junk.pem\"\ntls_key_file = \"certs/client.key\"",
+                "server.tls_cert_file",
+            ),
+            (
+                "tls_cert_file = \"certs/client.pem\"\ntls_key_file = \"certs/missing.key\"",
+                "server.tls_key_file",
+            ),
+        ] {
+            let e = parse_in(&format!("[server]\n{server}\n{HTTPS_STEP}")).unwrap_err();
+            assert!(e.contains(key), "{server}: {e}");
+        }
+    }
 
     #[test]
     fn https_steps_and_tls_files() {

@@ -23,6 +23,9 @@
 //! `overloaded` with `Retry-After: 1` and closed; when even those answers
 //! are too many at once, it is closed at once.
 //!
+//! With a TLS configuration every connection is HTTPS: its handshake must
+//! end within `header_timeout` too.
+//!
 //! A graceful shutdown stops accepting, lets every connection finish the
 //! request it serves and closes idle ones; the caller bounds how long that
 //! may take by dropping the future.
@@ -41,10 +44,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use ripen_engine::limits::Limits;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
 
 /// Connections over the cap that may be answered 503 at once; past them a
 /// new connection is closed without an answer.
@@ -53,14 +58,17 @@ const OVERFLOW_MAX: usize = 64;
 /// its 503.
 const OVERFLOW_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Serves `router` on `listener` until `stop` turns true, then closes every
-/// connection gracefully and returns once they are all closed.
+/// Serves `router` on `listener` (HTTPS with `tls`) until `stop` turns
+/// true, then closes every connection gracefully and returns once they are
+/// all closed.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<Arc<ServerConfig>>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let tls = tls.map(TlsAcceptor::from);
     let open = Arc::new(AtomicUsize::new(0));
     let overflow = Arc::new(AtomicUsize::new(0));
     let limits = Arc::new(limits);
@@ -88,9 +96,20 @@ pub async fn serve(
                 continue;
             }
             let counted = Counted::new(&overflow);
+            let tls = tls.clone();
             connections.spawn(async move {
                 let _counted = counted;
-                refuse(stream).await;
+                let _ = tokio::time::timeout(OVERFLOW_TIMEOUT, async move {
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                refuse(stream).await;
+                            }
+                        }
+                        None => refuse(stream).await,
+                    }
+                })
+                .await;
             });
             continue;
         }
@@ -98,9 +117,21 @@ pub async fn serve(
         let router = router.clone();
         let limits = limits.clone();
         let stop = stop.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
             let _counted = counted;
-            serve_connection(stream, router, &limits, stop).await;
+            match tls {
+                Some(tls) => {
+                    let handshake =
+                        tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await;
+                    match handshake {
+                        Ok(Ok(stream)) => serve_connection(stream, router, &limits, stop).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+                None => serve_connection(stream, router, &limits, stop).await,
+            }
         });
     }
     drop(listener);
@@ -125,7 +156,7 @@ impl Drop for Counted {
 }
 
 /// Answers every request of an over-the-cap connection 503 and closes it.
-async fn refuse(stream: TcpStream) {
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S) {
     let service = hyper::service::service_fn(|_request: hyper::Request<Incoming>| async {
         let mut response = crate::limits::overloaded(
             "this node has as many connections open as it serves; try again shortly",
@@ -141,7 +172,7 @@ async fn refuse(stream: TcpStream) {
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
         .serve_connection(TokioIo::new(stream), service);
-    let _ = tokio::time::timeout(OVERFLOW_TIMEOUT, conn).await;
+    let _ = conn.await;
 }
 
 /// What a connection is doing, as its watchdog sees it.
@@ -229,12 +260,12 @@ impl Drop for Ending {
 }
 
 /// A socket that tells its watch when bytes arrive.
-struct Watched {
-    stream: TcpStream,
+struct Watched<S> {
+    stream: S,
     watch: Arc<Watch>,
 }
 
-impl AsyncRead for Watched {
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -249,7 +280,7 @@ impl AsyncRead for Watched {
     }
 }
 
-impl AsyncWrite for Watched {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -275,8 +306,8 @@ impl AsyncWrite for Watched {
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
     router: Router,
     limits: &Limits,
     mut stop: watch::Receiver<bool>,

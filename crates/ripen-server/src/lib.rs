@@ -61,8 +61,9 @@ type Shared = State<Arc<AppState>>;
 /// drained; connections still open then are dropped.
 const HTTP_CLOSE_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Starts the engine, listens, prints `listening on http://ADDR` on standard
-/// output, and serves until `shutdown` completes.
+/// Starts the engine, listens, prints `listening on http://ADDR` (or
+/// `https://` with `server.tls_cert_file`) on standard output, and serves
+/// until `shutdown` completes.
 ///
 /// Then the engine drains (see [`Engine::shutdown`]) while HTTP keeps
 /// serving, so that clients can still submit and read and `/readyz` tells
@@ -73,6 +74,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let listen = config.listen.clone();
+    let tls = match &config.server_tls {
+        Some(t) => Some(Arc::new(
+            ripen_tls::server_config(&t.cert_file, &t.key_file)
+                .map_err(|e| anyhow::anyhow!("{}: server: {e}", config.path.display()))?,
+        )),
+        None => None,
+    };
     let engine = Engine::start(config).await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -81,7 +89,8 @@ pub async fn serve(
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on http://{addr}")?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        writeln!(out, "listening on {scheme}://{addr}")?;
         out.flush()?;
     }
     let auth = auth::Auth::start(&engine, addr).await?;
@@ -103,6 +112,7 @@ pub async fn serve(
         listener,
         router(state.clone()),
         state.engine.config().limits.clone(),
+        tls,
         stop_http,
     );
     tokio::pin!(http);

@@ -172,11 +172,11 @@ impl ServerProcess {
             })?;
         self.child = Some(child);
         let failure = match tokio::time::timeout(STARTUP_TIMEOUT, rx).await {
-            Ok(Ok(url)) if url.starts_with("http://") => {
+            Ok(Ok(url)) if url.starts_with("http://") || url.starts_with("https://") => {
                 self.client.set_base(&url);
                 return Ok(());
             }
-            Ok(Ok(url)) => format!("the \"listening on\" line has no http:// URL: {url:?}"),
+            Ok(Ok(url)) => format!("the \"listening on\" line has no http(s):// URL: {url:?}"),
             Ok(Err(_)) => {
                 let status = self.child.as_mut().and_then(|c| c.wait().ok());
                 format!("ripen serve closed its stdout without \"listening on\" (exit: {status:?})")

@@ -1,5 +1,6 @@
-//! TLS for Ripen's outgoing connections: the `https` steps of the HTTP
-//! executor and the connections to PostgreSQL.
+//! TLS for Ripen's outgoing connections (the `https` steps of the HTTP
+//! executor and the connections to PostgreSQL), and for the API when a
+//! node serves HTTPS itself ([`server_config`]).
 //!
 //! One stack for both: rustls with the `ring` crypto provider. This crate
 //! reads certificate files (with errors that name the file and the problem),
@@ -181,6 +182,27 @@ pub fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         ),
         other => format!("{} is not a PEM private key: {other}", path.display()),
     })
+}
+
+/// The configuration a node serves HTTPS with: the certificate chain of
+/// `cert_file` and the key of `key_file` (PEM), TLS 1.2 and 1.3, HTTP/1.1.
+pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<rustls::ServerConfig, String> {
+    let chain = read_cert_chain(cert_file)?;
+    let key = read_private_key(key_file)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            format!(
+                "{} and {} do not make a certificate and its key: {e}",
+                cert_file.display(),
+                key_file.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// How a client checks the server's certificate (PostgreSQL's `sslmode`).

@@ -256,3 +256,101 @@ async fn a_server_on_postgres_over_verified_tls() {
         "{out}"
     );
 }
+
+/// A GET of `path` over TLS to 127.0.0.1:`port`, checking the server as
+/// `localhost` against the CA in `ca_file`: the whole answer, or the
+/// handshake's error.
+async fn https_get(port: u16, ca_file: &str, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let roots = ripen_tls::read_ca_file(std::path::Path::new(ca_file))?;
+    let config = ripen_tls::client_config_verifying(
+        ripen_tls::Verify::ChainAndName,
+        std::sync::Arc::new(roots),
+    );
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ripen_tls::rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// With `server.tls_cert_file` and `server.tls_key_file` the API itself is
+/// HTTPS: a client that trusts the CA gets its answers, one that trusts
+/// another CA fails its handshake, and plain HTTP gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_can_be_served_over_https() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pki = Pki::new();
+    std::fs::write(pki.dir.path().join("api.pem"), &pki.server_cert).unwrap();
+    std::fs::write(pki.dir.path().join("api.key"), &pki.server_key).unwrap();
+    let (cert, key) = (pki.file("api.pem"), pki.file("api.key"));
+    let ds = Downstream::start().await;
+    let cfg = Config::new().with_type(single("merchant", &ds));
+    let server = Server::start_with(move |dir| {
+        let toml = cfg.render_on(dir, &storage_url(dir))?;
+        Ok(toml.replacen(
+            "[server]\n",
+            &format!(
+                "[server]\ntls_cert_file = {}\ntls_key_file = {}\n",
+                ripen_testkit::toml_str(&cert),
+                ripen_testkit::toml_str(&key)
+            ),
+            1,
+        ))
+    })
+    .await;
+    assert!(
+        server.log().contains("listening on https://"),
+        "{}",
+        server.log()
+    );
+    let port: u16 = server
+        .addr()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+
+    let answer = https_get(port, &pki.file("ca.pem"), "/healthz")
+        .await
+        .expect("a client that trusts the CA");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"ok\""), "{answer}");
+    let answer = https_get(port, &pki.file("ca.pem"), "/v1/nothing-here")
+        .await
+        .expect("a client that trusts the CA");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+
+    let refused = https_get(port, &pki.file("other-ca.pem"), "/healthz").await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("UnknownIssuer")),
+        "{refused:?}"
+    );
+
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, plain.read_to_end(&mut got)).await;
+    assert!(
+        !String::from_utf8_lossy(&got).contains("200 OK"),
+        "plain HTTP is served: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+}
