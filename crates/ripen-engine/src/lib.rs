@@ -29,6 +29,7 @@ pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod registry;
+pub mod retention;
 mod scheduler;
 pub mod schema;
 pub mod secrets;
