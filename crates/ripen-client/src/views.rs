@@ -98,6 +98,10 @@ pub struct EntityView {
     pub updated_at: String,
     #[serde(default)]
     pub ready_at: Option<String>,
+    /// When the raw payload was pruned (docs/retention.md); `None` while
+    /// it is kept.
+    #[serde(default)]
+    pub payload_pruned_at: Option<String>,
     #[serde(default)]
     pub steps: Vec<StepView>,
     /// The non-critical steps that failed for good, when `degraded`.
@@ -159,7 +163,11 @@ pub struct EntityData {
     pub type_name: String,
     pub version: u64,
     /// The payload exactly as submitted.
+    /// `null` once it was pruned.
     pub payload: Value,
+    /// When the raw payload was pruned; `None` while it is kept.
+    #[serde(default)]
+    pub payload_pruned_at: Option<String>,
     /// Each succeeded step's output, by step name.
     #[serde(default)]
     pub outputs: Map<String, Value>,

@@ -6,9 +6,15 @@
 //! ([`ripen_store::Store::prune`]) until a pass finds nothing more that is
 //! due. Which rows are due is the store's SQL on the times given here.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::{IntCounterVec, Opts, Registry};
+use ripen_core::UnixMicros;
+use ripen_store::{Prune, Pruned, Store};
 use serde::Deserialize;
+
+use crate::time::Clock;
 
 /// The least a configuration may keep idempotency keys: a client that
 /// retries a submission within a day is always answered by the entity its
@@ -26,9 +32,6 @@ pub struct Retention {
     /// Idempotency keys are pruned this long after they were stored (at
     /// least [`IDEMPOTENCY_KEYS_MIN_MS`]); a pruned key is free for reuse.
     pub idempotency_keys_ms: u64,
-    /// Settled entities are deleted entirely this long after they last
-    /// changed; `None` (the default) keeps them.
-    pub entities_ms: Option<u64>,
     /// How often the pruner runs.
     pub interval_ms: u64,
     /// Rows per pass (one transaction).
@@ -44,9 +47,84 @@ impl Default for Retention {
         Retention {
             payload_ms: DEFAULT_PAYLOAD_MS,
             idempotency_keys_ms: IDEMPOTENCY_KEYS_MIN_MS,
-            entities_ms: None,
             interval_ms: DEFAULT_INTERVAL_MS,
             batch: DEFAULT_BATCH,
+        }
+    }
+}
+
+impl Retention {
+    /// The pass due at `now_us`: each bound is `now_us` less its period.
+    pub fn pass(&self, now_us: UnixMicros, dry_run: bool) -> Prune {
+        let before = |ms: u64| now_us.saturating_sub((ms as i64).saturating_mul(1_000));
+        Prune {
+            payload_before_us: Some(before(self.payload_ms)),
+            keys_before_us: Some(before(self.idempotency_keys_ms)),
+            limit: self.batch,
+            dry_run,
+        }
+    }
+}
+
+/// `ripen_pruned_total{what}`: what the pruner removed.
+#[derive(Clone)]
+pub struct PruneMetrics(IntCounterVec);
+
+impl PruneMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<PruneMetrics> {
+        let counter = IntCounterVec::new(
+            Opts::new(
+                "ripen_pruned_total",
+                "Rows the retention pruner removed: raw payloads, idempotency keys",
+            ),
+            &["what"],
+        )?;
+        registry.register(Box::new(counter.clone()))?;
+        for what in ["payload", "idempotency_key"] {
+            counter.with_label_values(&[what]);
+        }
+        Ok(PruneMetrics(counter))
+    }
+
+    fn add(&self, p: &Pruned) {
+        let c = &self.0;
+        c.with_label_values(&["payload"]).inc_by(p.payloads);
+        c.with_label_values(&["idempotency_key"]).inc_by(p.keys);
+    }
+}
+
+/// The pruner: every `interval`, passes until one removes less than a
+/// batch. Between passes it yields, so that other commands reach the store.
+pub async fn run(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    retention: Retention,
+    metrics: PruneMetrics,
+) {
+    let interval = Duration::from_millis(retention.interval_ms);
+    loop {
+        tokio::time::sleep(interval).await;
+        loop {
+            let pass = retention.pass(clock.now_us(), false);
+            match store.prune(pass, clock.now_us()).await {
+                Ok(p) => {
+                    metrics.add(&p);
+                    if p.total() > 0 {
+                        tracing::debug!(payloads = p.payloads, keys = p.keys, "pruned");
+                    }
+                    let full = [p.payloads, p.keys]
+                        .iter()
+                        .any(|&n| n >= u64::from(retention.batch));
+                    if !full {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "prune what retention no longer keeps");
+                    break;
+                }
+            }
         }
     }
 }
@@ -57,7 +135,6 @@ impl Default for Retention {
 pub struct RawRetention {
     payload: Option<String>,
     idempotency_keys: Option<String>,
-    entities: Option<String>,
     interval: Option<String>,
     batch: Option<u32>,
 }
@@ -84,10 +161,6 @@ impl RawRetention {
                 ),
             ));
         }
-        let entities_ms = match self.entities.as_deref() {
-            None => None,
-            Some(v) => Some(period(Some(v), 0, PERIOD_MAX_S).map_err(|p| (key("entities"), p))?),
-        };
         let interval_ms = period(self.interval.as_deref(), d.interval_ms, 86_400)
             .map_err(|p| (key("interval"), p))?;
         if interval_ms == 0 {
@@ -100,13 +173,9 @@ impl RawRetention {
         if payload_ms == 0 {
             return Err((key("payload"), "must be more than zero".into()));
         }
-        if entities_ms == Some(0) {
-            return Err((key("entities"), "must be more than zero".into()));
-        }
         Ok(Retention {
             payload_ms,
             idempotency_keys_ms,
-            entities_ms,
             interval_ms,
             batch,
         })
@@ -140,7 +209,6 @@ mod tests {
         assert_eq!(r, Retention::default());
         assert_eq!(r.payload_ms, 7 * 86_400_000);
         assert_eq!(r.idempotency_keys_ms, 86_400_000);
-        assert_eq!(r.entities_ms, None);
     }
 
     #[test]
@@ -157,20 +225,12 @@ mod tests {
     }
 
     #[test]
-    fn payloads_and_entities_may_be_short_but_not_zero() {
-        let r = parse("payload = \"2s\"\nentities = \"5s\"\ninterval = \"200ms\"\nbatch = 3")
-            .expect("short");
-        assert_eq!(
-            (r.payload_ms, r.entities_ms, r.interval_ms, r.batch),
-            (2_000, Some(5_000), 200, 3)
-        );
+    fn payloads_may_be_short_but_not_zero() {
+        let r = parse("payload = \"2s\"\ninterval = \"200ms\"\nbatch = 3").expect("short");
+        assert_eq!((r.payload_ms, r.interval_ms, r.batch), (2_000, 200, 3));
         assert_eq!(
             parse("payload = \"0s\"").expect_err("zero").0,
             "retention.payload"
-        );
-        assert_eq!(
-            parse("entities = \"0s\"").expect_err("zero").0,
-            "retention.entities"
         );
         assert_eq!(parse("batch = 0").expect_err("zero").0, "retention.batch");
         assert_eq!(

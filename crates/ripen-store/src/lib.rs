@@ -125,6 +125,9 @@ pub struct EntityRecord {
     pub created_at_us: UnixMicros,
     pub updated_at_us: UnixMicros,
     pub ready_at_us: Option<UnixMicros>,
+    /// When the pruner removed its raw payload ([`Store::prune`]); `None`
+    /// while it is kept.
+    pub payload_pruned_at_us: Option<UnixMicros>,
     pub steps: Vec<StepRecord>,
     /// The entities it depends on, with the status it last saw of each.
     pub deps: Vec<deps::DependencyRecord>,
@@ -166,7 +169,8 @@ impl EntityRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub struct EntityData {
     pub record: EntityRecord,
-    pub payload: String,
+    /// `None` once the pruner removed it (`record.payload_pruned_at_us`).
+    pub payload: Option<String>,
     /// `(step name, raw JSON output)` of every succeeded step that returned one.
     pub outputs: Vec<(String, String)>,
 }
@@ -421,6 +425,39 @@ pub enum CommandOutcome {
     /// A retry refused: an entity it depends on and has not seen ready is
     /// failed, cancelled or gone.
     DependencyNotReady(deps::ReferenceRefusal),
+    /// A retry refused: the entity's raw payload was pruned, so its steps
+    /// could not run again.
+    PayloadPruned {
+        at_us: UnixMicros,
+    },
+}
+
+/// What one pass of the pruner asks for (see docs/retention.md). Each
+/// `*_before_us` is a bound in store time: `None` prunes nothing of that
+/// kind. A pass removes at most `limit` rows of each kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prune {
+    /// Raw payloads of settled entities (ready, failed, cancelled) with no
+    /// live step, last changed before this.
+    pub payload_before_us: Option<UnixMicros>,
+    /// Idempotency keys stored before this; a pruned key is free for reuse.
+    pub keys_before_us: Option<UnixMicros>,
+    pub limit: u32,
+    /// Count what a pass would remove, and remove nothing.
+    pub dry_run: bool,
+}
+
+/// What one pass removed (or, dry, would remove).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub payloads: u64,
+    pub keys: u64,
+}
+
+impl Pruned {
+    pub fn total(&self) -> u64 {
+        self.payloads + self.keys
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -615,6 +652,11 @@ pub trait Store: Send + Sync + 'static {
     /// or no entity waits), at most `limit`, never the newest row. Returns
     /// how many.
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64>;
+
+    /// One pass of the pruner, in one transaction: see [`Prune`]. The
+    /// rows are chosen by the times given, oldest first; what intake and
+    /// the scheduler need (pending entities, live steps) is never touched.
+    async fn prune(&self, prune: Prune, now_us: UnixMicros) -> Result<Pruned>;
 
     /// Stores a subscription, or replaces the one with its id (keeping its
     /// start). Its start is the outbox head now: it hears what the fan-out
@@ -837,6 +879,7 @@ mod tests {
             created_at_us: 0,
             updated_at_us: 0,
             ready_at_us: None,
+            payload_pruned_at_us: None,
             steps: Vec::new(),
             deps: Vec::new(),
         }

@@ -400,7 +400,7 @@ async fn a_version_1_schema_gains_lease_holders() {
         .await
         .expect("version")
         .get(0);
-    assert_eq!(version, 5, "migrated to the current schema");
+    assert_eq!(version, 6, "migrated to the current schema");
     drop(client);
     // Its outbox rows count as fanned out: they have positions, and the
     // fan-out starts after them.
