@@ -227,7 +227,7 @@ mod tests {
         let text = r#"{"id":"0193c5b2-0000-7000-8000-000000000001","type":"merchant","version":1,
             "status":"ready","degraded":true,"created_at":"2026-01-01T00:00:00.000000Z",
             "updated_at":"2026-01-01T00:00:00.143000Z","ready_at":"2026-01-01T00:00:00.143000Z",
-            "steps":[{"name":"kyc","status":"succeeded","critical":true,"attempts":2,"last_error":null},
+            "payload_pruned_at":null,"steps":[{"name":"kyc","status":"succeeded","critical":true,"attempts":2,"last_error":null},
                      {"name":"mail","status":"failed","critical":false,"attempts":3,"last_error":"503"}],
             "degraded_steps":["mail"],"future_field":7}"#;
         let view: EntityView = serde_json::from_str(text).unwrap();
