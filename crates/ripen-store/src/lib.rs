@@ -447,6 +447,30 @@ pub struct Prune {
     pub dry_run: bool,
 }
 
+/// What `ripen store stats` shows: each table, and what retention keeps.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoreStats {
+    /// Every table of the store, by name.
+    pub tables: Vec<TableStats>,
+    /// The size of the database: the file on SQLite, the database on
+    /// PostgreSQL.
+    pub total_bytes: Option<u64>,
+    /// Bytes of free pages SQLite keeps for reuse; `None` on PostgreSQL.
+    pub free_bytes: Option<u64>,
+    /// The last change of the oldest settled entity whose payload is kept:
+    /// what the pruner removes next.
+    pub oldest_kept_payload_us: Option<UnixMicros>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TableStats {
+    pub name: String,
+    pub rows: u64,
+    /// Its size with its indexes, where the backend can say (SQLite needs
+    /// its `dbstat` table compiled in).
+    pub bytes: Option<u64>,
+}
+
 /// What one pass removed (or, dry, would remove).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pruned {
@@ -657,6 +681,10 @@ pub trait Store: Send + Sync + 'static {
     /// rows are chosen by the times given, oldest first; what intake and
     /// the scheduler need (pending entities, live steps) is never touched.
     async fn prune(&self, prune: Prune, now_us: UnixMicros) -> Result<Pruned>;
+
+    /// Counts and sizes per table, for operators (`ripen store stats`):
+    /// counts every row, so it is not for the hot path.
+    async fn stats(&self) -> Result<StoreStats>;
 
     /// Stores a subscription, or replaces the one with its id (keeping its
     /// start). Its start is the outbox head now: it hears what the fan-out

@@ -600,6 +600,11 @@ impl Store for PostgresStore {
         conn.finish(result).await
     }
 
+    async fn stats(&self) -> Result<crate::StoreStats> {
+        let conn = self.shared.pool.get().await?;
+        retention::stats(&conn).await
+    }
+
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
         let conn = self.shared.pool.get().await?;
         notify::prune(&conn, before_us, limit).await

@@ -782,6 +782,10 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn stats(&self) -> Result<crate::StoreStats> {
+        self.read(retention::stats).await
+    }
+
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
         self.write(move |w| notify::prune(&w.conn, before_us, limit))
             .await

@@ -97,6 +97,7 @@ macro_rules! store_test_suite {
             payloads_are_pruned_when_settled_and_due,
             a_live_step_keeps_its_payload,
             keys_expire_at_their_time_and_are_free_after,
+            stats_count_tables_and_the_oldest_kept_payload,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -284,6 +285,9 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     }
     async fn prune(&self, prune: crate::Prune, now_us: UnixMicros) -> Result<crate::Pruned> {
         self.store.prune(prune, now_us).await
+    }
+    async fn stats(&self) -> Result<crate::StoreStats> {
+        self.store.stats().await
     }
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
         self.store.prune_outbox(before_us, limit).await

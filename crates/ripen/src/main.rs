@@ -3,6 +3,7 @@
 mod cli;
 mod demo;
 mod keys;
+mod store;
 mod subscriptions;
 mod types;
 
@@ -80,6 +81,11 @@ enum Command {
         command: keys::KeysCommand,
         #[command(flatten)]
         server: ServerArg,
+    },
+    /// The store of a configuration, offline: stats, prune (docs/retention.md).
+    Store {
+        #[command(subcommand)]
+        command: store::StoreCommand,
     },
     /// The type registry: list, show, push.
     Types {
@@ -243,6 +249,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Command::Types { command, server } => types::run(&server, command).await,
             Command::Keys { command, server } => keys::run(&server, command).await,
+            Command::Store { command } => store::run(command).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => ripen_bench::run(args.into_options()?).await,
         }

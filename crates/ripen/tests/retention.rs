@@ -36,6 +36,10 @@ fn micros(t: &Value) -> i64 {
 }
 
 fn config(ds: &Downstream, batch: u32) -> Config {
+    config_every(ds, batch, "100ms")
+}
+
+fn config_every(ds: &Downstream, batch: u32, interval: &str) -> Config {
     ds.set(&step_path("doomed", "only"), Behavior::always(400));
     ds.set(&step_path("stuck", "only"), Behavior::always(503));
     Config::new()
@@ -43,7 +47,7 @@ fn config(ds: &Downstream, batch: u32) -> Config {
         .with_type(single("doomed", ds))
         .with_type(single("stuck", ds).map_steps(|s| s.attempts(100).backoff("1h", "1h")))
         .extra(&format!(
-            "[retention]\npayload = \"{PAYLOAD_S}s\"\ninterval = \"100ms\"\nbatch = {batch}"
+            "[retention]\npayload = \"{PAYLOAD_S}s\"\ninterval = \"{interval}\"\nbatch = {batch}"
         ))
 }
 
@@ -172,4 +176,74 @@ async fn kill_9_while_pruning_loses_nothing_that_was_not_due() {
     let view = api.entity(&stuck).await;
     assert_eq!(view["status"], "pending");
     assert!(view["payload_pruned_at"].is_null(), "{view:#}");
+}
+
+/// `ripen store stats|prune --config` on a stopped server's store.
+async fn store_cmd(srv: &Server, args: &[&str]) -> Value {
+    let mut all: Vec<String> = vec!["store".into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    all.extend([
+        "--config".into(),
+        "ripen.toml".into(),
+        "-o".into(),
+        "json".into(),
+    ]);
+    let out = run_ripen(all, srv.dir().to_path_buf(), WAIT).await;
+    assert!(out.success(), "ripen store {args:?}: {out}");
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn rows(stats: &Value, table: &str) -> u64 {
+    stats["tables"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == table))
+        .and_then(|t| t["rows"].as_u64())
+        .unwrap_or_else(|| panic!("no table {table}: {stats:#}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_commands_count_and_prune_offline() {
+    let ds = Downstream::start().await;
+    // The server's own pruner waits an hour: only the command prunes.
+    let mut srv = Server::start(&config_every(&ds, 2, "1h")).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id = srv.api().submit_ok("kept", &json!({"i": i})).await;
+        srv.api().wait_terminal(&id, WAIT).await;
+        ids.push(id);
+    }
+    srv.terminate(WAIT).await.expect("the server stops");
+
+    let stats = store_cmd(&srv, &["stats"]).await;
+    assert_eq!(rows(&stats, "entities"), 3, "{stats:#}");
+    assert_eq!(rows(&stats, "payloads"), 3, "{stats:#}");
+    assert!(stats["oldest_kept_payload_at"].is_string(), "{stats:#}");
+
+    // Once the period passed, a dry run counts the next pass (a batch of
+    // 2) and removes nothing.
+    let deadline = std::time::Instant::now() + WAIT;
+    let dry = loop {
+        let dry = store_cmd(&srv, &["prune", "--dry-run"]).await;
+        if dry["payloads"] == 2 || std::time::Instant::now() > deadline {
+            break dry;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dry["payloads"], 2, "{dry:#}");
+    assert_eq!(rows(&store_cmd(&srv, &["stats"]).await, "payloads"), 3);
+
+    let pruned = store_cmd(&srv, &["prune"]).await;
+    assert_eq!(
+        pruned["payloads"], 3,
+        "passes until none is full: {pruned:#}"
+    );
+    let stats = store_cmd(&srv, &["stats"]).await;
+    assert_eq!(rows(&stats, "payloads"), 0, "{stats:#}");
+    assert_eq!(rows(&stats, "entities"), 3, "{stats:#}");
+    assert!(stats["oldest_kept_payload_at"].is_null(), "{stats:#}");
+
+    srv.restart().await;
+    for id in &ids {
+        wait_pruned(srv.api(), id).await;
+    }
 }

@@ -9,7 +9,7 @@ use ripen_core::UnixMicros;
 use super::{decode_error, Conn, Shared};
 use crate::decode::entity_id;
 use crate::working::payload_prunable;
-use crate::{EntityId, Prune, Pruned, Result};
+use crate::{EntityId, Prune, Pruned, Result, StoreStats, TableStats};
 
 /// Added by the upgrade to version 6: when a payload was pruned, the index
 /// of settled entities whose payload is kept (by last change), and the
@@ -105,4 +105,57 @@ pub(super) async fn prune(
         pruned.keys = n as u64;
     }
     Ok(pruned)
+}
+
+pub(super) async fn stats(conn: &Conn) -> Result<StoreStats> {
+    let names = conn
+        .query(
+            "SELECT tablename::text FROM pg_tables
+             WHERE schemaname = current_schema() ORDER BY tablename",
+            &[],
+        )
+        .await?;
+    let mut tables = Vec::with_capacity(names.len());
+    for row in names {
+        let name: String = row.try_get(0).map_err(decode_error)?;
+        let quoted = name.replace('"', "\"\"");
+        let sql = format!(
+            "SELECT (SELECT COUNT(*) FROM \"{quoted}\"), pg_total_relation_size($1::text::regclass)"
+        );
+        let ident = format!("\"{quoted}\"");
+        let counted = conn
+            .query_opt(&sql, &[&ident])
+            .await?
+            .ok_or_else(|| crate::StoreError::Internal(format!("no count of {name}")))?;
+        let rows: i64 = counted.try_get(0).map_err(decode_error)?;
+        let bytes: i64 = counted.try_get(1).map_err(decode_error)?;
+        tables.push(TableStats {
+            name,
+            rows: rows as u64,
+            bytes: Some(bytes as u64),
+        });
+    }
+    let total: Option<i64> = conn
+        .query_opt("SELECT pg_database_size(current_database())", &[])
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()
+        .map_err(decode_error)?;
+    let oldest: Option<i64> = conn
+        .query_opt(
+            "SELECT MIN(updated_at) FROM entities
+             WHERE status <> 'pending' AND payload_pruned_at IS NULL",
+            &[],
+        )
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()
+        .map_err(decode_error)?
+        .flatten();
+    Ok(StoreStats {
+        tables,
+        total_bytes: total.map(|b| b as u64),
+        free_bytes: None,
+        oldest_kept_payload_us: oldest,
+    })
 }

@@ -5,7 +5,7 @@ use ripen_core::UnixMicros;
 use rusqlite::{params, Connection};
 
 use crate::working::payload_prunable;
-use crate::{Prune, Pruned, Result};
+use crate::{Prune, Pruned, Result, StoreStats, TableStats};
 
 /// Added by the upgrade to version 7: when a payload was pruned, the index
 /// of settled entities whose payload is kept (by last change), and the
@@ -78,4 +78,56 @@ pub(super) fn prune(conn: &Connection, p: &Prune, now_us: UnixMicros) -> Result<
         }
     }
     Ok(pruned)
+}
+
+pub(super) fn stats(conn: &Connection) -> Result<StoreStats> {
+    let tx = conn.unchecked_transaction()?;
+    let names: Vec<String> = tx
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    // `dbstat` is an optional part of SQLite: without it, sizes are unknown.
+    let dbstat = tx
+        .prepare("SELECT SUM(pgsize) FROM dbstat WHERE name = ?1 OR tbl_name = ?1")
+        .ok();
+    let mut sized = dbstat;
+    let mut tables = Vec::with_capacity(names.len());
+    for name in names {
+        let quoted = name.replace('"', "\"\"");
+        let rows: i64 = tx.query_row(&format!("SELECT COUNT(*) FROM \"{quoted}\""), [], |r| {
+            r.get(0)
+        })?;
+        let bytes = match sized.as_mut() {
+            Some(stmt) => stmt
+                .query_row([&name], |r| r.get::<_, Option<i64>>(0))
+                .ok()
+                .flatten()
+                .map(|b| b as u64),
+            None => None,
+        };
+        tables.push(TableStats {
+            name,
+            rows: rows as u64,
+            bytes,
+        });
+    }
+    drop(sized);
+    let pragma =
+        |name: &str| -> Result<i64> { Ok(tx.pragma_query_value(None, name, |r| r.get(0))?) };
+    let page = pragma("page_size")?;
+    let total_bytes = Some((pragma("page_count")? * page) as u64);
+    let free_bytes = Some((pragma("freelist_count")? * page) as u64);
+    let oldest_kept_payload_us = tx.query_row(
+        "SELECT MIN(updated_at) FROM entities
+         WHERE status <> 'pending' AND payload_pruned_at IS NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    tx.commit()?;
+    Ok(StoreStats {
+        tables,
+        total_bytes,
+        free_bytes,
+        oldest_kept_payload_us,
+    })
 }

@@ -183,3 +183,45 @@ pub async fn keys_expire_at_their_time_and_are_free_after(store: Arc<dyn Store>)
     ));
     assert_eq!(get(store, first.id).await.id, first.id, "the entity stays");
 }
+
+/// Stats count every table's rows and name the oldest kept payload of a
+/// settled entity, which pruning moves on.
+pub async fn stats_count_tables_and_the_oldest_kept_payload(store: Arc<dyn Store>) {
+    let store = &*store;
+    let t1 = T0 + SECOND_US;
+    let first = settle_single(store, t1, succeeded(None)).await;
+    settle_single(store, t1 + SECOND_US, succeeded(None)).await;
+    create(store, new_entity("backoff", "{}"), T0).await;
+    let stats = store.stats().await.expect("stats");
+    let rows = |name: &str| {
+        stats
+            .tables
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no table {name} in {stats:?}"))
+            .rows
+    };
+    assert_eq!(rows("entities"), 3);
+    assert_eq!(rows("payloads"), 3);
+    assert_eq!(stats.oldest_kept_payload_us, Some(first.updated_at_us));
+    assert!(stats.total_bytes.is_some_and(|b| b > 0), "{stats:?}");
+
+    store
+        .prune(payloads_before(t1 + 1), t1 + 2 * SECOND_US)
+        .await
+        .expect("prune");
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(
+        stats.oldest_kept_payload_us,
+        Some(t1 + SECOND_US),
+        "the first payload is gone"
+    );
+    assert_eq!(
+        stats
+            .tables
+            .iter()
+            .find(|t| t.name == "payloads")
+            .map(|t| t.rows),
+        Some(2)
+    );
+}
