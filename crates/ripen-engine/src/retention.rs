@@ -32,6 +32,10 @@ pub struct Retention {
     /// Idempotency keys are pruned this long after they were stored (at
     /// least [`IDEMPOTENCY_KEYS_MIN_MS`]); a pruned key is free for reuse.
     pub idempotency_keys_ms: u64,
+    /// Settled entities are deleted entirely this long after they last
+    /// changed (at least `idempotency_keys`); `None`, the default, keeps
+    /// them.
+    pub entities_ms: Option<u64>,
     /// How often the pruner runs.
     pub interval_ms: u64,
     /// Rows per pass (one transaction).
@@ -47,6 +51,7 @@ impl Default for Retention {
         Retention {
             payload_ms: DEFAULT_PAYLOAD_MS,
             idempotency_keys_ms: IDEMPOTENCY_KEYS_MIN_MS,
+            entities_ms: None,
             interval_ms: DEFAULT_INTERVAL_MS,
             batch: DEFAULT_BATCH,
         }
@@ -60,6 +65,7 @@ impl Retention {
         Prune {
             payload_before_us: Some(before(self.payload_ms)),
             keys_before_us: Some(before(self.idempotency_keys_ms)),
+            entities_before_us: self.entities_ms.map(before),
             limit: self.batch,
             dry_run,
         }
@@ -75,12 +81,12 @@ impl PruneMetrics {
         let counter = IntCounterVec::new(
             Opts::new(
                 "ripen_pruned_total",
-                "Rows the retention pruner removed: raw payloads, idempotency keys",
+                "What the retention pruner removed: raw payloads, idempotency keys, entities",
             ),
             &["what"],
         )?;
         registry.register(Box::new(counter.clone()))?;
-        for what in ["payload", "idempotency_key"] {
+        for what in ["payload", "idempotency_key", "entity"] {
             counter.with_label_values(&[what]);
         }
         Ok(PruneMetrics(counter))
@@ -90,6 +96,7 @@ impl PruneMetrics {
         let c = &self.0;
         c.with_label_values(&["payload"]).inc_by(p.payloads);
         c.with_label_values(&["idempotency_key"]).inc_by(p.keys);
+        c.with_label_values(&["entity"]).inc_by(p.entities);
     }
 }
 
@@ -110,9 +117,14 @@ pub async fn run(
                 Ok(p) => {
                     metrics.add(&p);
                     if p.total() > 0 {
-                        tracing::debug!(payloads = p.payloads, keys = p.keys, "pruned");
+                        tracing::debug!(
+                            payloads = p.payloads,
+                            keys = p.keys,
+                            entities = p.entities,
+                            "pruned"
+                        );
                     }
-                    let full = [p.payloads, p.keys]
+                    let full = [p.payloads, p.keys, p.entities]
                         .iter()
                         .any(|&n| n >= u64::from(retention.batch));
                     if !full {
@@ -135,6 +147,7 @@ pub async fn run(
 pub struct RawRetention {
     payload: Option<String>,
     idempotency_keys: Option<String>,
+    entities: Option<String>,
     interval: Option<String>,
     batch: Option<u32>,
 }
@@ -161,6 +174,21 @@ impl RawRetention {
                 ),
             ));
         }
+        // A key always names an entity that exists: entities go no sooner
+        // than their keys (a key is stored when its entity is created).
+        let entities_ms = match self.entities.as_deref() {
+            None => None,
+            Some(v) => {
+                let ms = period(Some(v), 0, PERIOD_MAX_S).map_err(|p| (key("entities"), p))?;
+                if ms < idempotency_keys_ms {
+                    return Err((
+                        key("entities"),
+                        format!("{v:?} is shorter than retention.idempotency_keys: an entity is kept at least as long as its key"),
+                    ));
+                }
+                Some(ms)
+            }
+        };
         let interval_ms = period(self.interval.as_deref(), d.interval_ms, 86_400)
             .map_err(|p| (key("interval"), p))?;
         if interval_ms == 0 {
@@ -176,6 +204,7 @@ impl RawRetention {
         Ok(Retention {
             payload_ms,
             idempotency_keys_ms,
+            entities_ms,
             interval_ms,
             batch,
         })
@@ -221,6 +250,20 @@ mod tests {
                 .expect("two days")
                 .idempotency_keys_ms,
             2 * 86_400_000
+        );
+    }
+
+    #[test]
+    fn entities_are_kept_at_least_as_long_as_keys() {
+        assert_eq!(parse("").expect("defaults").entities_ms, None);
+        let (key, problem) = parse("entities = \"12h\"").expect_err("below the keys");
+        assert_eq!(key, "retention.entities");
+        assert!(problem.contains("idempotency_keys"), "{problem}");
+        let r = parse("entities = \"90d\"").expect("90 days");
+        assert_eq!(r.entities_ms, Some(90 * 86_400_000));
+        assert_eq!(
+            r.pass(100 * 86_400_000_000, false).entities_before_us,
+            Some(10 * 86_400_000_000)
         );
     }
 

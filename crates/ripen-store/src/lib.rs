@@ -442,6 +442,13 @@ pub struct Prune {
     pub payload_before_us: Option<UnixMicros>,
     /// Idempotency keys stored before this; a pruned key is free for reuse.
     pub keys_before_us: Option<UnixMicros>,
+    /// Settled entities with no live step, last changed before this, are
+    /// deleted entirely (row, steps, outputs, history, payload). Only
+    /// entities that no outbox row and no waiting dependent names, and only
+    /// while the keys pass of the same call left no due key (its bound is
+    /// no earlier than this one and it was not full): a key is stored when
+    /// its entity is created, so every key of a deleted entity is gone.
+    pub entities_before_us: Option<UnixMicros>,
     pub limit: u32,
     /// Count what a pass would remove, and remove nothing.
     pub dry_run: bool,
@@ -476,11 +483,22 @@ pub struct TableStats {
 pub struct Pruned {
     pub payloads: u64,
     pub keys: u64,
+    pub entities: u64,
 }
 
 impl Pruned {
     pub fn total(&self) -> u64 {
-        self.payloads + self.keys
+        self.payloads + self.keys + self.entities
+    }
+}
+
+impl Prune {
+    /// Whether this pass may delete entities, given how many keys its keys
+    /// pass removed (see [`Prune::entities_before_us`]).
+    pub fn entities_due(&self, keys_pruned: u64) -> Option<UnixMicros> {
+        let before = self.entities_before_us?;
+        let keys_before = self.keys_before_us?;
+        (keys_before >= before && keys_pruned < u64::from(self.limit)).then_some(before)
     }
 }
 

@@ -98,6 +98,7 @@ macro_rules! store_test_suite {
             a_live_step_keeps_its_payload,
             keys_expire_at_their_time_and_are_free_after,
             stats_count_tables_and_the_oldest_kept_payload,
+            settled_entities_are_deleted_when_due,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {

@@ -1267,6 +1267,14 @@ pub fn payload_prunable(record: &EntityRecord) -> bool {
         && record.steps.iter().all(|s| s.state.due_at_us.is_none())
 }
 
+/// Whether the pruner may delete `record` entirely: it is settled and no
+/// step of it is live. (The backends also leave out entities an outbox row
+/// or a waiting dependent still names.)
+pub fn entity_prunable(record: &EntityRecord) -> bool {
+    record.status != EntityStatus::Pending
+        && record.steps.iter().all(|s| s.state.due_at_us.is_none())
+}
+
 pub fn command_outcome<X>(working: Working<X>, refused: Option<EntityStatus>) -> CommandOutcome {
     match refused {
         None => CommandOutcome::Applied(working.into_record()),

@@ -661,6 +661,7 @@ async fn two_nodes_prune_each_payload_once_while_intake_goes_on() {
     let prune = ripen_store::Prune {
         payload_before_us: Some(T0 + 1),
         keys_before_us: Some(T0 + 1),
+        entities_before_us: None,
         limit: 3,
         dry_run: false,
     };

@@ -67,8 +67,10 @@ pub async fn run(command: StoreCommand) -> Result<()> {
                 let pass = store.prune(retention.pass(now, dry_run), now).await?;
                 total.payloads += pass.payloads;
                 total.keys += pass.keys;
-                let full = pass.payloads >= u64::from(retention.batch)
-                    || pass.keys >= u64::from(retention.batch);
+                total.entities += pass.entities;
+                let full = [pass.payloads, pass.keys, pass.entities]
+                    .iter()
+                    .any(|&n| n >= u64::from(retention.batch));
                 if dry_run || !full {
                     break;
                 }
@@ -77,14 +79,16 @@ pub async fn run(command: StoreCommand) -> Result<()> {
                 "dry_run": dry_run,
                 "payloads": total.payloads,
                 "idempotency_keys": total.keys,
+                "entities": total.entities,
             });
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&view)?),
                 Output::Table => println!(
-                    "{} {} payloads, {} idempotency keys{}",
+                    "{} {} payloads, {} idempotency keys, {} entities{}",
                     if dry_run { "would prune" } else { "pruned" },
                     total.payloads,
                     total.keys,
+                    total.entities,
                     if dry_run {
                         format!(" (the next pass, at most {} of each)", retention.batch)
                     } else {

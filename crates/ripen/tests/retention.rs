@@ -247,3 +247,35 @@ async fn the_store_commands_count_and_prune_offline() {
         wait_pruned(srv.api(), id).await;
     }
 }
+
+/// Keys are kept a day at least, and entities at least as long as keys: a
+/// configuration that asks for less does not start, and says which key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_short_periods_stop_the_server_naming_the_key() {
+    let ds = Downstream::start().await;
+    for (extra, key) in [
+        (
+            "[retention]\nidempotency_keys = \"23h\"",
+            "retention.idempotency_keys",
+        ),
+        ("[retention]\nentities = \"12h\"", "retention.entities"),
+    ] {
+        let dir = TempDir::new("ripen-retention-").expect("temp dir");
+        let cfg = Config::new().with_type(single("kept", &ds)).extra(extra);
+        let path = cfg
+            .write(dir.path(), &ripen_testkit::sqlite_url(dir.path()))
+            .expect("write the config");
+        let out = run_ripen(
+            vec![
+                "serve".into(),
+                "--config".into(),
+                path.display().to_string(),
+            ],
+            dir.path().to_path_buf(),
+            WAIT,
+        )
+        .await;
+        assert!(!out.success(), "{extra}: {out}");
+        assert!(out.stderr.contains(key), "{extra}: {out}");
+    }
+}

@@ -8,17 +8,18 @@ use ripen_core::UnixMicros;
 
 use super::{decode_error, Conn, Shared};
 use crate::decode::entity_id;
-use crate::working::payload_prunable;
+use crate::working::{entity_prunable, payload_prunable};
 use crate::{EntityId, Prune, Pruned, Result, StoreStats, TableStats};
 
 /// Added by the upgrade to version 6: when a payload was pruned, the index
-/// of settled entities whose payload is kept (by last change), and the
-/// index of keys by time.
+/// of settled entities whose payload is kept and the index of settled
+/// entities (both by last change), and the index of keys by time.
 pub(super) const SCHEMA: &str = "
 ALTER TABLE entities ADD COLUMN IF NOT EXISTS payload_pruned_at bigint;
 CREATE INDEX IF NOT EXISTS entities_payload_kept ON entities (updated_at)
     WHERE status <> 'pending' AND payload_pruned_at IS NULL;
 CREATE INDEX IF NOT EXISTS idempotency_by_time ON idempotency (created_at);
+CREATE INDEX IF NOT EXISTS entities_settled ON entities (updated_at) WHERE status <> 'pending';
 ";
 
 /// The advisory lock of a pruning pass.
@@ -104,7 +105,65 @@ pub(super) async fn prune(
             .unwrap_or(0);
         pruned.keys = n as u64;
     }
+    if let Some(before) = p.entities_due(pruned.keys) {
+        pruned.entities = prune_entities(store, conn, before, p).await?;
+    }
     Ok(pruned)
+}
+
+/// Deletes up to `p.limit` settled entities last changed before `before`
+/// with everything that is theirs; see [`Prune::entities_before_us`].
+async fn prune_entities(store: &Shared, conn: &Conn, before: UnixMicros, p: &Prune) -> Result<u64> {
+    let rows = conn
+        .query(
+            "SELECT e.id FROM entities e
+             WHERE e.status <> 'pending' AND e.updated_at < $1
+               AND NOT EXISTS (SELECT 1 FROM steps s
+                               WHERE s.entity_id = e.id AND s.due_at IS NOT NULL)
+               AND NOT EXISTS (SELECT 1 FROM dependencies d WHERE d.parent = e.id)
+             ORDER BY e.updated_at LIMIT $2
+             FOR UPDATE OF e SKIP LOCKED",
+            &[&before, &i64::from(p.limit)],
+        )
+        .await?;
+    let mut ids = rows
+        .iter()
+        .map(|r| entity_id(r.try_get::<_, &[u8]>(0).map_err(decode_error)?))
+        .collect::<Result<Vec<EntityId>>>()?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    ids.sort();
+    let id_params: Vec<&[u8]> = ids.iter().map(|id| id.as_bytes().as_slice()).collect();
+    let in_outbox: std::collections::HashSet<Vec<u8>> = conn
+        .query(
+            "SELECT DISTINCT entity_id FROM outbox WHERE entity_id = ANY($1)",
+            &[&id_params],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get::<_, Vec<u8>>(0).map_err(decode_error))
+        .collect::<Result<_>>()?;
+    let due: Vec<EntityId> = store
+        .read_entities(conn, &ids)
+        .await?
+        .into_iter()
+        .filter(|s| entity_prunable(&s.record))
+        .map(|s| s.record.id)
+        .filter(|id| !in_outbox.contains(id.as_bytes().as_slice()))
+        .collect();
+    if !p.dry_run && !due.is_empty() {
+        let ids: Vec<&[u8]> = due.iter().map(|id| id.as_bytes().as_slice()).collect();
+        for sql in [
+            "DELETE FROM payloads WHERE entity_id = ANY($1) RETURNING 1",
+            "DELETE FROM steps WHERE entity_id = ANY($1) RETURNING 1",
+            "DELETE FROM events WHERE entity_id = ANY($1) RETURNING 1",
+            "DELETE FROM entities WHERE id = ANY($1) RETURNING 1",
+        ] {
+            conn.query(sql, &[&ids]).await?;
+        }
+    }
+    Ok(due.len() as u64)
 }
 
 pub(super) async fn stats(conn: &Conn) -> Result<StoreStats> {

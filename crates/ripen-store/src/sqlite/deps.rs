@@ -320,6 +320,7 @@ mod tests {
             "ALTER TABLE entities DROP COLUMN deps;
              DROP INDEX entities_payload_kept;
              DROP INDEX idempotency_by_time;
+             DROP INDEX entities_settled;
              ALTER TABLE entities DROP COLUMN payload_pruned_at;
              DROP TABLE dependencies;
              DELETE FROM cursors WHERE name = 'dependencies';

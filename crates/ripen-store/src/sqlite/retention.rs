@@ -4,18 +4,19 @@
 use ripen_core::UnixMicros;
 use rusqlite::{params, Connection};
 
-use crate::working::payload_prunable;
+use crate::working::{entity_prunable, payload_prunable};
 use crate::{Prune, Pruned, Result, StoreStats, TableStats};
 
 /// Added by the upgrade to version 7: when a payload was pruned, the index
-/// of settled entities whose payload is kept (by last change), and the
-/// index of keys by time. Pending entities are in neither index, so intake
-/// writes no more than before.
+/// of settled entities whose payload is kept and the index of settled
+/// entities (both by last change), and the index of keys by time. Pending entities are in no entity index of
+/// these, so intake writes no more entity index rows than before.
 pub(super) const SCHEMA: &str = "
 ALTER TABLE entities ADD COLUMN payload_pruned_at INTEGER;
 CREATE INDEX IF NOT EXISTS entities_payload_kept ON entities (updated_at)
     WHERE status <> 'pending' AND payload_pruned_at IS NULL;
 CREATE INDEX IF NOT EXISTS idempotency_by_time ON idempotency (created_at);
+CREATE INDEX IF NOT EXISTS entities_settled ON entities (updated_at) WHERE status <> 'pending';
 ";
 
 /// Free pages given back to the file system after a pass, at most, when the
@@ -71,6 +72,9 @@ pub(super) fn prune(conn: &Connection, p: &Prune, now_us: UnixMicros) -> Result<
             .execute(params![before, p.limit])? as u64
         };
     }
+    if let Some(before) = p.entities_due(pruned.keys) {
+        pruned.entities = prune_entities(conn, before, p)?;
+    }
     if !p.dry_run && pruned.total() > 0 {
         let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
         if mode == 2 {
@@ -78,6 +82,74 @@ pub(super) fn prune(conn: &Connection, p: &Prune, now_us: UnixMicros) -> Result<
         }
     }
     Ok(pruned)
+}
+
+/// Deletes up to `p.limit` settled entities last changed before `before`
+/// with everything that is theirs; see [`Prune::entities_before_us`].
+fn prune_entities(conn: &Connection, before: UnixMicros, p: &Prune) -> Result<u64> {
+    let mut candidates = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id FROM entities WHERE status <> 'pending' AND updated_at < ?1
+             ORDER BY updated_at LIMIT ?2",
+        )?;
+        let mut rows = stmt.query(params![before, p.limit])?;
+        while let Some(r) = rows.next()? {
+            candidates.push(crate::decode::entity_id(&r.get::<_, Vec<u8>>(0)?)?);
+        }
+    }
+    if candidates.is_empty() {
+        return Ok(0);
+    }
+    // One look at the outbox for the whole pass: an entity one of its rows
+    // still names stays until the outbox is pruned.
+    let in_outbox: std::collections::HashSet<Vec<u8>> = {
+        let list = vec!["?"; candidates.len()].join(",");
+        let mut stmt = conn.prepare(&format!(
+            "SELECT DISTINCT entity_id FROM outbox WHERE entity_id IN ({list})"
+        ))?;
+        let ids: Vec<&[u8]> = candidates
+            .iter()
+            .map(|id| id.as_bytes().as_slice())
+            .collect();
+        let found = stmt
+            .query_map(rusqlite::params_from_iter(ids), |r| r.get::<_, Vec<u8>>(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        found
+    };
+    let mut deleted = 0;
+    for id in candidates {
+        if in_outbox.contains(id.as_bytes().as_slice()) {
+            continue;
+        }
+        let awaited: bool = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM dependencies WHERE parent = ?1)")?
+            .query_row([id.as_bytes()], |r| r.get(0))?;
+        if awaited {
+            continue;
+        }
+        let Some(stored) = super::read_entity(conn, id)? else {
+            continue;
+        };
+        if !entity_prunable(&stored.record) {
+            continue;
+        }
+        deleted += 1;
+        if p.dry_run {
+            continue;
+        }
+        let key = id.as_bytes();
+        conn.prepare_cached("DELETE FROM payloads WHERE id = ?1")?
+            .execute([stored.extra])?;
+        // No due row is left: no step is live.
+        for table in ["outputs", "events"] {
+            conn.prepare_cached(&format!("DELETE FROM {table} WHERE entity_id = ?1"))?
+                .execute([key])?;
+        }
+        conn.prepare_cached("DELETE FROM entities WHERE id = ?1")?
+            .execute([key])?;
+    }
+    Ok(deleted)
 }
 
 pub(super) fn stats(conn: &Connection) -> Result<StoreStats> {

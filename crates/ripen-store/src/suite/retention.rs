@@ -7,6 +7,7 @@ fn payloads_before(before_us: UnixMicros) -> Prune {
     Prune {
         payload_before_us: Some(before_us),
         keys_before_us: None,
+        entities_before_us: None,
         limit: 100,
         dry_run: false,
     }
@@ -16,6 +17,7 @@ fn keys_before(before_us: UnixMicros) -> Prune {
     Prune {
         payload_before_us: None,
         keys_before_us: Some(before_us),
+        entities_before_us: None,
         limit: 100,
         dry_run: false,
     }
@@ -224,4 +226,112 @@ pub async fn stats_count_tables_and_the_oldest_kept_payload(store: Arc<dyn Store
             .map(|t| t.rows),
         Some(2)
     );
+}
+
+/// Settled entities are deleted entirely once due, and only once no key
+/// and no outbox row names them: the entity, its data and its history are
+/// gone, its key is free, a pending one stays.
+pub async fn settled_entities_are_deleted_when_due(store: Arc<dyn Store>) {
+    let store = &*store;
+    let t1 = T0 + SECOND_US;
+    let keyed = NewEntity {
+        idempotency_key: Some("gone-key".into()),
+        ..new_entity("single", "{\"k\":1}")
+    };
+    let doomed = create(store, keyed.clone(), t1).await;
+    let a = claim(store, t1, 10)
+        .await
+        .attempts
+        .into_iter()
+        .find(|a| a.entity_id == doomed.id)
+        .expect("claimed");
+    finish(store, &a, succeeded(Some(json!({"out": 1}))), t1).await;
+    let pending = create(store, new_entity("backoff", "{}"), T0).await;
+    let later = t1 + 3_600 * SECOND_US;
+    let all = Prune {
+        payload_before_us: None,
+        keys_before_us: Some(later),
+        entities_before_us: Some(later),
+        limit: 100,
+        dry_run: false,
+    };
+    // Not before its time, and not while its key is kept.
+    let early = store
+        .prune(
+            Prune {
+                entities_before_us: Some(t1),
+                keys_before_us: Some(t1),
+                ..all
+            },
+            later,
+        )
+        .await
+        .expect("prune");
+    assert_eq!(early.entities, 0);
+    let keys_kept = store
+        .prune(
+            Prune {
+                keys_before_us: Some(t1),
+                ..all
+            },
+            later,
+        )
+        .await
+        .expect("prune");
+    assert_eq!(keys_kept.entities, 0, "its key is still kept");
+    assert!(store.get(TENANT, doomed.id).await.expect("get").is_some());
+
+    // The outbox still names it: it stays until the outbox is pruned.
+    let held = store.prune(all, later).await.expect("prune");
+    assert_eq!((held.keys, held.entities), (1, 0), "{held:?}");
+    store.fan_out(1_000, later).await.expect("fan out");
+    store.resolve_dependencies(later).await.expect("resolve");
+    // The outbox keeps its newest row: one more entity settles after.
+    let last = create(store, new_entity("single", "{}"), later).await;
+    let a = claim(store, later, 10)
+        .await
+        .attempts
+        .into_iter()
+        .find(|a| a.entity_id == last.id)
+        .expect("claimed");
+    finish(store, &a, succeeded(None), later).await;
+    store.fan_out(1_000, later).await.expect("fan out");
+    store.resolve_dependencies(later).await.expect("resolve");
+    store
+        .prune_outbox(later + 1, 10_000)
+        .await
+        .expect("prune the outbox");
+
+    let dry = store
+        .prune(
+            Prune {
+                dry_run: true,
+                ..all
+            },
+            later,
+        )
+        .await
+        .expect("dry");
+    assert_eq!(dry.entities, 1, "{dry:?}");
+    assert!(store.get(TENANT, doomed.id).await.expect("get").is_some());
+    let gone = store.prune(all, later).await.expect("prune");
+    assert_eq!(gone.entities, 1, "{gone:?}");
+    assert_eq!(store.get(TENANT, doomed.id).await.expect("get"), None);
+    assert_eq!(store.get_data(TENANT, doomed.id).await.expect("data"), None);
+    assert_eq!(
+        store
+            .events(TENANT, doomed.id, 0, 100)
+            .await
+            .expect("events"),
+        None
+    );
+    assert_eq!(get(store, pending.id).await.status, EntityStatus::Pending);
+    let again = NewEntity {
+        id: EntityId::new_v7(),
+        ..keyed
+    };
+    match store.create(again, later).await.expect("reuse") {
+        IntakeOutcome::Created(r) => assert_ne!(r.id, doomed.id),
+        other => panic!("the key is free: {other:?}"),
+    }
 }
