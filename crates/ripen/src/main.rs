@@ -170,6 +170,10 @@ struct BenchArgs {
     /// preloaded database is reused as it is.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The body of the servers' `[retention]` table, e.g.
+    /// 'payload = "1s"' with 'interval = "1s"' on a new line: what pruning costs.
+    #[arg(long)]
+    retention: Option<String>,
 }
 
 impl BenchArgs {
@@ -197,6 +201,7 @@ impl BenchArgs {
             storage: self.storage,
             nodes: self.nodes,
             data_dir: self.data_dir,
+            retention: self.retention,
         })
     }
 }
