@@ -160,7 +160,10 @@ pub(super) fn stats(conn: &Connection) -> Result<StoreStats> {
         .collect::<rusqlite::Result<_>>()?;
     // `dbstat` is an optional part of SQLite: without it, sizes are unknown.
     let dbstat = tx
-        .prepare("SELECT SUM(pgsize) FROM dbstat WHERE name = ?1 OR tbl_name = ?1")
+        .prepare(
+            "SELECT SUM(pgsize) FROM dbstat
+             WHERE name IN (SELECT name FROM sqlite_master WHERE tbl_name = ?1)",
+        )
         .ok();
     let mut sized = dbstat;
     let mut tables = Vec::with_capacity(names.len());
