@@ -156,6 +156,9 @@ pub struct Options {
     /// directory, removed afterwards). A directory that already holds a
     /// preloaded database is reused as it is.
     pub data_dir: Option<PathBuf>,
+    /// The body of the servers' `[retention]` table (say `payload = "1s"`),
+    /// to measure what pruning costs; the defaults when `None`.
+    pub retention: Option<String>,
 }
 
 impl Options {
@@ -385,6 +388,7 @@ async fn million(
         downstream: downstream.addr(),
         payload_bytes: args.payload_bytes,
         storage: args.storage.clone(),
+        retention: args.retention.clone(),
     };
     println!();
     if preloaded >= args.preload {
@@ -494,6 +498,7 @@ struct Node {
     downstream: SocketAddr,
     payload_bytes: usize,
     storage: Option<String>,
+    retention: Option<String>,
 }
 
 impl Node {
@@ -502,7 +507,11 @@ impl Node {
             .storage
             .clone()
             .unwrap_or_else(|| sqlite_url(&self.dir));
-        let config_path = bench_config(self.downstream, self.payload_bytes, execute)
+        let mut config = bench_config(self.downstream, self.payload_bytes, execute);
+        if let Some(retention) = &self.retention {
+            config = config.extra(&format!("[retention]\n{retention}"));
+        }
+        let config_path = config
             .write(&self.dir, &storage)
             .with_context(|| format!("write the config into {}", self.dir.display()))?;
         Ok(ServerProcess::start(&self.exe, &config_path, &self.dir.join("server.log")).await?)
@@ -613,6 +622,7 @@ impl<'a> Bench<'a> {
             downstream: downstream.addr(),
             payload_bytes: args.payload_bytes,
             storage: args.storage.clone(),
+            retention: args.retention.clone(),
         };
         let mut server = node.start(execute).await?;
         let mut others = Vec::new();

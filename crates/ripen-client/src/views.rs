@@ -98,6 +98,10 @@ pub struct EntityView {
     pub updated_at: String,
     #[serde(default)]
     pub ready_at: Option<String>,
+    /// When the raw payload was pruned (docs/retention.md); `None` while
+    /// it is kept.
+    #[serde(default)]
+    pub payload_pruned_at: Option<String>,
     #[serde(default)]
     pub steps: Vec<StepView>,
     /// The non-critical steps that failed for good, when `degraded`.
@@ -159,7 +163,11 @@ pub struct EntityData {
     pub type_name: String,
     pub version: u64,
     /// The payload exactly as submitted.
+    /// `null` once it was pruned.
     pub payload: Value,
+    /// When the raw payload was pruned; `None` while it is kept.
+    #[serde(default)]
+    pub payload_pruned_at: Option<String>,
     /// Each succeeded step's output, by step name.
     #[serde(default)]
     pub outputs: Map<String, Value>,
@@ -219,7 +227,7 @@ mod tests {
         let text = r#"{"id":"0193c5b2-0000-7000-8000-000000000001","type":"merchant","version":1,
             "status":"ready","degraded":true,"created_at":"2026-01-01T00:00:00.000000Z",
             "updated_at":"2026-01-01T00:00:00.143000Z","ready_at":"2026-01-01T00:00:00.143000Z",
-            "steps":[{"name":"kyc","status":"succeeded","critical":true,"attempts":2,"last_error":null},
+            "payload_pruned_at":null,"steps":[{"name":"kyc","status":"succeeded","critical":true,"attempts":2,"last_error":null},
                      {"name":"mail","status":"failed","critical":false,"attempts":3,"last_error":"503"}],
             "degraded_steps":["mail"],"future_field":7}"#;
         let view: EntityView = serde_json::from_str(text).unwrap();

@@ -57,6 +57,9 @@ pub struct Config {
     /// `[limits]`: timeouts, caps and the shape of JSON bodies. See
     /// docs/security.md.
     pub limits: crate::limits::Limits,
+    /// `[retention]`: how long payloads, keys and settled entities are
+    /// kept. See docs/retention.md.
+    pub retention: crate::retention::Retention,
 }
 
 /// `[auth]`: when the API may run without keys, and how fast a key or a
@@ -393,6 +396,11 @@ impl Config {
             .unwrap_or_default()
             .parse()
             .map_err(|(k, p)| err(&k, p))?;
+        let retention = raw
+            .retention
+            .unwrap_or_default()
+            .parse()
+            .map_err(|(k, p)| err(&k, p))?;
 
         Ok(Config {
             path: path.to_owned(),
@@ -406,6 +414,7 @@ impl Config {
             notify,
             auth,
             limits,
+            retention,
         })
     }
 }
@@ -773,6 +782,7 @@ struct RawConfig {
     notify: Option<RawNotify>,
     auth: Option<RawAuth>,
     limits: Option<crate::limits::RawLimits>,
+    retention: Option<crate::retention::RawRetention>,
     #[serde(default)]
     types: BTreeMap<String, RawType>,
 }

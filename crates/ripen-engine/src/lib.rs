@@ -29,6 +29,7 @@ pub mod limits;
 pub mod metrics;
 pub mod notify;
 pub mod registry;
+pub mod retention;
 mod scheduler;
 pub mod schema;
 pub mod secrets;
@@ -390,6 +391,16 @@ impl Engine {
                 heard.notify_one();
             }
         }));
+        // The pruner removes what `[retention]` no longer keeps, off the
+        // hot path, a batch per transaction.
+        let prune_metrics = retention::PruneMetrics::new(metrics.registry())
+            .context("register the retention metrics")?;
+        background.spawn(retention::run(
+            store.clone(),
+            clock.clone(),
+            config.retention.clone(),
+            prune_metrics,
+        ));
         background.spawn(deps::run_resolver(
             store.clone(),
             clock.clone(),

@@ -235,7 +235,12 @@ impl Sink for EmailSink {
             Ok(None) => return Attempted::failed(None, "the entity is gone".into(), false),
             Err(e) => return Attempted::failed(None, e.to_string(), true),
         };
-        let payload: serde_json::Value = match serde_json::from_str(&data.payload) {
+        // The recipient is read from the payload: once it was pruned, no
+        // one can be told.
+        let Some(raw) = data.payload.as_deref() else {
+            return Attempted::failed(None, "the payload was pruned".into(), false);
+        };
+        let payload: serde_json::Value = match serde_json::from_str(raw) {
             Ok(p) => p,
             Err(e) => return Attempted::failed(None, format!("read the payload: {e}"), false),
         };

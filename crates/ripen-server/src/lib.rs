@@ -793,6 +793,16 @@ fn command_answer(
         )
         .with("entity_status", json!(status.as_str()))),
         CommandOutcome::DependencyNotReady(r) => Err(deps::retry_blocked(&r)),
+        CommandOutcome::PayloadPruned { at_us } => Err(Problem::new(
+            StatusCode::CONFLICT,
+            "payload-pruned",
+            "Payload pruned",
+            format!(
+                "cannot {verb}: the entity's raw payload was pruned at {} (see retention.payload), so its steps cannot run again; submit it anew",
+                ripen_engine::time::rfc3339(at_us)
+            ),
+        )
+        .with("payload_pruned_at", json!(ripen_engine::time::rfc3339(at_us)))),
         CommandOutcome::Compensating(status) => Err(Problem::new(
             StatusCode::CONFLICT,
             "compensation-running",

@@ -20,6 +20,18 @@ pub fn entity_json(r: &EntityRecord, pipeline: Option<&Pipeline>) -> String {
     out
 }
 
+/// Appends an RFC 3339 time in quotes, or `null`.
+fn push_time(out: &mut String, at_us: Option<i64>) {
+    match at_us {
+        Some(at) => {
+            out.push('"');
+            out.push_str(&rfc3339(at));
+            out.push('"');
+        }
+        None => out.push_str("null"),
+    }
+}
+
 /// The kind of executor of step `i`, if the pipeline is known.
 fn executor_of(pipeline: Option<&Pipeline>, i: usize) -> Option<&'static str> {
     let p = pipeline.filter(|p| p.len() > i)?;
@@ -105,7 +117,9 @@ pub fn write_entity(out: &mut String, r: &EntityRecord, pipeline: Option<&Pipeli
         push_json_string(out, &d.type_name);
         out.push('}');
     }
-    let _ = write!(out, ",\"id\":\"{}\",\"ready_at\":", r.id);
+    let _ = write!(out, ",\"id\":\"{}\",\"payload_pruned_at\":", r.id);
+    push_time(out, r.payload_pruned_at_us);
+    out.push_str(",\"ready_at\":");
     match r.ready_at_us {
         Some(at) => {
             out.push('"');
@@ -318,6 +332,7 @@ pub fn entity(r: &EntityRecord, pipeline: Option<&Pipeline>) -> Value {
         "created_at": rfc3339(r.created_at_us),
         "updated_at": rfc3339(r.updated_at_us),
         "ready_at": r.ready_at_us.map(rfc3339),
+        "payload_pruned_at": r.payload_pruned_at_us.map(rfc3339),
         "steps": steps,
     });
     if r.degraded {
@@ -360,16 +375,21 @@ pub fn entity(r: &EntityRecord, pipeline: Option<&Pipeline>) -> Value {
 }
 
 /// The consumable entity, assembled from raw JSON without re-encoding it.
+/// Once the raw payload was pruned, `payload` is null and
+/// `payload_pruned_at` says when; the outputs are kept.
 pub fn data(d: &EntityData) -> String {
     let r = &d.record;
-    let mut out = String::with_capacity(d.payload.len() + 128);
+    let payload = d.payload.as_deref().unwrap_or("null");
+    let mut out = String::with_capacity(payload.len() + 160);
     out.push_str(&format!(
         "{{\"id\":\"{}\",\"type\":{},\"version\":{},\"payload\":",
         r.id,
         Value::from(r.type_name.as_str()),
         r.version
     ));
-    out.push_str(&d.payload);
+    out.push_str(payload);
+    out.push_str(",\"payload_pruned_at\":");
+    push_time(&mut out, r.payload_pruned_at_us);
     out.push_str(",\"outputs\":{");
     let outputs = d
         .outputs
@@ -439,6 +459,7 @@ mod tests {
             created_at_us: 1_700_000_000_000_001,
             updated_at_us: 1_700_000_000_500_000,
             ready_at_us: None,
+            payload_pruned_at_us: None,
             steps: vec![
                 step("a", true, StepStatus::Succeeded, None),
                 step(
@@ -509,6 +530,7 @@ mod tests {
             created_at_us: 1_700_000_000_000_001,
             updated_at_us: 1_700_000_000_500_000,
             ready_at_us: None,
+            payload_pruned_at_us: None,
             steps: vec![step("a", true, StepStatus::Blocked, None)],
             deps: vec![ripen_store::deps::DependencyRecord {
                 field: "merchant\"id".into(),

@@ -423,6 +423,13 @@ impl Decider {
         now: &HashMap<EntityId, EntityStatus>,
         now_us: UnixMicros,
     ) -> Result<Option<CommandOutcome>> {
+        // A pruned payload cannot feed the steps again
+        // (`Decider::command` refuses the retry).
+        if let Some(at_us) = w.record().payload_pruned_at_us {
+            if self.command(w, Input::Retry, now_us)?.is_some() {
+                return Ok(Some(CommandOutcome::PayloadPruned { at_us }));
+            }
+        }
         // A compensation is retried or waited for whatever the references
         // say: it undoes, and needs nothing of them.
         match w.compensation() {

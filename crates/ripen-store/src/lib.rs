@@ -125,6 +125,9 @@ pub struct EntityRecord {
     pub created_at_us: UnixMicros,
     pub updated_at_us: UnixMicros,
     pub ready_at_us: Option<UnixMicros>,
+    /// When the pruner removed its raw payload ([`Store::prune`]); `None`
+    /// while it is kept.
+    pub payload_pruned_at_us: Option<UnixMicros>,
     pub steps: Vec<StepRecord>,
     /// The entities it depends on, with the status it last saw of each.
     pub deps: Vec<deps::DependencyRecord>,
@@ -166,7 +169,8 @@ impl EntityRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub struct EntityData {
     pub record: EntityRecord,
-    pub payload: String,
+    /// `None` once the pruner removed it (`record.payload_pruned_at_us`).
+    pub payload: Option<String>,
     /// `(step name, raw JSON output)` of every succeeded step that returned one.
     pub outputs: Vec<(String, String)>,
 }
@@ -421,6 +425,81 @@ pub enum CommandOutcome {
     /// A retry refused: an entity it depends on and has not seen ready is
     /// failed, cancelled or gone.
     DependencyNotReady(deps::ReferenceRefusal),
+    /// A retry refused: the entity's raw payload was pruned, so its steps
+    /// could not run again.
+    PayloadPruned {
+        at_us: UnixMicros,
+    },
+}
+
+/// What one pass of the pruner asks for (see docs/retention.md). Each
+/// `*_before_us` is a bound in store time: `None` prunes nothing of that
+/// kind. A pass removes at most `limit` rows of each kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prune {
+    /// Raw payloads of settled entities (ready, failed, cancelled) with no
+    /// live step, last changed before this.
+    pub payload_before_us: Option<UnixMicros>,
+    /// Idempotency keys stored before this; a pruned key is free for reuse.
+    pub keys_before_us: Option<UnixMicros>,
+    /// Settled entities with no live step, last changed before this, are
+    /// deleted entirely (row, steps, outputs, history, payload). Only
+    /// entities that no outbox row and no waiting dependent names, and only
+    /// while the keys pass of the same call left no due key (its bound is
+    /// no earlier than this one and it was not full): a key is stored when
+    /// its entity is created, so every key of a deleted entity is gone.
+    pub entities_before_us: Option<UnixMicros>,
+    pub limit: u32,
+    /// Count what a pass would remove, and remove nothing.
+    pub dry_run: bool,
+}
+
+/// What `ripen store stats` shows: each table, and what retention keeps.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoreStats {
+    /// Every table of the store, by name.
+    pub tables: Vec<TableStats>,
+    /// The size of the database: the file on SQLite, the database on
+    /// PostgreSQL.
+    pub total_bytes: Option<u64>,
+    /// Bytes of free pages SQLite keeps for reuse; `None` on PostgreSQL.
+    pub free_bytes: Option<u64>,
+    /// The last change of the oldest settled entity whose payload is kept:
+    /// what the pruner removes next.
+    pub oldest_kept_payload_us: Option<UnixMicros>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TableStats {
+    pub name: String,
+    pub rows: u64,
+    /// Its size with its indexes, where the backend can say (SQLite needs
+    /// its `dbstat` table compiled in).
+    pub bytes: Option<u64>,
+}
+
+/// What one pass removed (or, dry, would remove).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub payloads: u64,
+    pub keys: u64,
+    pub entities: u64,
+}
+
+impl Pruned {
+    pub fn total(&self) -> u64 {
+        self.payloads + self.keys + self.entities
+    }
+}
+
+impl Prune {
+    /// Whether this pass may delete entities, given how many keys its keys
+    /// pass removed (see [`Prune::entities_before_us`]).
+    pub fn entities_due(&self, keys_pruned: u64) -> Option<UnixMicros> {
+        let before = self.entities_before_us?;
+        let keys_before = self.keys_before_us?;
+        (keys_before >= before && keys_pruned < u64::from(self.limit)).then_some(before)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -615,6 +694,15 @@ pub trait Store: Send + Sync + 'static {
     /// or no entity waits), at most `limit`, never the newest row. Returns
     /// how many.
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64>;
+
+    /// One pass of the pruner, in one transaction: see [`Prune`]. The
+    /// rows are chosen by the times given, oldest first; what intake and
+    /// the scheduler need (pending entities, live steps) is never touched.
+    async fn prune(&self, prune: Prune, now_us: UnixMicros) -> Result<Pruned>;
+
+    /// Counts and sizes per table, for operators (`ripen store stats`):
+    /// counts every row, so it is not for the hot path.
+    async fn stats(&self) -> Result<StoreStats>;
 
     /// Stores a subscription, or replaces the one with its id (keeping its
     /// start). Its start is the outbox head now: it hears what the fan-out
@@ -837,6 +925,7 @@ mod tests {
             created_at_us: 0,
             updated_at_us: 0,
             ready_at_us: None,
+            payload_pruned_at_us: None,
             steps: Vec::new(),
             deps: Vec::new(),
         }

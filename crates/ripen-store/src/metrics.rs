@@ -428,6 +428,12 @@ impl<S: Store> Store for Instrumented<S> {
         self.timed("fan_out", self.inner.fan_out(limit, now_us))
             .await
     }
+    async fn prune(&self, prune: crate::Prune, now_us: UnixMicros) -> Result<crate::Pruned> {
+        self.timed("prune", self.inner.prune(prune, now_us)).await
+    }
+    async fn stats(&self) -> Result<crate::StoreStats> {
+        self.inner.stats().await
+    }
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
         self.timed("prune_outbox", self.inner.prune_outbox(before_us, limit))
             .await

@@ -56,6 +56,7 @@ mod deps;
 mod keys;
 mod notify;
 mod registry;
+mod retention;
 mod tls;
 
 pub use tls::PgTls;
@@ -73,7 +74,7 @@ use crate::{
 };
 
 /// The schema this build writes, kept in `ripen_schema`.
-const SCHEMA_VERSION: i32 = 5;
+const SCHEMA_VERSION: i32 = 6;
 /// The advisory lock that serializes schema migrations of nodes starting at once.
 const MIGRATION_LOCK: i64 = 0x7269_7065_6e5f_6d31; // "ripen_m1"
 /// The channel of work notifications.
@@ -178,7 +179,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 const ENTITY_STEP_COLUMNS: &str = "e.id, e.tenant, e.type, e.version, e.status, e.degraded,
     e.created_at, e.updated_at, e.ready_at, e.next_seq,
     s.idx, s.name, s.critical, s.status, s.attempts, s.epoch, s.due_at, s.last_error, s.holder,
-    e.deps";
+    e.deps, e.payload_pruned_at";
 
 /// How to connect a [`PostgresStore`].
 #[derive(Clone, Debug)]
@@ -442,15 +443,18 @@ impl Store for PostgresStore {
         let Some(first) = rows.first() else {
             return Ok(None);
         };
-        let payload: Option<Vec<u8>> = first.try_get(21).map_err(decode_error)?;
-        let payload = text_of(
-            payload.ok_or_else(|| {
-                StoreError::Internal(format!("the payload of entity {id} is missing"))
-            })?,
-            "payloads.body",
-        )?;
+        let payload: Option<Vec<u8>> = first.try_get(22).map_err(decode_error)?;
         let Some(stored) = decode_entities(&rows, true)?.into_iter().next() else {
             return Ok(None);
+        };
+        let payload = match (payload, stored.record.payload_pruned_at_us) {
+            (_, Some(_)) => None,
+            (Some(body), None) => Some(text_of(body, "payloads.body")?),
+            (None, None) => {
+                return Err(StoreError::Internal(format!(
+                    "the payload of entity {id} is missing"
+                )))
+            }
         };
         let outputs = stored.succeeded_outputs();
         Ok(Some(EntityData {
@@ -506,7 +510,7 @@ impl Store for PostgresStore {
         let sql = format!(
             "WITH e AS (
                 SELECT id, tenant, type, version, status, degraded, created_at, updated_at,
-                       ready_at, next_seq, deps
+                       ready_at, next_seq, deps, payload_pruned_at
                 FROM entities WHERE {filter} ORDER BY id DESC LIMIT ${})
              SELECT {ENTITY_STEP_COLUMNS} FROM e JOIN steps s ON s.entity_id = e.id
              ORDER BY e.id DESC, s.idx",
@@ -587,6 +591,18 @@ impl Store for PostgresStore {
         conn.begin().await?;
         let result = notify::fan_out(&conn, limit, now_us).await;
         conn.finish(result).await
+    }
+
+    async fn prune(&self, prune: crate::Prune, now_us: UnixMicros) -> Result<crate::Pruned> {
+        let conn = self.shared.pool.get().await?;
+        conn.begin().await?;
+        let result = retention::prune(&self.shared, &conn, &prune, now_us).await;
+        conn.finish(result).await
+    }
+
+    async fn stats(&self) -> Result<crate::StoreStats> {
+        let conn = self.shared.pool.get().await?;
+        retention::stats(&conn).await
     }
 
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
@@ -1180,6 +1196,7 @@ async fn migrate(conn: &Conn) -> Result<()> {
         conn.simple(deps::SCHEMA).await?;
         conn.simple(registry::SCHEMA).await?;
         conn.simple(keys::SCHEMA).await?;
+        conn.simple(retention::SCHEMA).await?;
         conn.simple(&format!(
             "INSERT INTO ripen_schema (singleton, version) VALUES (true, {SCHEMA_VERSION})
              ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version"
@@ -1246,6 +1263,7 @@ fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<Stored>> {
                     created_at_us: row.try_get(6).map_err(decode_error)?,
                     updated_at_us: row.try_get(7).map_err(decode_error)?,
                     ready_at_us: row.try_get(8).map_err(decode_error)?,
+                    payload_pruned_at_us: row.try_get(20).map_err(decode_error)?,
                     steps: Vec::new(),
                     deps: crate::deps::decode(
                         id,
@@ -1279,7 +1297,7 @@ fn decode_entities(rows: &[Row], with_output: bool) -> Result<Vec<Stored>> {
             },
         });
         let output = if with_output {
-            row.try_get::<_, Option<Vec<u8>>>(20)
+            row.try_get::<_, Option<Vec<u8>>>(21)
                 .map_err(decode_error)?
                 .map(|o| text_of(o, "steps.output"))
                 .transpose()?
@@ -2088,8 +2106,15 @@ impl Shared {
                         entity.idempotency_key
                     ))),
                     Some(id) => match (existing.get(id), payloads.get(id)) {
-                        (Some(stored), Some(payload)) => {
-                            Ok(working::replay(&stored.record, payload, entity))
+                        (Some(stored), payload)
+                            if payload.is_some()
+                                || stored.record.payload_pruned_at_us.is_some() =>
+                        {
+                            Ok(working::replay(
+                                &stored.record,
+                                payload.map(String::as_str),
+                                entity,
+                            ))
                         }
                         _ => Err(StoreError::Internal(format!(
                             "idempotency key points at missing entity {id}"

@@ -64,6 +64,7 @@ mod deps;
 mod keys;
 mod notify;
 mod registry;
+mod retention;
 
 /// The columns of one history row, in the order batched inserts bind them.
 const EVENT_COLUMNS: &[&str] = &[
@@ -100,7 +101,7 @@ const ENTITY_COLUMNS: &[&str] = &[
 ];
 
 /// The schema this build writes, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 /// Write commands waiting for the writer thread; senders wait beyond this.
 const WRITE_QUEUE_MAX: usize = 4_096;
 /// How long a connection waits for a lock before reporting the store busy.
@@ -608,7 +609,7 @@ impl Store for SqliteStore {
             let Some(stored) = read_entity(&tx, id)?.filter(|s| s.record.tenant == tenant) else {
                 return Ok(None);
             };
-            let payload = read_payload(&tx, stored.extra)?;
+            let payload = read_payload(&tx, &stored)?;
             tx.commit()?;
             let outputs = stored.succeeded_outputs();
             Ok(Some(EntityData {
@@ -774,6 +775,15 @@ impl Store for SqliteStore {
     async fn fan_out(&self, limit: u32, now_us: UnixMicros) -> Result<FanOut> {
         self.write(move |w| notify::fan_out(&w.conn, limit, now_us))
             .await
+    }
+
+    async fn prune(&self, prune: crate::Prune, now_us: UnixMicros) -> Result<crate::Pruned> {
+        self.write(move |w| retention::prune(&w.conn, &prune, now_us))
+            .await
+    }
+
+    async fn stats(&self) -> Result<crate::StoreStats> {
+        self.read(retention::stats).await
     }
 
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
@@ -1022,6 +1032,10 @@ fn open_writer(path: &Path) -> Result<Connection> {
     )
     .map_err(|e| StoreError::Unavailable(format!("open {}: {e}", path.display())))?;
     conn.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
+    // A new database gives the pages the pruner frees back to the file
+    // system a pass at a time; on an existing one this changes nothing
+    // (it keeps reusing its free pages, see docs/retention.md).
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Unavailable(format!(
@@ -1089,15 +1103,17 @@ fn migrate(conn: &Connection) -> Result<()> {
     // Version 5 adds entity dependencies (the `deps` column, the
     // `dependencies` index, the resolver's cursor) and the type registry.
     // Version 6 adds API keys.
+    // Version 7 adds retention: `payload_pruned_at` and the pruner's indexes.
     let notify = notify::SCHEMA;
     let v5 = format!("{} {}", deps::UPGRADE_TO_V5, registry::SCHEMA);
-    let v6 = keys::SCHEMA;
+    let v6 = format!("{} {}", keys::SCHEMA, retention::SCHEMA);
     let steps = match version {
         SCHEMA_VERSION => return Ok(()),
         0 => format!("{SCHEMA} {notify} {v5} {v6}"),
         3 => format!("{notify} {v5} {v6}"),
         4 => format!("{v5} {v6}"),
-        5 => v6.to_owned(),
+        5 => v6,
+        6 => retention::SCHEMA.to_owned(),
         _ => format!("{upgrade} {SCHEMA_V2} {copy} {UPGRADE_V2_TO_V3} {notify} {v5} {v6}"),
     };
     conn.execute_batch(&format!(
@@ -1210,7 +1226,7 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
     let row = conn
         .prepare_cached(
             "SELECT tenant, type, version, status, degraded, created_at, updated_at, ready_at,
-                    next_seq, payload_id, steps, deps
+                    next_seq, payload_id, steps, deps, payload_pruned_at
              FROM entities WHERE id = ?1",
         )?
         .query_row([id.as_bytes()], |r| {
@@ -1231,6 +1247,7 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
                 ),
                 r.get::<_, String>(10)?,
                 r.get::<_, Option<String>>(11)?,
+                r.get::<_, Option<i64>>(12)?,
             ))
         })
         .optional()?;
@@ -1239,6 +1256,7 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
         (created, updated, ready, next_seq, payload_id),
         steps,
         deps_column,
+        payload_pruned_at,
     )) = row
     else {
         return Ok(None);
@@ -1274,6 +1292,7 @@ fn read_entity(conn: &Connection, id: EntityId) -> Result<Option<Stored<i64>>> {
         created_at_us: created,
         updated_at_us: updated,
         ready_at_us: ready,
+        payload_pruned_at_us: payload_pruned_at,
         steps,
         deps: crate::deps::decode(id, deps_column.as_deref())?,
     };
@@ -1419,7 +1438,29 @@ fn json_text(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
-fn read_payload(conn: &Connection, payload_id: i64) -> Result<String> {
+/// The raw payload of `stored`; `None` once it was pruned.
+fn read_payload(conn: &Connection, stored: &Stored<i64>) -> Result<Option<String>> {
+    if stored.record.payload_pruned_at_us.is_some() {
+        return Ok(None);
+    }
+    let payload_id = stored.extra;
+    conn.prepare_cached("SELECT body FROM payloads WHERE id = ?1")?
+        .query_row([payload_id], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| StoreError::Internal(format!("payload {payload_id} is missing")))
+        .map(Some)
+}
+
+/// The payload an attempt of `record` carries: a claimed step's entity
+/// always has one (the pruner leaves entities with live steps alone, and a
+/// retry of a pruned one is refused).
+fn read_payload_of(conn: &Connection, record: &EntityRecord, payload_id: i64) -> Result<String> {
+    if record.payload_pruned_at_us.is_some() {
+        return Err(StoreError::Internal(format!(
+            "entity {}: a step was claimed after its payload was pruned",
+            record.id
+        )));
+    }
     conn.prepare_cached("SELECT body FROM payloads WHERE id = ?1")?
         .query_row([payload_id], |r| r.get(0))
         .optional()?
@@ -2054,17 +2095,17 @@ impl Writer {
             let outcome = match &outcomes[first] {
                 Some(Created::New) => working::replay(
                     &items[first].prepared.record,
-                    &items[first].entity.payload,
+                    Some(&items[first].entity.payload),
                     items[i].entity,
                 ),
                 Some(Created::Depending(record)) => {
-                    working::replay(record, &items[first].entity.payload, items[i].entity)
+                    working::replay(record, Some(&items[first].entity.payload), items[i].entity)
                 }
                 // Nothing holds the key: the repeat fares as the first did.
                 Some(Created::Refused(r)) => IntakeOutcome::ReferenceRefused(r.clone()),
                 Some(Created::Existing(IntakeOutcome::Replayed(record))) => {
                     let payload = &items[first].entity.payload;
-                    working::replay(record, payload, items[i].entity)
+                    working::replay(record, Some(payload), items[i].entity)
                 }
                 Some(Created::Existing(_)) | None => match self.existing_key(
                     items[i].entity,
@@ -2106,8 +2147,12 @@ impl Writer {
         let stored = read_entity(&self.conn, id)?.ok_or_else(|| {
             StoreError::Internal(format!("idempotency key points at missing entity {id}"))
         })?;
-        let payload = read_payload(&self.conn, stored.extra)?;
-        Ok(Some(working::replay(&stored.record, &payload, entity)))
+        let payload = read_payload(&self.conn, &stored)?;
+        Ok(Some(working::replay(
+            &stored.record,
+            payload.as_deref(),
+            entity,
+        )))
     }
 
     fn claim_due(&mut self, claim: &Claim<'_>, now_us: UnixMicros) -> Result<ClaimBatch> {
@@ -2251,7 +2296,7 @@ impl Writer {
         }
         let mut attempts = Vec::new();
         for w in entities.iter_mut().filter(|w| w.has_claims()) {
-            let payload = read_payload(&self.conn, w.extra)?;
+            let payload = read_payload_of(&self.conn, w.record(), w.extra)?;
             attempts.extend(w.take_attempts(&payload)?);
         }
         Ok(attempts)
@@ -2702,8 +2747,8 @@ mod tests {
                 .expect("found");
             assert_eq!(stored.record, prepared[i].record);
             assert_eq!(
-                read_payload(&conn, stored.extra).expect("payload"),
-                entities[i].payload
+                read_payload(&conn, &stored).expect("payload"),
+                Some(entities[i].payload.clone())
             );
         }
         assert_eq!(count(&conn, "entities"), 101);
@@ -2879,7 +2924,7 @@ mod tests {
             .expect("data")
             .expect("found");
         assert_eq!(data.outputs, vec![("a".to_owned(), "{\"x\":1}".to_owned())]);
-        assert_eq!(data.payload, "{\"p\":1}");
+        assert_eq!(data.payload.as_deref(), Some("{\"p\":1}"));
         let outbox = store.outbox(0, 10).await.expect("outbox");
         assert_eq!(outbox.len(), 1);
         assert_eq!(

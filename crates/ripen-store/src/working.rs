@@ -237,6 +237,12 @@ impl Decider {
         input: Input,
         now_us: UnixMicros,
     ) -> Result<Option<EntityStatus>> {
+        // A pruned payload cannot feed the steps again: no retry runs
+        // them without it.
+        w.payload_pruned = matches!(input, Input::Retry) && w.record.payload_pruned_at_us.is_some();
+        if w.payload_pruned {
+            return Ok(Some(w.state.status));
+        }
         let refused = w.command(input, &self.ctxs, now_us)?;
         self.observe(std::slice::from_mut(w));
         Ok(refused)
@@ -620,6 +626,7 @@ impl NewRows {
             created_at_us: now_us,
             updated_at_us: now_us,
             ready_at_us: state.ready_at_us,
+            payload_pruned_at_us: None,
             steps: pipeline
                 .steps()
                 .iter()
@@ -681,12 +688,15 @@ pub fn repeated_keys(entities: &[&NewEntity]) -> Vec<Option<usize>> {
 
 /// The answer to a submission whose key already names `existing`: a replay
 /// when the body is byte-for-byte the same, else a reuse of the key.
+///
+/// A key whose entity's payload was pruned cannot show the body is the
+/// same: it answers as a reused key.
 pub fn replay(
     existing: &EntityRecord,
-    existing_payload: &str,
+    existing_payload: Option<&str>,
     entity: &NewEntity,
 ) -> IntakeOutcome {
-    if existing_payload == entity.payload {
+    if existing_payload == Some(entity.payload.as_str()) {
         IntakeOutcome::Replayed(existing.clone())
     } else {
         IntakeOutcome::KeyReused {
@@ -728,6 +738,9 @@ pub struct Working<X = ()> {
     /// The last operator command was refused because the entity's
     /// compensation is still running.
     compensating: bool,
+    /// The last operator command was a retry refused because the raw
+    /// payload was pruned.
+    payload_pruned: bool,
 }
 
 impl<X> Working<X> {
@@ -756,6 +769,7 @@ impl<X> Working<X> {
             observed: 0,
             touched: false,
             compensating: false,
+            payload_pruned: false,
         })
     }
 
@@ -1242,9 +1256,31 @@ pub fn complete<X>(
 }
 
 /// What an operator command did to one entity, once flushed.
+/// Whether the pruner may remove the raw payload of `record`: it is
+/// settled (ready, failed or cancelled), its payload is still kept, and no
+/// step of it is live (queued, retrying or running: a non-critical step of
+/// a ready entity, a compensation), since an attempt carries the payload.
+/// The backends choose candidates by time; this is the rest of the rule.
+pub fn payload_prunable(record: &EntityRecord) -> bool {
+    record.status != EntityStatus::Pending
+        && record.payload_pruned_at_us.is_none()
+        && record.steps.iter().all(|s| s.state.due_at_us.is_none())
+}
+
+/// Whether the pruner may delete `record` entirely: it is settled and no
+/// step of it is live. (The backends also leave out entities an outbox row
+/// or a waiting dependent still names.)
+pub fn entity_prunable(record: &EntityRecord) -> bool {
+    record.status != EntityStatus::Pending
+        && record.steps.iter().all(|s| s.state.due_at_us.is_none())
+}
+
 pub fn command_outcome<X>(working: Working<X>, refused: Option<EntityStatus>) -> CommandOutcome {
     match refused {
         None => CommandOutcome::Applied(working.into_record()),
+        Some(_) if working.payload_pruned => CommandOutcome::PayloadPruned {
+            at_us: working.record.payload_pruned_at_us.unwrap_or_default(),
+        },
         Some(status) if working.compensating => CommandOutcome::Compensating(status),
         Some(status) => CommandOutcome::Conflict(status),
     }

@@ -83,7 +83,7 @@ async fn data_survives_reopening_the_file() {
         .await
         .expect("get_data")
         .expect("found");
-    assert_eq!(data.payload, payload);
+    assert_eq!(data.payload.as_deref(), Some(payload));
     let cancelled = store
         .get(DEFAULT_TENANT, cancelled_id)
         .await

@@ -3,6 +3,7 @@
 mod cli;
 mod demo;
 mod keys;
+mod store;
 mod subscriptions;
 mod types;
 
@@ -80,6 +81,11 @@ enum Command {
         command: keys::KeysCommand,
         #[command(flatten)]
         server: ServerArg,
+    },
+    /// The store of a configuration, offline: stats, prune (docs/retention.md).
+    Store {
+        #[command(subcommand)]
+        command: store::StoreCommand,
     },
     /// The type registry: list, show, push.
     Types {
@@ -164,6 +170,10 @@ struct BenchArgs {
     /// preloaded database is reused as it is.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The body of the servers' `[retention]` table, e.g.
+    /// 'payload = "1s"' with 'interval = "1s"' on a new line: what pruning costs.
+    #[arg(long)]
+    retention: Option<String>,
 }
 
 impl BenchArgs {
@@ -191,6 +201,7 @@ impl BenchArgs {
             storage: self.storage,
             nodes: self.nodes,
             data_dir: self.data_dir,
+            retention: self.retention,
         })
     }
 }
@@ -243,6 +254,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Command::Types { command, server } => types::run(&server, command).await,
             Command::Keys { command, server } => keys::run(&server, command).await,
+            Command::Store { command } => store::run(command).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => ripen_bench::run(args.into_options()?).await,
         }

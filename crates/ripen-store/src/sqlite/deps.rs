@@ -318,6 +318,10 @@ mod tests {
         let conn = Connection::open(&path).expect("open raw");
         conn.execute_batch(
             "ALTER TABLE entities DROP COLUMN deps;
+             DROP INDEX entities_payload_kept;
+             DROP INDEX idempotency_by_time;
+             DROP INDEX entities_settled;
+             ALTER TABLE entities DROP COLUMN payload_pruned_at;
              DROP TABLE dependencies;
              DELETE FROM cursors WHERE name = 'dependencies';
              PRAGMA user_version = 4;",

@@ -402,11 +402,11 @@ fn a_replay_needs_the_same_bytes() {
     let same = submission("w5", Some("k"), r#"{"a":1}"#);
     let spaced = submission("w5", Some("k"), r#"{"a": 1}"#);
     assert!(matches!(
-        replay(&rows.record, &first.payload, &same),
+        replay(&rows.record, Some(&first.payload), &same),
         IntakeOutcome::Replayed(r) if r.id == first.id
     ));
     assert_eq!(
-        replay(&rows.record, &first.payload, &spaced),
+        replay(&rows.record, Some(&first.payload), &spaced),
         IntakeOutcome::KeyReused {
             entity_id: first.id
         }
