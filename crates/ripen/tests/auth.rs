@@ -91,6 +91,23 @@ where
     }
 }
 
+/// Webhooks to loopback receivers, their secrets sealed with a key file
+/// in `sealing`.
+trait WithWebhooks {
+    fn with_webhooks(self, sealing: &TempDir) -> Self;
+}
+
+impl WithWebhooks for Config {
+    fn with_webhooks(self, sealing: &TempDir) -> Config {
+        let key_file = sealing.path().join("master.key");
+        self.notify("allow_networks = [\"127.0.0.0/8\"]")
+            .notify(&format!(
+                "master_key_file = {}",
+                ripen_testkit::toml_str(&key_file.to_string_lossy())
+            ))
+    }
+}
+
 fn merchant(ds: &Downstream) -> TypeDef {
     single("merchant", ds)
 }
@@ -217,15 +234,10 @@ async fn a_public_address_needs_a_key_or_auth_open() {
 async fn tenants_see_only_their_own_and_scopes_hold() {
     let ds = Downstream::start().await;
     let sealing = TempDir::new("ripen-auth-key-").expect("temp dir");
-    let key_file = sealing.path().join("master.key");
     let srv = Server::start(
         &Config::new()
             .with_type(merchant(&ds))
-            .notify("allow_networks = [\"127.0.0.0/8\"]")
-            .notify(&format!(
-                "master_key_file = {}",
-                ripen_testkit::toml_str(&key_file.to_string_lossy())
-            )),
+            .with_webhooks(&sealing),
     )
     .await;
     let api = srv.api();
@@ -802,18 +814,13 @@ async fn the_operators_worker_key_serves_every_tenants_tasks() {
 async fn no_key_secret_or_payload_reaches_the_log() {
     let ds = Downstream::start().await;
     let sealing = TempDir::new("ripen-auth-key-").expect("temp dir");
-    let key_file = sealing.path().join("master.key");
     let mut srv = Server::start(
         &Config::new()
             .with_type(merchant(&ds).schema(json!({
                 "type": "object",
                 "properties": {"n": {"type": "integer"}}
             })))
-            .notify("allow_networks = [\"127.0.0.0/8\"]")
-            .notify(&format!(
-                "master_key_file = {}",
-                ripen_testkit::toml_str(&key_file.to_string_lossy())
-            )),
+            .with_webhooks(&sealing),
     )
     .await;
     srv.set_env("RIPEN_LOG", "debug");
@@ -906,16 +913,11 @@ async fn every_documented_operation_refuses_who_may_not_call_it() {
     const SCOPES: [&str; 5] = ["submit", "read", "operate", "admin", "worker"];
     let ds = Downstream::start().await;
     let sealing = TempDir::new("ripen-auth-key-").expect("temp dir");
-    let key_file = sealing.path().join("master.key");
     let srv = Server::start(
         &Config::new()
             .with_type(merchant(&ds))
-            .notify("allow_networks = [\"127.0.0.0/8\"]")
-            .notify("initial_backoff = \"50ms\"")
-            .notify(&format!(
-                "master_key_file = {}",
-                ripen_testkit::toml_str(&key_file.to_string_lossy())
-            )),
+            .with_webhooks(&sealing)
+            .notify("initial_backoff = \"50ms\""),
     )
     .await;
     let api = srv.api();
@@ -934,16 +936,7 @@ async fn every_documented_operation_refuses_who_may_not_call_it() {
     )
     .await;
     assert_eq!(r.status, 200, "{r}");
-    let r = call(
-        api,
-        Method::POST,
-        "/v1/entities/merchant",
-        Some(&owner),
-        Some(&json!({"n": 1})),
-    )
-    .await;
-    assert_eq!(r.status, 202, "{r}");
-    let entity = r.json()["id"].as_str().expect("id").to_owned();
+    // The subscription first: it hears what happens after it is made.
     let r = call(
         api,
         Method::POST,
@@ -954,6 +947,16 @@ async fn every_documented_operation_refuses_who_may_not_call_it() {
     .await;
     assert_eq!(r.status, 201, "{r}");
     let subscription = r.json()["id"].as_str().expect("id").to_owned();
+    let r = call(
+        api,
+        Method::POST,
+        "/v1/entities/merchant",
+        Some(&owner),
+        Some(&json!({"n": 1})),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{r}");
+    let entity = r.json()["id"].as_str().expect("id").to_owned();
     let deliveries = format!("/v1/subscriptions/{subscription}/deliveries");
     eventually("a delivery of the owner's subscription", || async {
         get(api, &deliveries, &owner).await.json()["items"]
