@@ -348,7 +348,7 @@ async fn submit(
                 "Validation too costly",
                 m,
             ),
-            SubmitError::Overloaded(m) => limits::overloaded(m, "validation_threads"),
+            SubmitError::Overloaded(m) => limits::overloaded(m, "validation_queue_max"),
             SubmitError::Invalid(violations) => {
                 let errors: Vec<Value> = violations
                     .iter()
