@@ -818,6 +818,7 @@ impl Registry {
     /// see whether another node registered a version. Never ends.
     pub async fn run(self: Arc<Self>, poll: Duration) {
         let mut failing_store = false;
+        let mut reported = Reported::default();
         loop {
             tokio::select! {
                 () = self.pipelines.missed() => {}
@@ -844,7 +845,7 @@ impl Registry {
             for chunk in missed.chunks(FAIL_BATCH_MAX) {
                 let ids = chunk.iter().map(|(id, _, _)| *id).collect();
                 match self.store.fail_unrunnable(ids, self.clock.now_us()).await {
-                    Ok(failed) => log_failed(&failed),
+                    Ok(failed) => reported.log(&failed),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot fail the entities whose pipeline cannot run; they are tried again")
                     }
@@ -854,22 +855,34 @@ impl Registry {
     }
 }
 
-/// One line per type version of the entities just failed.
-fn log_failed(failed: &[ripen_store::EntityRecord]) {
-    let mut by_version: BTreeMap<(&str, u32), (usize, &str)> = BTreeMap::new();
-    for r in failed {
-        let cause = r
-            .steps
-            .iter()
-            .find_map(|s| s.state.last_error.as_deref())
-            .unwrap_or("");
-        by_version
-            .entry((r.type_name.as_str(), r.version))
-            .or_insert((0, cause))
-            .0 += 1;
-    }
-    for ((type_name, version), (count, cause)) in by_version {
-        tracing::warn!(r#type = %type_name, version, count, cause = %cause, "failed entities whose pipeline cannot run");
+/// The type versions whose unrunnable entities were already reported, so
+/// that the log says it once per type version and node (later batches at
+/// debug), however the failures are spread over claims.
+#[derive(Default)]
+struct Reported(std::collections::HashSet<(String, u32)>);
+
+impl Reported {
+    /// One line per type version of the entities just failed.
+    fn log(&mut self, failed: &[ripen_store::EntityRecord]) {
+        let mut by_version: BTreeMap<(&str, u32), (usize, &str)> = BTreeMap::new();
+        for r in failed {
+            let cause = r
+                .steps
+                .iter()
+                .find_map(|s| s.state.last_error.as_deref())
+                .unwrap_or("");
+            by_version
+                .entry((r.type_name.as_str(), r.version))
+                .or_insert((0, cause))
+                .0 += 1;
+        }
+        for ((type_name, version), (count, cause)) in by_version {
+            if self.0.insert((type_name.to_owned(), version)) {
+                tracing::warn!(r#type = %type_name, version, count, cause = %cause, "failed entities whose pipeline cannot run; later ones of this version are logged at debug");
+            } else {
+                tracing::debug!(r#type = %type_name, version, count, "failed more entities whose pipeline cannot run");
+            }
+        }
     }
 }
 

@@ -38,6 +38,9 @@ pub const UNRUNNABLE_EVENT: &str = "unrunnable";
 /// met again by later claims.
 pub const MISSED_MAX: usize = 10_000;
 
+/// How many missing type versions a node remembers having logged.
+const LOGGED_MAX: usize = 1_024;
+
 /// One registered version of an entity type.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TypeVersion {
@@ -207,7 +210,8 @@ struct Inner {
 #[derive(Debug, Default)]
 struct Missed {
     entities: BTreeMap<EntityId, (String, u32)>,
-    /// Versions already logged, so that a version is logged once.
+    /// Versions already logged, so that a version is logged once per node
+    /// (bounded: past [`LOGGED_MAX`] versions the set starts afresh).
     logged: HashSet<(String, u32)>,
 }
 
@@ -251,6 +255,9 @@ impl Pipelines {
         let key = (record.type_name.clone(), record.version);
         {
             let mut m = self.0.missed.lock().unwrap_or_else(PoisonError::into_inner);
+            if m.logged.len() >= LOGGED_MAX {
+                m.logged.clear();
+            }
             if m.logged.insert(key.clone()) {
                 tracing::info!(entity = %record.id, error = %why, "an entity's pipeline cannot run here; asking the registry");
             }
@@ -264,7 +271,6 @@ impl Pipelines {
     /// The entities missed since the last call, with their type and version.
     pub fn take_missed(&self) -> Vec<(EntityId, String, u32)> {
         let mut m = self.0.missed.lock().unwrap_or_else(PoisonError::into_inner);
-        m.logged.clear();
         std::mem::take(&mut m.entities)
             .into_iter()
             .map(|(id, (t, v))| (id, t, v))
