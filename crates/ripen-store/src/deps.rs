@@ -425,9 +425,9 @@ impl Decider {
     ) -> Result<Option<CommandOutcome>> {
         // A pruned payload cannot feed the steps again
         // (`Decider::command` refuses the retry).
-        if let Some(at_us) = w.record().payload_pruned_at_us {
-            if self.command(w, Input::Retry, now_us)?.is_some() {
-                return Ok(Some(CommandOutcome::PayloadPruned { at_us }));
+        if w.record().payload_pruned_at_us.is_some() {
+            if let Some(status) = self.command(w, Input::Retry, now_us)? {
+                return Ok(Some(w.refusal(status)));
             }
         }
         // A compensation is retried or waited for whatever the references

@@ -237,9 +237,12 @@ impl Decider {
         input: Input,
         now_us: UnixMicros,
     ) -> Result<Option<EntityStatus>> {
-        // A pruned payload cannot feed the steps again: no retry runs
-        // them without it.
-        w.payload_pruned = matches!(input, Input::Retry) && w.record.payload_pruned_at_us.is_some();
+        // A pruned payload cannot feed the steps again: a retry the core
+        // would take is refused for that; one it refuses anyway (a ready
+        // entity, a running compensation) keeps its own reason.
+        w.payload_pruned = matches!(input, Input::Retry)
+            && w.record.payload_pruned_at_us.is_some()
+            && w.would_take(input.clone(), &self.ctxs, now_us);
         if w.payload_pruned {
             return Ok(Some(w.state.status));
         }
@@ -984,6 +987,12 @@ impl<X> Working<X> {
         lost
     }
 
+    /// Whether the core would take `input` now, leaving the entity as it is.
+    pub fn would_take(&self, input: Input, ctxs: &CtxSource, now_us: UnixMicros) -> bool {
+        let mut state = self.state.clone();
+        apply(&self.pipeline, &mut state, input, ctxs.ctx(now_us)).is_ok()
+    }
+
     /// Applies an operator command (cancel or retry). `Ok(true)` when it was
     /// applied, `Ok(false)` when the entity's status refuses it.
     pub fn command(
@@ -1278,11 +1287,23 @@ pub fn entity_prunable(record: &EntityRecord) -> bool {
 pub fn command_outcome<X>(working: Working<X>, refused: Option<EntityStatus>) -> CommandOutcome {
     match refused {
         None => CommandOutcome::Applied(working.into_record()),
-        Some(_) if working.payload_pruned => CommandOutcome::PayloadPruned {
-            at_us: working.record.payload_pruned_at_us.unwrap_or_default(),
-        },
-        Some(status) if working.compensating => CommandOutcome::Compensating(status),
-        Some(status) => CommandOutcome::Conflict(status),
+        Some(status) => working.refusal(status),
+    }
+}
+
+impl<X> Working<X> {
+    /// Why the last operator command was refused, the entity being
+    /// `status`.
+    pub fn refusal(&self, status: EntityStatus) -> CommandOutcome {
+        if self.payload_pruned {
+            CommandOutcome::PayloadPruned {
+                at_us: self.record.payload_pruned_at_us.unwrap_or_default(),
+            }
+        } else if self.compensating {
+            CommandOutcome::Compensating(status)
+        } else {
+            CommandOutcome::Conflict(status)
+        }
     }
 }
 

@@ -111,6 +111,11 @@ pub async fn payloads_are_pruned_when_settled_and_due(store: Arc<dyn Store>) {
         CommandOutcome::PayloadPruned { at_us: t2 }
     );
     assert_eq!(get(store, failed_one.id).await.status, EntityStatus::Failed);
+    // A ready entity is no retry's, pruned or not: its refusal says so.
+    assert_eq!(
+        store.retry(TENANT, ready.id, t2).await.expect("retry"),
+        CommandOutcome::Conflict(EntityStatus::Ready)
+    );
 }
 
 /// A ready entity whose non-critical step still runs keeps its payload
