@@ -704,6 +704,10 @@ pub trait Store: Send + Sync + 'static {
     /// counts every row, so it is not for the hot path.
     async fn stats(&self) -> Result<StoreStats>;
 
+    /// Of `ids`, those whose entity exists and keeps its raw payload: the
+    /// blobs the blob sweep must leave alone.
+    async fn payloads_kept(&self, ids: Vec<EntityId>) -> Result<Vec<EntityId>>;
+
     /// Stores a subscription, or replaces the one with its id (keeping its
     /// start). Its start is the outbox head now: it hears what the fan-out
     /// reaches afterwards. Returns it as stored.

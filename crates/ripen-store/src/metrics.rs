@@ -434,6 +434,9 @@ impl<S: Store> Store for Instrumented<S> {
     async fn stats(&self) -> Result<crate::StoreStats> {
         self.inner.stats().await
     }
+    async fn payloads_kept(&self, ids: Vec<EntityId>) -> Result<Vec<EntityId>> {
+        self.inner.payloads_kept(ids).await
+    }
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
         self.timed("prune_outbox", self.inner.prune_outbox(before_us, limit))
             .await

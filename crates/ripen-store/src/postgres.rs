@@ -605,6 +605,22 @@ impl Store for PostgresStore {
         retention::stats(&conn).await
     }
 
+    async fn payloads_kept(&self, ids: Vec<EntityId>) -> Result<Vec<EntityId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let conn = self.shared.pool.get().await?;
+        let rows = conn
+            .query(
+                "SELECT entity_id FROM payloads WHERE entity_id = ANY($1)",
+                &[&id_params(&ids)],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| entity_id(row.try_get::<_, &[u8]>(0).map_err(decode_error)?))
+            .collect()
+    }
+
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
         let conn = self.shared.pool.get().await?;
         notify::prune(&conn, before_us, limit).await

@@ -786,6 +786,11 @@ impl Store for SqliteStore {
         self.read(retention::stats).await
     }
 
+    async fn payloads_kept(&self, ids: Vec<EntityId>) -> Result<Vec<EntityId>> {
+        self.read(move |conn| retention::payloads_kept(conn, &ids))
+            .await
+    }
+
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
         self.write(move |w| notify::prune(&w.conn, before_us, limit))
             .await

@@ -99,6 +99,7 @@ macro_rules! store_test_suite {
             keys_expire_at_their_time_and_are_free_after,
             stats_count_tables_and_the_oldest_kept_payload,
             settled_entities_are_deleted_when_due,
+            payloads_kept_names_what_keeps_its_payload,
         );
     };
     (@tests $make:expr; $($test:ident),* $(,)?) => {
@@ -289,6 +290,9 @@ impl<S: Store, G: Send + Sync + 'static> Store for Guarded<S, G> {
     }
     async fn stats(&self) -> Result<crate::StoreStats> {
         self.store.stats().await
+    }
+    async fn payloads_kept(&self, ids: Vec<EntityId>) -> Result<Vec<EntityId>> {
+        self.store.payloads_kept(ids).await
     }
     async fn prune_outbox(&self, before_us: UnixMicros, limit: u32) -> Result<u64> {
         self.store.prune_outbox(before_us, limit).await

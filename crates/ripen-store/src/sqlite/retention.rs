@@ -5,7 +5,7 @@ use ripen_core::UnixMicros;
 use rusqlite::{params, Connection};
 
 use crate::working::{entity_prunable, payload_prunable};
-use crate::{Prune, Pruned, Result, StoreStats, TableStats};
+use crate::{EntityId, Prune, Pruned, Result, StoreStats, TableStats};
 
 /// Added by the upgrade to version 7: when a payload was pruned, the index
 /// of settled entities whose payload is kept and the index of settled
@@ -22,6 +22,19 @@ CREATE INDEX IF NOT EXISTS entities_settled ON entities (updated_at) WHERE statu
 /// Free pages given back to the file system after a pass, at most, when the
 /// database was created with `auto_vacuum = INCREMENTAL`.
 const VACUUM_PAGES: u32 = 1_024;
+
+/// Of `ids`, those whose entity exists and keeps its payload.
+pub(super) fn payloads_kept(conn: &Connection, ids: &[EntityId]) -> Result<Vec<EntityId>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT 1 FROM entities WHERE id = ?1 AND payload_pruned_at IS NULL")?;
+    let mut kept = Vec::new();
+    for id in ids {
+        if stmt.exists([id.as_bytes()])? {
+            kept.push(*id);
+        }
+    }
+    Ok(kept)
+}
 
 pub(super) fn prune(conn: &Connection, p: &Prune, now_us: UnixMicros) -> Result<Pruned> {
     let mut pruned = Pruned::default();

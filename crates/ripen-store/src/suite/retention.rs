@@ -346,3 +346,27 @@ pub async fn settled_entities_are_deleted_when_due(store: Arc<dyn Store>) {
         other => panic!("the key is free: {other:?}"),
     }
 }
+
+/// `payloads_kept` names the entities that exist and keep their payload:
+/// not one pruned, deleted or never created.
+pub async fn payloads_kept_names_what_keeps_its_payload(store: Arc<dyn Store>) {
+    let store = &*store;
+    let t1 = T0 + SECOND_US;
+    let pruned = settle_single(store, t1, succeeded(None)).await;
+    let settled = settle_single(store, t1 + SECOND_US, succeeded(None)).await;
+    let pending = create(store, new_entity("backoff", "{}"), T0).await;
+    store
+        .prune(payloads_before(t1 + 1), t1 + 2 * SECOND_US)
+        .await
+        .expect("prune");
+    let never = EntityId::new_v7();
+    let mut kept = store
+        .payloads_kept(vec![pruned.id, settled.id, pending.id, never])
+        .await
+        .expect("kept");
+    kept.sort_by_key(|id| id.to_string());
+    let mut want = vec![settled.id, pending.id];
+    want.sort_by_key(|id| id.to_string());
+    assert_eq!(kept, want);
+    assert_eq!(store.payloads_kept(Vec::new()).await.expect("none"), vec![]);
+}
