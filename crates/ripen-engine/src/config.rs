@@ -60,6 +60,9 @@ pub struct Config {
     /// `[retention]`: how long payloads, keys and settled entities are
     /// kept. See docs/retention.md.
     pub retention: crate::retention::Retention,
+    /// `[blobs]`: where payloads larger than `inline_max` are kept; `None`
+    /// keeps every payload in the store. See docs/blobs.md.
+    pub blobs: Option<crate::blobs::BlobsConfig>,
 }
 
 /// `[auth]`: when the API may run without keys, and how fast a key or a
@@ -402,6 +405,12 @@ impl Config {
             .parse()
             .map_err(|(k, p)| err(&k, p))?;
 
+        let blobs = raw
+            .blobs
+            .map(|b| b.parse(base))
+            .transpose()
+            .map_err(|(k, p)| err(&k, p))?;
+
         Ok(Config {
             path: path.to_owned(),
             listen,
@@ -415,6 +424,7 @@ impl Config {
             auth,
             limits,
             retention,
+            blobs,
         })
     }
 }
@@ -757,7 +767,11 @@ fn duration_ms(value: Option<&str>, default_ms: u64) -> Result<u64, String> {
 }
 
 /// A duration of at most `max_s` seconds.
-fn duration_ms_max(value: Option<&str>, default_ms: u64, max_s: u64) -> Result<u64, String> {
+pub(crate) fn duration_ms_max(
+    value: Option<&str>,
+    default_ms: u64,
+    max_s: u64,
+) -> Result<u64, String> {
     let Some(v) = value else {
         return Ok(default_ms);
     };
@@ -783,6 +797,7 @@ struct RawConfig {
     auth: Option<RawAuth>,
     limits: Option<crate::limits::RawLimits>,
     retention: Option<crate::retention::RawRetention>,
+    blobs: Option<crate::blobs::RawBlobs>,
     #[serde(default)]
     types: BTreeMap<String, RawType>,
 }

@@ -65,12 +65,21 @@ struct Entry {
 #[derive(Default)]
 pub struct ExecutorRegistry {
     entries: Vec<Entry>,
+    /// Reads an attempt's payload from the blob store when it is there,
+    /// before any executor sees it.
+    payloads: crate::blobs::Payloads,
 }
 
 impl ExecutorRegistry {
     /// A registry with no executor: this node runs no step.
     pub fn empty() -> ExecutorRegistry {
         ExecutorRegistry::default()
+    }
+
+    /// This registry, reading blob-backed payloads through `payloads`.
+    pub fn with_payloads(mut self, payloads: crate::blobs::Payloads) -> ExecutorRegistry {
+        self.payloads = payloads;
+        self
     }
 
     /// The executors every node has: HTTP, consuming the `http` queue.
@@ -144,7 +153,16 @@ impl ExecutorRegistry {
     pub async fn run(&self, step: &StepSpec, attempt: &Attempt) -> Outcome {
         let kind = ExecutorKind::of(&step.executor);
         match self.get(kind) {
-            Some(executor) => executor.run(step, attempt).await,
+            Some(executor) => match self.payloads.attempt(attempt).await {
+                Ok(attempt) => executor.run(step, &attempt).await,
+                // A lost blob fails the step for good; an unreachable store
+                // is the step's retry policy's to handle.
+                Err(e) => Outcome::Failed {
+                    error: e.to_string(),
+                    retryable: e.is_transient(),
+                    retry_after_ms: None,
+                },
+            },
             None => Outcome::Failed {
                 error: format!(
                     "step {:?} uses the {} executor, which this node does not have",

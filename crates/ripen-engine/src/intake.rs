@@ -4,9 +4,11 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use ripen_store::{EntityId, IntakeOutcome, NewEntity, Store, StoreError};
 use tokio::sync::Notify;
 
+use crate::blobs::Payloads;
 use crate::limits::{JsonLimit, JsonLimits};
 use crate::registry::Registry;
 use crate::schema::{self, PayloadError, Violation};
@@ -44,6 +46,9 @@ pub enum SubmitError {
     /// cancelled, or has too many dependents waiting.
     #[error("{0}")]
     ReferenceRefused(ripen_store::deps::ReferenceRefusal),
+    /// The blob store did not take a large payload: nothing was stored.
+    #[error("the blob store did not take the payload: {0}")]
+    BlobStore(ripen_blobs::BlobError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -142,6 +147,8 @@ pub struct Intake {
     /// Where costly validations run.
     pool: Arc<ValidationPool>,
     json_limits: JsonLimits,
+    /// Where large payloads are written before their commit.
+    payloads: Payloads,
 }
 
 /// Removes a key from the in-flight set when its request ends, however it ends.
@@ -169,6 +176,7 @@ impl Intake {
         clock: Arc<dyn Clock>,
         load: Arc<IntakeLoad>,
         limits: &crate::limits::Limits,
+        payloads: Payloads,
     ) -> Intake {
         Intake {
             load,
@@ -183,6 +191,7 @@ impl Intake {
                 limits.validation_timeout,
             )),
             json_limits: limits.json,
+            payloads,
         }
     }
 
@@ -191,7 +200,7 @@ impl Intake {
         &self,
         tenant: &str,
         type_name: &str,
-        body: &[u8],
+        body: Bytes,
         idempotency_key: Option<&str>,
     ) -> Result<IntakeOutcome, SubmitError> {
         let _entered = self.load.enter();
@@ -210,7 +219,7 @@ impl Intake {
             self.pool
                 .validate(
                     (type_name, entry.version),
-                    body.to_vec(),
+                    body.clone(),
                     entry.schema.clone(),
                     self.json_limits,
                 )
@@ -220,15 +229,17 @@ impl Intake {
                     PoolRefusal::TooCostly(m) => SubmitError::TooCostly(m),
                 })?
         } else {
-            schema::validate(body, entry.schema.as_deref(), &self.json_limits)
+            schema::validate(&body, entry.schema.as_deref(), &self.json_limits)
         };
-        let payload = validated.map_err(|e| match e {
+        validated.map_err(|e| match e {
             PayloadError::Malformed(m) => SubmitError::Malformed(m),
             PayloadError::Limit { limit, message } => SubmitError::JsonLimit { limit, message },
             PayloadError::Invalid(v) => SubmitError::Invalid(v),
             PayloadError::TooCostly(m) => SubmitError::TooCostly(m),
         })?;
-        let refs = crate::deps::references(&entry.references, payload.raw())?;
+        let raw = std::str::from_utf8(&body)
+            .map_err(|_| SubmitError::Malformed("the body is not UTF-8".into()))?;
+        let refs = crate::deps::references(&entry.references, raw)?;
         let _guard = match idempotency_key {
             None => None,
             Some(key) => {
@@ -243,16 +254,28 @@ impl Intake {
                 })
             }
         };
+        let id = EntityId::new_v7();
+        // A large payload is in the blob store, synced, before its entity
+        // is committed: an acknowledged entity always has its blob.
+        let payload = self
+            .payloads
+            .keep(id, body)
+            .await
+            .map_err(SubmitError::BlobStore)?;
         let entity = NewEntity {
-            id: EntityId::new_v7(),
+            id,
             tenant: tenant.to_owned(),
             type_name: type_name.to_owned(),
             version: entry.version,
-            payload: payload.into_raw(),
+            payload,
             idempotency_key: idempotency_key.map(str::to_owned),
             refs,
         };
+        let stored = crate::blobs::is_blob(&entity.payload).then(|| entity.payload.clone());
         let outcome = self.store.create(entity, self.clock.now_us()).await?;
+        if let (Some(stored), false) = (&stored, matches!(outcome, IntakeOutcome::Created(_))) {
+            self.payloads.discard(stored, id).await;
+        }
         if let IntakeOutcome::ReferenceRefused(refusal) = outcome {
             return Err(SubmitError::ReferenceRefused(refusal));
         }

@@ -18,6 +18,7 @@
 //! the transaction that persists them. The runtime only acts on what was
 //! committed.
 
+pub mod blobs;
 pub mod compat;
 pub mod config;
 pub mod deps;
@@ -92,11 +93,12 @@ async fn start_notifications(
     config: &Config,
     store: &Arc<dyn Store>,
     clock: &Arc<dyn Clock>,
-    metrics: &metrics::EngineMetrics,
-    tracer: &Option<trace::Tracer>,
+    observers: &scheduler::Observers,
     background: &mut tokio::task::JoinSet<()>,
     registry: &Arc<registry::Registry>,
+    payloads: &blobs::Payloads,
 ) -> Result<(Arc<notify::Hub>, notify::Notifications)> {
+    let scheduler::Observers { metrics, tracer } = observers;
     let key = registry.master_key();
     let hub = Arc::new(notify::Hub::new(config.notify.stream_buffer));
     let heard = hub.clone();
@@ -114,7 +116,7 @@ async fn start_notifications(
     ));
     let email = match &n.email {
         Some(email) => {
-            let sink = notify::EmailSink::new(email.clone(), store.clone())
+            let sink = notify::EmailSink::new(email.clone(), store.clone(), payloads.clone())
                 .map_err(|e| anyhow::anyhow!("{}: notify.email: {e}", config.path.display()))?;
             store
                 .put_subscription(notify::EmailSink::subscription(email, clock.now_us()))
@@ -185,6 +187,8 @@ pub struct Engine {
     metrics: Arc<metrics::EngineMetrics>,
     tracer: Option<trace::Tracer>,
     clock: Arc<dyn Clock>,
+    /// Where payloads are read and written: inline, or in `[blobs]`.
+    payloads: blobs::Payloads,
     hub: Arc<notify::Hub>,
     notifications: notify::Notifications,
     shutting_down: AtomicBool,
@@ -282,26 +286,36 @@ impl Engine {
                 );
             }
         }
-        let executors = Arc::new(match parts.executors {
-            Some(executors) => executors,
-            None => {
-                let http = executor::HttpExecutor::with_tls(config.engine.concurrency, &config.tls)
-                    .map_err(|e| anyhow::anyhow!("{}: tls: {e}", config.path.display()))?
-                    .with_node(config.engine.node.as_deref());
-                let mut registry = ExecutorRegistry::empty();
-                registry.register(ExecutorKind::Http, [ripen_core::HTTP_QUEUE], Arc::new(http));
-                if let Some(builtin) = builtin {
-                    registry.register(
-                        ExecutorKind::Builtin,
-                        [executor::BUILTIN_QUEUE],
-                        Arc::new(builtin),
-                    );
-                }
-                registry
-            }
-        });
         let metrics =
             Arc::new(metrics::EngineMetrics::new(store.as_ref()).context("register the metrics")?);
+        // Payloads above `blobs.inline_max` live in the blob store.
+        let payloads = match &config.blobs {
+            Some(b) => blobs::Payloads::open(b, metrics.registry())
+                .with_context(|| format!("{}: blobs", config.path.display()))?,
+            None => blobs::Payloads::inline(),
+        };
+        let executors = Arc::new(
+            match parts.executors {
+                Some(executors) => executors,
+                None => {
+                    let http =
+                        executor::HttpExecutor::with_tls(config.engine.concurrency, &config.tls)
+                            .map_err(|e| anyhow::anyhow!("{}: tls: {e}", config.path.display()))?
+                            .with_node(config.engine.node.as_deref());
+                    let mut registry = ExecutorRegistry::empty();
+                    registry.register(ExecutorKind::Http, [ripen_core::HTTP_QUEUE], Arc::new(http));
+                    if let Some(builtin) = builtin {
+                        registry.register(
+                            ExecutorKind::Builtin,
+                            [executor::BUILTIN_QUEUE],
+                            Arc::new(builtin),
+                        );
+                    }
+                    registry
+                }
+            }
+            .with_payloads(payloads.clone()),
+        );
         let tracer = trace::Tracer::from_env().map(|(tracer, export)| {
             background.spawn(export);
             tracer
@@ -331,6 +345,7 @@ impl Engine {
             config.engine.waiting_claims_max,
             scheduler.waker(),
             tracer.clone(),
+            payloads.clone(),
         );
         // Always: a version registered later may bring worker queues.
         background.spawn(
@@ -370,15 +385,19 @@ impl Engine {
             clock.clone(),
             load,
             &config.limits,
+            payloads.clone(),
         );
         let (hub, notifications) = start_notifications(
             &config,
             &store,
             &clock,
-            &metrics,
-            &tracer,
+            &scheduler::Observers {
+                metrics: metrics.clone(),
+                tracer: tracer.clone(),
+            },
             &mut background,
             &registry,
+            &payloads,
         )
         .await?;
         // The dependency resolver looks whenever new outbox rows are
@@ -401,6 +420,16 @@ impl Engine {
             config.retention.clone(),
             prune_metrics,
         ));
+        if let (Some(config), Some(blobs)) = (&config.blobs, payloads.store()) {
+            let sweep_metrics = blobs::SweepMetrics::new(metrics.registry())
+                .context("register the blob metrics")?;
+            background.spawn(blobs::run_sweep(
+                blobs.clone(),
+                store.clone(),
+                config.clone(),
+                sweep_metrics,
+            ));
+        }
         background.spawn(deps::run_resolver(
             store.clone(),
             clock.clone(),
@@ -417,6 +446,7 @@ impl Engine {
             metrics,
             tracer,
             clock,
+            payloads,
             hub,
             notifications,
             shutting_down: AtomicBool::new(false),
@@ -485,7 +515,7 @@ impl Engine {
         &self,
         tenant: &str,
         type_name: &str,
-        body: &[u8],
+        body: bytes::Bytes,
         idempotency_key: Option<&str>,
     ) -> Result<IntakeOutcome, SubmitError> {
         self.submit_traced(tenant, type_name, body, idempotency_key, None)
@@ -499,7 +529,7 @@ impl Engine {
         &self,
         tenant: &str,
         type_name: &str,
-        body: &[u8],
+        body: bytes::Bytes,
         idempotency_key: Option<&str>,
         caller: Option<([u8; 16], [u8; 8])>,
     ) -> Result<IntakeOutcome, SubmitError> {
@@ -530,7 +560,8 @@ impl Engine {
             | Err(SubmitError::Store(StoreError::Overloaded(_))) => "overloaded",
             Err(SubmitError::BadKey) => "bad_key",
             Err(SubmitError::KeyInFlight) => "in_flight",
-            Err(SubmitError::Store(StoreError::Unavailable(_))) => "unavailable",
+            Err(SubmitError::Store(StoreError::Unavailable(_)))
+            | Err(SubmitError::BlobStore(_)) => "unavailable",
             Err(SubmitError::Store(_)) => "error",
         };
         // The label is bounded by the configuration: a type that does not
@@ -597,7 +628,10 @@ impl Engine {
         tenant: &str,
         id: EntityId,
     ) -> Result<Option<EntityData>, StoreError> {
-        self.store.get_data(tenant, id).await
+        match self.store.get_data(tenant, id).await? {
+            Some(data) => Ok(Some(read_data(&self.payloads, data).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Newest first; the caller bounds `query.limit`.
@@ -658,7 +692,7 @@ impl Engine {
             };
             let settled = data.record.status.is_terminal();
             if settled || tokio::time::Instant::now() >= deadline {
-                return Ok(Some(data));
+                return Ok(Some(read_data(&self.payloads, data).await?));
             }
             let _ = tokio::time::timeout_at(deadline, following.changed()).await;
         }
@@ -890,6 +924,25 @@ impl Engine {
 /// Routes the store's work notifications: a local queue wakes the
 /// scheduler (when `scheduler` is set: a shared store, where other nodes
 /// make work for this one), a worker queue wakes the claims waiting on it.
+/// `data` with its payload read from the blob store when it is there: a
+/// lost blob is a store failure, an unreachable blob store an unavailable
+/// store.
+pub async fn read_data(
+    payloads: &blobs::Payloads,
+    mut data: EntityData,
+) -> Result<EntityData, StoreError> {
+    let Some(stored) = data.payload.as_deref().filter(|p| blobs::is_blob(p)) else {
+        return Ok(data);
+    };
+    let json = match payloads.read(data.record.id, stored).await {
+        Ok(json) => json.into_owned(),
+        Err(e) if e.is_transient() => return Err(StoreError::Unavailable(e.to_string())),
+        Err(e) => return Err(StoreError::Internal(e.to_string())),
+    };
+    data.payload = Some(json);
+    Ok(data)
+}
+
 fn watch_work(
     store: &dyn Store,
     workers: &Arc<Workers>,

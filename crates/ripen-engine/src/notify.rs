@@ -193,15 +193,21 @@ pub struct EmailSink {
     config: EmailConfig,
     mailer: Mailer,
     store: Arc<dyn Store>,
+    payloads: crate::blobs::Payloads,
 }
 
 impl EmailSink {
-    pub fn new(config: EmailConfig, store: Arc<dyn Store>) -> Result<EmailSink, String> {
+    pub fn new(
+        config: EmailConfig,
+        store: Arc<dyn Store>,
+        payloads: crate::blobs::Payloads,
+    ) -> Result<EmailSink, String> {
         let mailer = Mailer::new(&config)?;
         Ok(EmailSink {
             config,
             mailer,
             store,
+            payloads,
         })
     }
 
@@ -231,7 +237,13 @@ impl Sink for EmailSink {
     async fn deliver(&self, _sub: &Subscription, delivery: &Delivery) -> Attempted {
         let n = &delivery.notification;
         let data = match self.store.get_data(&n.tenant, n.entity_id).await {
-            Ok(Some(data)) => data,
+            Ok(Some(data)) => match crate::read_data(&self.payloads, data).await {
+                Ok(data) => data,
+                Err(e) => {
+                    let transient = matches!(e, StoreError::Unavailable(_));
+                    return Attempted::failed(None, e.to_string(), transient);
+                }
+            },
             Ok(None) => return Attempted::failed(None, "the entity is gone".into(), false),
             Err(e) => return Attempted::failed(None, e.to_string(), true),
         };

@@ -59,23 +59,6 @@ pub struct Violation {
     pub message: String,
 }
 
-/// A payload that parsed as a JSON object and satisfied its type's schema.
-#[derive(Debug)]
-pub struct ValidatedPayload {
-    raw: String,
-}
-
-impl ValidatedPayload {
-    pub fn into_raw(self) -> String {
-        self.raw
-    }
-
-    /// The payload as submitted.
-    pub fn raw(&self) -> &str {
-        &self.raw
-    }
-}
-
 impl Schema {
     pub fn load(path: &Path) -> Result<Schema, String> {
         let text = std::fs::read_to_string(path)
@@ -181,7 +164,7 @@ pub fn validate(
     body: &[u8],
     schema: Option<&Schema>,
     limits: &JsonLimits,
-) -> Result<ValidatedPayload, PayloadError> {
+) -> Result<(), PayloadError> {
     let raw = std::str::from_utf8(body)
         .map_err(|_| PayloadError::Malformed("the body is not UTF-8".into()))?;
     let not_an_object = || {
@@ -207,9 +190,7 @@ pub fn validate(
             }
         }
     }
-    Ok(ValidatedPayload {
-        raw: raw.to_owned(),
-    })
+    Ok(())
 }
 
 #[cfg(test)]

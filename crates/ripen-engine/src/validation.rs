@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::limits::JsonLimits;
-use crate::schema::{self, PayloadError, Schema, ValidatedPayload};
+use crate::schema::{self, PayloadError, Schema};
 
 /// Bodies from this size on are validated on the pool even without a
 /// costly schema: reading them costs more than a thread hop.
@@ -105,10 +105,10 @@ impl ValidationPool {
     pub async fn validate(
         &self,
         key: (&str, u32),
-        body: Vec<u8>,
+        body: bytes::Bytes,
         schema: Option<Arc<Schema>>,
         limits: JsonLimits,
-    ) -> Result<Result<ValidatedPayload, PayloadError>, PoolRefusal> {
+    ) -> Result<Result<(), PayloadError>, PoolRefusal> {
         let version: VersionKey = (key.0.to_owned(), key.1);
         if self.runaway_count(&version) > 0 {
             return Err(PoolRefusal::TooCostly(format!(
@@ -288,7 +288,7 @@ mod tests {
         let ok = pool
             .validate(
                 ("t", 1),
-                br#"{"a":1}"#.to_vec(),
+                bytes::Bytes::from_static(br#"{"a":1}"#),
                 s.clone(),
                 JsonLimits::default(),
             )
@@ -296,7 +296,12 @@ mod tests {
             .unwrap();
         assert!(ok.is_ok());
         let invalid = pool
-            .validate(("t", 1), b"{}".to_vec(), s, JsonLimits::default())
+            .validate(
+                ("t", 1),
+                bytes::Bytes::from_static(b"{}"),
+                s,
+                JsonLimits::default(),
+            )
             .await
             .unwrap();
         assert!(matches!(invalid, Err(PayloadError::Invalid(_))));
@@ -311,7 +316,7 @@ mod tests {
         let body = json!({"a": format!("{}!", "a".repeat(300))}).to_string();
         let started = Instant::now();
         let got = pool
-            .validate(("t", 1), body.into_bytes(), s, JsonLimits::default())
+            .validate(("t", 1), body.into_bytes().into(), s, JsonLimits::default())
             .await
             .unwrap();
         assert!(matches!(got, Err(PayloadError::TooCostly(_))), "{got:?}");
@@ -322,7 +327,7 @@ mod tests {
     async fn a_runaway_validation_costs_its_request_and_refuses_its_version_meanwhile() {
         let pool = ValidationPool::start(2, 0, Duration::from_millis(100));
         let s = schema(branching(40));
-        let body = br#"{"a": 1}"#.to_vec();
+        let body = bytes::Bytes::from_static(br#"{"a": 1}"#);
         let first = pool
             .validate(("slow", 1), body.clone(), s.clone(), JsonLimits::default())
             .await;
@@ -343,7 +348,7 @@ mod tests {
         let other = pool
             .validate(
                 ("other", 1),
-                br#"{"a": 1}"#.to_vec(),
+                bytes::Bytes::from_static(br#"{"a": 1}"#),
                 schema(json!({"type": "object"})),
                 JsonLimits::default(),
             )
@@ -358,7 +363,7 @@ mod tests {
         let s = schema(branching(40));
         let busy = pool.validate(
             ("slow", 1),
-            br#"{"a": 1}"#.to_vec(),
+            bytes::Bytes::from_static(br#"{"a": 1}"#),
             s,
             JsonLimits::default(),
         );
@@ -366,7 +371,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             pool.validate(
                 ("other", 1),
-                br#"{"a": 1}"#.to_vec(),
+                bytes::Bytes::from_static(br#"{"a": 1}"#),
                 schema(json!({"type": "object"})),
                 JsonLimits::default(),
             )

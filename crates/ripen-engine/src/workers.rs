@@ -146,6 +146,8 @@ pub struct Workers {
     scheduler: Arc<Notify>,
     /// Exports a span per reported attempt when set.
     tracer: Option<Tracer>,
+    /// Reads a task's payload from the blob store when it is there.
+    payloads: crate::blobs::Payloads,
 }
 
 impl Workers {
@@ -156,6 +158,7 @@ impl Workers {
         open_max: usize,
         scheduler: Arc<Notify>,
         tracer: Option<Tracer>,
+        payloads: crate::blobs::Payloads,
     ) -> Arc<Workers> {
         Arc::new(Workers {
             store,
@@ -168,6 +171,7 @@ impl Workers {
             closed: Notify::new(),
             scheduler,
             tracer,
+            payloads,
         })
     }
 
@@ -281,7 +285,11 @@ impl Workers {
             let claim = Claim::by(&queue, max, worker);
             let batch = self.store.claim_due(claim, self.clock.now_us()).await?;
             if !batch.attempts.is_empty() {
-                return Ok(batch.attempts.into_iter().map(task).collect());
+                let tasks = self.with_payloads_read(batch.attempts).await?;
+                if !tasks.is_empty() {
+                    return Ok(tasks);
+                }
+                continue;
             }
             let now = tokio::time::Instant::now();
             if now >= deadline || self.closing.load(Ordering::SeqCst) {
@@ -299,6 +307,41 @@ impl Workers {
                 _ = tokio::time::sleep_until(until) => {}
             }
         }
+    }
+
+    /// The tasks of `attempts`, their payloads read from the blob store
+    /// where they are there. An attempt whose blob is lost or cannot be
+    /// read now is recorded as failed (for good, or for its retry policy)
+    /// and handed to no worker.
+    async fn with_payloads_read(&self, attempts: Vec<Attempt>) -> Result<Vec<Task>, WorkerError> {
+        let mut tasks = Vec::with_capacity(attempts.len());
+        let mut failed = Vec::new();
+        for a in attempts {
+            if !crate::blobs::is_blob(&a.payload) {
+                tasks.push(task(a));
+                continue;
+            }
+            match self.payloads.attempt(&a).await {
+                Ok(read) => tasks.push(task(read.into_owned())),
+                Err(e) => failed.push(Completion {
+                    entity_id: a.entity_id,
+                    step: a.step,
+                    epoch: a.epoch,
+                    outcome: Outcome::Failed {
+                        error: e.to_string(),
+                        retryable: e.is_transient(),
+                        retry_after_ms: None,
+                    },
+                }),
+            }
+        }
+        if !failed.is_empty() {
+            self.store
+                .complete(failed, None, self.clock.now_us())
+                .await?;
+            self.scheduler.notify_one();
+        }
+        Ok(tasks)
     }
 
     /// Every `every`, loses the attempts of worker queues whose lease

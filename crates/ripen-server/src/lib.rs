@@ -284,7 +284,12 @@ async fn submit(
     // rather than copied.
     let (parts, body) = request.into_parts();
     let headers = &parts.headers;
-    let limit = state.engine.config().body_limit_bytes;
+    // A node with a blob store takes larger submissions: those go there.
+    let config = state.engine.config();
+    let limit = config
+        .blobs
+        .as_ref()
+        .map_or(config.body_limit_bytes, |b| b.body_max);
     check_declared_length(headers, limit)?;
     check_json_media_type(headers)?;
     let key = match headers.get("idempotency-key") {
@@ -300,7 +305,7 @@ async fn submit(
         .and_then(ripen_engine::trace::parse_traceparent);
     let outcome = state
         .engine
-        .submit_traced(&caller.tenant, &type_name, &bytes, key, trace_parent)
+        .submit_traced(&caller.tenant, &type_name, bytes, key, trace_parent)
         .await
         .map_err(|e| match e {
             SubmitError::UnknownType(t) => {
@@ -375,6 +380,13 @@ async fn submit(
             .retry_after(1),
             SubmitError::BadReference(e) => deps::bad_reference(&e),
             SubmitError::ReferenceRefused(r) => deps::refused(&r),
+            SubmitError::BlobStore(e) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "blob-store-unavailable",
+                "Blob store unavailable",
+                format!("the payload was not accepted: {e}"),
+            )
+            .retry_after(1),
             SubmitError::Store(e) => store_problem(e),
         })?;
     let (record, replayed) = match outcome {
@@ -465,13 +477,34 @@ fn check_declared_length(headers: &HeaderMap, limit: usize) -> Result<(), Proble
 
 /// Reads a whole body of at most `limit` bytes, within
 /// `limits.body_timeout` (408 past it).
+/// Reads a body of at most `limit` bytes into one buffer, sized by
+/// `Content-Length` when the client sent one, so that a large body is held
+/// once while it arrives rather than in pieces and then again whole.
+async fn collect_body(
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, axum::Error> {
+    use http_body_util::BodyExt;
+    let mut body = http_body_util::Limited::new(body, limit);
+    let hint = axum::body::HttpBody::size_hint(&body).exact();
+    let capacity = hint.map_or(8 * 1024, |n| n.min(limit as u64) as usize);
+    let mut buf = bytes::BytesMut::with_capacity(capacity);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(axum::Error::new)?;
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
 async fn read_body(
     state: &AppState,
     body: axum::body::Body,
     limit: usize,
 ) -> Result<axum::body::Bytes, Problem> {
     let timeout = state.engine.config().limits.body_timeout;
-    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit));
+    let read = tokio::time::timeout(timeout, collect_body(body, limit));
     let Ok(read) = read.await else {
         return Err(Problem::new(
             StatusCode::REQUEST_TIMEOUT,
