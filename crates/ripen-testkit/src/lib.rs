@@ -19,6 +19,7 @@
 
 mod config;
 mod downstream;
+mod gate;
 mod pg;
 mod redis;
 mod server;
@@ -28,6 +29,7 @@ mod worker;
 
 pub use config::{single, sqlite_url, step_path, toml_str, w5, Config, Step, TlsFiles, TypeDef};
 pub use downstream::{Behavior, Call, Downstream, Profile, Reply, Stats};
+pub use gate::TcpGate;
 pub use pg::{PgCluster, SUPERUSER};
 pub use redis::RedisServer;
 pub use server::{cpu_ticks, tail_of_file, ServerProcess};
