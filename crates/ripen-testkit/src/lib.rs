@@ -13,6 +13,8 @@
 //!   ([`Downstream::start_tls`]) from PEM text;
 //! - [`RedisServer`] is a private, throwaway Redis server that can be
 //!   stopped and started again;
+//! - [`TcpGate`] forwards to a real server and makes outages of it without
+//!   stopping it;
 //! - [`WorkerProcess`] runs a remote worker (such as the Rust SDK's example)
 //!   as a child process, and [`workspace_binary`] builds the binaries of
 //!   other packages that a test runs.
