@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, Registry};
 use ripen_blobs::{BlobError, BlobRef, BlobStore};
 use ripen_store::{Attempt, EntityId, Store};
 use serde::Deserialize;
@@ -236,20 +236,13 @@ impl Payloads {
         registry: Option<&Registry>,
     ) -> prometheus::Result<Payloads> {
         let errors = match registry {
-            Some(registry) => {
-                let errors = IntCounterVec::new(
-                    Opts::new(
-                        "ripen_blob_errors_total",
-                        "Payload blobs that could not be read: missing, corrupt (checksum or length differ), unavailable (the store did not answer)",
-                    ),
-                    &["kind"],
-                )?;
-                registry.register(Box::new(errors.clone()))?;
-                for kind in ["missing", "corrupt", "unavailable"] {
-                    errors.with_label_values(&[kind]);
-                }
-                Some(errors)
-            }
+            Some(registry) => Some(crate::metrics::labelled_counter(
+                registry,
+                "ripen_blob_errors_total",
+                "Payload blobs that could not be read: missing, corrupt (checksum or length differ), unavailable (the store did not answer)",
+                "kind",
+                &["missing", "corrupt", "unavailable"],
+            )?),
             None => None,
         };
         Ok(Payloads {

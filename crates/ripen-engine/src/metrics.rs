@@ -27,6 +27,24 @@ pub const COUNTS_MAX_AGE: Duration = Duration::from_secs(5);
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// The `outcome` label of an attempt, as an executor or a worker reported it.
+/// A counter family of one label registered in `registry`, with a zero
+/// series for each of `values`, so that a scrape shows them before the
+/// first count.
+pub fn labelled_counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let counter = IntCounterVec::new(Opts::new(name, help), &[label])?;
+    registry.register(Box::new(counter.clone()))?;
+    for value in values {
+        counter.with_label_values(&[value]);
+    }
+    Ok(counter)
+}
+
 pub fn outcome_label(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Succeeded { .. } => "succeeded",

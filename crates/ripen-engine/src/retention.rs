@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, Registry};
 use ripen_core::UnixMicros;
 use ripen_store::{Prune, Pruned, Store};
 use serde::Deserialize;
@@ -78,18 +78,14 @@ pub struct PruneMetrics(IntCounterVec);
 
 impl PruneMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<PruneMetrics> {
-        let counter = IntCounterVec::new(
-            Opts::new(
-                "ripen_pruned_total",
-                "What the retention pruner removed: raw payloads, idempotency keys, entities",
-            ),
-            &["what"],
-        )?;
-        registry.register(Box::new(counter.clone()))?;
-        for what in ["payload", "idempotency_key", "entity"] {
-            counter.with_label_values(&[what]);
-        }
-        Ok(PruneMetrics(counter))
+        crate::metrics::labelled_counter(
+            registry,
+            "ripen_pruned_total",
+            "What the retention pruner removed: raw payloads, idempotency keys, entities",
+            "what",
+            &["payload", "idempotency_key", "entity"],
+        )
+        .map(PruneMetrics)
     }
 
     fn add(&self, p: &Pruned) {
