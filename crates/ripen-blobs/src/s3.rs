@@ -167,11 +167,11 @@ impl BlobStore for S3Store {
         };
         let found = match self.store.get(&path).await {
             Ok(found) => found,
-            Err(object_store::Error::NotFound { .. }) => return Err(missing()),
+            Err(e) if is_missing_object(&e) => return Err(missing()),
             Err(e) => return Err(unavailable("read", &path, &e)),
         };
         let bytes = found.bytes().await.map_err(|e| match e {
-            object_store::Error::NotFound { .. } => missing(),
+            e if is_missing_object(&e) => missing(),
             e => unavailable("read", &path, &e),
         })?;
         blob.verify(bytes)
@@ -180,7 +180,8 @@ impl BlobStore for S3Store {
     async fn delete(&self, key: &str) -> Result<()> {
         let path = self.path_of(key)?;
         match self.store.delete(&path).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_missing_object(&e) => Ok(()),
             Err(e) => Err(unavailable("delete", &path, &e)),
         }
     }
@@ -295,6 +296,13 @@ fn credentials_from_env() -> AmazonS3Builder {
         }
     }
     builder
+}
+
+/// Whether `e` says that the object is not there, in a bucket that is: a
+/// bucket that is not there (S3's `NoSuchBucket`, a 404 too) is a store
+/// that is not set up, not a lost blob.
+fn is_missing_object(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. }) && !e.to_string().contains("NoSuchBucket")
 }
 
 fn unavailable(what: &str, path: &Path, e: &object_store::Error) -> BlobError {

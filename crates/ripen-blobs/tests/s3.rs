@@ -261,6 +261,22 @@ async fn missing_blobs_are_missing_and_deletes_are_idempotent() {
         store.delete("a/b").await,
         Err(BlobError::BadKey(_))
     ));
+
+    // A bucket that is not there is a store that is not set up: no blob
+    // in it is lost for good.
+    let nowhere = ripen_blobs::open(&Options {
+        url: "s3://no-such-bucket/x".into(),
+        endpoint: Some(moto.endpoint()),
+        region: None,
+    })
+    .expect("open");
+    let e = nowhere.get(&never).await.unwrap_err();
+    assert!(matches!(e, BlobError::Unavailable(_)), "{e}");
+    assert!(e.to_string().contains("NoSuchBucket"), "{e}");
+    let e = nowhere.delete("never-written").await.unwrap_err();
+    assert!(matches!(e, BlobError::Unavailable(_)), "{e}");
+    let e = nowhere.put("k", Bytes::new()).await.unwrap_err();
+    assert!(matches!(e, BlobError::Unavailable(_)), "{e}");
 }
 
 #[tokio::test]
