@@ -10,7 +10,10 @@
 //! deletes those no reference names once they are older than a grace
 //! period.
 //!
-//! [`LocalDir`] keeps blobs as files under one directory (`file://`).
+//! [`LocalDir`] keeps blobs as files under one directory (`file://`);
+//! with the feature `s3`, `S3Store` keeps them as objects in an S3 bucket
+//! or on an S3-compatible server (`s3://`). [`open`] opens either from
+//! [`Options`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,8 +23,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 mod local;
+#[cfg(feature = "s3")]
+mod s3;
 
 pub use local::LocalDir;
+#[cfg(feature = "s3")]
+pub use s3::S3Store;
 
 /// What went wrong with a blob.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -155,9 +162,39 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     async fn older_than(&self, before: SystemTime, limit: usize) -> Result<Vec<String>>;
 }
 
-/// Opens the blob store of `url`: `file:///absolute/dir`.
-pub fn open(url: &str) -> std::result::Result<Arc<dyn BlobStore>, String> {
+/// Where the blobs are: what [`open`] opens.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// `file:///absolute/dir` or `s3://bucket[/prefix]`.
+    pub url: String,
+    /// S3 only: the endpoint of an S3-compatible server, e.g.
+    /// `http://127.0.0.1:9000` (plain http is allowed only when named here).
+    pub endpoint: Option<String>,
+    /// S3 only: the region (default `us-east-1`).
+    pub region: Option<String>,
+}
+
+/// Whether this build can open `s3://` blob stores (the feature `s3`).
+pub fn s3_supported() -> bool {
+    cfg!(feature = "s3")
+}
+
+/// The message of an `s3://` URL in a build without the feature `s3`.
+pub const NO_S3_SUPPORT: &str =
+    "this ripen was built without S3 support: build it with `--features s3`";
+
+/// Opens the blob store that `options` name: a directory for
+/// `file:///absolute/dir`, a bucket for `s3://bucket[/prefix]` (in builds
+/// with the feature `s3`). Opening sends no request: a store that cannot
+/// be reached shows as [`BlobError::Unavailable`] on its first use.
+pub fn open(options: &Options) -> std::result::Result<Arc<dyn BlobStore>, String> {
+    let url = options.url.as_str();
     if let Some(path) = url.strip_prefix("file://") {
+        if options.endpoint.is_some() || options.region.is_some() {
+            return Err(format!(
+                "{url:?}: an endpoint and a region are for s3:// blob stores only"
+            ));
+        }
         if !path.starts_with('/') {
             return Err(format!(
                 "{url:?}: a file:// blob store needs an absolute directory, such as file:///var/lib/ripen/blobs"
@@ -165,9 +202,22 @@ pub fn open(url: &str) -> std::result::Result<Arc<dyn BlobStore>, String> {
         }
         return Ok(Arc::new(LocalDir::open(path)?));
     }
+    if url.starts_with("s3://") {
+        return open_s3(options);
+    }
     Err(format!(
-        "{url:?}: blob stores are file:///absolute/dir URLs"
+        "{url:?}: blob stores are file:///absolute/dir or s3://bucket[/prefix] URLs"
     ))
+}
+
+#[cfg(feature = "s3")]
+fn open_s3(options: &Options) -> std::result::Result<Arc<dyn BlobStore>, String> {
+    Ok(Arc::new(S3Store::open(options)?))
+}
+
+#[cfg(not(feature = "s3"))]
+fn open_s3(options: &Options) -> std::result::Result<Arc<dyn BlobStore>, String> {
+    Err(format!("{:?}: {NO_S3_SUPPORT}", options.url))
 }
 
 /// A key is a file name on every store: 1 to 128 of `[A-Za-z0-9_-]`.
@@ -233,13 +283,47 @@ mod tests {
         assert!(!flipped.is_transient());
     }
 
+    fn url(url: &str) -> Options {
+        Options {
+            url: url.to_owned(),
+            ..Options::default()
+        }
+    }
+
     #[test]
     fn urls_name_their_store() {
-        assert!(open("s3://bucket/prefix").is_err());
-        assert!(open("file://relative/dir").is_err());
+        assert!(open(&url("file://relative/dir")).is_err());
+        assert!(open(&url("ftp://host/dir")).is_err());
         let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("file://{}", dir.path().display());
-        assert!(open(&url).is_ok(), "{url}");
+        let file = url(&format!("file://{}", dir.path().display()));
+        assert!(open(&file).is_ok(), "{file:?}");
+        let with_region = Options {
+            region: Some("eu-west-1".into()),
+            ..file
+        };
+        let e = open(&with_region).unwrap_err();
+        assert!(e.contains("s3:// blob stores only"), "{e}");
+    }
+
+    #[cfg(not(feature = "s3"))]
+    #[test]
+    fn without_the_feature_s3_urls_say_how_to_get_them() {
+        assert!(!s3_supported());
+        let e = open(&url("s3://bucket/prefix")).unwrap_err();
+        assert!(e.contains(NO_S3_SUPPORT), "{e}");
+    }
+
+    #[cfg(feature = "s3")]
+    #[test]
+    fn with_the_feature_s3_urls_open_without_a_request() {
+        assert!(s3_supported());
+        // Nothing listens there: opening sends nothing, so it works.
+        let options = Options {
+            url: "s3://bucket/some/prefix".into(),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: None,
+        };
+        assert!(open(&options).is_ok());
     }
 
     proptest! {
