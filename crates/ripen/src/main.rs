@@ -174,6 +174,15 @@ struct BenchArgs {
     /// 'payload = "1s"' with 'interval = "1s"' on a new line: what pruning costs.
     #[arg(long)]
     retention: Option<String>,
+    /// More lines of the servers' `[notify]` table, e.g.
+    /// 'outbox_retention = "10s"' (outbox rows keep their entity from
+    /// retention.entities).
+    #[arg(long)]
+    notify_config: Option<String>,
+    /// Run only the `--million` preload, printing the size of the SQLite
+    /// files every 10 s, and none of the other rows (implies --million).
+    #[arg(long, conflicts_with_all = ["intake_only", "w5_only", "workers_only", "notify"])]
+    preload_only: bool,
 }
 
 impl BenchArgs {
@@ -202,6 +211,8 @@ impl BenchArgs {
             nodes: self.nodes,
             data_dir: self.data_dir,
             retention: self.retention,
+            notify_config: self.notify_config,
+            preload_only: self.preload_only,
         })
     }
 }
