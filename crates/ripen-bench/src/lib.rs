@@ -148,6 +148,9 @@ pub struct Options {
     pub million: bool,
     /// Settled entities preloaded for the `million` row.
     pub preload: usize,
+    /// Submissions per second of the preload, spread evenly; `None` floods
+    /// (intake then outruns the pipeline, and what is pending waits).
+    pub preload_rate: Option<f64>,
     /// The storage URL of the servers (default: a fresh SQLite file per run).
     /// A `postgres://` database is shared by every run and every node.
     pub storage: Option<String>,
@@ -208,6 +211,10 @@ pub async fn run(args: Options) -> Result<()> {
         "--nodes above 1 needs a shared --storage postgres://… database"
     );
     ensure!(args.entities >= 1, "--entities must be at least 1");
+    ensure!(
+        args.preload_rate.is_none_or(|r| r.is_finite() && r > 0.0),
+        "--preload-rate must be more than zero (leave it out to submit as fast as the server answers)"
+    );
     ensure!(
         args.intake_entities >= 1,
         "--intake-entities must be at least 1"
@@ -417,10 +424,12 @@ async fn million(
     } else {
         let need = args.preload - preloaded;
         println!(
-            "1M: preloading {} settled entities of type `bulk` (one no-op step) into {} through the API, {} clients ...",
+            "1M: preloading {} settled entities of type `bulk` (one no-op step) into {} through the API, {} clients, {} ...",
             group(need as f64),
             dir.display(),
-            args.intake_clients
+            args.intake_clients,
+            args.preload_rate
+                .map_or("as fast as they are answered".to_owned(), |r| format!("{}/s", group(r)))
         );
         let server = node.start(true).await?;
         let started = Instant::now();
@@ -437,7 +446,7 @@ async fn million(
                 key_prefix: (!args.no_keys).then(|| format!("preload-{:016x}", fastrand::u64(..))),
                 count: need,
                 clients: args.intake_clients,
-                rate_per_s: None,
+                rate_per_s: args.preload_rate,
                 auth: None,
                 progress: Some(submitted),
             },

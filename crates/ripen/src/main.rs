@@ -158,6 +158,10 @@ struct BenchArgs {
     /// Settled entities preloaded for the `--million` row.
     #[arg(long, default_value_t = 1_000_000)]
     preload: usize,
+    /// Submissions per second of the `--million` preload, spread evenly
+    /// (default: as fast as the server answers, which outruns the pipeline).
+    #[arg(long)]
+    preload_rate: Option<f64>,
     /// The storage URL of the servers (default: a fresh SQLite file per run).
     /// A `postgres://` database is shared by every run and every node.
     #[arg(long)]
@@ -207,6 +211,7 @@ impl BenchArgs {
             auth: self.auth,
             million: self.million,
             preload: self.preload,
+            preload_rate: self.preload_rate,
             storage: self.storage,
             nodes: self.nodes,
             data_dir: self.data_dir,
