@@ -104,6 +104,10 @@ const WORKER_CONCURRENCY: usize = 64;
 const WAKE_SAMPLE_MAX: usize = 2_000;
 /// Concurrent history reads.
 const WAKE_SAMPLE_READERS: usize = 8;
+/// How often the `million` preload samples the size of its SQLite files.
+const SIZE_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
+/// The summary's table of those samples keeps at most about this many rows.
+const SIZE_TABLE_ROWS_MAX: usize = 24;
 
 /// What to measure and how; `ripen bench` fills it from its flags.
 #[derive(Debug, Clone)]
@@ -144,6 +148,9 @@ pub struct Options {
     pub million: bool,
     /// Settled entities preloaded for the `million` row.
     pub preload: usize,
+    /// Submissions per second of the preload, spread evenly; `None` floods
+    /// (intake then outruns the pipeline, and what is pending waits).
+    pub preload_rate: Option<f64>,
     /// The storage URL of the servers (default: a fresh SQLite file per run).
     /// A `postgres://` database is shared by every run and every node.
     pub storage: Option<String>,
@@ -159,15 +166,25 @@ pub struct Options {
     /// The body of the servers' `[retention]` table (say `payload = "1s"`),
     /// to measure what pruning costs; the defaults when `None`.
     pub retention: Option<String>,
+    /// More `key = value` lines of the servers' `[notify]` table (say
+    /// `outbox_retention = "10s"`: outbox rows keep their entity).
+    pub notify_config: Option<String>,
+    /// Run only the `million` preload (with its size samples), none of
+    /// the other rows nor the rows on top of the preloaded store.
+    pub preload_only: bool,
 }
 
 impl Options {
     fn runs_intake(&self) -> bool {
-        !self.w5_only && !self.workers_only
+        !self.w5_only && !self.workers_only && !self.preload_only
     }
 
     fn runs_w5(&self) -> bool {
-        !self.intake_only && !self.workers_only
+        !self.intake_only && !self.workers_only && !self.preload_only
+    }
+
+    fn runs_million(&self) -> bool {
+        self.million || self.preload_only
     }
 
     fn runs_notify(&self) -> bool {
@@ -175,7 +192,7 @@ impl Options {
     }
 
     fn runs_workers(&self) -> bool {
-        !self.intake_only && !self.w5_only && self.worker_entities > 0
+        !self.intake_only && !self.w5_only && !self.preload_only && self.worker_entities > 0
     }
 
     fn postgres(&self) -> bool {
@@ -194,6 +211,10 @@ pub async fn run(args: Options) -> Result<()> {
         "--nodes above 1 needs a shared --storage postgres://… database"
     );
     ensure!(args.entities >= 1, "--entities must be at least 1");
+    ensure!(
+        args.preload_rate.is_none_or(|r| r.is_finite() && r > 0.0),
+        "--preload-rate must be more than zero (leave it out to submit as fast as the server answers)"
+    );
     ensure!(
         args.intake_entities >= 1,
         "--intake-entities must be at least 1"
@@ -277,7 +298,9 @@ pub async fn run(args: Options) -> Result<()> {
     );
     let mut figures = Figures::default();
     let mut errors = Errors::default();
-    for run in 1..=args.runs {
+    // `--preload-only` runs none of these rows.
+    let rows_runs = if args.preload_only { 0 } else { args.runs };
+    for run in 1..=rows_runs {
         if args.runs_intake() {
             let fresh = Bench::fresh(&args, &pad, false).await?;
             let r = fresh
@@ -334,7 +357,7 @@ pub async fn run(args: Options) -> Result<()> {
             settle_disk();
         }
     }
-    if args.million {
+    if args.runs_million() {
         million(&args, &pad, &mut figures, &mut errors).await?;
     }
     for (kind, error) in &errors.kinds {
@@ -389,6 +412,7 @@ async fn million(
         payload_bytes: args.payload_bytes,
         storage: args.storage.clone(),
         retention: args.retention.clone(),
+        notify_config: args.notify_config.clone(),
     };
     println!();
     if preloaded >= args.preload {
@@ -400,13 +424,21 @@ async fn million(
     } else {
         let need = args.preload - preloaded;
         println!(
-            "1M: preloading {} settled entities of type `bulk` (one no-op step) into {} through the API, {} clients ...",
+            "1M: preloading {} settled entities of type `bulk` (one no-op step) into {} through the API, {} clients, {} ...",
             group(need as f64),
             dir.display(),
-            args.intake_clients
+            args.intake_clients,
+            args.preload_rate
+                .map_or("as fast as they are answered".to_owned(), |r| format!("{}/s", group(r)))
         );
         let server = node.start(true).await?;
         let started = Instant::now();
+        let submitted = Arc::new(AtomicUsize::new(0));
+        // The files are SQLite's only when the node runs on its own file.
+        let sampler = args
+            .storage
+            .is_none()
+            .then(|| SizeSampler::start(dir.clone(), started, submitted.clone()));
         let phase = submit_phase(
             vec![server.addr()?],
             SubmitPlan {
@@ -414,8 +446,9 @@ async fn million(
                 key_prefix: (!args.no_keys).then(|| format!("preload-{:016x}", fastrand::u64(..))),
                 count: need,
                 clients: args.intake_clients,
-                rate_per_s: None,
+                rate_per_s: args.preload_rate,
                 auth: None,
+                progress: Some(submitted),
             },
             pad.clone(),
             args.payload_bytes,
@@ -424,18 +457,28 @@ async fn million(
         errors.merge(phase.errors);
         let mut server = server;
         wait_until_settled(&mut server).await?;
+        let settled_after = started.elapsed();
+        if let Some(sampler) = sampler {
+            figures.million_sizes = sampler.finish().await;
+        }
         settle_disk();
+        let per_s = phase.accepted as f64 / settled_after.as_secs_f64();
+        figures.million_preload = Some((phase.accepted, settled_after));
         println!(
             "1M: preloaded {} entities in {:.0} s ({}/s, intake and pipeline together)",
             group(phase.accepted as f64),
-            started.elapsed().as_secs_f64(),
-            group(phase.accepted as f64 / started.elapsed().as_secs_f64())
+            settled_after.as_secs_f64(),
+            group(per_s)
         );
         std::fs::write(&marker, (preloaded + phase.accepted).to_string())
             .with_context(|| format!("write {}", marker.display()))?;
         server.stop();
     }
     println!("1M: database files: {}", db_size(&dir));
+    if args.preload_only {
+        add_violations(errors, downstream.stats());
+        return Ok(());
+    }
 
     // W5 runs first: the intake rows leave pending entities behind (their
     // node runs no steps), which a later W5 node would otherwise execute.
@@ -499,6 +542,8 @@ struct Node {
     payload_bytes: usize,
     storage: Option<String>,
     retention: Option<String>,
+    /// More lines of `[notify]`.
+    notify_config: Option<String>,
 }
 
 impl Node {
@@ -510,6 +555,9 @@ impl Node {
         let mut config = bench_config(self.downstream, self.payload_bytes, execute);
         if let Some(retention) = &self.retention {
             config = config.extra(&format!("[retention]\n{retention}"));
+        }
+        if let Some(notify) = &self.notify_config {
+            config = config.notify(notify);
         }
         let config_path = config
             .write(&self.dir, &storage)
@@ -539,6 +587,7 @@ impl Node {
                 clients: args.intake_clients,
                 rate_per_s: None,
                 auth: None,
+                progress: None,
             },
             pad.clone(),
             args.payload_bytes,
@@ -562,15 +611,188 @@ impl Node {
     }
 }
 
+/// The SQLite files of a data directory: the main file and its
+/// write-ahead log.
+const DB_FILES: [&str; 2] = ["ripen.db", "ripen.db-wal"];
+
+/// The sizes of [`DB_FILES`] in `dir`, `None` for a file that is not there.
+fn db_file_sizes(dir: &Path) -> [Option<u64>; 2] {
+    DB_FILES.map(|name| std::fs::metadata(dir.join(name)).ok().map(|m| m.len()))
+}
+
 /// The total size of the database files in `dir`.
 fn db_size(dir: &Path) -> String {
-    let mut parts = Vec::new();
-    for name in ["ripen.db", "ripen.db-wal"] {
-        if let Ok(meta) = std::fs::metadata(dir.join(name)) {
-            parts.push(format!("{name} {:.0} MiB", mib(meta.len())));
+    DB_FILES
+        .iter()
+        .zip(db_file_sizes(dir))
+        .filter_map(|(name, len)| len.map(|len| format!("{name} {:.0} MiB", mib(len))))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The bytes of the free pages of the SQLite file at `path`, from its
+/// header (page size at offset 16, free page count at offset 36). In WAL
+/// mode the header on disk is the one of the last checkpoint, so this is
+/// the free space as of then; `None` if the file has no SQLite header yet.
+fn free_bytes_at_checkpoint(path: &Path) -> Option<u64> {
+    use std::io::Read as _;
+    let mut header = [0u8; 100];
+    std::fs::File::open(path)
+        .ok()?
+        .read_exact(&mut header)
+        .ok()?;
+    if &header[..16] != b"SQLite format 3\0" {
+        return None;
+    }
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65_536,
+        n => u64::from(n),
+    };
+    let free_pages = u32::from_be_bytes([header[36], header[37], header[38], header[39]]);
+    Some(page_size * u64::from(free_pages))
+}
+
+/// The size of a SQLite data directory at one moment of the `million`
+/// preload.
+#[derive(Clone, Debug, PartialEq)]
+struct SizeSample {
+    /// Since the preload started.
+    at: Duration,
+    /// Submissions acknowledged by then.
+    submitted: usize,
+    main_bytes: u64,
+    wal_bytes: u64,
+    /// See [`free_bytes_at_checkpoint`].
+    free_bytes: Option<u64>,
+}
+
+impl SizeSample {
+    fn take(dir: &Path, at: Duration, submitted: usize) -> SizeSample {
+        let [main, wal] = db_file_sizes(dir);
+        SizeSample {
+            at,
+            submitted,
+            main_bytes: main.unwrap_or(0),
+            wal_bytes: wal.unwrap_or(0),
+            free_bytes: free_bytes_at_checkpoint(&dir.join(DB_FILES[0])),
         }
     }
-    parts.join(", ")
+
+    fn total_bytes(&self) -> u64 {
+        self.main_bytes + self.wal_bytes
+    }
+
+    fn free(&self) -> String {
+        self.free_bytes
+            .map_or("n/a".to_owned(), |b| format!("{:.0}", mib(b)))
+    }
+
+    /// `1M size: t=…s submitted=… db=… MiB (main … MiB, wal … MiB, free … MiB)`.
+    fn line(&self) -> String {
+        format!(
+            "1M size: t={:.0}s submitted={} db={:.0} MiB (main {:.0} MiB, wal {:.0} MiB, free {} MiB)",
+            self.at.as_secs_f64(),
+            group(self.submitted as f64),
+            mib(self.total_bytes()),
+            mib(self.main_bytes),
+            mib(self.wal_bytes),
+            self.free()
+        )
+    }
+}
+
+/// Samples the SQLite files of the `million` preload every
+/// [`SIZE_SAMPLE_INTERVAL`] on a task of its own (two `stat`s and one
+/// 100-byte read, so the submitting clients do not wait for it), printing
+/// each sample as it takes it.
+struct SizeSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<SizeSample>>,
+}
+
+impl SizeSampler {
+    fn start(dir: PathBuf, started: Instant, submitted: Arc<AtomicUsize>) -> SizeSampler {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut ticks = tokio::time::interval_at(
+                (started + SIZE_SAMPLE_INTERVAL).into(),
+                SIZE_SAMPLE_INTERVAL,
+            );
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut sample = || {
+                let s =
+                    SizeSample::take(&dir, started.elapsed(), submitted.load(Ordering::Relaxed));
+                println!("{}", s.line());
+                samples.push(s);
+            };
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = ticks.tick() => sample(),
+                }
+            }
+            // The last one, at the end of the phase.
+            sample();
+            samples
+        });
+        SizeSampler { stop, task }
+    }
+
+    /// Takes the last sample and returns them all.
+    async fn finish(self) -> Vec<SizeSample> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_else(|e| {
+            println!("1M size: the sampler failed: {e}");
+            Vec::new()
+        })
+    }
+}
+
+/// At most about `max` of `samples`, evenly spaced, always with the last.
+fn thin(samples: &[SizeSample], max: usize) -> Vec<&SizeSample> {
+    let step = samples.len().div_ceil(max.max(1)).max(1);
+    let mut kept: Vec<&SizeSample> = samples.iter().step_by(step).collect();
+    if let Some(last) = samples.last() {
+        if kept.last().is_none_or(|k| !std::ptr::eq(*k, last)) {
+            kept.push(last);
+        }
+    }
+    kept
+}
+
+/// The preload's size samples as a table (from the summary).
+fn print_size_table(samples: &[SizeSample], preload: Option<(usize, Duration)>) {
+    if samples.is_empty() {
+        return;
+    }
+    println!();
+    print!("1M preload: SQLite files over time");
+    if let Some((entities, took)) = preload {
+        print!(
+            " ({} entities in {:.0} s, {}/s)",
+            group(entities as f64),
+            took.as_secs_f64(),
+            group(entities as f64 / took.as_secs_f64())
+        );
+    }
+    println!("; free is as of the last checkpoint");
+    println!(
+        "{:>7} {:>11} {:>9} {:>9} {:>9} {:>9}",
+        "t (s)", "submitted", "db MiB", "main MiB", "wal MiB", "free MiB"
+    );
+    for s in thin(samples, SIZE_TABLE_ROWS_MAX) {
+        println!(
+            "{:>7.0} {:>11} {:>9.0} {:>9.0} {:>9.0} {:>9}",
+            s.at.as_secs_f64(),
+            group(s.submitted as f64),
+            mib(s.total_bytes()),
+            mib(s.main_bytes),
+            mib(s.wal_bytes),
+            s.free()
+        );
+    }
+    println!();
 }
 
 /// A server and what a row needs around it.
@@ -623,6 +845,7 @@ impl<'a> Bench<'a> {
             payload_bytes: args.payload_bytes,
             storage: args.storage.clone(),
             retention: args.retention.clone(),
+            notify_config: args.notify_config.clone(),
         };
         let mut server = node.start(execute).await?;
         let mut others = Vec::new();
@@ -682,6 +905,7 @@ impl<'a> Bench<'a> {
                 clients: self.args.intake_clients,
                 rate_per_s: None,
                 auth: self.auth.clone(),
+                progress: None,
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -699,6 +923,7 @@ impl<'a> Bench<'a> {
                 clients: self.args.intake_clients,
                 rate_per_s: None,
                 auth: self.auth.clone(),
+                progress: None,
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -721,6 +946,7 @@ impl<'a> Bench<'a> {
                 clients: self.args.intake_clients,
                 rate_per_s: Some(HALF_RATE_PER_S),
                 auth: self.auth.clone(),
+                progress: None,
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -818,6 +1044,7 @@ impl<'a> Bench<'a> {
                 clients: self.args.clients,
                 rate_per_s: None,
                 auth: self.auth.clone(),
+                progress: None,
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -928,6 +1155,7 @@ impl<'a> Bench<'a> {
                 clients: self.args.clients,
                 rate_per_s: None,
                 auth: self.auth.clone(),
+                progress: None,
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -1007,6 +1235,7 @@ impl<'a> Bench<'a> {
                 clients: self.args.burst_clients,
                 rate_per_s: None,
                 auth: self.auth.clone(),
+                progress: None,
             },
             self.pad.clone(),
             self.args.payload_bytes,
@@ -1327,6 +1556,10 @@ struct Figures {
     million_intake: Vec<IntakeFigures>,
     million_w5: Vec<W5Figures>,
     million_restart: Vec<Restart>,
+    /// The `million` preload: entities, and the time until all settled.
+    million_preload: Option<(usize, Duration)>,
+    /// The `million` preload's SQLite sizes, every [`SIZE_SAMPLE_INTERVAL`].
+    million_sizes: Vec<SizeSample>,
     workers: Vec<WorkerFigures>,
     notify: Vec<(W5Figures, LagFigures)>,
 }
@@ -1401,6 +1634,9 @@ struct SubmitPlan {
     rate_per_s: Option<f64>,
     /// `Authorization` of every request, with `--auth`.
     auth: Option<String>,
+    /// Counts acknowledged submissions as they come, for whoever watches
+    /// the phase from outside (the size sampler of the `million` preload).
+    progress: Option<Arc<AtomicUsize>>,
 }
 
 struct SubmitOutcome {
@@ -1469,7 +1705,12 @@ async fn submit_phase(
                 request.extend_from_slice(&body);
                 let sent = Instant::now();
                 match conn.round_trip(&request).await {
-                    Ok(202) => latencies.push(sent.elapsed()),
+                    Ok(202) => {
+                        latencies.push(sent.elapsed());
+                        if let Some(progress) = &plan.progress {
+                            progress.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     Ok(status) => errors.add(
                         format!("intake answered {status}"),
                         format!("POST {path}: {}", snippet(conn.body())),
@@ -1897,6 +2138,7 @@ fn median(values: &[f64]) -> Option<f64> {
 /// Prints the figures beside their targets; on PostgreSQL the W5 target is
 /// that backend's, and the latency targets (stated for SQLite) are not shown.
 fn print_summary(f: &Figures, postgres: bool) {
+    print_size_table(&f.million_sizes, f.million_preload);
     let msf = |d: Duration| d.as_secs_f64() * 1000.0;
     let intake = |fs: &[IntakeFigures], g: &dyn Fn(&IntakeFigures) -> f64| -> Vec<f64> {
         fs.iter().map(g).collect()
@@ -2337,5 +2579,46 @@ mod tests {
             .render_on(dir.path(), "sqlite://x")
             .unwrap()
             .contains("body_limit_bytes = 8392704"));
+    }
+
+    fn sample(at_s: u64) -> SizeSample {
+        SizeSample {
+            at: Duration::from_secs(at_s),
+            submitted: 1_234_567,
+            main_bytes: 300 << 20,
+            wal_bytes: 12 << 20,
+            free_bytes: Some(3 << 20),
+        }
+    }
+
+    #[test]
+    fn a_size_sample_prints_as_one_line() {
+        assert_eq!(
+            sample(20).line(),
+            "1M size: t=20s submitted=1,234,567 db=312 MiB (main 300 MiB, wal 12 MiB, free 3 MiB)"
+        );
+    }
+
+    #[test]
+    fn thinning_keeps_the_first_and_the_last() {
+        let samples: Vec<SizeSample> = (1..=30).map(|i| sample(i * 10)).collect();
+        let kept: Vec<u64> = thin(&samples, 6).iter().map(|s| s.at.as_secs()).collect();
+        assert_eq!(kept, [10, 60, 110, 160, 210, 260, 300]);
+        assert_eq!(thin(&samples[..3], 6).len(), 3);
+        assert!(thin(&[], 6).is_empty());
+    }
+
+    #[test]
+    fn free_pages_are_read_from_the_sqlite_header() {
+        let dir = TempDir::new("ripen-bench-test-").unwrap();
+        let path = dir.path().join("ripen.db");
+        let mut header = vec![0u8; 100];
+        header[..16].copy_from_slice(b"SQLite format 3\0");
+        header[16..18].copy_from_slice(&4096u16.to_be_bytes());
+        header[36..40].copy_from_slice(&25u32.to_be_bytes());
+        std::fs::write(&path, &header).unwrap();
+        assert_eq!(free_bytes_at_checkpoint(&path), Some(25 * 4096));
+        std::fs::write(&path, b"not a database").unwrap();
+        assert_eq!(free_bytes_at_checkpoint(&path), None);
     }
 }

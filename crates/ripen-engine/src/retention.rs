@@ -18,7 +18,8 @@ use crate::time::Clock;
 
 /// The least a configuration may keep idempotency keys: a client that
 /// retries a submission within a day is always answered by the entity its
-/// first try created.
+/// first try created. `allow_short_periods = true` lifts it, for tests and
+/// benchmarks.
 pub const IDEMPOTENCY_KEYS_MIN_MS: u64 = 24 * 3_600_000;
 /// The longest period a retention key may name: ten years.
 const PERIOD_MAX_S: u64 = 10 * 366 * 86_400;
@@ -30,7 +31,8 @@ pub struct Retention {
     /// entity last changed.
     pub payload_ms: u64,
     /// Idempotency keys are pruned this long after they were stored (at
-    /// least [`IDEMPOTENCY_KEYS_MIN_MS`]); a pruned key is free for reuse.
+    /// least [`IDEMPOTENCY_KEYS_MIN_MS`] unless `allow_short_periods`); a
+    /// pruned key is free for reuse.
     pub idempotency_keys_ms: u64,
     /// Settled entities are deleted entirely this long after they last
     /// changed (at least `idempotency_keys`); `None`, the default, keeps
@@ -40,6 +42,10 @@ pub struct Retention {
     pub interval_ms: u64,
     /// Rows per pass (one transaction).
     pub batch: u32,
+    /// `allow_short_periods = true`: `idempotency_keys` may be shorter than
+    /// a day (tests and benchmarks). A client retrying later than that
+    /// creates a second entity, so the pruner warns when it starts.
+    pub allow_short_periods: bool,
 }
 
 pub const DEFAULT_PAYLOAD_MS: u64 = 7 * 86_400_000;
@@ -54,11 +60,19 @@ impl Default for Retention {
             entities_ms: None,
             interval_ms: DEFAULT_INTERVAL_MS,
             batch: DEFAULT_BATCH,
+            allow_short_periods: false,
         }
     }
 }
 
 impl Retention {
+    /// Whether idempotency keys are kept less than a day, which only
+    /// `allow_short_periods` permits: Guarantee 2 (a retry within a day
+    /// finds its entity) no longer holds.
+    pub fn keys_shorter_than_a_day(&self) -> bool {
+        self.idempotency_keys_ms < IDEMPOTENCY_KEYS_MIN_MS
+    }
+
     /// The pass due at `now_us`: each bound is `now_us` less its period.
     pub fn pass(&self, now_us: UnixMicros, dry_run: bool) -> Prune {
         let before = |ms: u64| now_us.saturating_sub((ms as i64).saturating_mul(1_000));
@@ -104,6 +118,16 @@ pub async fn run(
     retention: Retention,
     metrics: PruneMetrics,
 ) {
+    if retention.keys_shorter_than_a_day() {
+        tracing::warn!(
+            idempotency_keys = %humantime::format_duration(Duration::from_millis(
+                retention.idempotency_keys_ms
+            )),
+            "retention.allow_short_periods: idempotency keys may expire before 24h, so a client \
+             that retries later than retention.idempotency_keys creates a second entity; \
+             meant for tests and benchmarks, not for production"
+        );
+    }
     let interval = Duration::from_millis(retention.interval_ms);
     loop {
         tokio::time::sleep(interval).await;
@@ -146,6 +170,7 @@ pub struct RawRetention {
     entities: Option<String>,
     interval: Option<String>,
     batch: Option<u32>,
+    allow_short_periods: Option<bool>,
 }
 
 impl RawRetention {
@@ -161,14 +186,18 @@ impl RawRetention {
             PERIOD_MAX_S,
         )
         .map_err(|p| (key("idempotency_keys"), p))?;
-        if idempotency_keys_ms < IDEMPOTENCY_KEYS_MIN_MS {
+        let allow_short_periods = self.allow_short_periods.unwrap_or(false);
+        if idempotency_keys_ms < IDEMPOTENCY_KEYS_MIN_MS && !allow_short_periods {
             return Err((
                 key("idempotency_keys"),
                 format!(
-                    "{:?} is shorter than the least of 24h: a client retrying within a day must find its key",
+                    "{:?} is shorter than the least of 24h: a client retrying within a day must find its key (retention.allow_short_periods = true lifts this, for tests and benchmarks only)",
                     self.idempotency_keys.unwrap_or_default()
                 ),
             ));
+        }
+        if idempotency_keys_ms == 0 {
+            return Err((key("idempotency_keys"), "must be more than zero".into()));
         }
         // A key always names an entity that exists: entities go no sooner
         // than their keys (a key is stored when its entity is created).
@@ -203,6 +232,7 @@ impl RawRetention {
             entities_ms,
             interval_ms,
             batch,
+            allow_short_periods,
         })
     }
 }
@@ -246,6 +276,52 @@ mod tests {
                 .expect("two days")
                 .idempotency_keys_ms,
             2 * 86_400_000
+        );
+    }
+
+    #[test]
+    fn short_key_periods_are_refused_without_the_flag() {
+        let text = "idempotency_keys = \"20s\"\nentities = \"30s\"";
+        let (key, problem) = parse(text).expect_err("too short");
+        assert_eq!(key, "retention.idempotency_keys");
+        assert!(
+            problem.starts_with("\"20s\" is shorter than the least of 24h"),
+            "{problem}"
+        );
+        let (key, _) = parse(&format!("{text}\nallow_short_periods = false")).expect_err("off");
+        assert_eq!(key, "retention.idempotency_keys");
+    }
+
+    #[test]
+    fn short_key_periods_are_accepted_with_the_flag() {
+        let r = parse(
+            "payload = \"10s\"\nidempotency_keys = \"20s\"\nentities = \"30s\"\nallow_short_periods = true",
+        )
+        .expect("short periods allowed");
+        assert_eq!(
+            (r.payload_ms, r.idempotency_keys_ms, r.entities_ms),
+            (10_000, 20_000, Some(30_000))
+        );
+        assert!(r.allow_short_periods && r.keys_shorter_than_a_day());
+        assert!(!parse("").expect("defaults").keys_shorter_than_a_day());
+        // The other bounds hold still: entities no sooner than their keys,
+        // no zero key period, nothing past ten years.
+        let (key, problem) =
+            parse("idempotency_keys = \"20s\"\nentities = \"10s\"\nallow_short_periods = true")
+                .expect_err("entities below the keys");
+        assert_eq!(key, "retention.entities");
+        assert!(problem.contains("idempotency_keys"), "{problem}");
+        assert_eq!(
+            parse("idempotency_keys = \"0s\"\nallow_short_periods = true")
+                .expect_err("zero")
+                .0,
+            "retention.idempotency_keys"
+        );
+        assert_eq!(
+            parse("idempotency_keys = \"11years\"\nallow_short_periods = true")
+                .expect_err("too long")
+                .0,
+            "retention.idempotency_keys"
         );
     }
 

@@ -158,6 +158,10 @@ struct BenchArgs {
     /// Settled entities preloaded for the `--million` row.
     #[arg(long, default_value_t = 1_000_000)]
     preload: usize,
+    /// Submissions per second of the `--million` preload, spread evenly
+    /// (default: as fast as the server answers, which outruns the pipeline).
+    #[arg(long)]
+    preload_rate: Option<f64>,
     /// The storage URL of the servers (default: a fresh SQLite file per run).
     /// A `postgres://` database is shared by every run and every node.
     #[arg(long)]
@@ -174,6 +178,15 @@ struct BenchArgs {
     /// 'payload = "1s"' with 'interval = "1s"' on a new line: what pruning costs.
     #[arg(long)]
     retention: Option<String>,
+    /// More lines of the servers' `[notify]` table, e.g.
+    /// 'outbox_retention = "10s"' (outbox rows keep their entity from
+    /// retention.entities).
+    #[arg(long)]
+    notify_config: Option<String>,
+    /// Run only the `--million` preload, printing the size of the SQLite
+    /// files every 10 s, and none of the other rows (implies --million).
+    #[arg(long, conflicts_with_all = ["intake_only", "w5_only", "workers_only", "notify"])]
+    preload_only: bool,
 }
 
 impl BenchArgs {
@@ -198,10 +211,13 @@ impl BenchArgs {
             auth: self.auth,
             million: self.million,
             preload: self.preload,
+            preload_rate: self.preload_rate,
             storage: self.storage,
             nodes: self.nodes,
             data_dir: self.data_dir,
             retention: self.retention,
+            notify_config: self.notify_config,
+            preload_only: self.preload_only,
         })
     }
 }

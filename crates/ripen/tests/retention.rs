@@ -279,3 +279,58 @@ async fn too_short_periods_stop_the_server_naming_the_key() {
         assert!(out.stderr.contains(key), "{extra}: {out}");
     }
 }
+
+/// `allow_short_periods`: idempotency keys may be kept seconds; the node
+/// warns when it starts, and a retry after the key period creates a second
+/// entity (what the 24 h floor prevents in production).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_key_periods_warn_and_a_late_retry_makes_a_second_entity() {
+    let ds = Downstream::start().await;
+    let cfg = Config::new().with_type(single("kept", &ds)).extra(
+        "[retention]\npayload = \"10s\"\nidempotency_keys = \"1s\"\nentities = \"60s\"\n\
+         allow_short_periods = true\ninterval = \"100ms\"",
+    );
+    let srv = Server::start(&cfg).await;
+    let api = srv.api();
+    let body = json!({"name": "once"});
+    let id = |r: &Resp| -> String {
+        assert_eq!(r.status, 202, "{r}");
+        r.json()["id"].as_str().expect("an id").to_owned()
+    };
+    let first = id(&api.submit("kept", &body, Some("late-retry")).await);
+    let again = api.submit("kept", &body, Some("late-retry")).await;
+    assert!(again.status < 300, "{again}");
+    assert_eq!(
+        again.json()["id"],
+        first.as_str(),
+        "a retry within the period"
+    );
+
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let metrics = api.get("/metrics").await.text();
+        let keys: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("ripen_pruned_total{what=\"idempotency_key\"} "))
+            .unwrap_or_else(|| panic!("no ripen_pruned_total in {metrics}"))
+            .parse()
+            .expect("a count");
+        if keys >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key was not pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The pruner warned when it started, before its first pass.
+    let log = srv.log();
+    assert!(
+        log.contains("idempotency keys may expire before 24h"),
+        "no warning at start in:\n{log}"
+    );
+    let later = id(&api.submit("kept", &body, Some("late-retry")).await);
+    assert_ne!(later, first, "a retry after the key period is a new entity");
+    assert_eq!(api.entity(&first).await["id"], first.as_str());
+}

@@ -34,8 +34,19 @@ pub const IN_FLIGHT_MAX: usize = 256;
 const FAN_OUT_BATCH: u32 = 512;
 /// Outbox rows and delivered deliveries one pruning round deletes.
 const PRUNE_BATCH: u32 = 1_000;
-/// How often pruning runs.
+/// How often pruning runs, at most; a shorter `outbox_retention` prunes as
+/// often as it names (see [`prune_every`]).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often pruning runs, at least.
+const PRUNE_EVERY_MIN: Duration = Duration::from_secs(1);
+
+/// How often the dispatcher prunes the outbox: every minute, or every
+/// `outbox_retention` when that is shorter (but not more than once a
+/// second), so that rows are kept about as long as configured and no
+/// longer: outbox rows keep their entity from `retention.entities`.
+fn prune_every(outbox_retention_ms: u64) -> Duration {
+    Duration::from_millis(outbox_retention_ms).clamp(PRUNE_EVERY_MIN, PRUNE_EVERY)
+}
 /// How long the subscriptions a node knows are trusted before it reads them
 /// again (a new or deleted one is noticed by then).
 const SUBSCRIPTIONS_MAX_AGE: Duration = Duration::from_secs(2);
@@ -199,6 +210,7 @@ impl Dispatcher {
         let mut subs: HashMap<String, Arc<Subscription>> = HashMap::new();
         let mut subs_read: Option<tokio::time::Instant> = None;
         let mut last_prune = tokio::time::Instant::now();
+        let every = prune_every(self.config.outbox_retention_ms);
         loop {
             let mut results = Vec::new();
             while let Ok(done) = done_rx.try_recv() {
@@ -294,7 +306,7 @@ impl Dispatcher {
                     });
                 });
             }
-            if last_prune.elapsed() >= PRUNE_EVERY {
+            if last_prune.elapsed() >= every {
                 last_prune = tokio::time::Instant::now();
                 self.prune().await;
             }
@@ -467,6 +479,13 @@ fn delivery_span(done: &Done, sink: &str, outcome: &str) -> crate::trace::Span {
 mod tests {
     use super::*;
     use ripen_store::{DeliveryStatus, EntityId, Notification};
+
+    #[test]
+    fn a_short_outbox_retention_prunes_as_often() {
+        assert_eq!(prune_every(24 * 3_600_000), Duration::from_secs(60));
+        assert_eq!(prune_every(10_000), Duration::from_secs(10));
+        assert_eq!(prune_every(0), Duration::from_secs(1));
+    }
 
     fn delivery(attempts: u32, created_at_us: UnixMicros) -> Delivery {
         Delivery {

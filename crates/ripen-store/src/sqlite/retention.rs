@@ -89,12 +89,28 @@ pub(super) fn prune(conn: &Connection, p: &Prune, now_us: UnixMicros) -> Result<
         pruned.entities = prune_entities(conn, before, p)?;
     }
     if !p.dry_run && pruned.total() > 0 {
-        let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
-        if mode == 2 {
-            conn.execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))?;
-        }
+        give_back_free_pages(conn, VACUUM_PAGES)?;
     }
     Ok(pruned)
+}
+
+/// Gives up to `pages` free pages back to the file system when the
+/// database was created with `auto_vacuum = INCREMENTAL`, and says how many
+/// it gave. `PRAGMA incremental_vacuum` frees one page per step of its
+/// statement, so the statement is stepped to its end (`execute_batch`
+/// steps once: one page a pass).
+fn give_back_free_pages(conn: &Connection, pages: u32) -> Result<u64> {
+    let mode: i64 = conn.pragma_query_value(None, "auto_vacuum", |r| r.get(0))?;
+    if mode != 2 {
+        return Ok(0);
+    }
+    let mut stmt = conn.prepare_cached(&format!("PRAGMA incremental_vacuum({pages})"))?;
+    let mut rows = stmt.query([])?;
+    let mut given = 0;
+    while rows.next()?.is_some() {
+        given += 1;
+    }
+    Ok(given)
 }
 
 /// Deletes up to `p.limit` settled entities last changed before `before`
@@ -218,4 +234,54 @@ pub(super) fn stats(conn: &Connection) -> Result<StoreStats> {
         free_bytes,
         oldest_kept_payload_us,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pragma(conn: &Connection, name: &str) -> i64 {
+        conn.pragma_query_value(None, name, |r| r.get(0))
+            .expect("pragma")
+    }
+
+    #[test]
+    fn a_retention_pass_gives_back_every_free_page_it_may() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(
+            "PRAGMA auto_vacuum = INCREMENTAL;
+             CREATE TABLE t (b BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+             INSERT INTO t SELECT zeroblob(3000) FROM n;
+             DELETE FROM t;",
+        )
+        .expect("fill and empty");
+        let free = pragma(&conn, "freelist_count");
+        assert!(free > 1_500, "{free} free pages");
+        let pages = pragma(&conn, "page_count");
+        assert_eq!(give_back_free_pages(&conn, 1_000).expect("vacuum"), 1_000);
+        assert_eq!(pragma(&conn, "freelist_count"), free - 1_000);
+        // The file shrinks by as much, and by the pointer-map pages that
+        // mapped the freed ones.
+        assert!(pragma(&conn, "page_count") <= pages - 1_000);
+        // The rest, and no more than there is.
+        let rest = (free - 1_000) as u64;
+        assert_eq!(give_back_free_pages(&conn, 100_000).expect("vacuum"), rest);
+        assert_eq!(pragma(&conn, "freelist_count"), 0);
+    }
+
+    #[test]
+    fn without_incremental_auto_vacuum_retention_gives_nothing_back() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(
+            "CREATE TABLE t (b BLOB);
+             INSERT INTO t VALUES (zeroblob(100000));
+             DELETE FROM t;",
+        )
+        .expect("fill and empty");
+        let free = pragma(&conn, "freelist_count");
+        assert!(free > 0);
+        assert_eq!(give_back_free_pages(&conn, 1_000).expect("vacuum"), 0);
+        assert_eq!(pragma(&conn, "freelist_count"), free);
+    }
 }
