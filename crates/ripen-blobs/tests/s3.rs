@@ -1,12 +1,9 @@
 //! The S3 blob store against a real S3-compatible server: moto's
 //! `moto_server`, from the virtual environment that `scripts/test` makes
-//! (`RIPEN_TEST_PYTHON`'s directory), or else from `PATH`.
+//! (`RIPEN_TEST_PYTHON`'s directory), or else from `PATH`; the testkit's
+//! `MotoServer` runs it.
 #![cfg(feature = "s3")]
 
-use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,12 +12,13 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt as _, PutPayload};
 use ripen_blobs::{BlobError, BlobRef, BlobStore, Options};
+use ripen_testkit::{MotoServer, MOTO_KEY_ID, MOTO_SECRET};
 
 const BUCKET: &str = "bucket";
 const PREFIX: &str = "ripen/blobs";
 /// moto takes any credentials; the store reads them from the environment.
-const KEY_ID: &str = "test";
-const SECRET: &str = "test";
+const KEY_ID: &str = MOTO_KEY_ID;
+const SECRET: &str = MOTO_SECRET;
 
 /// Sets the credentials once, before any test opens a store.
 fn credentials() {
@@ -32,111 +30,27 @@ fn credentials() {
     });
 }
 
-/// Where `moto_server` is: beside `RIPEN_TEST_PYTHON`, or on `PATH`.
-fn moto_program() -> PathBuf {
-    let how = "run scripts/test, which installs moto[server] in target/test-venv and sets RIPEN_TEST_PYTHON, or put moto_server on PATH";
-    if let Some(python) = std::env::var_os("RIPEN_TEST_PYTHON") {
-        let python = PathBuf::from(python);
-        let program = python.with_file_name("moto_server");
-        assert!(
-            program.is_file(),
-            "RIPEN_TEST_PYTHON is {}, but there is no {}: {how}",
-            python.display(),
-            program.display()
-        );
-        return program;
-    }
-    std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("moto_server"))
-                .find(|program| program.is_file())
-        })
-        .unwrap_or_else(|| panic!("the S3 tests need moto_server, and none was found: {how}"))
-}
-
-/// A `moto_server` of this test's own, on a free port, with the bucket
+/// A `moto_server` of this test's own (the testkit's), with the bucket
 /// made; killed on drop.
-struct Moto {
-    program: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
+struct Moto(MotoServer);
 
 impl Moto {
     fn start() -> Moto {
         credentials();
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut moto = Moto {
-            program: moto_program(),
-            port,
-            child: None,
-        };
-        moto.restart();
-        moto
+        Moto(MotoServer::start(BUCKET))
     }
 
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server (again) on its port, and makes the bucket: moto
-    /// keeps everything in memory, so a restarted one is empty.
-    fn restart(&mut self) {
-        assert!(self.child.is_none(), "moto is running");
-        let child = Command::new(&self.program)
-            .args(["-p", &self.port.to_string(), "-H", "127.0.0.1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", self.program.display()));
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().expect("moto's status"))
-            {
-                panic!("moto_server on port {} ended: {status}", self.port);
-            }
-            // Making the bucket is the readiness check too.
-            match self.http("PUT", &format!("/{BUCKET}")) {
-                Some(200) => return,
-                _ if Instant::now() > deadline => {
-                    panic!("moto_server on port {} did not answer in 60 s", self.port)
-                }
-                _ => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
+        self.0.endpoint()
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.0.stop();
     }
 
-    /// The status of a bodiless request, if the server answered.
-    fn http(&self, method: &str, path: &str) -> Option<u16> {
-        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).ok()?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .ok()?;
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
-        )
-        .ok()?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).ok()?;
-        answer.split(' ').nth(1)?.parse().ok()
+    /// Starts the server again, empty, with the bucket made.
+    fn restart(&mut self) {
+        self.0.start_again();
     }
 
     /// The store under test, opened as ripen opens it.
@@ -162,12 +76,6 @@ impl Moto {
             .with_secret_access_key(SECRET)
             .build()
             .expect("a raw S3 client")
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

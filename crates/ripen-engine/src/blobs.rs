@@ -96,6 +96,9 @@ impl RawBlobs {
                         format!("{url:?} is neither file:///absolute/dir nor s3://bucket/prefix"),
                     ));
                 }
+                if url.starts_with("s3://") && !ripen_blobs::s3_supported() {
+                    return Err((key("url"), ripen_blobs::NO_S3_SUPPORT.into()));
+                }
                 url
             }
             (None, None) => {
@@ -344,13 +347,11 @@ impl Payloads {
 }
 
 fn open_store(config: &BlobsConfig) -> Result<Arc<dyn BlobStore>, String> {
-    let Some(dir) = config.url.strip_prefix("file://") else {
-        return Err(format!(
-            "{:?}: this ripen serves file:// blob stores only",
-            config.url
-        ));
-    };
-    Ok(Arc::new(ripen_blobs::LocalDir::open(dir)?))
+    ripen_blobs::open(&ripen_blobs::Options {
+        url: config.url.clone(),
+        endpoint: config.endpoint.clone(),
+        region: config.region.clone(),
+    })
 }
 
 /// `ripen_blobs_swept_total`: blobs the sweep deleted.

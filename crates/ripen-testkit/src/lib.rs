@@ -13,6 +13,7 @@
 //!   ([`Downstream::start_tls`]) from PEM text;
 //! - [`RedisServer`] is a private, throwaway Redis server that can be
 //!   stopped and started again;
+//! - [`MotoServer`] is a private, throwaway S3-compatible server;
 //! - [`TcpGate`] forwards to a real server and makes outages of it without
 //!   stopping it;
 //! - [`WorkerProcess`] runs a remote worker (such as the Rust SDK's example)
@@ -22,6 +23,7 @@
 mod config;
 mod downstream;
 mod gate;
+mod moto;
 mod pg;
 mod redis;
 mod server;
@@ -32,6 +34,7 @@ mod worker;
 pub use config::{single, sqlite_url, step_path, toml_str, w5, Config, Step, TlsFiles, TypeDef};
 pub use downstream::{Behavior, Call, Downstream, Profile, Reply, Stats};
 pub use gate::TcpGate;
+pub use moto::{moto_program, MotoServer, MOTO_KEY_ID, MOTO_SECRET};
 pub use pg::{PgCluster, SUPERUSER};
 pub use redis::RedisServer;
 pub use server::{cpu_ticks, tail_of_file, ServerProcess};

@@ -196,7 +196,7 @@ fn binary(name: &str) -> PathBuf {
 
 /// A detached shell that kills `pid` once this process is gone, and ends by
 /// itself when `pid` is.
-fn spawn_watchdog(pid: u32) -> Child {
+pub(crate) fn spawn_watchdog(pid: u32) -> Child {
     use std::os::unix::process::CommandExt;
     let script = format!(
         "while kill -0 {me} 2>/dev/null; do kill -0 {pid} 2>/dev/null || exit 0; sleep 1; done; kill -9 {pid} 2>/dev/null",
@@ -211,11 +211,11 @@ fn spawn_watchdog(pid: u32) -> Child {
         .stderr(Stdio::null())
         .process_group(0)
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn the Redis watchdog: {e}"))
+        .unwrap_or_else(|e| panic!("spawn the watchdog of process {pid}: {e}"))
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -12,8 +12,15 @@ fn the_config_names_one_store_and_sane_bounds() {
     assert_eq!(c.inline_max, DEFAULT_INLINE_MAX);
     assert_eq!(c.body_max, DEFAULT_BODY_MAX);
     assert_eq!(c.orphan_grace_ms, DEFAULT_ORPHAN_GRACE_MS);
-    let c = parse("url = \"s3://bucket/ripen\"\nendpoint = \"http://127.0.0.1:9000\"").expect("s3");
-    assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    let s3 = parse("url = \"s3://bucket/ripen\"\nendpoint = \"http://127.0.0.1:9000\"");
+    if ripen_blobs::s3_supported() {
+        let c = s3.expect("s3");
+        assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+    } else {
+        let (k, problem) = s3.expect_err("a build without S3");
+        assert_eq!(k, "blobs.url");
+        assert!(problem.contains("--features s3"), "{problem}");
+    }
     for (text, key) in [
         ("", "blobs"),
         ("dir = \"a\"\nurl = \"s3://b\"", "blobs"),
