@@ -139,6 +139,25 @@ impl MotoServer {
 
     /// The status of a bodiless request, if the server answered.
     pub fn http(&self, method: &str, path: &str) -> Option<u16> {
+        self.request(method, path).map(|(status, _)| status)
+    }
+
+    /// The keys of the bucket's objects under `prefix`, read with an
+    /// unsigned listing (moto serves it).
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let path = format!("/{}?list-type=2&prefix={prefix}", self.bucket);
+        let Some((200, body)) = self.request("GET", &path) else {
+            panic!("list the bucket {} of moto", self.bucket);
+        };
+        body.split("<Key>")
+            .skip(1)
+            .filter_map(|rest| rest.split("</Key>").next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Status and body of a bodiless request, if the server answered.
+    fn request(&self, method: &str, path: &str) -> Option<(u16, String)> {
         let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).ok()?;
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -151,7 +170,11 @@ impl MotoServer {
         .ok()?;
         let mut answer = String::new();
         stream.read_to_string(&mut answer).ok()?;
-        answer.split(' ').nth(1)?.parse().ok()
+        let status = answer.split(' ').nth(1)?.parse().ok()?;
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_owned());
+        Some((status, body))
     }
 }
 
