@@ -334,3 +334,58 @@ async fn short_key_periods_warn_and_a_late_retry_makes_a_second_entity() {
     assert_ne!(later, first, "a retry after the key period is a new entity");
     assert_eq!(api.entity(&first).await["id"], first.as_str());
 }
+
+/// `entities`: a settled entity is deleted entirely once due — its view,
+/// data and history answer 404 like an unknown id — while a pending one
+/// stays, and an entity within its period stays too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_entities_are_deleted_when_due() {
+    let ds = Downstream::start().await;
+    ds.set(&step_path("stuck", "only"), Behavior::always(503));
+    let cfg = Config::new()
+        .with_type(single("kept", &ds))
+        .with_type(single("stuck", &ds).map_steps(|s| s.attempts(100).backoff("1h", "1h")))
+        .notify("outbox_retention = \"1s\"")
+        .extra(
+            "[retention]\npayload = \"1s\"\nidempotency_keys = \"1s\"\nentities = \"2s\"\n\
+             allow_short_periods = true\ninterval = \"100ms\"",
+        );
+    let srv = Server::start(&cfg).await;
+    let doomed = srv.submit_ok("kept", &json!({"n": 1})).await;
+    let stuck = srv.submit_ok("stuck", &json!({"n": 2})).await;
+    let settled = srv.wait_terminal(&doomed, WAIT).await;
+    assert_eq!(settled["status"], "ready", "{settled}");
+    let ready_at = std::time::Instant::now();
+    // The newest outbox row is always kept (a stream resumes after it):
+    // a later submission's row takes that place.
+    srv.submit_ok("stuck", &json!({"n": 3})).await;
+
+    let deadline = ready_at + WAIT;
+    loop {
+        let r = srv.get(&format!("/v1/entities/{doomed}")).await;
+        if r.status == 404 {
+            break;
+        }
+        assert_eq!(r.status, 200, "{r}");
+        assert!(std::time::Instant::now() < deadline, "not deleted: {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ready_at.elapsed() >= Duration::from_millis(1_900),
+        "deleted {:?} after it settled, before its 2 s",
+        ready_at.elapsed()
+    );
+    for path in ["data", "events"] {
+        let r = srv.get(&format!("/v1/entities/{doomed}/{path}")).await;
+        assert_problem(&r, 404);
+    }
+    let v = srv.entity(&stuck).await;
+    assert_eq!(v["status"], "pending", "a pending entity stays: {v}");
+    let metrics = srv.get("/metrics").await.text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ripen_pruned_total{what=\"entity\"} ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
